@@ -1,0 +1,80 @@
+"""Flower ClientApp: a sensor node's behaviour per message type.
+
+* ``train``: load the global arrays, train on the node's own modalities and labels,
+  reply with ONLY the parameter groups it holds plus a ``count.<group>`` per group.
+* ``evaluate``: accuracy of the received model on the node's own test split, with
+  the node's own modalities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fed_iotlm.federation.groups import select_groups
+from fed_iotlm.federation.records import (
+    counts_to_metrics,
+    load_into,
+    numpy_to_record,
+    record_to_numpy,
+    state_to_numpy,
+)
+from fed_iotlm.models.training import evaluate, mean_accuracy, mean_loss, train_local
+from fed_iotlm.settings import from_run_config
+
+from .node import NodeRuntime, get_node
+
+
+def _node_for(context: Context, cfg: dict | None) -> NodeRuntime:
+    settings = cfg if cfg is not None else from_run_config(dict(context.run_config))
+    return get_node(settings, int(context.node_config["partition-id"]))
+
+
+def make_client_app(cfg: dict | None = None) -> ClientApp:
+    """A ClientApp bound to ``cfg`` (Python entry point) or, if None, to the run config."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)  # one simulated node per core
+        node = _node_for(context, cfg)
+        load_into(node.model, record_to_numpy(msg.content["arrays"]))
+        config = msg.content["config"]
+        tcfg = dataclasses.replace(
+            node.train_cfg, proximal_mu=float(config.get("proximal-mu", 0.0))
+        )
+        round_seed = int(config.get("server-round", 0)) * 10_007 + node.node
+        stats = train_local(node.model, node.train, tcfg, seed=round_seed)
+        state = state_to_numpy(node.model)
+        sent = state if node.sends_all_groups else select_groups(state, node.group_counts)
+        metrics = counts_to_metrics(
+            node.group_counts,
+            {**stats, "num-examples": float(node.num_train), "partition-id": float(node.node)},
+        )
+        return Message(
+            RecordDict({"arrays": numpy_to_record(sent), "metrics": metrics}), reply_to=msg
+        )
+
+    @app.evaluate()
+    def evaluate_node(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        node = _node_for(context, cfg)
+        load_into(node.model, record_to_numpy(msg.content["arrays"]))
+        per_task = evaluate(node.model, node.test)
+        metrics = {
+            "accuracy": mean_accuracy(per_task),
+            "loss": mean_loss(per_task),
+            "num-examples": float(len(node.test)),
+            "partition-id": float(node.node),
+        }
+        metrics.update({f"accuracy.{t}": v["accuracy"] for t, v in per_task.items()})
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+# `flwr run .` loads this object; it reads its settings from the Flower run config.
+app = make_client_app()

@@ -1,0 +1,148 @@
+"""Flower strategies with modality-aware aggregation.
+
+``ModalityAwareFedAvg`` replaces FedAvg's all-keys average with the per-group average
+of :mod:`fed_iotlm.federation.aggregation`.  Because flwr's FedOpt family (FedAdam,
+FedYogi, ...) and FedProx call ``super().aggregate_train`` for the average, putting
+this class *between* them and FedAvg in the MRO gives modality-aware versions of all of
+them without rewriting their server optimisers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from .aggregation import NodeUpdate, aggregate_groups
+from .groups import group_of
+from .records import metrics_to_counts, numpy_to_record, record_nbytes, record_to_numpy
+
+
+class ModalityAwareFedAvg(FedAvg):
+    """FedAvg in which each parameter group is averaged only over the nodes that sent it.
+
+    After every round ``round_holders[round]`` maps each group to the node ids that
+    held it (the integration tests and the logs read it), and ``comm`` accumulates the
+    payload bytes sent down and up.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._current: dict[str, np.ndarray] | None = None
+        self.round_holders: dict[int, dict[str, list[str]]] = {}
+        self.comm = {"bytes_down": 0, "bytes_up": 0, "messages_down": 0, "messages_up": 0}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._current = record_to_numpy(arrays)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.comm["bytes_down"] += record_nbytes(arrays) * len(messages)
+        self.comm["messages_down"] += len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        if not valid or self._current is None:
+            return None, None
+        updates = []
+        for msg in valid:
+            record = msg.content[self.arrayrecord_key]
+            self.comm["bytes_up"] += record_nbytes(record)
+            self.comm["messages_up"] += 1
+            metrics = _metric_record(msg)
+            updates.append(
+                NodeUpdate(
+                    node=str(int(metrics.get("partition-id", msg.metadata.src_node_id))),
+                    arrays=record_to_numpy(record),
+                    counts=metrics_to_counts(metrics),
+                )
+            )
+        result = aggregate_groups(self._current, updates)
+        self.round_holders[server_round] = result.holders
+        stale = sorted({group_of(k) for k in self._current} - set(result.holders))
+        if stale:
+            log(INFO, "aggregate_train: no holder this round for %s (kept as is)", stale)
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return numpy_to_record(result.state), metrics
+
+
+def _metric_record(msg: Message) -> MetricRecord:
+    for record in msg.content.metric_records.values():
+        return record
+    return MetricRecord()
+
+
+class ModalityAwareFedProx(FedProx, ModalityAwareFedAvg):
+    """FedProx (clients add (mu/2)·||w - w_global||²) with modality-aware averaging."""
+
+
+class ModalityAwareFedAdam(FedAdam, ModalityAwareFedAvg):
+    """FedAdam on the modality-aware average.
+
+    Adam's momentum would keep moving a group nobody sent this round; such groups are
+    reset to their previous value so that "a group nobody sent stays as it was" holds
+    for every server optimiser.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        previous = self._current
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None or previous is None:
+            return arrays, metrics
+        held = set(self.round_holders.get(server_round, {}))
+        state = record_to_numpy(arrays)
+        for key, value in previous.items():
+            if group_of(key) not in held:
+                state[key] = value
+        return numpy_to_record(state), metrics
+
+
+STRATEGIES: dict[str, dict[str, type[FedAvg]]] = {
+    # method "federated": ours, modality-aware; method "fedavg": flwr's own, all keys
+    "federated": {
+        "fedavg": ModalityAwareFedAvg,
+        "fedprox": ModalityAwareFedProx,
+        "fedadam": ModalityAwareFedAdam,
+    },
+    "fedavg": {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam},
+}
+
+
+def build_strategy(method: str, cfg: dict, num_nodes: int) -> FedAvg:
+    """Instantiate the configured server optimiser for ``method`` from ``cfg['strategy']``."""
+    name = cfg["name"]
+    try:
+        cls = STRATEGIES[method][name]
+    except KeyError as err:
+        raise ValueError(
+            f"strategy.name={name!r} with method={method!r} is not available; "
+            f"choose one of {sorted(STRATEGIES.get(method, {}))}"
+        ) from err
+    min_nodes = int(cfg.get("min_nodes") or num_nodes)
+    kwargs: dict = {
+        "fraction_train": float(cfg.get("fraction_train", 1.0)),
+        "fraction_evaluate": 0.0,  # nodes are evaluated once, after the last round
+        "min_train_nodes": min_nodes,
+        "min_available_nodes": min_nodes,
+    }
+    if name == "fedprox":
+        kwargs["proximal_mu"] = float(cfg.get("proximal_mu", 0.01))
+    if name == "fedadam":
+        kwargs.update(
+            eta=float(cfg.get("eta", 1e-2)),
+            eta_l=float(cfg.get("eta_l", 1e-2)),
+            beta_1=float(cfg.get("beta_1", 0.9)),
+            beta_2=float(cfg.get("beta_2", 0.99)),
+            tau=float(cfg.get("tau", 1e-3)),
+        )
+    return cls(**kwargs)
