@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from fed_iotlm.data.federation import build_layout
-from fed_iotlm.federation.groups import keys_by_group, node_groups
 from fed_iotlm.experiment import model_spec, train_config
+from fed_iotlm.federation.groups import keys_by_group, node_groups
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, TrainConfig
 from fed_iotlm.settings import to_json

@@ -40,7 +40,11 @@ def run_local_only(cfg: dict, out_dir: Path) -> Path:
         torch.manual_seed(int(cfg["seed"]) + i)
         train, own_test = layout.node_data(i)
         nodes.append(
-            (MultisensoryModel(spec), SplitTensors.from_split(train), SplitTensors.from_split(own_test))
+            (
+                MultisensoryModel(spec),
+                SplitTensors.from_split(train),
+                SplitTensors.from_split(own_test),
+            )
         )
     for rnd in range(1, int(cfg["rounds"]) + 1):
         accs, losses = [], []
@@ -81,9 +85,18 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
         _, own_test = layout.node_data(i)
         by_node[str(i)] = mean_accuracy(evaluate(model, SplitTensors.from_split(own_test)))
     state = state_to_numpy(model)
-    save_bundle(out_dir / "bundle", state, spec, {"method": "centralized", "dataset": layout.dataset.meta.name})
+    save_bundle(
+        out_dir / "bundle",
+        state,
+        spec,
+        {"method": "centralized", "dataset": layout.dataset.meta.name},
+    )
     return recorder.finish(
         test_report(model, test),
         by_node,
-        {"bytes_up_per_node_round": 0, "bytes_down_per_node_round": 0, "model_bytes": sum(v.nbytes for v in state.values())},
+        {
+            "bytes_up_per_node_round": 0,
+            "bytes_down_per_node_round": 0,
+            "model_bytes": sum(v.nbytes for v in state.values()),
+        },
     )

@@ -43,7 +43,11 @@ def mean_reports(reports: Sequence[dict]) -> dict:
     out: dict = {"accuracy": float(np.mean([r["accuracy"] for r in reports]))}
     mods = sorted({m for r in reports for m in r["accuracy_by_modality"]})
     out["accuracy_by_modality"] = {
-        m: float(np.mean([r["accuracy_by_modality"][m] for r in reports if m in r["accuracy_by_modality"]]))
+        m: float(
+            np.mean(
+                [r["accuracy_by_modality"][m] for r in reports if m in r["accuracy_by_modality"]]
+            )
+        )
         for m in mods
     }
     tasks = list(reports[0]["by_task"])

@@ -34,6 +34,7 @@ class RunRecorder:
         self.history: list[dict[str, float]] = []
         self.t0 = time.time()
         self._mlflow = None
+        self.extra: dict[str, Any] = {}  # method-specific keys added to results.json
 
     # -- MLflow -----------------------------------------------------------------------
     def start(self) -> None:
@@ -61,7 +62,9 @@ class RunRecorder:
             f"  ({time.time() - self.t0:.0f}s)"
         )
         if self._mlflow is not None:
-            self._mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "round"}, step=rnd)
+            self._mlflow.log_metrics(
+                {k: float(v) for k, v in row.items() if k != "round"}, step=rnd
+            )
 
     # -- outputs ------------------------------------------------------------------------
     def finish(self, test: dict, accuracy_by_node: dict[str, float], comm: dict) -> Path:
@@ -78,6 +81,7 @@ class RunRecorder:
             "comm": comm,
             "wall_s": round(time.time() - self.t0, 2),
             "config": self.cfg,
+            **self.extra,
         }
         path = self.out_dir / "results.json"
         atomic_write_text(path, json.dumps(results, indent=2))

@@ -72,6 +72,8 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         spec,
         {"method": method, "dataset": layout.dataset.meta.name, "rounds": int(cfg["rounds"])},
     )
+    holders = getattr(strategy, "round_holders", {})
+    recorder.extra["holders_by_round"] = {str(r): h for r, h in holders.items()}
     return recorder.finish(report, node_accuracy, comm)
 
 

@@ -89,7 +89,7 @@ def hide_labels(split: Split, fraction: float, seed: int) -> Split:
     """Keep labels on a seeded ``fraction`` of samples, set the rest to -1 (unlabelled)."""
     if fraction >= 1.0:
         return split
-    if not 0.0 <= fraction:
+    if not fraction >= 0.0:
         raise ValueError(f"partition.label_fraction must be in [0, 1], got {fraction}")
     rng = np.random.default_rng(seed)
     n = len(split)
