@@ -42,6 +42,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     model = MultisensoryModel(spec)
     test = SplitTensors.from_split(standardize_own(layout.dataset.test))
     initial = numpy_to_record(state_to_numpy(model))
+    wait_for_nodes(grid, layout.num_nodes, float(cfg["strategy"].get("wait_for_nodes_s") or 120))
     strategy = build_strategy(method, cfg["strategy"], layout.num_nodes)
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
@@ -75,6 +76,30 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     holders = getattr(strategy, "round_holders", {})
     recorder.extra["holders_by_round"] = {str(r): h for r, h in holders.items()}
     return recorder.finish(report, node_accuracy, comm)
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:
+    """Fail clearly unless exactly ``expected`` nodes connect within ``timeout_s``.
+
+    More nodes than the plan has would raise on every round at the extra nodes; fewer
+    would make the strategy wait forever.  Both are a configuration error.
+    """
+    hint = (
+        "set partition.num_nodes (or the length of partition.plan) to the number of "
+        "SuperNodes (flwr run: --federation-config 'num-supernodes=N')"
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected > expected:
+            raise RuntimeError(f"{connected} nodes connected but the plan has {expected}: {hint}")
+        if connected == expected:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {connected} of {expected} nodes connected after {timeout_s:.0f}s: {hint}"
+            )
+        time.sleep(1.0)  # nodes are still connecting; polling the Grid is all it offers
 
 
 def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> dict[str, float]:

@@ -75,18 +75,31 @@ class MultisensoryModel(nn.Module):
         self.fusion = MaskedAttentionFusion(spec.dim, spec.fusion_heads, spec.fusion_layers)
         self.head = nn.ModuleDict({t: TaskHead(spec.dim, k) for t, k in spec.tasks.items()})
 
-    def embed(self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Fused embedding [B, D] from whichever modalities are given."""
-        if not self.spec.use_mask:
-            return self._embed_zero_filled(x)
-        names = [m for m in self.modality_names if m in x]
+    def encode(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-modality tokens [B, D] (what MMBind binding exchanges between nodes)."""
+        return {m: self.enc[m](x[m]) for m in self.modality_names if m in x}
+
+    def fuse(
+        self, tokens: dict[str, torch.Tensor], present: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Fused embedding [B, D] from tokens, own or received from binding partners."""
+        names = [m for m in self.modality_names if m in tokens]
         if not names:
             raise ValueError(
                 "no modality given; expected some of " + ", ".join(self.modality_names)
             )
-        tokens = torch.stack([self.enc[m](x[m]) for m in names], dim=1)
-        present = torch.stack([mask[m] for m in names], dim=1)
-        return self.fusion(tokens, present)
+        stacked = torch.stack([tokens[m] for m in names], dim=1)
+        mask = torch.stack([present[m] for m in names], dim=1)
+        return self.fusion(stacked, mask)
+
+    def embed(self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fused embedding [B, D] from whichever modalities are given."""
+        if not self.spec.use_mask:
+            return self._embed_zero_filled(x)
+        return self.fuse(self.encode(x), mask)
+
+    def classify(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {t: head(z) for t, head in self.head.items()}
 
     def _embed_zero_filled(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
         """Naive baseline: every modality is fed (zeros where absent) and counts as observed."""
@@ -106,5 +119,4 @@ class MultisensoryModel(nn.Module):
     def forward(
         self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        z = self.embed(x, mask)
-        return {t: head(z) for t, head in self.head.items()}
+        return self.classify(self.embed(x, mask))
