@@ -4,6 +4,9 @@
   reply with ONLY the parameter groups it holds plus a ``count.<group>`` per group.
 * ``evaluate``: accuracy of the received model on the node's own test split, with
   the node's own modalities.
+* MMBind (``method=mmbind``): ``train.pretrain`` (self-supervised shared-modality
+  round), ``query.embed`` (embeddings up, never raw samples), ``train.bind``
+  (partners down, kept in the node's state); ``train`` then adds the pseudo-pair terms.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fed_iotlm.binding.training import train_with_partners
 from fed_iotlm.federation.groups import select_groups
 from fed_iotlm.federation.records import (
     counts_to_metrics,
@@ -25,12 +29,16 @@ from fed_iotlm.federation.records import (
 from fed_iotlm.models.training import evaluate, mean_accuracy, mean_loss, train_local
 from fed_iotlm.settings import from_run_config
 
+from .mmbind import bind_train_config, embed_reply, partner_tensors, pretrain_reply, store_partners
 from .node import NodeRuntime, get_node
 
 
+def _settings(context: Context, cfg: dict | None) -> dict:
+    return cfg if cfg is not None else from_run_config(dict(context.run_config))
+
+
 def _node_for(context: Context, cfg: dict | None) -> NodeRuntime:
-    settings = cfg if cfg is not None else from_run_config(dict(context.run_config))
-    return get_node(settings, int(context.node_config["partition-id"]))
+    return get_node(_settings(context, cfg), int(context.node_config["partition-id"]))
 
 
 def make_client_app(cfg: dict | None = None) -> ClientApp:
@@ -40,14 +48,21 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(1)  # one simulated node per core
-        node = _node_for(context, cfg)
+        settings = _settings(context, cfg)
+        node = get_node(settings, int(context.node_config["partition-id"]))
         load_into(node.model, record_to_numpy(msg.content["arrays"]))
         config = msg.content["config"]
         tcfg = dataclasses.replace(
             node.train_cfg, proximal_mu=float(config.get("proximal-mu", 0.0))
         )
         round_seed = int(config.get("server-round", 0)) * 10_007 + node.node
-        stats = train_local(node.model, node.train, tcfg, seed=round_seed)
+        partners = partner_tensors(context, node) if node.method == "mmbind" else {}
+        if partners:
+            stats = train_with_partners(
+                node.model, node.train, partners, tcfg, bind_train_config(settings), round_seed
+            )
+        else:
+            stats = train_local(node.model, node.train, tcfg, seed=round_seed)
         state = state_to_numpy(node.model)
         sent = state if node.sends_all_groups else select_groups(state, node.group_counts)
         metrics = counts_to_metrics(
@@ -72,6 +87,24 @@ def make_client_app(cfg: dict | None = None) -> ClientApp:
         }
         metrics.update({f"accuracy.{t}": v["accuracy"] for t, v in per_task.items()})
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @app.train("pretrain")
+    def pretrain(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        node = _node_for(context, cfg)
+        load_into(node.model, record_to_numpy(msg.content["arrays"]))
+        return pretrain_reply(msg, node, _settings(context, cfg))
+
+    @app.query("embed")
+    def embed(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(1)
+        node = _node_for(context, cfg)
+        load_into(node.model, record_to_numpy(msg.content["arrays"]))
+        return embed_reply(msg, node, _settings(context, cfg))
+
+    @app.train("bind")
+    def bind(msg: Message, context: Context) -> Message:
+        return store_partners(msg, context, _node_for(context, cfg))
 
     return app
 

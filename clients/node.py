@@ -28,6 +28,7 @@ class NodeRuntime:
     group_counts: dict[str, float]
     train_cfg: TrainConfig
     sends_all_groups: bool
+    method: str
 
     @property
     def num_train(self) -> int:
@@ -73,4 +74,5 @@ def _node_cached(cfg_json: str, node: int) -> NodeRuntime:
         group_counts=counts,
         train_cfg=train_config(cfg),
         sends_all_groups=sends_all,
+        method=cfg["method"],
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.models.multisensory import ModelSpec
 from fed_iotlm.models.training import TrainConfig
 
-METHODS = ("federated", "fedavg", "local", "centralized")
+METHODS = ("federated", "fedavg", "mmbind", "local", "centralized")
 
 
 def check_method(cfg: dict) -> str:
@@ -23,13 +25,27 @@ def model_spec(cfg: dict) -> ModelSpec:
     """
     layout = build_layout(cfg)
     m = cfg["model"]
-    return ModelSpec.from_dataset(
+    spec = ModelSpec.from_dataset(
         layout.dataset,
         dim=int(m["dim"]),
         fusion_layers=int(m["fusion_layers"]),
         fusion_heads=int(m["fusion_heads"]),
         use_mask=cfg["method"] != "fedavg",
     )
+    if cfg["method"] == "mmbind":
+        return replace(spec, extra={"decoders": [shared_modality(cfg)]})
+    return spec
+
+
+def shared_modality(cfg: dict) -> str:
+    """MMBind's binding modality: ``binding.shared``, else ``partition.shared``."""
+    shared = (cfg.get("binding") or {}).get("shared") or cfg["partition"].get("shared")
+    mods = build_layout(cfg).dataset.meta.modalities
+    if not shared:
+        raise ValueError("method=mmbind needs a shared modality: partition.shared=<modality>")
+    if shared not in mods:
+        raise ValueError(f"shared modality {shared!r} is not in the dataset ({', '.join(mods)})")
+    return shared
 
 
 def train_config(cfg: dict) -> TrainConfig:

@@ -26,6 +26,8 @@ from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
 from fed_iotlm.tracking import RunRecorder
 
+from .mmbind import multimodal_rounds, pretrain_rounds
+
 
 def default_out_dir(cfg: dict) -> Path:
     return Path(cfg.get("output_dir") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}")
@@ -34,7 +36,7 @@ def default_out_dir(cfg: dict) -> Path:
 def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     """Run ``cfg['rounds']`` rounds of the configured strategy; returns results.json's path."""
     method = check_method(cfg)
-    if method not in ("federated", "fedavg"):
+    if method not in ("federated", "fedavg", "mmbind"):
         raise ValueError(f"method={method!r} does not run on a Flower Grid")
     torch.manual_seed(int(cfg["seed"]))
     layout = build_layout(cfg)
@@ -43,7 +45,9 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     test = SplitTensors.from_split(standardize_own(layout.dataset.test))
     initial = numpy_to_record(state_to_numpy(model))
     wait_for_nodes(grid, layout.num_nodes, float(cfg["strategy"].get("wait_for_nodes_s") or 120))
-    strategy = build_strategy(method, cfg["strategy"], layout.num_nodes)
+    strategy = build_strategy(
+        "federated" if method == "mmbind" else method, cfg["strategy"], layout.num_nodes
+    )
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
 
@@ -56,15 +60,19 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         recorder.log_round(rnd, acc, loss)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=int(cfg["rounds"]),
-        evaluate_fn=evaluate_fn,
-    )
-    final = record_to_numpy(result.arrays)
+    if method == "mmbind":
+        arrays = pretrain_rounds(grid, initial, int(cfg["binding"]["pretrain_rounds"]))
+        arrays = multimodal_rounds(grid, strategy, arrays, cfg, evaluate_fn, recorder, layout)
+    else:
+        arrays = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=int(cfg["rounds"]),
+            evaluate_fn=evaluate_fn,
+        ).arrays
+    final = record_to_numpy(arrays)
     load_into(model, final)
-    node_accuracy = evaluate_nodes(grid, result.arrays)
+    node_accuracy = evaluate_nodes(grid, arrays)
     report = test_report(model, test)
     comm = communication(strategy, initial, int(cfg["rounds"]), layout.num_nodes)
     save_bundle(

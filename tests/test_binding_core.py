@@ -64,7 +64,7 @@ def _nodes(rng, labels=False):
 @pytest.mark.parametrize("k", [1, 2])
 def test_matching_equals_brute_force_over_other_nodes_holding_the_modality(k):
     nodes = _nodes(np.random.default_rng(2))
-    result = match_nodes(nodes, MatchConfig(k=k, floor=-1.0))
+    result = match_nodes(nodes, MatchConfig(k=k, floor=-1.0, center=False))
     assert set(result["a"]) == {"depth"} and set(result["b"]) == {"audio"} and result["c"] == {}
     p = result["a"]["depth"]  # donors: b and c (never a itself)
     db = np.concatenate([nodes[1].shared, nodes[2].shared])
@@ -81,7 +81,7 @@ def test_matching_equals_brute_force_over_other_nodes_holding_the_modality(k):
 def test_label_aware_matching_pairs_only_same_class():
     nodes = _nodes(np.random.default_rng(3), labels=True)
     nodes[0].labels[:5] = -1  # unlabelled samples are matched without labels
-    p = match_nodes(nodes, MatchConfig(k=1, floor=-1.0, use_labels=True))["a"]["depth"]
+    p = match_nodes(nodes, MatchConfig(k=1, floor=-1.0, use_labels=True, center=False))["a"]["depth"]
     donor_labels = {1: nodes[1].labels, 2: nodes[2].labels}
     for row in range(5, 40):
         j, pid = p.partner_node[row, 0], p.partner_ids[row, 0] - 100
@@ -100,7 +100,7 @@ def test_label_aware_matching_pairs_only_same_class():
 
 def test_similarity_floor_refuses_pairs_visibly():
     nodes = _nodes(np.random.default_rng(4))
-    p = match_nodes(nodes, MatchConfig(k=1, floor=0.6))["a"]["depth"]
+    p = match_nodes(nodes, MatchConfig(k=1, floor=0.6, center=False))["a"]["depth"]
     low = p.similarity[:, 0] < 0.6
     assert low.any() and p.refused == int(low.sum())
     assert (p.weight[low] == 0).all() and (p.embeddings[low] == 0).all()

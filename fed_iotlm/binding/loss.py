@@ -14,16 +14,22 @@ from torch.nn import functional as F
 
 
 def weighted_info_nce(
-    anchors: torch.Tensor, partners: torch.Tensor, weights: torch.Tensor, temperature: float = 0.1
+    anchors: torch.Tensor,
+    partners: torch.Tensor,
+    weights: torch.Tensor,
+    temperature: float = 0.1,
+    *,
+    detach_partners: bool = True,
 ) -> torch.Tensor:
-    """anchors [B, D] (trainable), partners [B, D] (constants), weights [B] >= 0."""
+    """anchors [B, D] (trainable), partners [B, D] (constants unless ``detach_partners``
+    is False, as for two augmented views in self-supervised rounds), weights [B] >= 0."""
     if temperature <= 0:
         raise ValueError(f"binding.temperature must be > 0, got {temperature}")
     total = weights.sum()
     if anchors.shape[0] < 2 or float(total) <= 0:
         return anchors.sum() * 0.0
     a = F.normalize(anchors, dim=1)
-    p = F.normalize(partners.detach(), dim=1)
+    p = F.normalize(partners.detach() if detach_partners else partners, dim=1)
     logits = a @ p.T / temperature
     target = torch.arange(a.shape[0], device=a.device)
     per_sample = 0.5 * (

@@ -6,13 +6,14 @@ that i lacks, the candidates are all samples of nodes j ≠ i that hold m; each 
 samples gets its top-k candidates by cosine similarity of shared embeddings.
 Label-aware matching (``use_labels``) restricts a labelled sample's candidates to
 labelled samples of the same class; unlabelled samples are matched without it.
+Embeddings are centred on their mean over all nodes first (``center``).
 Pairs below the similarity floor keep their slot but get weight 0 and partner -1, so
 the receiver sees how many were refused (nothing silently dropped).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,6 +31,7 @@ class NodeEmbeddings:
     ids: np.ndarray  # [n] node-local sample ids
     tokens: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> [n, D]
     labels: np.ndarray | None = None  # [n], -1 = unlabelled; only if use_labels
+    token_present: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> bool [n]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class MatchConfig:
     floor: float = 0.0
     weight_power: float = 1.0
     use_labels: bool = False
+    center: bool = True
     search: SearchConfig = SearchConfig()
 
 
@@ -63,6 +66,8 @@ class Partners:
 
 def match_nodes(nodes: list[NodeEmbeddings], cfg: MatchConfig) -> dict[str, dict[str, Partners]]:
     """Partners for every node and every modality it lacks that some other node holds."""
+    if cfg.center:
+        nodes = _centered(nodes)
     all_mods = sorted({m for n in nodes for m in n.modalities})
     out: dict[str, dict[str, Partners]] = {}
     for i, receiver in enumerate(nodes):
@@ -85,8 +90,9 @@ def _match_one(
     m: str,
     cfg: MatchConfig,
 ) -> Partners:
-    db = np.concatenate([nodes[j].shared for j in donors])
-    db_node = np.concatenate([np.full(len(nodes[j].shared), j) for j in donors])
+    keep = np.concatenate([_donor_rows(nodes[j], m) for j in donors])
+    db = np.concatenate([nodes[j].shared for j in donors])[keep]
+    db_node = np.concatenate([np.full(len(nodes[j].shared), j) for j in donors])[keep]
     n, k = len(receiver.shared), cfg.k
     sims = np.full((n, k), -np.inf, np.float32)
     rows = np.full((n, k), -1, np.int64)
@@ -113,9 +119,9 @@ def _match_one(
     valid = (rows >= 0) & (sims >= cfg.floor)
     safe = np.where(valid, rows, 0)
     partner_node = np.where(valid, db_node[safe], -1)
-    tokens = np.concatenate([nodes[j].tokens[m] for j in donors])
+    tokens = np.concatenate([nodes[j].tokens[m] for j in donors])[keep]
     emb = np.where(valid[..., None], tokens[safe], 0.0).astype(np.float32)
-    ids = np.concatenate([nodes[j].ids for j in donors])
+    ids = np.concatenate([nodes[j].ids for j in donors])[keep]
     partner_ids = np.where(valid, ids[safe], -1)
     return Partners(
         modality=m,
@@ -128,3 +134,19 @@ def _match_one(
         ),
         embeddings=emb,
     )
+
+
+def _centered(nodes: list[NodeEmbeddings]) -> list[NodeEmbeddings]:
+    """Subtract the mean shared embedding over all uploads before cosine matching.
+
+    Encoder outputs share a large common component (LayerNorm + modality token), which
+    makes every cosine close to 1; removing the mean leaves what tells samples apart.
+    """
+    mean = np.concatenate([n.shared for n in nodes]).mean(axis=0, keepdims=True)
+    return [replace(n, shared=(n.shared - mean).astype(np.float32)) for n in nodes]
+
+
+def _donor_rows(node: NodeEmbeddings, m: str) -> np.ndarray:
+    """Rows of a donor whose modality ``m`` was observed (others cannot donate it)."""
+    present = node.token_present.get(m)
+    return np.ones(len(node.shared), dtype=bool) if present is None else present.astype(bool)

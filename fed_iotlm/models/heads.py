@@ -18,15 +18,33 @@ class TaskHead(nn.Module):
         return self.net(z)
 
 
+class ReconstructionHead(nn.Module):
+    """Token -> the flattened features it came from (an autoencoder's decoder)."""
+
+    def __init__(self, dim: int, feature_shape: tuple[int, ...], hidden: int = 128) -> None:
+        super().__init__()
+        self.feature_shape = feature_shape
+        out = 1
+        for s in feature_shape:
+            out *= s
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        return self.net(token).view(token.shape[0], *self.feature_shape)
+
+
 def multitask_loss(
     logits: dict[str, torch.Tensor],
     labels: dict[str, torch.Tensor],
     weights: dict[str, float] | None = None,
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Weighted sum over tasks of the mean cross-entropy on labelled (>= 0) entries.
 
     Returns the loss and, per task, how many labelled entries contributed; a task with
-    no labelled entry in the batch contributes nothing (not a NaN).
+    no labelled entry in the batch contributes nothing (not a NaN).  With
+    ``sample_weight`` (>= 0, e.g. MMBind pair weights) each task's term is the
+    weighted mean Σ w_i ℓ_i / Σ w_i over its labelled entries.
     """
     total = next(iter(logits.values())).new_zeros(())
     counts: dict[str, int] = {}
@@ -37,5 +55,12 @@ def multitask_loss(
         if counts[task] == 0:
             continue
         w = 1.0 if weights is None else float(weights.get(task, 1.0))
-        total = total + w * F.cross_entropy(out[keep], y[keep])
+        if sample_weight is None:
+            total = total + w * F.cross_entropy(out[keep], y[keep])
+            continue
+        sw = sample_weight[keep]
+        if float(sw.sum()) <= 0:
+            continue
+        per = F.cross_entropy(out[keep], y[keep], reduction="none")
+        total = total + w * (sw * per).sum() / sw.sum()
     return total, counts

@@ -16,7 +16,7 @@ from fed_iotlm.data.modalities import ModalitySpec
 
 from .encoders import build_encoder
 from .fusion import MaskedAttentionFusion
-from .heads import TaskHead
+from .heads import ReconstructionHead, TaskHead
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,14 @@ class MultisensoryModel(nn.Module):
         )
         self.fusion = MaskedAttentionFusion(spec.dim, spec.fusion_heads, spec.fusion_layers)
         self.head = nn.ModuleDict({t: TaskHead(spec.dim, k) for t, k in spec.tasks.items()})
+        # decoders that reconstruct a modality from its token (MMBind's self-supervised
+        # shared-modality rounds); absent unless the spec asks for them
+        self.dec = nn.ModuleDict(
+            {
+                m: ReconstructionHead(spec.dim, tuple(spec.modalities[m]["feature_shape"]))
+                for m in spec.extra.get("decoders", [])
+            }
+        )
 
     def encode(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-modality tokens [B, D] (what MMBind binding exchanges between nodes)."""
