@@ -48,8 +48,11 @@ discarded: they include Ray actor start-up, the ClientApp's imports and each act
 first ``get_node`` (dataset synthesis).  Ray itself is started by the first
 ``run_simulation`` and reused afterwards; its start-up is never inside a timed window.
 The sides alternate in ABBA order (baseline, ours, ours, baseline, ...) so that a slow
-drift of the machine falls on both equally.  For each side the headline is the median
-over all timed rounds of all repeats; ``ratio`` = ours / baseline.
+drift of the machine falls on both equally.  For each side the headline is the median,
+over repeats, of each run's median round time (runs on a shared machine can differ by
+tens of percent, so pooling the rounds of all runs would give a fragile median of a
+mixture); ``ratio`` = ours / baseline of those two numbers, and ``ratio_per_repeat``
+gives ours / baseline within each ABBA pair.
 
 Upload bytes are the array payload (``record_nbytes``) of the train replies seen by
 ``aggregate_train`` during the timed rounds, per reply.
@@ -309,7 +312,6 @@ def summarize(
     def median_of(side: str, fn) -> float:
         return statistics.median(fn(s) for run in timed[side] for s in run)
 
-    per_round = {side: median_of(side, lambda s: s.seconds) for side in SIDES}
     server = {side: median_of(side, lambda s: s.server_seconds) for side in SIDES}
     client = {
         side: statistics.median(c for run in timed[side] for s in run for c in s.client_seconds)
@@ -320,9 +322,9 @@ def summarize(
         for side in SIDES
     }
     per_repeat = {
-        side: [round(statistics.median(s.seconds for s in run), 4) for run in timed[side]]
-        for side in SIDES
+        side: [statistics.median(s.seconds for s in run) for run in timed[side]] for side in SIDES
     }
+    per_round = {side: statistics.median(per_repeat[side]) for side in SIDES}
     bytes_up = {
         side: int(
             sum(s.bytes_up for run in timed[side] for s in run)
@@ -343,7 +345,7 @@ def summarize(
             "repeats": args.repeats,
             "warmup_rounds": args.warmup,
             "order": order,
-            "per_repeat_median_s": per_repeat,
+            "per_repeat_median_s": {k: [round(x, 4) for x in v] for k, v in per_repeat.items()},
             "ratio_per_repeat": [
                 round(o / b, 4)
                 for b, o in zip(per_repeat["baseline"], per_repeat["ours"], strict=True)
@@ -367,6 +369,9 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

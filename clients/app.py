@@ -41,9 +41,11 @@ def _node_for(context: Context, cfg: dict | None) -> NodeRuntime:
     return get_node(_settings(context, cfg), int(context.node_config["partition-id"]))
 
 
-def make_client_app(cfg: dict | None = None) -> ClientApp:
-    """A ClientApp bound to ``cfg`` (Python entry point) or, if None, to the run config."""
-    app = ClientApp()
+def make_client_app(cfg: dict | None = None, mods: list | None = None) -> ClientApp:
+    """A ClientApp bound to ``cfg`` (Python entry point) or, if None, to the run config.
+
+    ``mods`` are Flower client mods (e.g. DP clipping, or a recorder in tests)."""
+    app = ClientApp(mods=mods or [])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

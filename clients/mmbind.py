@@ -37,12 +37,19 @@ def pretrain_reply(msg: Message, node: NodeRuntime, cfg: dict) -> Message:
     tcfg = node.train_cfg
     tcfg = type(tcfg)(**{**tcfg.__dict__, "epochs": int(cfg["binding"]["pretrain_epochs"])})
     stats = pretrain_shared(
-        node.model, node.train, shared, tcfg, seed=rnd * 7919 + node.node, method=cfg["binding"]["ssl"]
+        node.model,
+        node.train,
+        shared,
+        tcfg,
+        seed=rnd * 7919 + node.node,
+        method=cfg["binding"]["ssl"],
     )
     n = stats["num_present"]
     groups = {f"enc.{shared}": n, f"dec.{shared}": n} if n > 0 else {}
     sent = select_groups(state_to_numpy(node.model), groups)
-    metrics = counts_to_metrics(groups, {**stats, "num-examples": n, "partition-id": float(node.node)})
+    metrics = counts_to_metrics(
+        groups, {**stats, "num-examples": n, "partition-id": float(node.node)}
+    )
     return Message(RecordDict({"arrays": numpy_to_record(sent), "metrics": metrics}), reply_to=msg)
 
 

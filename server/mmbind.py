@@ -45,7 +45,9 @@ def _send(grid: Grid, node_ids: list[int], message_type: str, content: dict[int,
     replies = list(grid.send_and_receive(messages))
     failed = [r for r in replies if r.has_error()]
     if failed:
-        raise RuntimeError(f"{message_type}: {len(failed)} node(s) failed: {failed[0].error.reason}")
+        raise RuntimeError(
+            f"{message_type}: {len(failed)} node(s) failed: {failed[0].error.reason}"
+        )
     return replies
 
 
@@ -94,13 +96,17 @@ def bind(
         dst[pid] = r.metadata.src_node_id
     uploads.sort(key=lambda u: int(u.node))
     partners = match_nodes(uploads, match_config(cfg))
-    deliveries = {dst[pid]: RecordDict({"partners": pack_partners(p)}) for pid, p in partners.items()}
+    deliveries = {
+        dst[pid]: RecordDict({"partners": pack_partners(p)}) for pid, p in partners.items()
+    }
     _send(grid, list(deliveries), "train.bind", deliveries)
     stats = binding_stats(partners, [u.node for u in uploads], layout, cfg)
     console.print(
         f"[bold]binding @ round {rnd}[/bold]  pairs {stats['pairs']}  refused {stats['refused']}"
         f"  mean similarity {stats['mean_similarity']:.3f}"
-        + "".join(f"  pair accuracy ({t}) {a:.3f}" for t, a in stats.get("pair_accuracy", {}).items())
+        + "".join(
+            f"  pair accuracy ({t}) {a:.3f}" for t, a in stats.get("pair_accuracy", {}).items()
+        )
     )
     return stats
 
@@ -157,9 +163,7 @@ def multimodal_rounds(
     for rnd in range(1, int(cfg["rounds"]) + 1):
         if (rnd - 1) % every == 0:
             binding_log[str(rnd)] = bind(grid, arrays, cfg, rnd, layout)
-        replies = grid.send_and_receive(
-            strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
-        )
+        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         new, _ = strategy.aggregate_train(rnd, replies)
         if new is None:
             log(30, "round %s: no update aggregated; keeping the model", rnd)

@@ -21,8 +21,9 @@ from fed_iotlm.experiment import check_method
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
-def run_experiment(cfg: dict, out_dir: Path) -> Path:
-    """Run ``cfg`` and return the path of its results.json."""
+def run_experiment(cfg: dict, out_dir: Path, client_mods: list | None = None) -> Path:
+    """Run ``cfg`` and return the path of its results.json (``client_mods`` wrap every
+    node's ClientApp as Flower client mods)."""
     method = check_method(cfg)
     cfg = {**cfg, "output_dir": str(out_dir)}
     if method == "local":
@@ -33,10 +34,10 @@ def run_experiment(cfg: dict, out_dir: Path) -> Path:
         from fed_iotlm.baselines import run_centralized
 
         return run_centralized(cfg, out_dir)
-    return run_flower_simulation(cfg, out_dir)
+    return run_flower_simulation(cfg, out_dir, client_mods)
 
 
-def run_flower_simulation(cfg: dict, out_dir: Path) -> Path:
+def run_flower_simulation(cfg: dict, out_dir: Path, client_mods: list | None = None) -> Path:
     """The federation under Flower's simulation engine, one virtual SuperNode per node."""
     from flwr.simulation import run_simulation
 
@@ -58,7 +59,7 @@ def run_flower_simulation(cfg: dict, out_dir: Path) -> Path:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
         server_app=make_server_app(cfg, out_dir),
-        client_app=make_client_app(cfg),
+        client_app=make_client_app(cfg, client_mods),
         num_supernodes=num_nodes,
         backend_name=sim.get("backend", "ray"),
         backend_config=backend_config,

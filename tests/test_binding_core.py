@@ -81,7 +81,9 @@ def test_matching_equals_brute_force_over_other_nodes_holding_the_modality(k):
 def test_label_aware_matching_pairs_only_same_class():
     nodes = _nodes(np.random.default_rng(3), labels=True)
     nodes[0].labels[:5] = -1  # unlabelled samples are matched without labels
-    p = match_nodes(nodes, MatchConfig(k=1, floor=-1.0, use_labels=True, center=False))["a"]["depth"]
+    p = match_nodes(nodes, MatchConfig(k=1, floor=-1.0, use_labels=True, center=False))["a"][
+        "depth"
+    ]
     donor_labels = {1: nodes[1].labels, 2: nodes[2].labels}
     for row in range(5, 40):
         j, pid = p.partner_node[row, 0], p.partner_ids[row, 0] - 100

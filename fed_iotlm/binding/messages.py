@@ -59,7 +59,9 @@ def pack_upload(
     return record, ConfigRecord({"modalities": list(tokens)})
 
 
-def unpack_upload(node: str, record: ArrayRecord, config: ConfigRecord, held: list[str]) -> NodeEmbeddings:
+def unpack_upload(
+    node: str, record: ArrayRecord, config: ConfigRecord, held: list[str]
+) -> NodeEmbeddings:
     mods = list(config.get("modalities", []))
     return NodeEmbeddings(
         node=node,

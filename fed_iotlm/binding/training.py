@@ -63,7 +63,9 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x * gain + 0.1 * torch.randn(x.shape, generator=gen)
 
 
-def _ssl_loss(model: MultisensoryModel, modality: str, x: torch.Tensor, method: str, gen) -> torch.Tensor:
+def _ssl_loss(
+    model: MultisensoryModel, modality: str, x: torch.Tensor, method: str, gen
+) -> torch.Tensor:
     enc, head = model.enc[modality], model.dec[modality]
     if method == "autoencoder":
         return F.mse_loss(head(enc(x)), x)
@@ -110,7 +112,10 @@ def pretrain_shared(
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-    return {"pretrain_loss": float(np.mean(losses)) if losses else 0.0, "num_present": float(index.numel())}
+    return {
+        "pretrain_loss": float(np.mean(losses)) if losses else 0.0,
+        "num_present": float(index.numel()),
+    }
 
 
 def train_with_partners(
@@ -137,7 +142,9 @@ def train_with_partners(
             loss = own
             stats["loss_own"].append(float(own.detach()))
             if partners:
-                pseudo, contrastive = _partner_terms(model, tokens, mask, y, partners, idx, gen, cfg, bcfg)
+                pseudo, contrastive = _partner_terms(
+                    model, tokens, mask, y, partners, idx, gen, cfg, bcfg
+                )
                 loss = loss + bcfg.pseudo_weight * pseudo + bcfg.contrastive_weight * contrastive
                 stats["loss_pseudo"].append(float(pseudo.detach()))
                 stats["loss_contrastive"].append(float(contrastive.detach()))
@@ -163,7 +170,9 @@ def _partner_terms(model, tokens, mask, y, partners, idx, gen, cfg, bcfg):
         for o, tok in tokens.items():
             valid = mask[o] & (w > 0)
             if int(valid.sum()) >= 2:
-                contrastive = contrastive + weighted_info_nce(tok[valid], emb[valid], w[valid], bcfg.temperature)
+                contrastive = contrastive + weighted_info_nce(
+                    tok[valid], emb[valid], w[valid], bcfg.temperature
+                )
     any_partner = torch.stack([ppresent[m] for m in partners], 1).any(1)
     sample_w = torch.where(any_partner, sample_w, torch.zeros_like(sample_w))
     logits = model.classify(model.fuse(ptokens, ppresent))

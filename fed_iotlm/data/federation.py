@@ -8,7 +8,7 @@ data.  Each node standardises with statistics of its own training data only.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,7 +49,26 @@ def _load_cached(data_json: str, seed: int) -> MultisensoryDataset:
         raw = load_dataset(Path(cfg["path"]).expanduser())
     else:
         raise ValueError(f"data.name={cfg['name']!r}: expected 'synthetic' or 'npz'")
+    if cfg.get("modalities"):
+        raw = select_modalities(raw, list(cfg["modalities"]))
     return featurize_dataset(raw)
+
+
+def select_modalities(ds: MultisensoryDataset, keep: list[str]) -> MultisensoryDataset:
+    """The dataset restricted to ``keep`` (``data.modalities``); samples left with no
+    modality at all are removed, and how many is reported in the error if that is all."""
+    unknown = [m for m in keep if m not in ds.meta.modalities]
+    if unknown:
+        raise ValueError(f"data.modalities names {unknown}, not in {list(ds.meta.modalities)}")
+    meta = replace(ds.meta, modalities={m: ds.meta.modalities[m] for m in keep})
+    splits = []
+    for split in (ds.train, ds.test):
+        sub = split.keep_modalities(keep)
+        present = sub.present_any()
+        if not present.any():
+            raise ValueError(f"data.modalities={keep}: no sample has any of them")
+        splits.append(sub if present.all() else sub.subset(np.nonzero(present)[0]))
+    return MultisensoryDataset(meta, splits[0], splits[1])
 
 
 @dataclass

@@ -17,7 +17,9 @@ thermal    thermal b0 (body heat)                    l0, l1 (room heat map)
 =========  ======  ================================  ============
 
 Any two of imu/audio/depth recover all three activity bits; imu alone reaches at best
-4 of 8 classes.  Samples belong to ``num_sites`` sites; ``site_shift`` in [0, 1] scales
+4 of 8 classes.  ``imu_cues`` > 0 makes IMU *descriptive but imperfect* — it then also
+carries weak, noisy cues of b2 and of both location bits — which is MMBind's premise for
+a binding modality (``configs/experiment/mmbind_study.yaml``).  Samples belong to ``num_sites`` sites; ``site_shift`` in [0, 1] scales
 per-site sensor rotation, gains, offsets and noise (domain shift between sites).
 """
 
@@ -59,6 +61,7 @@ class SyntheticConfig:
     audio_len: int = 2048
     depth_size: int = 16
     thermal_size: int = 12
+    imu_cues: float = 0.0  # > 0: IMU also carries weak cues of b2 and of location
     seed: int = 0
 
 
@@ -85,8 +88,11 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _imu(bits: np.ndarray, site: np.ndarray, p: dict, cfg: SyntheticConfig, rng) -> np.ndarray:
-    """Accelerometer + gyroscope [N, T, 6]: cadence encodes b0, dominant axis encodes b1."""
+def _imu(
+    bits: np.ndarray, loc: np.ndarray, site: np.ndarray, p: dict, cfg: SyntheticConfig, rng
+) -> np.ndarray:
+    """Accelerometer + gyroscope [N, T, 6]: cadence encodes b0, dominant axis encodes b1;
+    with ``imu_cues`` > 0 also weak cues of b2 and of the location bits."""
     n, t = bits.shape[0], np.arange(cfg.imu_len) / IMU_RATE_HZ
     freq = np.where(bits[:, 0] == 1, 2.6, 1.2) + rng.normal(0, 0.15, n)
     phase = rng.uniform(0, 2 * np.pi, n)
@@ -104,6 +110,13 @@ def _imu(bits: np.ndarray, site: np.ndarray, p: dict, cfg: SyntheticConfig, rng)
     gyro[:, :, 2] = (
         np.where(axis_x, 0.8, 0.2) * amp * np.cos(2 * np.pi * freq[:, None] * t[None, :])
     )
+    if cfg.imu_cues > 0:  # weak extra cues: slow sway (b2) and floor-dependent tilt (l0, l1)
+        sway = np.sin(2 * np.pi * 0.4 * t[None, :] + phase[:, None])
+        acc[:, :, 1] += (
+            cfg.imu_cues * np.where(bits[:, 2] == 1, 0.8, -0.8)[:, None] * (0.5 + 0.5 * sway)
+        )
+        acc[:, :, 0] += cfg.imu_cues * 0.6 * np.where(loc[:, 0] == 1, 1.0, -1.0)[:, None]
+        gyro[:, :, 1] += cfg.imu_cues * 0.6 * np.where(loc[:, 1] == 1, 1.0, -1.0)[:, None]
     rot = p["rotation"][site]  # [N, 3, 3] sensor placement
     acc = np.einsum("nij,ntj->nti", rot, acc) * p["imu_gain"][site][:, None, None]
     gyro = np.einsum("nij,ntj->nti", rot, gyro)
@@ -175,7 +188,7 @@ def _split(n: int, cfg: SyntheticConfig, params: dict, rng: np.random.Generator)
     bits = np.stack([(activity >> i) & 1 for i in range(3)], axis=1)
     loc = np.stack([(location >> i) & 1 for i in range(2)], axis=1)
     x = {
-        "imu": _imu(bits, site, params, cfg, rng),
+        "imu": _imu(bits, loc, site, params, cfg, rng),
         "audio": _audio(bits, loc, site, params, cfg, rng),
         "depth": _depth(bits, loc, site, params, cfg, rng),
         "thermal": _thermal(bits, loc, site, params, cfg, rng),
