@@ -6,10 +6,9 @@ messages), so whichever worker runs the node's next round finds them.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
+from fed_iotlm.binding.embeddings import align_partners, node_embeddings
 from fed_iotlm.binding.messages import PrivacyConfig, pack_upload, unpack_partners
 from fed_iotlm.binding.training import BindTrainConfig, PartnerTensors, pretrain_shared
 from fed_iotlm.experiment import shared_modality
@@ -53,27 +52,19 @@ def pretrain_reply(msg: Message, node: NodeRuntime, cfg: dict) -> Message:
     return Message(RecordDict({"arrays": numpy_to_record(sent), "metrics": metrics}), reply_to=msg)
 
 
-@torch.no_grad()
 def embed_reply(msg: Message, node: NodeRuntime, cfg: dict) -> Message:
     """Shared-modality embeddings + own-modality tokens of the node's samples; no raw data."""
     b = cfg["binding"]
-    shared = shared_modality(cfg)
-    node.model.eval()
-    if shared not in node.train.x:
-        raise ValueError(f"node {node.node} does not hold the shared modality {shared!r}")
-    rows = torch.nonzero(node.train.mask[shared]).squeeze(1)
-    x, mask, y = node.train.batch(rows)
-    tokens = node.model.encode(x)
-    labels = None
+    label_task = None
     if b["use_labels"]:
-        task = b.get("label_task") or next(iter(y))
-        labels = y[task].numpy()
+        label_task = b.get("label_task") or next(iter(node.train.y))
+    emb = node_embeddings(node.model, node.train, shared_modality(cfg), str(node.node), label_task)
     record, config = pack_upload(
-        ids=rows.numpy(),
-        shared=tokens[shared].numpy(),
-        tokens={m: t.numpy() for m, t in tokens.items() if m != shared},
-        present={m: mask[m].numpy() for m in tokens if m != shared},
-        labels=labels,
+        ids=emb.ids,
+        shared=emb.shared,
+        tokens=emb.tokens,
+        present=emb.token_present,
+        labels=emb.labels,
         privacy=PrivacyConfig(float(b["noise_sigma"]), bool(b["quantize"])),
         seed=int(msg.content["config"].get("server-round", 0)) * 101 + node.node,
     )
@@ -97,15 +88,4 @@ def partner_tensors(context: Context, node: NodeRuntime) -> dict[str, PartnerTen
     """Partners aligned to the node's own training samples (rows without one: weight 0)."""
     if PARTNERS_KEY not in context.state:
         return {}
-    n = node.num_train
-    out = {}
-    for m, (ids, emb, w) in unpack_partners(context.state[PARTNERS_KEY]).items():
-        full_e = np.zeros((n, *emb.shape[1:]), np.float32)
-        full_w = np.zeros((n, w.shape[1]), np.float32)
-        full_e[ids], full_w[ids] = emb, w
-        out[m] = PartnerTensors(torch.from_numpy(full_e), torch.from_numpy(full_w))
-    return out
-
-
-def query_config(server_round: int) -> ConfigRecord:
-    return ConfigRecord({"server-round": server_round})
+    return align_partners(node.num_train, unpack_partners(context.state[PARTNERS_KEY]))

@@ -8,7 +8,7 @@ from fed_iotlm.data.federation import build_layout
 from fed_iotlm.models.multisensory import ModelSpec
 from fed_iotlm.models.training import TrainConfig
 
-METHODS = ("federated", "fedavg", "mmbind", "local", "centralized")
+METHODS = ("federated", "fedavg", "harmony", "mmbind", "local", "centralized", "centralized_mmbind")
 
 
 def check_method(cfg: dict) -> str:
@@ -21,7 +21,9 @@ def check_method(cfg: dict) -> str:
 def model_spec(cfg: dict) -> ModelSpec:
     """Architecture from the dataset (all its modalities) and ``cfg['model']``.
 
-    The naive ``fedavg`` baseline feeds zero-filled inputs without a mask.
+    The naive ``fedavg`` baseline feeds zero-filled inputs without a mask; ``harmony``
+    (modality-wise FedAvg + late fusion) averages per-modality logits; MMBind adds a
+    self-supervised head on the shared modality.
     """
     layout = build_layout(cfg)
     m = cfg["model"]
@@ -32,7 +34,9 @@ def model_spec(cfg: dict) -> ModelSpec:
         fusion_heads=int(m["fusion_heads"]),
         use_mask=cfg["method"] != "fedavg",
     )
-    if cfg["method"] == "mmbind":
+    if cfg["method"] == "harmony":
+        return replace(spec, fusion="late")
+    if cfg["method"] in ("mmbind", "centralized_mmbind"):
         return replace(spec, extra={"decoders": [shared_modality(cfg)]})
     return spec
 

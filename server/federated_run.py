@@ -36,7 +36,7 @@ def default_out_dir(cfg: dict) -> Path:
 def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     """Run ``cfg['rounds']`` rounds of the configured strategy; returns results.json's path."""
     method = check_method(cfg)
-    if method not in ("federated", "fedavg", "mmbind"):
+    if method not in ("federated", "fedavg", "harmony", "mmbind"):
         raise ValueError(f"method={method!r} does not run on a Flower Grid")
     torch.manual_seed(int(cfg["seed"]))
     layout = build_layout(cfg)
@@ -46,7 +46,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     initial = numpy_to_record(state_to_numpy(model))
     wait_for_nodes(grid, layout.num_nodes, float(cfg["strategy"].get("wait_for_nodes_s") or 120))
     strategy = build_strategy(
-        "federated" if method == "mmbind" else method, cfg["strategy"], layout.num_nodes
+        "fedavg" if method == "fedavg" else "federated", cfg["strategy"], layout.num_nodes
     )
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()

@@ -34,6 +34,10 @@ def run_experiment(cfg: dict, out_dir: Path, client_mods: list | None = None) ->
         from fed_iotlm.baselines import run_centralized
 
         return run_centralized(cfg, out_dir)
+    if method == "centralized_mmbind":
+        from fed_iotlm.baselines import run_centralized_mmbind
+
+        return run_centralized_mmbind(cfg, out_dir)
     return run_flower_simulation(cfg, out_dir, client_mods)
 
 

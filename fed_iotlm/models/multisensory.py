@@ -29,6 +29,7 @@ class ModelSpec:
     fusion_layers: int = 1
     fusion_heads: int = 4
     use_mask: bool = True
+    fusion: str = "attention"  # attention (masked) | late (mean of per-modality logits)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -127,4 +128,21 @@ class MultisensoryModel(nn.Module):
     def forward(
         self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        if self.spec.fusion == "late":
+            return self._late_fusion(x, mask)
         return self.classify(self.embed(x, mask))
+
+    def _late_fusion(
+        self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Harmony's first stage: each modality classified alone by the shared heads,
+        logits averaged over the modalities present in each sample."""
+        tokens = self.encode(x)
+        names = list(tokens)
+        present = torch.stack([mask[m] for m in names], 1).float()  # [B, M]
+        denom = present.sum(1, keepdim=True).clamp(min=1.0)
+        out = {}
+        for t, head in self.head.items():
+            logits = torch.stack([head(tokens[m]) for m in names], 1)  # [B, M, K]
+            out[t] = (logits * present[..., None]).sum(1) / denom
+        return out
