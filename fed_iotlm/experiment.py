@@ -34,6 +34,9 @@ def model_spec(cfg: dict) -> ModelSpec:
         fusion_heads=int(m["fusion_heads"]),
         use_mask=cfg["method"] != "fedavg",
     )
+    spec = replace(spec, fusion=str(m.get("fusion") or "attention"))
+    if spec.fusion not in ("attention", "late"):
+        raise ValueError(f"model.fusion={spec.fusion!r}: expected 'attention' or 'late'")
     if cfg["method"] == "harmony":
         return replace(spec, fusion="late")
     if cfg["method"] in ("mmbind", "centralized_mmbind"):

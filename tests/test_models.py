@@ -97,3 +97,15 @@ def test_loss_ignores_unlabelled_entries():
 def test_no_modality_given_is_a_clear_error():
     with pytest.raises(ValueError, match="no modality given"):
         MultisensoryModel(SPEC).embed({}, {})
+
+
+def test_late_fusion_averages_logits_over_present_modalities_only():
+    torch.manual_seed(0)
+    model = MultisensoryModel(ModelSpec(**{**SPEC.to_json(), "fusion": "late"})).eval()
+    x, mask = _batch(3, ["imu", "audio"])
+    mask["audio"] = torch.tensor([True, False, True])
+    out = model(x, mask)["activity"]
+    tok = model.encode(x)
+    head = model.head["activity"]
+    torch.testing.assert_close(out[0], (head(tok["imu"][:1]) + head(tok["audio"][:1]))[0] / 2)
+    torch.testing.assert_close(out[1], head(tok["imu"][1:2])[0])

@@ -138,7 +138,7 @@ def train_with_partners(
             idx = order[start : start + cfg.batch_size]
             x, mask, y = data.batch(idx)
             tokens = model.encode(x)
-            own, _ = multitask_loss(model.classify(model.fuse(tokens, mask)), y, cfg.task_weights)
+            own, _ = multitask_loss(model.logits_from_tokens(tokens, mask), y, cfg.task_weights)
             loss = own
             stats["loss_own"].append(float(own.detach()))
             if partners:
@@ -175,6 +175,6 @@ def _partner_terms(model, tokens, mask, y, partners, idx, gen, cfg, bcfg):
                 )
     any_partner = torch.stack([ppresent[m] for m in partners], 1).any(1)
     sample_w = torch.where(any_partner, sample_w, torch.zeros_like(sample_w))
-    logits = model.classify(model.fuse(ptokens, ppresent))
+    logits = model.logits_from_tokens(ptokens, ppresent)
     pseudo, _ = multitask_loss(logits, y, cfg.task_weights, sample_weight=sample_w)
     return pseudo, contrastive

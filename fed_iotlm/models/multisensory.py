@@ -128,21 +128,25 @@ class MultisensoryModel(nn.Module):
     def forward(
         self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        if self.spec.fusion == "late":
-            return self._late_fusion(x, mask)
-        return self.classify(self.embed(x, mask))
+        if not self.spec.use_mask:
+            return self.classify(self._embed_zero_filled(x))
+        return self.logits_from_tokens(self.encode(x), mask)
 
-    def _late_fusion(
-        self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]
+    def logits_from_tokens(
+        self, tokens: dict[str, torch.Tensor], present: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Harmony's first stage: each modality classified alone by the shared heads,
-        logits averaged over the modalities present in each sample."""
-        tokens = self.encode(x)
-        names = list(tokens)
-        present = torch.stack([mask[m] for m in names], 1).float()  # [B, M]
-        denom = present.sum(1, keepdim=True).clamp(min=1.0)
+        """Task logits from modality tokens (own, or received from binding partners).
+
+        ``attention``: masked fusion, then the heads.  ``late`` (Harmony's first stage):
+        each present modality classified alone by the shared heads, logits averaged.
+        """
+        if self.spec.fusion != "late":
+            return self.classify(self.fuse(tokens, present))
+        names = [m for m in self.modality_names if m in tokens]
+        mask = torch.stack([present[m] for m in names], 1).float()  # [B, M]
+        denom = mask.sum(1, keepdim=True).clamp(min=1.0)
         out = {}
         for t, head in self.head.items():
             logits = torch.stack([head(tokens[m]) for m in names], 1)  # [B, M, K]
-            out[t] = (logits * present[..., None]).sum(1) / denom
+            out[t] = (logits * mask[..., None]).sum(1) / denom
         return out
