@@ -18,6 +18,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_iotlm.binding.training import train_with_partners
+from fed_iotlm.experiment import bind_train_config
 from fed_iotlm.federation.groups import select_groups
 from fed_iotlm.federation.records import (
     counts_to_metrics,
@@ -29,7 +30,7 @@ from fed_iotlm.federation.records import (
 from fed_iotlm.models.training import evaluate, mean_accuracy, mean_loss, train_local
 from fed_iotlm.settings import from_run_config
 
-from .mmbind import bind_train_config, embed_reply, partner_tensors, pretrain_reply, store_partners
+from .mmbind import embed_reply, partner_tensors, pretrain_reply, store_partners
 from .node import NodeRuntime, get_node
 
 
@@ -41,6 +42,14 @@ def _node_for(context: Context, cfg: dict | None) -> NodeRuntime:
     return get_node(_settings(context, cfg), int(context.node_config["partition-id"]))
 
 
+def _node_with_global_model(msg: Message, context: Context, cfg: dict | None) -> NodeRuntime:
+    """The node, its model loaded with the arrays the server sent (one core per node)."""
+    torch.set_num_threads(1)
+    node = _node_for(context, cfg)
+    load_into(node.model, record_to_numpy(msg.content["arrays"]))
+    return node
+
+
 def make_client_app(cfg: dict | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp bound to ``cfg`` (Python entry point) or, if None, to the run config.
 
@@ -49,10 +58,8 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)  # one simulated node per core
         settings = _settings(context, cfg)
-        node = get_node(settings, int(context.node_config["partition-id"]))
-        load_into(node.model, record_to_numpy(msg.content["arrays"]))
+        node = _node_with_global_model(msg, context, cfg)
         config = msg.content["config"]
         tcfg = dataclasses.replace(
             node.train_cfg, proximal_mu=float(config.get("proximal-mu", 0.0))
@@ -77,9 +84,7 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
 
     @app.evaluate()
     def evaluate_node(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        node = _node_for(context, cfg)
-        load_into(node.model, record_to_numpy(msg.content["arrays"]))
+        node = _node_with_global_model(msg, context, cfg)
         per_task = evaluate(node.model, node.test)
         metrics = {
             "accuracy": mean_accuracy(per_task),
@@ -92,16 +97,12 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
 
     @app.train("pretrain")
     def pretrain(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        node = _node_for(context, cfg)
-        load_into(node.model, record_to_numpy(msg.content["arrays"]))
+        node = _node_with_global_model(msg, context, cfg)
         return pretrain_reply(msg, node, _settings(context, cfg))
 
     @app.query("embed")
     def embed(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(1)
-        node = _node_for(context, cfg)
-        load_into(node.model, record_to_numpy(msg.content["arrays"]))
+        node = _node_with_global_model(msg, context, cfg)
         return embed_reply(msg, node, _settings(context, cfg))
 
     @app.train("bind")

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fed_iotlm.binding.embeddings import align_partners, node_embeddings
 from fed_iotlm.binding.messages import PrivacyConfig, pack_upload, unpack_partners
-from fed_iotlm.binding.training import BindTrainConfig, PartnerTensors, pretrain_shared
+from fed_iotlm.binding.training import PartnerTensors, pretrain_shared
 from fed_iotlm.experiment import shared_modality
 from fed_iotlm.federation.groups import select_groups
 from fed_iotlm.federation.records import counts_to_metrics, numpy_to_record, state_to_numpy
@@ -18,15 +18,6 @@ from fed_iotlm.federation.records import counts_to_metrics, numpy_to_record, sta
 from .node import NodeRuntime
 
 PARTNERS_KEY = "mmbind.partners"
-
-
-def bind_train_config(cfg: dict) -> BindTrainConfig:
-    b = cfg["binding"]
-    return BindTrainConfig(
-        pseudo_weight=float(b["pseudo_weight"]),
-        contrastive_weight=float(b["contrastive_weight"]),
-        temperature=float(b["temperature"]),
-    )
 
 
 def pretrain_reply(msg: Message, node: NodeRuntime, cfg: dict) -> Message:

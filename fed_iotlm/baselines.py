@@ -109,10 +109,9 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
     model trained over every node's data in turn).  The gap to ``mmbind`` is the cost of
     federating it."""
     from fed_iotlm.binding.embeddings import align_partners, node_embeddings
-    from fed_iotlm.binding.index import SearchConfig
-    from fed_iotlm.binding.matching import MatchConfig, match_nodes
-    from fed_iotlm.binding.training import BindTrainConfig, pretrain_shared, train_with_partners
-    from fed_iotlm.experiment import shared_modality
+    from fed_iotlm.binding.matching import match_nodes
+    from fed_iotlm.binding.training import pretrain_shared, train_with_partners
+    from fed_iotlm.experiment import bind_train_config, match_config, shared_modality
 
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
@@ -129,19 +128,22 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
     for rnd in range(1, int(b["pretrain_rounds"]) + 1):
         for i, data in enumerate(trains):
             pretrain_shared(model, data, shared, ssl_cfg, seed=rnd * 7919 + i, method=b["ssl"])
-    mcfg = MatchConfig(
-        k=int(b["k"]), floor=float(b["floor"]), weight_power=float(b["weight_power"]),
-        use_labels=bool(b["use_labels"]), search=SearchConfig(exact_limit=int(b["exact_limit"])),
-    )  # fmt: skip
-    bcfg = BindTrainConfig(float(b["pseudo_weight"]), float(b["contrastive_weight"]), float(b["temperature"]))
-    label_task = (b.get("label_task") or next(iter(layout.dataset.meta.tasks))) if b["use_labels"] else None
+    mcfg, bcfg = match_config(cfg), bind_train_config(cfg)
+    label_task = (
+        (b.get("label_task") or next(iter(layout.dataset.meta.tasks))) if b["use_labels"] else None
+    )
     partners: list[dict] = [{} for _ in trains]
     for rnd in range(1, int(cfg["rounds"]) + 1):
         if (rnd - 1) % max(1, int(b["rebind_every"])) == 0:
-            uploads = [node_embeddings(model, d, shared, str(i), label_task) for i, d in enumerate(trains)]
+            uploads = [
+                node_embeddings(model, d, shared, str(i), label_task) for i, d in enumerate(trains)
+            ]
             matched = match_nodes(uploads, mcfg)
             partners = [
-                align_partners(len(d), {m: (p.query_ids, p.embeddings, p.weight) for m, p in matched[str(i)].items()})
+                align_partners(
+                    len(d),
+                    {m: (p.query_ids, p.embeddings, p.weight) for m, p in matched[str(i)].items()},
+                )
                 for i, d in enumerate(trains)
             ]
         for i, data in enumerate(trains):

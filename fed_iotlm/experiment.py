@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from fed_iotlm.binding.index import SearchConfig
+from fed_iotlm.binding.matching import MatchConfig
+from fed_iotlm.binding.training import BindTrainConfig
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.models.multisensory import ModelSpec
 from fed_iotlm.models.training import TrainConfig
@@ -69,3 +72,25 @@ def train_config(cfg: dict) -> TrainConfig:
 def plan_by_node(cfg: dict) -> dict[str, list[str]]:
     """``{"0": ["imu", "audio"], ...}`` as results.json records it."""
     return {str(i): mods for i, mods in enumerate(build_layout(cfg).plan)}
+
+
+def match_config(cfg: dict) -> MatchConfig:
+    """How the server pairs samples across nodes, from ``cfg['binding']``."""
+    b = cfg["binding"]
+    return MatchConfig(
+        k=int(b["k"]),
+        floor=float(b["floor"]),
+        weight_power=float(b["weight_power"]),
+        use_labels=bool(b["use_labels"]),
+        search=SearchConfig(exact_limit=int(b["exact_limit"])),
+    )
+
+
+def bind_train_config(cfg: dict) -> BindTrainConfig:
+    """Weights of the MMBind loss terms, from ``cfg['binding']``."""
+    b = cfg["binding"]
+    return BindTrainConfig(
+        pseudo_weight=float(b["pseudo_weight"]),
+        contrastive_weight=float(b["contrastive_weight"]),
+        temperature=float(b["temperature"]),
+    )

@@ -20,24 +20,13 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fed_iotlm.binding.index import SearchConfig
-from fed_iotlm.binding.matching import MatchConfig, Partners, match_nodes
+from fed_iotlm.binding.matching import Partners, match_nodes
 from fed_iotlm.binding.messages import pack_partners, unpack_upload
 from fed_iotlm.data.federation import FederationLayout
+from fed_iotlm.experiment import match_config
 from fed_iotlm.federation.aggregation import NodeUpdate, aggregate_groups
 from fed_iotlm.federation.records import metrics_to_counts, numpy_to_record, record_to_numpy
 from fed_iotlm.tracking import RunRecorder, console
-
-
-def match_config(cfg: dict) -> MatchConfig:
-    b = cfg["binding"]
-    return MatchConfig(
-        k=int(b["k"]),
-        floor=float(b["floor"]),
-        weight_power=float(b["weight_power"]),
-        use_labels=bool(b["use_labels"]),
-        search=SearchConfig(exact_limit=int(b["exact_limit"])),
-    )
 
 
 def _send(grid: Grid, node_ids: list[int], message_type: str, content: dict[int, RecordDict]):

@@ -22,6 +22,10 @@ def test_at_half_audio_and_depth_never_meet():
 
 
 def test_sweeps_name_their_points():
-    assert [label for label, _ in sweep_points("labels")] == ["100% labels", "30% labels", "10% labels"]
+    assert [label for label, _ in sweep_points("labels")] == [
+        "100% labels",
+        "30% labels",
+        "10% labels",
+    ]
     with pytest.raises(ValueError):
         sweep_points("nope")
