@@ -88,3 +88,22 @@ def test_bad_dataset_fails_with_the_file_and_key_named(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "train.npz" in proc.stderr and "x.wrist" in proc.stderr and "rank" in proc.stderr
+
+
+@pytest.mark.integration
+def test_mmbind_runs_unchanged_on_a_foreign_dataset(tmp_path, quick_cfg):
+    """``method=mmbind partition.shared=<modality>`` on a dataset the project never saw."""
+    import json as _json
+
+    from simulations.run import run_experiment
+
+    data = tmp_path / "my_dataset"
+    write_foreign_dataset(data)
+    cfg = quick_cfg(
+        "data=npz", f"data.path={data}", "method=mmbind", "partition.shared=wrist",
+        "partition.plan=[[wrist,mic],[wrist,room],[wrist]]", "mlflow.enabled=false",
+        "binding.pretrain_rounds=1",
+    )  # fmt: skip
+    res = _json.loads(run_experiment(cfg, tmp_path / "run").read_text())
+    assert res["method"] == "mmbind" and res["binding"]["1"]["pairs"] > 0
+    assert res["test"]["accuracy"] > 1 / 3
