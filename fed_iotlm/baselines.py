@@ -106,11 +106,11 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
 def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
     """MMBind with the embeddings pooled at one place: the same encoders, SSL rounds,
     matching and pseudo-pair training as ``method=mmbind``, without federation (one
-    model trained over every node's data in turn).  The gap to ``mmbind`` is the cost of
-    federating it."""
+    model, one optimiser, batches of all nodes' data shuffled together).  The gap to
+    ``mmbind`` is the cost of federating it."""
     from fed_iotlm.binding.embeddings import align_partners, node_embeddings
     from fed_iotlm.binding.matching import match_nodes
-    from fed_iotlm.binding.training import pretrain_shared, train_with_partners
+    from fed_iotlm.binding.training import BoundData, pretrain_shared, train_bound
     from fed_iotlm.experiment import bind_train_config, match_config, shared_modality
 
     layout = build_layout(cfg)
@@ -146,8 +146,8 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
                 )
                 for i, d in enumerate(trains)
             ]
-        for i, data in enumerate(trains):
-            train_with_partners(model, data, partners[i], tcfg, bcfg, seed=rnd * 10_007 + i)
+        sources = [BoundData(d, partners[i]) for i, d in enumerate(trains)]
+        train_bound(sources, model, tcfg, bcfg, seed=rnd * 10_007)
         per_task = evaluate(model, test)
         recorder.log_round(rnd, mean_accuracy(per_task), mean_loss(per_task))
     by_node = {

@@ -27,7 +27,7 @@ METHODS: dict[str, list[str]] = {
     "federated": [],
     "mmbind": ["model.fusion=late"],
     "centralized_mmbind": ["model.fusion=late"],
-    "centralized": [],
+    "centralized": ["model.fusion=late"],
 }
 FEDERATED = ("fedavg", "harmony", "federated")
 NON_SHARED = ("audio", "depth")

@@ -118,6 +118,14 @@ def pretrain_shared(
     }
 
 
+@dataclass
+class BoundData:
+    """One node's training tensors with the partners it received."""
+
+    data: SplitTensors
+    partners: dict[str, PartnerTensors]
+
+
 def train_with_partners(
     model: MultisensoryModel,
     data: SplitTensors,
@@ -127,31 +135,51 @@ def train_with_partners(
     seed: int,
 ) -> dict[str, float]:
     """One round of MMBind training at a node (all samples; labels where present)."""
-    n = len(data)
+    return train_bound([BoundData(data, partners)], model, cfg, bcfg, seed)
+
+
+def train_bound(
+    sources: list[BoundData],
+    model: MultisensoryModel,
+    cfg: TrainConfig,
+    bcfg: BindTrainConfig,
+    seed: int,
+) -> dict[str, float]:
+    """``cfg.epochs`` epochs over every source with one optimiser; batches come from one
+    source each (sources hold different modalities) in a shuffled order across sources,
+    so several sources train as one pooled dataset (centralized MMBind)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    stats = {"loss_own": [], "loss_pseudo": [], "loss_contrastive": []}
+    stats: dict[str, list[float]] = {"loss_own": [], "loss_pseudo": [], "loss_contrastive": []}
     for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            x, mask, y = data.batch(idx)
-            tokens = model.encode(x)
-            own, _ = multitask_loss(model.logits_from_tokens(tokens, mask), y, cfg.task_weights)
-            loss = own
-            stats["loss_own"].append(float(own.detach()))
-            if partners:
-                pseudo, contrastive = _partner_terms(
-                    model, tokens, mask, y, partners, idx, gen, cfg, bcfg
-                )
-                loss = loss + bcfg.pseudo_weight * pseudo + bcfg.contrastive_weight * contrastive
-                stats["loss_pseudo"].append(float(pseudo.detach()))
-                stats["loss_contrastive"].append(float(contrastive.detach()))
+        batches = []
+        for s, src in enumerate(sources):
+            order = torch.randperm(len(src.data), generator=gen)
+            batches += [
+                (s, order[i : i + cfg.batch_size]) for i in range(0, len(order), cfg.batch_size)
+            ]
+        for j in torch.randperm(len(batches), generator=gen).tolist():
+            s, idx = batches[j]
+            loss = _batch_loss(model, sources[s], idx, gen, cfg, bcfg, stats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     return {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+
+
+def _batch_loss(model, src: BoundData, idx, gen, cfg, bcfg, stats) -> torch.Tensor:
+    """Own-modality loss plus, where the source has partners, the pseudo-pair terms."""
+    x, mask, y = src.data.batch(idx)
+    tokens = model.encode(x)
+    own, _ = multitask_loss(model.logits_from_tokens(tokens, mask), y, cfg.task_weights)
+    stats["loss_own"].append(float(own.detach()))
+    if not src.partners:
+        return own
+    pseudo, contrastive = _partner_terms(model, tokens, mask, y, src.partners, idx, gen, cfg, bcfg)
+    stats["loss_pseudo"].append(float(pseudo.detach()))
+    stats["loss_contrastive"].append(float(contrastive.detach()))
+    return own + bcfg.pseudo_weight * pseudo + bcfg.contrastive_weight * contrastive
 
 
 def _partner_terms(model, tokens, mask, y, partners, idx, gen, cfg, bcfg):
