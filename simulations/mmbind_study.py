@@ -11,11 +11,14 @@ at test.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from simulations.study_report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,6 +81,11 @@ def sweep_points(name: str) -> list[tuple[str, list[str]]]:
     raise ValueError(f"unknown sweep {name!r}")
 
 
+def point_key(overrides: list[str]) -> str:
+    """Run folder of a point: the same overrides in two sweeps share their runs."""
+    return hashlib.sha1(" ".join(sorted(overrides)).encode()).hexdigest()[:12]
+
+
 def run_one(out: Path, overrides: list[str]) -> dict:
     results = out / "results.json"
     if results.is_file():  # resumable: a finished run is not repeated
@@ -104,12 +112,7 @@ def main() -> None:
         for label, overrides in sweep_points(sweep):
             for method in methods:
                 for seed in range(args.seeds):
-                    out = (
-                        args.out
-                        / sweep
-                        / label.replace(",", "").replace(" ", "_").replace("%", "pc")
-                        / f"{method}-seed{seed}"
-                    )
+                    out = args.out / point_key(overrides) / f"{method}-seed{seed}"
                     t0 = time.time()
                     res = run_one(
                         out, [f"method={method}", f"seed={seed}", *METHODS[method], *overrides]
@@ -121,10 +124,13 @@ def main() -> None:
                         f"{sweep} | {label} | {method} seed {seed}: {res['test']['accuracy']:.3f} ({time.time() - t0:.0f}s)",
                         flush=True,
                     )
-    (args.out / "summary.json").write_text(json.dumps(table, indent=2))
-    from simulations.study_report import write_report
-
-    write_report(table, args.doc, args.out)
+        # the report is rewritten after each sweep, so an interrupted study keeps its results
+        (args.out / "summary.json").write_text(json.dumps(table, indent=2))
+        write_report(
+            table,
+            args.doc,
+            args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out,
+        )
     print(args.doc)
 
 
