@@ -29,8 +29,9 @@ test: $(STAMP)  ## exit code 5 (no test collected) is reported as the failure it
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-bench: $(STAMP)
+bench: $(STAMP)  ## figures as JSON, ratios against a baseline run side by side
 	$(BIN)/python -m benchmarks.round_overhead
+	$(BIN)/python -m benchmarks.binding
 
 clean:
 	rm -rf outputs multirun runs mlruns mlflow.db mlartifacts
