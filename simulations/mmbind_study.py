@@ -124,13 +124,13 @@ def main() -> None:
                         f"{sweep} | {label} | {method} seed {seed}: {res['test']['accuracy']:.3f} ({time.time() - t0:.0f}s)",
                         flush=True,
                     )
-        # the report is rewritten after each sweep, so an interrupted study keeps its results
-        (args.out / "summary.json").write_text(json.dumps(table, indent=2))
-        write_report(
-            table,
-            args.doc,
-            args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out,
-        )
+            # the report is rewritten after each point, so an interrupted study keeps its results
+            (args.out / "summary.json").write_text(json.dumps(table, indent=2))
+            write_report(
+                table,
+                args.doc,
+                args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out,
+            )
     print(args.doc)
 
 
