@@ -84,3 +84,12 @@ def test_node_views_hold_only_their_modalities_and_own_statistics(quick_cfg):
         for m in mods:  # standardised with the node's OWN training statistics
             axes = (0, 1) if train.x[m].ndim == 3 else (0, 2, 3)
             np.testing.assert_allclose(train.x[m].mean(axis=axes), 0.0, atol=1e-3)
+
+
+def test_label_fraction_outside_unit_interval_is_an_error():
+    import pytest
+
+    split = Split({}, {}, {"t": np.arange(10)})
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="label_fraction"):
+            hide_labels(split, bad, seed=0)
