@@ -106,10 +106,10 @@ def _only_observed(split: Split) -> Split:
 
 def hide_labels(split: Split, fraction: float, seed: int) -> Split:
     """Keep labels on a seeded ``fraction`` of samples, set the rest to -1 (unlabelled)."""
-    if fraction >= 1.0:
-        return split
-    if not fraction >= 0.0:
+    if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"partition.label_fraction must be in [0, 1], got {fraction}")
+    if fraction == 1.0:
+        return split
     rng = np.random.default_rng(seed)
     n = len(split)
     hidden = np.ones(n, dtype=bool)
