@@ -148,3 +148,24 @@ def test_weighted_info_nce_prefers_true_pairs_and_respects_weights():
     weighted_info_nce(a, p.requires_grad_(), w).backward()
     assert p.grad is None  # partners are constants
     assert a.grad is not None and a.grad.abs().sum() > 0
+
+
+def test_bound_training_skips_batches_with_nothing_to_learn():
+    import torch
+
+    from fed_iotlm.binding.training import BindTrainConfig, BoundData, train_bound
+    from fed_iotlm.models.multisensory import ModelSpec, MultisensoryModel
+    from fed_iotlm.models.training import SplitTensors, TrainConfig
+
+    spec = ModelSpec(
+        {"env": {"kind": "tabular", "feature_shape": [3]}}, {"t": 2}, dim=8, fusion_heads=2
+    )
+    model = MultisensoryModel(spec)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = SplitTensors(
+        {"env": torch.randn(6, 3)},
+        {"env": torch.ones(6, dtype=torch.bool)},
+        {"t": torch.full((6,), -1)},
+    )
+    train_bound([BoundData(data, {})], model, TrainConfig(epochs=1), BindTrainConfig(), seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

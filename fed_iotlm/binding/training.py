@@ -162,6 +162,8 @@ def train_bound(
         for j in torch.randperm(len(batches), generator=gen).tolist():
             s, idx = batches[j]
             loss = _batch_loss(model, sources[s], idx, gen, cfg, bcfg, stats)
+            if not loss.requires_grad:  # no label and no partner in this batch: nothing to learn
+                continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
