@@ -44,7 +44,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -54,6 +53,9 @@ from pathlib import Path
 from statistics import median
 
 import numpy as np
+
+from benchmarks.machine import loadavg
+from benchmarks.machine import machine_info as _machine_info
 
 D = 128
 CHUNK = 65_536
@@ -233,30 +235,14 @@ def in_fresh_process(fn, *args):
 # ---------------------------------------------------------------- parent
 
 
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def machine_info() -> dict:
     import faiss
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "faiss_omp_max_threads": faiss.omp_get_max_threads(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "faiss": faiss.__version__,
-        "numpy": np.__version__,
-    }
+    return _machine_info(
+        faiss_omp_max_threads=faiss.omp_get_max_threads(),
+        faiss=faiss.__version__,
+        numpy=np.__version__,
+    )
 
 
 def exact_section(args: argparse.Namespace, params: dict) -> dict:
@@ -394,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ef_search": args.ef_search,
         "ef_sweep": args.ef_sweep,
     }
-    load_start, t0 = _loadavg(), time.perf_counter()
+    load_start, t0 = loadavg(), time.perf_counter()
     result: dict = {"benchmark": "binding"}
     if not args.skip_exact:
         result["exact"] = exact_section(args, params)
@@ -410,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     # other load on the machine makes the times noisy (`end` includes our own load)
-    result["loadavg_1m"] = {"start": load_start, "end": _loadavg()}
+    result["loadavg_1m"] = {"start": load_start, "end": loadavg()}
     result["machine"] = machine_info()
     text = json.dumps(result, indent=2)
     print(text)

@@ -64,7 +64,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -79,6 +78,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from benchmarks.machine import loadavg
+from benchmarks.machine import machine_info as _machine_info
 from clients.node import get_node
 from fed_iotlm.experiment import model_spec
 from fed_iotlm.federation.records import numpy_to_record, record_nbytes, state_to_numpy
@@ -276,27 +277,8 @@ def run_side(side: str, cfg: dict, num_nodes: int, num_rounds: int) -> list[Roun
     return sink
 
 
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
 def machine_info() -> dict:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "flwr": flwr.__version__,
-    }
+    return _machine_info(torch=torch.__version__, flwr=flwr.__version__)
 
 
 def summarize(
@@ -403,11 +385,11 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = [SIDES if i % 2 == 0 else SIDES[::-1] for i in range(args.repeats)]
     order = [side for pair in pairs for side in pair]
     runs: dict[str, list[list[RoundSample]]] = {side: [] for side in SIDES}
-    load_start, t0 = _loadavg(), time.perf_counter()
+    load_start, t0 = loadavg(), time.perf_counter()
     for side in order:
         runs[side].append(run_side(side, cfg, args.nodes, args.warmup + args.rounds))
     wall_s = time.perf_counter() - t0
-    result = summarize(args, runs, order, wall_s, (load_start, _loadavg()))
+    result = summarize(args, runs, order, wall_s, (load_start, loadavg()))
     text = json.dumps(result, indent=2)
     if args.out is not None:
         write_atomic(args.out, text + "\n")
