@@ -43,10 +43,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import resource
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -56,6 +54,7 @@ import numpy as np
 
 from benchmarks.machine import loadavg
 from benchmarks.machine import machine_info as _machine_info
+from fed_iotlm.atomic import atomic_write_text
 
 D = 128
 CHUNK = 65_536
@@ -316,23 +315,6 @@ def _progress(name: str, section: dict) -> None:
     print(f"[binding] {name}: {json.dumps(section)}", file=sys.stderr, flush=True)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -401,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:
-        write_atomic(args.out, text + "\n")
+        atomic_write_text(args.out, text + "\n")
     return result
 
 

@@ -66,7 +66,6 @@ import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +80,7 @@ from flwr.serverapp.strategy import FedAvg
 from benchmarks.machine import loadavg
 from benchmarks.machine import machine_info as _machine_info
 from clients.node import get_node
+from fed_iotlm.atomic import atomic_write_text
 from fed_iotlm.experiment import model_spec
 from fed_iotlm.federation.records import numpy_to_record, record_nbytes, state_to_numpy
 from fed_iotlm.federation.strategy import build_strategy
@@ -343,23 +343,6 @@ def summarize(
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=4, help="simulated SuperNodes (default 4)")
@@ -392,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = summarize(args, runs, order, wall_s, (load_start, loadavg()))
     text = json.dumps(result, indent=2)
     if args.out is not None:
-        write_atomic(args.out, text + "\n")
+        atomic_write_text(args.out, text + "\n")
     sys.stdout.flush()
     print(text, flush=True)
     return result

@@ -8,8 +8,6 @@ docs/architecture.md and is written atomically; its path is printed last.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .atomic import atomic_write_text
 from .settings import flatten
 
 console = Console(highlight=False)
@@ -127,18 +126,6 @@ class RunRecorder:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file + rename (no partial file on crash)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def print_table(results: dict) -> None:

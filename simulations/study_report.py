@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_iotlm.tracking import atomic_write_text
+from fed_iotlm.atomic import atomic_write_text
 
 SETTING = """\
 ## Setting (the default study federation)

@@ -6,13 +6,12 @@ Written atomically (temp file, then rename) so a crash never leaves half a bundl
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from fed_iotlm.atomic import atomic_write
 from fed_iotlm.models.multisensory import ModelSpec, MultisensoryModel
 
 from .records import load_into
@@ -21,29 +20,18 @@ WEIGHTS = "model.safetensors"
 META = "model.json"
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_bundle(directory: Path, state: dict[str, np.ndarray], spec: ModelSpec, meta: dict) -> Path:
     """Write ``model.safetensors`` and ``model.json`` (architecture + provenance)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
-    _atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp))
     doc = {"format": "fed-iotlm-bundle/1", "spec": spec.to_json(), **meta}
 
     def write_meta(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(doc, indent=2))
 
-    _atomic_write(directory / META, write_meta)
+    atomic_write(directory / META, write_meta)
     return directory
 
 
