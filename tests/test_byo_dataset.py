@@ -56,7 +56,7 @@ def test_foreign_dataset_runs_from_the_command_line(tmp_path):
         sys.executable, "-m", "simulations.run",
         "data=npz", f"data.path={data}",
         "partition.plan=[[wrist,mic],[wrist,room],[mic]]",
-        "rounds=3", "mlflow.enabled=false", f"output_dir={out}",
+        "rounds=3", "mlflow.enabled=false", f"output_dir={out}", f"hydra.run.dir={out}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,6 +84,7 @@ def test_bad_dataset_fails_with_the_file_and_key_named(tmp_path):
         "method=local",
         "mlflow.enabled=false",
         f"output_dir={tmp_path}/o",
+        f"hydra.run.dir={tmp_path}/o",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
