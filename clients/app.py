@@ -7,6 +7,8 @@
 * MMBind (``method=mmbind``): ``train.pretrain`` (self-supervised shared-modality
   round), ``query.embed`` (embeddings up, never raw samples), ``train.bind``
   (partners down, kept in the node's state); ``train`` then adds the pseudo-pair terms.
+* ``attack`` (studies only, off by default): the first partition ids poison what
+  ``train`` sends (:mod:`fed_iotlm.federation.attacks`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fed_iotlm.binding.training import train_with_partners
 from fed_iotlm.experiment import bind_train_config
+from fed_iotlm.federation.attacks import attack_config, maybe_attack
 from fed_iotlm.federation.groups import select_groups
 from fed_iotlm.federation.records import (
     counts_to_metrics,
@@ -74,6 +77,13 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
             stats = train_local(node.model, node.train, tcfg, seed=round_seed)
         state = state_to_numpy(node.model)
         sent = state if node.sends_all_groups else select_groups(state, node.group_counts)
+        sent = maybe_attack(
+            sent,
+            record_to_numpy(msg.content["arrays"]),
+            attack_config(settings),
+            node.node,
+            node.num_nodes,
+        )
         metrics = counts_to_metrics(
             node.group_counts,
             {**stats, "num-examples": float(node.num_train), "partition-id": float(node.node)},

@@ -29,6 +29,7 @@ class NodeRuntime:
     train_cfg: TrainConfig
     sends_all_groups: bool
     method: str
+    num_nodes: int  # of the federation (which partition ids attack is a share of it)
 
     @property
     def num_train(self) -> int:
@@ -75,4 +76,5 @@ def _node_cached(cfg_json: str, node: int) -> NodeRuntime:
         train_cfg=train_config(cfg),
         sends_all_groups=sends_all,
         method=cfg["method"],
+        num_nodes=layout.num_nodes,
     )

@@ -56,9 +56,11 @@ class RunRecorder:
         row = {"round": rnd, "accuracy": float(accuracy), "loss": float(loss), **extra}
         self.history.append(row)
         total = self.cfg.get("rounds", "?")
+        rejected = int(extra.get("rejected_updates", 0))
         console.print(
             f"[bold]round {rnd:>3}/{total}[/bold]  accuracy {accuracy:.3f}  loss {loss:.3f}"
-            f"  ({time.time() - self.t0:.0f}s)"
+            + (f"  [red]{rejected} update(s) rejected[/red]" if rejected else "")
+            + f"  ({time.time() - self.t0:.0f}s)"
         )
         if self._mlflow is not None:
             self._mlflow.log_metrics(

@@ -57,7 +57,9 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         load_into(model, record_to_numpy(arrays))
         per_task = evaluate(model, test)
         acc, loss = mean_accuracy(per_task), mean_loss(per_task)
-        recorder.log_round(rnd, acc, loss)
+        # screening and robust-aggregation counts of the round (modality-aware strategies)
+        stats = strategy.round_metrics(rnd) if isinstance(strategy, ModalityAwareFedAvg) else {}
+        recorder.log_round(rnd, acc, loss, **stats)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     if method == "mmbind":
@@ -83,6 +85,8 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     )
     holders = getattr(strategy, "round_holders", {})
     recorder.extra["holders_by_round"] = {str(r): h for r, h in holders.items()}
+    if isinstance(strategy, ModalityAwareFedAvg):
+        recorder.extra["robustness"] = strategy.robustness_report()
     return recorder.finish(report, node_accuracy, comm)
 
 

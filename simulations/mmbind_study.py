@@ -11,16 +11,13 @@ at test.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from simulations import study_runner
 from simulations.study_report import write_report
-
-REPO = Path(__file__).resolve().parents[1]
+from simulations.study_runner import REPO, point_key
 
 # method -> extra overrides (fusion choice per method, stated in docs/results.md)
 METHODS: dict[str, list[str]] = {
@@ -81,21 +78,11 @@ def sweep_points(name: str) -> list[tuple[str, list[str]]]:
     raise ValueError(f"unknown sweep {name!r}")
 
 
-def point_key(overrides: list[str]) -> str:
-    """Run folder of a point: the same overrides in two sweeps share their runs."""
-    return hashlib.sha1(" ".join(sorted(overrides)).encode()).hexdigest()[:12]
-
-
 def run_one(out: Path, overrides: list[str]) -> dict:
-    results = out / "results.json"
-    if results.is_file():  # resumable: a finished run is not repeated
-        return json.loads(results.read_text())
-    cmd = [sys.executable, "-m", "simulations.run", "experiment=mmbind_study", *overrides,
-           "mlflow.experiment=mmbind-study", f"output_dir={out}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(results.read_text())
+    """One resumable run of the MMBind study federation (logged to ``mmbind-study``)."""
+    return study_runner.run_one(
+        out, overrides, experiment="mmbind_study", mlflow_experiment="mmbind-study"
+    )
 
 
 def main() -> None:

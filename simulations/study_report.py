@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from fed_iotlm.atomic import atomic_write_text
+from simulations.study_runner import fmt_mean_std
 
 SETTING = """\
 ## Setting (the default study federation)
@@ -34,10 +35,6 @@ complete-data bound). Late fusion is used for `harmony`, `mmbind`, `centralized_
 """
 
 
-def _fmt(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
-
-
 def write_report(table: dict, doc: Path, run_dir: Path) -> None:
     lines = ["# Results: MMBind across federated nodes", "", SETTING]
     for sweep, points in table.items():
@@ -47,7 +44,9 @@ def write_report(table: dict, doc: Path, run_dir: Path) -> None:
                   "|---|" + "---|" * len(labels)]  # fmt: skip
         for m in methods:
             cells = [
-                _fmt([r["accuracy"] for r in points[p].get(m, [])]) if points[p].get(m) else ""
+                fmt_mean_std([r["accuracy"] for r in points[p].get(m, [])])
+                if points[p].get(m)
+                else ""
                 for p in labels
             ]
             lines.append(f"| `{m}` | " + " | ".join(cells) + " |")

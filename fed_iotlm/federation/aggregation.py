@@ -32,11 +32,13 @@ class NodeUpdate:
 
 @dataclass
 class GroupAggregate:
-    """Result of one aggregation: the new state and, per group, which nodes held it."""
+    """Result of one aggregation: the new state and, per group, which nodes held it
+    (``selected``: the holders a selecting rule such as Krum kept, where one ran)."""
 
     state: dict[str, np.ndarray]
     holders: dict[str, list[str]] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)
+    selected: dict[str, list[str]] = field(default_factory=dict)
 
 
 def aggregate_groups(

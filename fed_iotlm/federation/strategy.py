@@ -5,12 +5,18 @@ of :mod:`fed_iotlm.federation.aggregation`.  Because flwr's FedOpt family (FedAd
 FedYogi, ...) and FedProx call ``super().aggregate_train`` for the average, putting
 this class *between* them and FedAvg in the MRO gives modality-aware versions of all of
 them without rewriting their server optimisers.
+
+Before aggregating, every update is screened against the current state
+(:mod:`~fed_iotlm.federation.update_checks`): bad ones are dropped with a logged reason
+and counted in the round's metrics.  The accepted ones are aggregated per group with
+the configured rule (:mod:`~fed_iotlm.federation.robust`; ``mean`` by default).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO
+from dataclasses import asdict
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -18,23 +24,32 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from .aggregation import NodeUpdate, aggregate_groups
+from .aggregation import NodeUpdate
 from .groups import group_of
 from .records import metrics_to_counts, numpy_to_record, record_nbytes, record_to_numpy
+from .robust import RobustConfig, aggregate_robust, robust_config
+from .update_checks import CheckConfig, check_config, screen_updates
 
 
 class ModalityAwareFedAvg(FedAvg):
     """FedAvg in which each parameter group is averaged only over the nodes that sent it.
 
     After every round ``round_holders[round]`` maps each group to the node ids that
-    held it (the integration tests and the logs read it), and ``comm`` accumulates the
-    payload bytes sent down and up.
+    held it (the integration tests and the logs read it), ``round_stats[round]`` holds
+    the screening/robustness metrics, ``rejections[round]`` the reasons, and ``comm``
+    accumulates the payload bytes sent down and up.  ``robust`` and ``checks`` are set
+    after construction (flwr's FedProx/FedAdam constructors take no extra arguments).
     """
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._current: dict[str, np.ndarray] | None = None
+        self.robust = RobustConfig()
+        self.checks = CheckConfig()
         self.round_holders: dict[int, dict[str, list[str]]] = {}
+        self.round_selected: dict[int, dict[str, list[str]]] = {}
+        self.round_stats: dict[int, dict[str, float]] = {}
+        self.rejections: dict[int, list[str]] = {}
         self.comm = {"bytes_down": 0, "bytes_up": 0, "messages_down": 0, "messages_up": 0}
 
     def configure_train(
@@ -65,13 +80,49 @@ class ModalityAwareFedAvg(FedAvg):
                     counts=metrics_to_counts(metrics),
                 )
             )
-        result = aggregate_groups(self._current, updates)
+        screened = screen_updates(self._current, updates, self.checks)
+        self.rejections[server_round] = [r.reason for r in screened.rejected]
+        for r in screened.rejected:
+            log(WARNING, "aggregate_train: round %s: dropped %s", server_round, r.reason)
+        stats = screened.metrics()
+        self.round_stats[server_round] = stats
+        if not screened.accepted:
+            log(WARNING, "aggregate_train: every update was rejected; the model stays as it was")
+            self.round_holders[server_round] = {}
+            return None, MetricRecord(stats)
+        result = aggregate_robust(self._current, screened.accepted, self.robust)
         self.round_holders[server_round] = result.holders
+        if result.selected:
+            self.round_selected[server_round] = result.selected
+            stats["krum_excluded"] = float(
+                sum(len(result.holders[g]) - len(sel) for g, sel in result.selected.items())
+            )
         stale = sorted({group_of(k) for k in self._current} - set(result.holders))
         if stale:
             log(INFO, "aggregate_train: no holder this round for %s (kept as is)", stale)
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        accepted = {id(u) for u in screened.accepted}
+        metrics = self.train_metrics_aggr_fn(
+            [m.content for m, u in zip(valid, updates, strict=True) if id(u) in accepted],
+            self.weighted_by_key,
+        )
+        for key, value in stats.items():
+            metrics[key] = value
         return numpy_to_record(result.state), metrics
+
+    def round_metrics(self, server_round: int) -> dict[str, float]:
+        """Screening/robustness metrics of a round (empty before it was aggregated)."""
+        return dict(self.round_stats.get(server_round, {}))
+
+    def robustness_report(self) -> dict:
+        """What results.json records about checks and robust aggregation."""
+        out: dict = {
+            "aggregation": asdict(self.robust),
+            "checks": asdict(self.checks),
+            "rejections_by_round": {str(r): v for r, v in self.rejections.items() if v},
+        }
+        if self.round_selected:
+            out["selected_by_round"] = {str(r): v for r, v in self.round_selected.items()}
+        return out
 
 
 def _metric_record(msg: Message) -> MetricRecord:
@@ -145,4 +196,14 @@ def build_strategy(method: str, cfg: dict, num_nodes: int) -> FedAvg:
             beta_2=float(cfg.get("beta_2", 0.99)),
             tau=float(cfg.get("tau", 1e-3)),
         )
-    return cls(**kwargs)
+    robust, checks = robust_config(cfg), check_config(cfg)
+    strategy = cls(**kwargs)
+    if isinstance(strategy, ModalityAwareFedAvg):
+        strategy.robust, strategy.checks = robust, checks
+    elif robust.rule != "mean" or checks.max_update_norm is not None:
+        raise ValueError(
+            f"strategy.aggregation={robust.rule!r} / strategy.checks run in the modality-aware "
+            "strategies (method=federated, harmony or mmbind), not in method=fedavg, "
+            "flwr's plain FedAvg baseline"
+        )
+    return strategy
