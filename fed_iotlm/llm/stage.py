@@ -47,7 +47,7 @@ def lora_settings(lc: dict) -> LoraSettings:
     )
 
 
-def tune_settings(l: dict, seed: int) -> TuneSettings:
+def tune_settings(lc: dict, seed: int) -> TuneSettings:
     keys = TuneSettings.__dataclass_fields__
     return TuneSettings(**{k: lc[k] for k in keys if k in lc and k != "seed"}, seed=seed)
 
@@ -104,13 +104,13 @@ def run_stage(cfg: dict, out_dir: Path) -> Path:
             feature_dim=feats.dim,
         )
         lm = replace(base, model=copy.deepcopy(base.model))
-        model = SensorLM(lm, lora_settings(l), cond)
+        model = SensorLM(lm, lora_settings(lc), cond)
         builder = SequenceBuilder(
             base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind
         )
         t1 = time.time()
         hist = tune(
-            model, builder, examples, feats, tune_settings(l, seed), out_dir / f"checkpoint-{kind}",
+            model, builder, examples, feats, tune_settings(lc, seed), out_dir / f"checkpoint-{kind}",
             resume=bool(lc["resume"]), log=lambda s, loss, k=kind: console.print(f"  {k} step {s}: loss {loss:.3f}"),
         )  # fmt: skip
         tune_s = time.time() - t1
