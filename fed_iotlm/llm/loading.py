@@ -121,4 +121,9 @@ def tiny_random_llama(hidden: int = 64, layers: int = 2, seed: int = 0) -> torch
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    # word vectors of unit scale (default init gives std 0.02): with tied embeddings the
+    # logits are h·E, and at std 0.02 a 64-wide model cannot make any token likely
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 0.15)
+    return model

@@ -77,12 +77,12 @@ def tune(
 
     sched = get_cosine_schedule_with_warmup(opt, settings.warmup, settings.steps)
     step, history = 0, []
+    rng = random.Random(settings.seed * 1_000_003 + rank)
     if resume and (ckpt_dir / "trainer.pt").is_file():
-        step, history = load_checkpoint(model, opt, sched, ckpt_dir)
+        step, history = load_checkpoint(model, opt, sched, ckpt_dir, rng)
     train_model: torch.nn.Module = model
     if size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    rng = random.Random(settings.seed * 1_000_003 + rank + 7919 * step)
     encoded = [builder.encode(ex) for ex in examples]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
@@ -107,12 +107,14 @@ def tune(
             if log is not None and rank == 0:
                 log(step, row["loss"])
         if rank == 0 and (step % settings.checkpoint_every == 0 or step == settings.steps):
-            save_checkpoint(model, opt, sched, step, history, ckpt_dir)
+            save_checkpoint(model, opt, sched, step, history, ckpt_dir, rng)
     model.eval()
     return history
 
 
-def save_checkpoint(model: SensorLM, opt, sched, step: int, history: list, ckpt_dir: Path) -> None:
+def save_checkpoint(
+    model: SensorLM, opt, sched, step: int, history: list, ckpt_dir: Path, rng: random.Random
+) -> None:
     """Write the whole checkpoint beside ``ckpt_dir`` and swap it in."""
     from safetensors.torch import save_file
 
@@ -131,6 +133,7 @@ def save_checkpoint(model: SensorLM, opt, sched, step: int, history: list, ckpt_
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "batch_rng": rng.getstate(),  # so a resumed run draws the same batches
         },
         tmp / "trainer.pt",
     )
@@ -156,12 +159,15 @@ def load_weights(model: SensorLM, ckpt_dir: Path) -> None:
     model.load_sensor_state(load_file(str(ckpt_dir / "sensor.safetensors")))
 
 
-def load_checkpoint(model: SensorLM, opt, sched, ckpt_dir: Path) -> tuple[int, list]:
+def load_checkpoint(
+    model: SensorLM, opt, sched, ckpt_dir: Path, rng: random.Random
+) -> tuple[int, list]:
     load_weights(model, ckpt_dir)
     state = torch.load(Path(ckpt_dir) / "trainer.pt", weights_only=False)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    rng.setstate(state["batch_rng"])
     return int(state["step"]), list(state["history"])
 
 
