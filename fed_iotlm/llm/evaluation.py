@@ -41,7 +41,7 @@ def generation_accuracy(
     for i in range(0, len(examples), batch_size):
         chunk = list(examples[i : i + batch_size])
         encs = [builder.encode(ex, shots(ex) if shots else (), prompt_only=True) for ex in chunk]
-        batch = builder.collate(encs, left_pad=True)
+        batch = builder.collate(encs, left_pad=True).to(feats.present.device)
         if sensors:
             out = model.generate(batch, feats, builder.eos_id, max_new_tokens)
         else:

@@ -31,6 +31,14 @@ class SensorFeatures:
     def rows(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         return {m: v[idx] for m, v in self.feats.items()}, self.present[idx]
 
+    def to(self, device: torch.device | str) -> SensorFeatures:
+        return SensorFeatures(
+            self.names,
+            {m: v.to(device) for m, v in self.feats.items()},
+            self.present.to(device),
+            self.head_pred,
+        )
+
     @property
     def dim(self) -> int:
         return int(next(iter(self.feats.values())).shape[1])

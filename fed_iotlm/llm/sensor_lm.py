@@ -25,6 +25,10 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # "auto": with the adapter, only its top layers get LoRA, so the backward pass stops
+    # there (nothing below needs a gradient); with prefix tokens every layer (the soft
+    # tokens enter at the bottom, the backward pass goes all the way down anyway)
+    top_layers: int | str | None = "auto"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,18 @@ class SensorLM(nn.Module):
         self.cond = cond
         for p in lm.model.parameters():
             p.requires_grad_(False)
+        n_layers = int(lm.model.config.num_hidden_layers)
+        top = lora.top_layers
+        if top == "auto":
+            top = min(cond.adapter_layers, n_layers) if cond.kind == "adapter" else None
+        layers = (
+            {}
+            if top is None
+            else {
+                "layers_to_transform": list(range(n_layers - int(top), n_layers)),
+                "layers_pattern": "layers",
+            }
+        )
         self.peft = get_peft_model(
             lm.model,
             LoraConfig(
@@ -54,6 +70,7 @@ class SensorLM(nn.Module):
                 lora_dropout=lora.dropout,
                 target_modules=list(lora.target_modules),
                 task_type="CAUSAL_LM",
+                **layers,
             ),
         )
         causal = self.peft.get_base_model()

@@ -6,7 +6,8 @@ depends on the conditioning:
 * ``prefix``: ``Sensors: <imu>■■■■</imu> <audio>■■■■</audio>`` where each ■ is a slot
   position later overwritten by a projected soft token (slot = sample, modality, j);
 * ``adapter``: ``Sensors: imu and audio.`` (the readings enter through the adapter);
-* ``text``: a text-only description of the readings (the no-sensor-token baseline).
+* ``text``: a text-only description of the readings (the no-sensor-token baseline);
+* ``none``: no sensor block (the plain-text reference of the step benchmark).
 
 Labels are -100 everywhere except answer tokens and the end-of-turn marker after them,
 so the loss is on answers only.  Text pieces repeat endlessly across examples, so their
@@ -23,7 +24,7 @@ import torch
 from .features import FUSED
 from .instructions import Example, describe_present
 
-CONDITIONINGS = ("prefix", "adapter", "text")
+CONDITIONINGS = ("prefix", "adapter", "text", "none")
 IGNORE = -100
 
 
@@ -50,6 +51,9 @@ class Batch:
     slot_j: torch.Tensor  # [B, T] which of the k tokens
     sample: torch.Tensor  # [B] the sample the (last) question is about
     task_id: torch.Tensor  # [B] adapter query set (num_tasks = general)
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
 class SequenceBuilder:
@@ -96,6 +100,8 @@ class SequenceBuilder:
 
     def _sensor_block(self, enc: Encoded, ex: Example) -> None:
         real = [m for m in ex.present]
+        if self.conditioning == "none":
+            return
         if self.conditioning == "adapter":
             self._text(enc, f"Sensors: {describe_present(real)}.\n")
             return

@@ -27,7 +27,7 @@ from .instructions import build_instructions, load_jsonl, task_examples
 from .loading import load_lm
 from .sensor_lm import ConditioningSettings, LoraSettings, SensorLM
 from .sequences import SequenceBuilder
-from .tuning import TuneSettings, tune
+from .tuning import TuneSettings, tune, world
 
 
 def _concat(a: SensorFeatures, b: SensorFeatures) -> SensorFeatures:
@@ -43,7 +43,11 @@ def _concat(a: SensorFeatures, b: SensorFeatures) -> SensorFeatures:
 def lora_settings(lc: dict) -> LoraSettings:
     lo = lc["lora"]
     return LoraSettings(
-        int(lo["r"]), int(lo["alpha"]), float(lo["dropout"]), tuple(lo["target_modules"])
+        int(lo["r"]),
+        int(lo["alpha"]),
+        float(lo["dropout"]),
+        tuple(lo["target_modules"]),
+        lo.get("top_layers", "auto"),
     )
 
 
@@ -52,9 +56,32 @@ def tune_settings(lc: dict, seed: int) -> TuneSettings:
     return TuneSettings(**{k: lc[k] for k in keys if k in lc and k != "seed"}, seed=seed)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this rank's GPU when there is one (``torchrun`` sets LOCAL_RANK), else CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _init_distributed(device: torch.device) -> None:
+    """Data parallel under ``torchrun``: NCCL on GPUs, gloo on CPU."""
+    import torch.distributed as dist
+
+    if world()[1] > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+
+
 def run_stage(cfg: dict, out_dir: Path) -> Path:
-    """Tune and evaluate every configured conditioning; write results.json; return its path."""
+    """Tune and evaluate every configured conditioning; write results.json; return its
+    path.  Under ``torchrun`` every rank tunes; rank 0 evaluates and writes."""
     lc, seed = cfg["llm"], int(cfg["seed"])
+    device = resolve_device(str(lc.get("device", "auto")))
+    _init_distributed(device)
+    rank = world()[0]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -67,7 +94,7 @@ def run_stage(cfg: dict, out_dir: Path) -> Path:
     train, test = standardize_own(ds.train), standardize_own(ds.test)
     f_train = sensor_features(encoder, train, use_fused=bool(lc["use_fused"]))
     f_test = sensor_features(encoder, test, use_fused=bool(lc["use_fused"]))
-    feats, offset = _concat(f_train, f_test), len(train)
+    feats, offset = _concat(f_train, f_test).to(device), len(train)
     tasks = [t for t in ds.meta.tasks if t != (lc["fewshot"] or {}).get("task")]
     rng = np.random.default_rng(seed)
     train_idx = np.sort(rng.permutation(len(train))[: int(lc["train_samples"])])
@@ -111,9 +138,11 @@ def run_stage(cfg: dict, out_dir: Path) -> Path:
         t1 = time.time()
         hist = tune(
             model, builder, examples, feats, tune_settings(lc, seed), out_dir / f"checkpoint-{kind}",
-            resume=bool(lc["resume"]), log=lambda s, loss, k=kind: console.print(f"  {k} step {s}: loss {loss:.3f}"),
+            resume=bool(lc["resume"]), device=device, log=lambda s, loss, k=kind: console.print(f"  {k} step {s}: loss {loss:.3f}"),
         )  # fmt: skip
         tune_s = time.time() - t1
+        if rank != 0:
+            continue
         history += [{"round": h["step"], "loss": h["loss"], "conditioning": kind} for h in hist]
         t2 = time.time()
         report = generation_accuracy(model, builder, feats, tuned_evals, ds.meta, **gen)
@@ -131,6 +160,9 @@ def run_stage(cfg: dict, out_dir: Path) -> Path:
         console.print(
             f"  {kind}: generation accuracy {report['accuracy']:.3f} {report['by_task']} (tuned {tune_s:.0f}s)"
         )
+    path = out_dir / "results.json"
+    if rank != 0:
+        return path
     text_builder = SequenceBuilder(
         base.tokenizer, feats.names, tasks, 1, "text", describe=text_description(test, offset)
     )
@@ -161,7 +193,6 @@ def run_stage(cfg: dict, out_dir: Path) -> Path:
         "llm": results | {"best": best[0]},
         "config": cfg,
     }  # fmt: skip
-    path = out_dir / "results.json"
     atomic_write_text(path, json.dumps(doc, indent=2))
     _log_mlflow(cfg, doc, path)
     _print_summary(results)

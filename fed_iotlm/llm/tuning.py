@@ -61,7 +61,7 @@ def tune(
     rank, size = world()
     device = torch.device(device)
     model.to(device)
-    feats = _features_to(feats, device)
+    feats = feats.to(device)
     if settings.grad_checkpointing:
         model.peft.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -90,7 +90,7 @@ def tune(
     while step < settings.steps:
         for _ in range(settings.grad_accum):
             batch = builder.collate(rng.sample(encoded, min(settings.batch_size, len(encoded))))
-            batch = _batch_to(batch, device)
+            batch = batch.to(device)
             with autocast:
                 loss = train_model(batch, feats) / settings.grad_accum
             loss.backward()
@@ -169,18 +169,3 @@ def load_checkpoint(
     torch.set_rng_state(state["torch_rng"])
     rng.setstate(state["batch_rng"])
     return int(state["step"]), list(state["history"])
-
-
-def _features_to(feats: SensorFeatures, device: torch.device) -> SensorFeatures:
-    return SensorFeatures(
-        feats.names,
-        {m: v.to(device) for m, v in feats.feats.items()},
-        feats.present.to(device),
-        feats.head_pred,
-    )
-
-
-def _batch_to(batch, device: torch.device):
-    if device.type == "cpu":
-        return batch
-    return type(batch)(**{k: v.to(device) for k, v in vars(batch).items()})
