@@ -174,6 +174,17 @@ def aggregate_lora(sites: list[Site], weights: list[float], method: str) -> Lora
     return LoraAggregate(per_site, residual, error)
 
 
+def exact_update(sites: list[Site], weights: list[float]) -> dict[str, Tensor]:
+    """Σ p_k s_k B_k A_k per layer (mixed ranks allowed): the update every method approximates.
+
+    FlexLoRA's server holds exactly this full-rank ΔW (sites only get its truncations), so
+    it is also what a server-side evaluation of the FlexLoRA global model folds in.
+    """
+    p = _normalised(weights, len(sites))
+    names = _check_sites(sites, same_rank=False)
+    return {name: _exact_delta([site[name] for site in sites], p) for name in names}
+
+
 def fedit_error(sites: list[Site], weights: list[float]) -> dict[str, float]:
     """‖Σp s B A − s·mean(B)·mean(A)‖_F per layer: how much plain FedIT averaging loses."""
     p = _normalised(weights, len(sites))

@@ -1,0 +1,215 @@
+"""Federated LoRA through a real Flower simulation: 2 sites, 2 rounds, every method.
+
+One simulation runs all four methods in turn on the same virtual SuperNodes (one Ray
+start).  An observer on the server keeps each round's replies and the server's state, so
+the test can recompute the aggregation directly and check what the sites were sent."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fed_iotlm.llm.federated import (
+    FederatedSettings,
+    SitePayload,
+    average_states,
+    prepare_site,
+    train_site,
+)
+from fed_iotlm.llm.fedlora import LoraFactors, aggregate_lora, lora_factors
+from fed_iotlm.llm.loading import TINY_MODEL
+from fed_iotlm.llm.lora_task import LoraTask, _base_lm, build_model, load_task_data
+from fed_iotlm.llm.lora_wire import pack, unpack
+from fed_iotlm.llm.tuning import TuneSettings
+
+TASK = LoraTask(
+    model=TINY_MODEL,
+    lora_r=4,
+    lora_alpha=8,
+    target_modules=("q_proj", "v_proj", "down_proj"),
+    tune=TuneSettings(batch_size=8, lr=3e-3, sensor_lr=3e-3, warmup=0),
+    toy_train=32,
+    toy_eval=8,
+    max_new_tokens=3,
+)
+FLEX_RANKS = (2, 4)
+PLANS = [
+    FederatedSettings("fedit", 2, 3),
+    FederatedSettings("ffa", 2, 3),
+    FederatedSettings("fedex", 2, 3),
+    FederatedSettings("flexlora", 2, 3, FLEX_RANKS),
+]
+PREFIX = "base_model.model."
+
+
+def _snapshot(obj):
+    return copy.deepcopy(obj)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """(results.json, {method: [per-round {updates, factors, residual, version, sensor}]})."""
+    from simulations.fedlora_study import run_lora_simulation
+
+    seen: dict[str, list[dict]] = {}
+
+    def observe(method, rnd, updates, state):
+        seen.setdefault(method, []).append(
+            {
+                "updates": _snapshot(dict(updates)),
+                "factors": _snapshot(state.factors),
+                "residual": _snapshot(state.residual),
+                "version": state.version,
+                "sensor": _snapshot(state.sensor),
+                "exact": _snapshot(state.exact),
+                "state": _snapshot(state),
+            }
+        )
+
+    doc = run_lora_simulation(TASK, PLANS, 2, tmp_path_factory.mktemp("fedlora"), observe)
+    return doc, seen
+
+
+def _equal(a: dict[str, LoraFactors], b: dict[str, LoraFactors]) -> bool:
+    return set(a) == set(b) and all(
+        torch.equal(a[n].A, b[n].A) and torch.equal(a[n].B, b[n].B) for n in a
+    )
+
+
+@pytest.mark.integration
+def test_every_method_runs_and_reports(federation):
+    doc, seen = federation
+    assert set(doc["methods"]) == {"fedit", "ffa", "fedex", "flexlora"}
+    for method, r in doc["methods"].items():
+        assert [x["round"] for x in r["rounds"]] == [1, 2]
+        assert len(seen[method]) == 2
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["eval"]["n"] == TASK.toy_eval
+        assert all(x["loss"] > 0 and set(x["sites"]) == {"0", "1"} for x in r["rounds"])
+        last = r["rounds"][-1]
+        if method == "flexlora":
+            assert last["fedit_error"] is None  # undefined across ranks
+            assert set(r["eval"]["by_rank"]) == {"2", "4"}
+        else:
+            assert last["fedit_error"] > 0
+    rel = {
+        m: r["rounds"][-1]["agg_error"] / r["rounds"][-1]["exact_norm"]
+        for m, r in doc["methods"].items()
+    }
+    assert rel["ffa"] < 1e-5 and rel["fedex"] < 1e-5  # exact by construction
+    assert rel["fedit"] > 1e-4
+    fedit = doc["methods"]["fedit"]["rounds"][-1]
+    assert fedit["agg_error"] == pytest.approx(fedit["fedit_error"], rel=1e-4)
+    json.dumps(doc)  # results.json is plain JSON
+
+
+@pytest.mark.integration
+def test_server_state_equals_a_direct_aggregation_of_the_replies(federation):
+    _, seen = federation
+    for method, rounds in seen.items():
+        for snap in rounds:
+            order = sorted(snap["updates"])
+            sites = [snap["updates"][k].factors for k in order]
+            weights = [float(snap["updates"][k].n) for k in order]
+            agg = aggregate_lora(sites, weights, method)
+            for i, k in enumerate(order):
+                assert _equal(snap["factors"][k], agg.per_site[i]), (method, k)
+            want = average_states([snap["updates"][k].sensor_state for k in order], weights)
+            assert all(torch.allclose(snap["sensor"][n], v) for n, v in want.items())
+
+
+@pytest.mark.integration
+def test_ffa_sites_never_move_a(federation):
+    _, seen = federation
+    rounds = seen["ffa"]
+    a0 = {n: f.A for n, f in rounds[0]["factors"][0].items()}
+    for snap in rounds:
+        for k, update in snap["updates"].items():
+            assert all(torch.equal(f.A, a0[n]) for n, f in update.factors.items()), k
+            assert all(torch.equal(f.A, a0[n]) for n, f in snap["factors"][k].items())
+    b_moved = any(
+        not torch.equal(f.B, rounds[0]["factors"][0][n].B)
+        for n, f in rounds[1]["factors"][0].items()
+    )
+    assert b_moved  # B trains
+
+
+@pytest.mark.integration
+def test_flexlora_sites_keep_their_own_ranks(federation):
+    _, seen = federation
+    for snap in seen["flexlora"]:
+        for k, rank in enumerate(FLEX_RANKS):
+            assert {f.rank for f in snap["updates"][k].factors.values()} == {rank}
+            assert {f.rank for f in snap["factors"][k].values()} == {rank}
+            assert {f.scaling for f in snap["factors"][k].values()} == {TASK.lora_alpha / rank}
+
+
+@pytest.mark.integration
+def test_fedex_site_weights_are_base_plus_the_exact_average(federation):
+    """After folding C_t, a site's W0 + C_t + s·B̄A̅ equals W0 + C_{t-1} + Σ p_k s B_k A_k."""
+    _, seen = federation
+    rounds = seen["fedex"]
+    assert [snap["version"] for snap in rounds] == [1, 2]
+    base = _base_lm(TINY_MODEL).model
+    data = load_task_data(TASK)
+    for t, snap in enumerate(rounds):
+        before = rounds[t - 1]["residual"] if t else {}
+        order = sorted(snap["updates"])
+        total = sum(snap["updates"][k].n for k in order)
+        for k in order:  # what site k builds from its next payload, as the ClientApp does
+            model, _ = build_model(TASK, data, TASK.lora_r)
+            payload = snap["state"].payload(k)
+            factors, sensor, residual = unpack(
+                pack(payload.factors, payload.sensor, payload.residual), TASK.lora_alpha
+            )
+            prepare_site(model, type(payload)(factors, sensor, residual, payload.version))
+            for name in snap["factors"][k]:
+                layer = model.peft.get_submodule(name)
+                got = layer.get_base_layer().weight + layer.scaling["default"] * (
+                    layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+                )
+                exact = sum(
+                    snap["updates"][j].n / total * f.scaling * f.B @ f.A
+                    for j in order
+                    for f in [snap["updates"][j].factors[name]]
+                )
+                w0 = base.get_submodule(name.removeprefix(PREFIX)).weight
+                want = w0 + before.get(name, torch.zeros_like(w0)) + exact
+                assert torch.allclose(got, want, atol=1e-5), (t, k, name)
+        assert any(float(r.abs().max()) > 1e-6 for r in snap["residual"].values())
+
+
+def test_settings_and_wire_format_reject_mistakes():
+    with pytest.raises(ValueError, match="choose one of"):
+        FederatedSettings("fedavg")
+    with pytest.raises(ValueError, match="only flexlora mixes ranks"):
+        FederatedSettings("fedit", ranks=(4, 8)).site_ranks(2, 8)
+    with pytest.raises(ValueError, match="3 ranks for 2 sites"):
+        FederatedSettings("flexlora", ranks=(4, 8, 16)).site_ranks(2, 8)
+    factors = {"l": LoraFactors(torch.randn(2, 5), torch.randn(3, 2), 4.0)}
+    got, sensor, residual = unpack(pack(factors, {"w": torch.ones(2)}, {"l": torch.ones(3, 5)}), 8)
+    assert _equal(got, factors) and got["l"].scaling == 4.0
+    assert torch.equal(sensor["w"], torch.ones(2)) and residual["l"].shape == (3, 5)
+    with pytest.raises(KeyError, match="unexpected"):
+        unpack({"C|l": torch.ones(1).numpy()}, 8)
+    model, _ = build_model(TASK, load_task_data(TASK), TASK.lora_r)
+    assert len(lora_factors(model.peft)) == 6  # 3 target kinds × 2 layers
+
+
+def test_train_site_keeps_a_frozen_for_ffa_with_the_gated_adapter():
+    task = replace(TASK, conditioning="adapter", adapter_layers=1)
+    data = load_task_data(task)
+    model, builder = build_model(task, data, task.lora_r)
+    start = lora_factors(model.peft)
+    sensor = {k: v.clone() for k, v in model.sensor_state().items()}
+    prepare_site(model, SitePayload(start, sensor, freeze_a=True))
+    settings = replace(task.tune, steps=2, warmup=0, log_every=1)
+    update = train_site(model, builder, data.train[:8], data.feats, settings)
+    assert update.n == 8 and update.loss > 0
+    assert len(update.factors) == 3  # adapter conditioning: LoRA only in its top layer
+    for name, f in update.factors.items():
+        assert torch.equal(f.A, start[name].A) and not torch.equal(f.B, start[name].B)
+    assert any(not torch.equal(v, sensor[k]) for k, v in update.sensor_state.items())
