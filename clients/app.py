@@ -31,10 +31,19 @@ from fed_iotlm.federation.records import (
     state_to_numpy,
 )
 from fed_iotlm.models.training import evaluate, mean_accuracy, mean_loss, train_local
+from fed_iotlm.personal import (
+    personal_config,
+    restore_personal,
+    store_personal,
+    train_personal,
+    without_personal,
+)
 from fed_iotlm.settings import from_run_config
 
+from .identify import identify_reply
 from .mmbind import embed_reply, partner_tensors, pretrain_reply, store_partners
-from .node import NodeRuntime, get_node
+from .node import NodeRuntime, get_node, get_site_node
+from .site import partition_id, site_config
 
 
 def _settings(context: Context, cfg: dict | None) -> dict:
@@ -42,14 +51,20 @@ def _settings(context: Context, cfg: dict | None) -> dict:
 
 
 def _node_for(context: Context, cfg: dict | None) -> NodeRuntime:
-    return get_node(_settings(context, cfg), int(context.node_config["partition-id"]))
+    """A deployed site's own data (node config ``data-dir``), else the simulation share."""
+    site = site_config(context.node_config)
+    if site is not None:
+        return get_site_node(_settings(context, cfg), site)
+    return get_node(_settings(context, cfg), partition_id(context.node_config))
 
 
 def _node_with_global_model(msg: Message, context: Context, cfg: dict | None) -> NodeRuntime:
-    """The node, its model loaded with the arrays the server sent (one core per node)."""
+    """The node, its model loaded with the arrays the server sent (one core per node),
+    and its own personal adapters put back (``personal.enabled``; no-op otherwise)."""
     torch.set_num_threads(1)
     node = _node_for(context, cfg)
     load_into(node.model, record_to_numpy(msg.content["arrays"]))
+    restore_personal(context.state, node.model, node.personal_keys, node.personal_init)
     return node
 
 
@@ -68,6 +83,14 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
             node.train_cfg, proximal_mu=float(config.get("proximal-mu", 0.0))
         )
         round_seed = int(config.get("server-round", 0)) * 10_007 + node.node
+        pstats = train_personal(  # personal adapters first (personal.enabled; else no-op)
+            node.model,
+            node.train,
+            node.personal_keys,
+            tcfg,
+            personal_config(settings),
+            seed=round_seed + 1_000_003,
+        )
         partners = partner_tensors(context, node) if node.method == "mmbind" else {}
         if partners:
             stats = train_with_partners(
@@ -75,7 +98,8 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
             )
         else:
             stats = train_local(node.model, node.train, tcfg, seed=round_seed)
-        state = state_to_numpy(node.model)
+        store_personal(context.state, node.model, node.personal_keys)  # kept, never sent
+        state = without_personal(state_to_numpy(node.model), node.personal_keys)
         sent = state if node.sends_all_groups else select_groups(state, node.group_counts)
         sent = maybe_attack(
             sent,
@@ -86,7 +110,12 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
         )
         metrics = counts_to_metrics(
             node.group_counts,
-            {**stats, "num-examples": float(node.num_train), "partition-id": float(node.node)},
+            {
+                **stats,
+                **pstats,
+                "num-examples": float(node.num_train),
+                "partition-id": float(node.node),
+            },
         )
         return Message(
             RecordDict({"arrays": numpy_to_record(sent), "metrics": metrics}), reply_to=msg
@@ -109,6 +138,10 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
     def pretrain(msg: Message, context: Context) -> Message:
         node = _node_with_global_model(msg, context, cfg)
         return pretrain_reply(msg, node, _settings(context, cfg))
+
+    @app.query("identify")
+    def identify(msg: Message, context: Context) -> Message:
+        return identify_reply(msg, _node_for(context, cfg))
 
     @app.query("embed")
     def embed(msg: Message, context: Context) -> Message:

@@ -1,19 +1,29 @@
-"""What one sensor node holds at run time: its data view, its model, its groups."""
+"""What one sensor node holds at run time: its data view, its model, its groups.
+
+A simulated node takes its share of the configured dataset (:func:`get_node`); a
+deployed site reads its own data directory (:func:`get_site_node`, :mod:`.site`).
+Both build the same model from the run config, so they can be federated together.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from fed_iotlm.data.dataset import Split
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.experiment import model_spec, train_config
 from fed_iotlm.federation.groups import keys_by_group, node_groups
-from fed_iotlm.models.multisensory import MultisensoryModel
+from fed_iotlm.models.multisensory import ModelSpec, MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, TrainConfig
+from fed_iotlm.personal import personalise_node
 from fed_iotlm.settings import to_json
+
+from .site import SiteConfig, SiteConfigError, federation_size, federation_spec, load_site
 
 
 @dataclass
@@ -30,6 +40,11 @@ class NodeRuntime:
     sends_all_groups: bool
     method: str
     num_nodes: int  # of the federation (which partition ids attack is a share of it)
+    source: str = "partition"  # "partition" (simulation layout) | "site" (own data-dir)
+    # personalised site adapters (fed_iotlm/personal.py): keys never uploaded, and the
+    # adapters' identity initialisation a node starts from
+    personal_keys: frozenset[str] = frozenset()
+    personal_init: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_train(self) -> int:
@@ -41,10 +56,13 @@ def get_node(cfg: dict, node: int) -> NodeRuntime:
     return _node_cached(to_json(cfg), node)
 
 
+def get_site_node(cfg: dict, site: SiteConfig) -> NodeRuntime:
+    """A deployed site's runtime from its own data directory (``--node-config data-dir``)."""
+    return _site_cached(to_json(cfg), site)
+
+
 @lru_cache(maxsize=64)
 def _node_cached(cfg_json: str, node: int) -> NodeRuntime:
-    import json
-
     cfg = json.loads(cfg_json)
     layout = build_layout(cfg)
     if not 0 <= node < layout.num_nodes:
@@ -53,8 +71,37 @@ def _node_cached(cfg_json: str, node: int) -> NodeRuntime:
             "partition.num_nodes to the number of SuperNodes (options.num-supernodes)"
         )
     train, test = layout.node_data(node)
+    return _runtime(cfg, node, train, test, layout.num_nodes, source="partition")
+
+
+@lru_cache(maxsize=8)
+def _site_cached(cfg_json: str, site: SiteConfig) -> NodeRuntime:
+    cfg = json.loads(cfg_json)
+    num_nodes = federation_size(cfg)
+    if not 0 <= site.partition_id < num_nodes:
+        raise SiteConfigError(
+            f"node-config partition-id={site.partition_id} is outside the federation of "
+            f"{num_nodes} sites: give each site a distinct id 0..{num_nodes - 1}, or set "
+            "partition.num_nodes in the run config to the number of sites"
+        )
+    spec = federation_spec(cfg)  # not model_spec: no partitioning in every ClientApp process
+    train, test = load_site(site, spec)
+    return _runtime(cfg, site.partition_id, train, test, num_nodes, source="site", spec=spec)
+
+
+def _runtime(
+    cfg: dict,
+    node: int,
+    train: Split,
+    test: Split,
+    num_nodes: int,
+    *,
+    source: str,
+    spec: ModelSpec | None = None,
+) -> NodeRuntime:
+    """Model and parameter groups of a node holding ``train`` (simulated or deployed)."""
     torch.manual_seed(int(cfg["seed"]))
-    model = MultisensoryModel(model_spec(cfg))
+    model = MultisensoryModel(spec or model_spec(cfg))
     labelled = {t: float((v >= 0).sum()) for t, v in train.y.items()}
     counts: dict[str, float] = {f"enc.{m}": float(train.mask[m].sum()) for m in train.x}
     counts["fusion"] = float(np.logical_or.reduce([v >= 0 for v in train.y.values()]).sum())
@@ -66,6 +113,7 @@ def _node_cached(cfg_json: str, node: int) -> NodeRuntime:
         counts = {g: float(len(train)) for g in groups}
     else:
         counts = {g: counts[g] for g in held if counts.get(g, 0) > 0}
+    personal_keys, personal_init, counts = personalise_node(cfg, model, node, counts, list(train.x))
     return NodeRuntime(
         node=node,
         modalities=list(train.x),
@@ -76,5 +124,8 @@ def _node_cached(cfg_json: str, node: int) -> NodeRuntime:
         train_cfg=train_config(cfg),
         sends_all_groups=sends_all,
         method=cfg["method"],
-        num_nodes=layout.num_nodes,
+        num_nodes=num_nodes,
+        source=source,
+        personal_keys=personal_keys,
+        personal_init=personal_init,
     )

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.data.preprocess import standardize_own
+from fed_iotlm.diagnostics import diagnostics_config, run_diagnostics
 from fed_iotlm.evaluation import test_report
-from fed_iotlm.experiment import check_method, model_spec, plan_by_node
+from fed_iotlm.experiment import check_method, model_spec
 from fed_iotlm.federation.bundle import save_bundle
 from fed_iotlm.federation.records import (
     load_into,
@@ -27,6 +30,8 @@ from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mea
 from fed_iotlm.tracking import RunRecorder
 
 from .mmbind import multimodal_rounds, pretrain_rounds
+from .resume import PRETRAIN, TRAIN, ServerCheckpointer
+from .rounds import identify_nodes, run_rounds
 
 
 def default_out_dir(cfg: dict) -> Path:
@@ -38,17 +43,19 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     method = check_method(cfg)
     if method not in ("federated", "fedavg", "harmony", "mmbind"):
         raise ValueError(f"method={method!r} does not run on a Flower Grid")
-    torch.manual_seed(int(cfg["seed"]))
+    seed_everything(int(cfg["seed"]))
     layout = build_layout(cfg)
     spec = model_spec(cfg)
     model = MultisensoryModel(spec)
     test = SplitTensors.from_split(standardize_own(layout.dataset.test))
     initial = numpy_to_record(state_to_numpy(model))
     wait_for_nodes(grid, layout.num_nodes, float(cfg["strategy"].get("wait_for_nodes_s") or 120))
+    roster = identify_nodes(grid, layout.num_nodes)  # deployed sites report their own plan
     strategy = build_strategy(
         "fedavg" if method == "fedavg" else "federated", cfg["strategy"], layout.num_nodes
     )
-    recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
+    recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=roster.plan)
+    checkpointer = ServerCheckpointer(cfg, out_dir, strategy, recorder)
     recorder.start()
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -62,16 +69,36 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         recorder.log_round(rnd, acc, loss, **stats)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
+    resumed = checkpointer.restore()  # resume=true: the state after the last saved round
+    arrays = resumed.arrays if resumed else initial
+    first = resumed.next_round(TRAIN, int(cfg["rounds"])) if resumed else 1
     if method == "mmbind":
-        arrays = pretrain_rounds(grid, initial, int(cfg["binding"]["pretrain_rounds"]))
-        arrays = multimodal_rounds(grid, strategy, arrays, cfg, evaluate_fn, recorder, layout)
+        pretrain = int(cfg["binding"]["pretrain_rounds"])
+        arrays = pretrain_rounds(
+            grid,
+            arrays,
+            pretrain,
+            first=resumed.next_round(PRETRAIN, pretrain) if resumed else 1,
+            on_round=lambda rnd, a: checkpointer.save(PRETRAIN, rnd, a),
+        )
+        arrays = multimodal_rounds(
+            grid, strategy, arrays, cfg, evaluate_fn, recorder,
+            None if roster.deployed else layout,  # sites' data: no ground truth here
+            first=first,
+            on_round=lambda rnd, a: checkpointer.save(TRAIN, rnd, a),
+            partners=checkpointer.partners,
+            node_ids=roster.node_ids,
+        )  # fmt: skip
     else:
-        arrays = strategy.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=int(cfg["rounds"]),
+        arrays = run_rounds(
+            grid,
+            strategy,
+            arrays,
+            first=first,
+            last=int(cfg["rounds"]),
             evaluate_fn=evaluate_fn,
-        ).arrays
+            on_round=lambda rnd, a: checkpointer.save(TRAIN, rnd, a),
+        )
     final = record_to_numpy(arrays)
     load_into(model, final)
     node_accuracy = evaluate_nodes(grid, arrays)
@@ -83,11 +110,23 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         spec,
         {"method": method, "dataset": layout.dataset.meta.name, "rounds": int(cfg["rounds"])},
     )
+    if diagnostics_config(cfg).enabled:  # domain-shift diagnostics (off by default)
+        recorder.extra["diagnostics"] = run_diagnostics(
+            cfg, layout, spec, before=record_to_numpy(initial), after=final
+        )
     holders = getattr(strategy, "round_holders", {})
     recorder.extra["holders_by_round"] = {str(r): h for r, h in holders.items()}
     if isinstance(strategy, ModalityAwareFedAvg):
         recorder.extra["robustness"] = strategy.robustness_report()
     return recorder.finish(report, node_accuracy, comm)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator the server draws from (the model's initialisation; Python's
+    ``random`` for flwr's node sampling), so a run, and its resumption, is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:

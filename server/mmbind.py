@@ -40,11 +40,19 @@ def _send(grid: Grid, node_ids: list[int], message_type: str, content: dict[int,
     return replies
 
 
-def pretrain_rounds(grid: Grid, arrays: ArrayRecord, rounds: int) -> ArrayRecord:
-    """Phase a: federated autoencoder rounds on the shared modality."""
+def pretrain_rounds(
+    grid: Grid,
+    arrays: ArrayRecord,
+    rounds: int,
+    *,
+    first: int = 1,
+    on_round: Callable[[int, ArrayRecord], None] | None = None,
+) -> ArrayRecord:
+    """Phase a: federated autoencoder rounds on the shared modality (``first``..``rounds``;
+    ``on_round``, the checkpoint, after each)."""
     node_ids = list(grid.get_node_ids())
     state = record_to_numpy(arrays)
-    for rnd in range(1, rounds + 1):
+    for rnd in range(first, rounds + 1):
         content = {
             n: RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
             for n in node_ids
@@ -58,19 +66,29 @@ def pretrain_rounds(grid: Grid, arrays: ArrayRecord, rounds: int) -> ArrayRecord
                 losses.append(float(metrics["pretrain_loss"]))
                 pid = str(int(metrics["partition-id"]))
                 updates.append(NodeUpdate(pid, record_to_numpy(r.content["arrays"]), counts))
+        updates.sort(key=lambda u: int(u.node))  # reply order varies; the sums must not
         state = aggregate_groups(state, updates).state
         arrays = numpy_to_record(state)
         console.print(
             f"[bold]shared-modality round {rnd}/{rounds}[/bold]  SSL loss "
             f"{np.mean(losses) if losses else float('nan'):.3f}  ({len(updates)} nodes)"
         )
+        if on_round is not None:
+            on_round(rnd, arrays)
     return arrays
 
 
 def bind(
-    grid: Grid, arrays: ArrayRecord, cfg: dict, rnd: int, layout: FederationLayout | None
+    grid: Grid,
+    arrays: ArrayRecord,
+    cfg: dict,
+    rnd: int,
+    layout: FederationLayout | None,
+    delivered: dict[str, ArrayRecord] | None = None,
 ) -> dict:
-    """Phases b-d; returns binding statistics (pair accuracy where the server can check it)."""
+    """Phases b-d; returns binding statistics (pair accuracy where the server can check it).
+
+    ``delivered`` (the checkpoint's) is refilled with partition id -> partners sent."""
     node_ids = list(grid.get_node_ids())
     content = {
         n: RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
@@ -85,10 +103,12 @@ def bind(
         dst[pid] = r.metadata.src_node_id
     uploads.sort(key=lambda u: int(u.node))
     partners = match_nodes(uploads, match_config(cfg))
-    deliveries = {
-        dst[pid]: RecordDict({"partners": pack_partners(p)}) for pid, p in partners.items()
-    }
+    packed = {pid: pack_partners(p) for pid, p in partners.items()}
+    deliveries = {dst[pid]: RecordDict({"partners": rec}) for pid, rec in packed.items()}
     _send(grid, list(deliveries), "train.bind", deliveries)
+    if delivered is not None:
+        delivered.clear()
+        delivered.update(packed)
     stats = binding_stats(partners, [u.node for u in uploads], layout, cfg)
     console.print(
         f"[bold]binding @ round {rnd}[/bold]  pairs {stats['pairs']}  refused {stats['refused']}"
@@ -145,13 +165,24 @@ def multimodal_rounds(
     evaluate_fn: Callable[[int, ArrayRecord], object],
     recorder: RunRecorder,
     layout: FederationLayout | None,
+    *,
+    first: int = 1,
+    on_round: Callable[[int, ArrayRecord], None] | None = None,
+    partners: dict[str, ArrayRecord] | None = None,
+    node_ids: dict[int, int] | None = None,
 ) -> ArrayRecord:
-    """Phase e with re-binding every K rounds; the strategy aggregates as in the spine."""
+    """Phase e with re-binding every K rounds; the strategy aggregates as in the spine.
+
+    A resumed run (``first`` > 1) between two bindings first gives every node back the
+    partners of the last binding (``partners``, by partition id; ``node_ids`` maps
+    partition ids to this run's Flower node ids), which the node kept in its state."""
     every = max(1, int(cfg["binding"]["rebind_every"]))
     binding_log = recorder.extra.setdefault("binding", {})
-    for rnd in range(1, int(cfg["rounds"]) + 1):
+    if first > 1 and (first - 1) % every != 0 and partners:
+        redeliver(grid, partners, node_ids or {})
+    for rnd in range(first, int(cfg["rounds"]) + 1):
         if (rnd - 1) % every == 0:
-            binding_log[str(rnd)] = bind(grid, arrays, cfg, rnd, layout)
+            binding_log[str(rnd)] = bind(grid, arrays, cfg, rnd, layout, partners)
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         new, _ = strategy.aggregate_train(rnd, replies)
         if new is None:
@@ -159,4 +190,18 @@ def multimodal_rounds(
         else:
             arrays = new
         evaluate_fn(rnd, arrays)
+        if on_round is not None:
+            on_round(rnd, arrays)
     return arrays
+
+
+def redeliver(grid: Grid, partners: dict[str, ArrayRecord], node_ids: dict[int, int]) -> None:
+    """Send each node the partners it was sent at the last binding (``train.bind``)."""
+    missing = sorted(int(p) for p in partners if int(p) not in node_ids)
+    if missing:
+        raise RuntimeError(f"cannot re-deliver MMBind partners: no node has partition-id {missing}")
+    deliveries = {
+        node_ids[int(pid)]: RecordDict({"partners": rec}) for pid, rec in partners.items()
+    }
+    _send(grid, list(deliveries), "train.bind", deliveries)
+    console.print(f"re-delivered the last binding's partners to {len(deliveries)} node(s)")

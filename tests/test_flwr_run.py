@@ -9,20 +9,18 @@ Flower has no command to stop it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.flower_procs import FLWR, REPO, ProcessTracker, flower_env, free_port, port_open
+
 CONNECTION = "fed-iotlm-test"
 NUM_NODES = 3  # experiment=quick has partition.num_nodes=3
 RUN_TIMEOUT_S = 240
@@ -32,89 +30,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _processes() -> dict[int, tuple[int, int, str, str]]:
-    """pid -> (ppid, session id, state, command line) of every process."""
-    out: dict[int, tuple[int, int, str, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(entry.name)] = (int(fields[1]), int(fields[3]), fields[0], cmdline)
-    return out
-
-
-class _RunProcesses:
-    """The processes `flwr run` started, found again however far they have wandered.
-
-    Ours: ``roots`` (the CLI), anything whose command line names our private FLWR_HOME
-    or port (SuperLink, SuperExec, flwr-simulation), their descendants, and every
-    process in their sessions: SuperLink and SuperExec each start a new session, and
-    Ray's daemons live in SuperExec's and can outlive (be orphaned by) their parents,
-    so sessions seen once are remembered.
-    """
-
-    def __init__(self, markers: list[str]) -> None:
-        self.markers = markers
-        self.roots: set[int] = set()
-        self.sessions: set[int] = set()
-
-    def scan(self) -> tuple[set[int], set[int]]:
-        """Live (non-zombie) processes of the run, and the pids of its flower-superlink."""
-        procs = _processes()
-        ours = {p for p, (_, _, _, cmd) in procs.items() if any(m in cmd for m in self.markers)}
-        ours |= self.roots & procs.keys()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _, _, _) in procs.items():
-            children.setdefault(ppid, []).append(pid)
-        stack = list(ours)
-        while stack:
-            for child in children.get(stack.pop(), []):
-                if child not in ours:
-                    ours.add(child)
-                    stack.append(child)
-        self.sessions |= {procs[p][1] for p in ours} - {0, 1, os.getsid(0)}
-        ours |= {p for p, (_, sid, _, _) in procs.items() if sid in self.sessions}
-        ours.discard(os.getpid())
-        live = {p for p in ours if procs[p][2] != "Z"}
-        return live, {p for p in live if "flower-superlink" in procs[p][3]}
-
-    def wait_gone(self, timeout: float) -> set[int]:
-        deadline = time.monotonic() + timeout
-        live, _ = self.scan()
-        while live and time.monotonic() < deadline:
-            time.sleep(0.5)
-            live, _ = self.scan()
-        return live
-
-    def stop(self) -> None:
-        """SIGTERM the managed SuperLink (a clean shutdown), then SIGKILL what is left."""
-        _, superlinks = self.scan()
-        _signal(superlinks, signal.SIGTERM)
-        # Ray's dashboard/runtime-env agents ignore SIGTERM once orphaned
-        _signal(self.wait_gone(timeout=15), signal.SIGKILL)
-        self.wait_gone(timeout=10)
-
-
-def _signal(pids: set[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
 @pytest.mark.integration
 def test_flwr_run_managed_superlink(tmp_path):
-    flwr_bin = Path(sys.executable).parent / "flwr"
+    flwr_bin = FLWR
     if not flwr_bin.exists():
         pytest.skip("the flwr CLI is not installed next to this Python")
 
@@ -124,20 +42,13 @@ def test_flwr_run_managed_superlink(tmp_path):
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = ":local:"\n'
     )
     out_dir = tmp_path / "out"
-    http_port, control_port = _free_port(), _free_port()
+    http_port, control_port = free_port(), free_port()
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    env.update(
-        FLWR_HOME=str(flwr_home),
+    env = flower_env(
+        flwr_home,
         # the managed SuperLink listens on 127.0.0.1:39091 (+ 39093) unless told otherwise
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
         FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
-        # offline: no `uv sync` of the app's dependencies, no update check, no telemetry
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_TELEMETRY_ENABLED="0",
-        # `flwr` launches `flower-superlink` from PATH
-        PATH=f"{flwr_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     overrides = f"experiment=quick mlflow.enabled=false output_dir={out_dir}"
 
@@ -147,7 +58,7 @@ def test_flwr_run_managed_superlink(tmp_path):
             timeout=timeout, check=False,
         )  # fmt: skip
 
-    run_procs = _RunProcesses([str(flwr_home), f"127.0.0.1:{http_port}"])
+    run_procs = ProcessTracker([str(flwr_home), f"127.0.0.1:{http_port}"])
     start = time.monotonic()
     try:
         cli_log = tmp_path / "flwr-run.log"
@@ -202,10 +113,9 @@ def test_flwr_run_managed_superlink(tmp_path):
         assert sorted(res["test"]["accuracy_by_node"]) == [str(i) for i in range(NUM_NODES)]
         print(f"flwr run finished in {elapsed:.1f} s")
     finally:
-        run_procs.stop()
+        run_procs.stop(graceful=("flower-superlink",))
 
-    left, superlinks = run_procs.scan()
+    left, superlinks = run_procs.scan("flower-superlink")
     assert not superlinks, f"flower-superlink still running: {sorted(superlinks)}"
     assert not left, f"processes of the run still alive: {sorted(left)}"
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        assert s.connect_ex(("127.0.0.1", http_port)) != 0, "SuperLink port still open"
+    assert not port_open(http_port), "SuperLink port still open"

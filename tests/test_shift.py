@@ -328,7 +328,7 @@ def test_hydra_presets_compose_and_apply(preset):
     from fed_iotlm.data.synthetic import SyntheticConfig, make_synthetic
     from fed_iotlm.settings import compose
 
-    cfg = compose([f"+shift={preset}"])
+    cfg = compose([f"shift={preset}"])
     entries = parse_shift_config(cfg["shift"])
     assert (preset == "none") == (not entries)
     ds = make_synthetic(SyntheticConfig(num_train=64, num_test=8, audio_len=256))

@@ -67,6 +67,7 @@ class ModalityAwareFedAvg(FedAvg):
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid or self._current is None:
             return None, None
+        valid = in_partition_order(valid)
         updates = []
         for msg in valid:
             record = msg.content[self.arrayrecord_key]
@@ -131,6 +132,40 @@ def _metric_record(msg: Message) -> MetricRecord:
     return MetricRecord()
 
 
+def in_partition_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by the sender's partition id (then node id), not by arrival.
+
+    Replies arrive in whatever order the nodes finish, and float sums depend on the
+    order of their terms; aggregating in a fixed order makes a round's result a
+    function of the updates alone, so a resumed run ends bit-identical to an
+    uninterrupted one."""
+
+    def key(msg: Message) -> tuple[float, int]:
+        metrics = _metric_record(msg) if msg.has_content() else MetricRecord()
+        return (float(metrics.get("partition-id", float("inf"))), msg.metadata.src_node_id)
+
+    return sorted(replies, key=key)
+
+
+class _InPartitionOrder:
+    """flwr's own strategies (``method=fedavg``), aggregating in partition order."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        return super().aggregate_train(server_round, in_partition_order(replies))
+
+
+class OrderedFedAvg(_InPartitionOrder, FedAvg):
+    """flwr's FedAvg, replies aggregated in partition order."""
+
+
+class OrderedFedProx(_InPartitionOrder, FedProx):
+    """flwr's FedProx, replies aggregated in partition order."""
+
+
+class OrderedFedAdam(_InPartitionOrder, FedAdam):
+    """flwr's FedAdam, replies aggregated in partition order."""
+
+
 class ModalityAwareFedProx(FedProx, ModalityAwareFedAvg):
     """FedProx (clients add (mu/2)·||w - w_global||²) with modality-aware averaging."""
 
@@ -140,7 +175,9 @@ class ModalityAwareFedAdam(FedAdam, ModalityAwareFedAvg):
 
     Adam's momentum would keep moving a group nobody sent this round; such groups are
     reset to their previous value so that "a group nobody sent stays as it was" holds
-    for every server optimiser.
+    for every server optimiser.  flwr's update multiplies by numpy float64 scalars,
+    which under numpy 2 promotes float32 parameters to float64; the result is cast
+    back, or the dtype screen would reject every node's float32 update from round 2 on.
     """
 
     def aggregate_train(
@@ -155,6 +192,8 @@ class ModalityAwareFedAdam(FedAdam, ModalityAwareFedAvg):
         for key, value in previous.items():
             if group_of(key) not in held:
                 state[key] = value
+            elif state[key].dtype != value.dtype:
+                state[key] = state[key].astype(value.dtype)
         return numpy_to_record(state), metrics
 
 
@@ -165,7 +204,7 @@ STRATEGIES: dict[str, dict[str, type[FedAvg]]] = {
         "fedprox": ModalityAwareFedProx,
         "fedadam": ModalityAwareFedAdam,
     },
-    "fedavg": {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam},
+    "fedavg": {"fedavg": OrderedFedAvg, "fedprox": OrderedFedProx, "fedadam": OrderedFedAdam},
 }
 
 
