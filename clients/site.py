@@ -20,7 +20,7 @@ partition ``partition-id`` of the dataset named by the run config.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,28 +110,9 @@ def federation_spec(cfg: dict) -> ModelSpec:
     there.  Only kinds and feature shapes matter, which a domain shift does not change.
     tests/test_site_node.py checks that both give the same spec for every method.
     """
-    ds = load_experiment_dataset(cfg["data"], int(cfg["seed"]))
-    m = cfg["model"]
-    spec = ModelSpec.from_dataset(
-        ds,
-        dim=int(m["dim"]),
-        fusion_layers=int(m["fusion_layers"]),
-        fusion_heads=int(m["fusion_heads"]),
-        use_mask=cfg["method"] != "fedavg",
-    )
-    spec = replace(spec, fusion=str(m.get("fusion") or "attention"))
-    if spec.fusion not in ("attention", "late"):
-        raise ValueError(f"model.fusion={spec.fusion!r}: expected 'attention' or 'late'")
-    if cfg["method"] == "harmony":
-        return replace(spec, fusion="late")
-    if cfg["method"] == "mmbind":
-        shared = (cfg.get("binding") or {}).get("shared") or cfg["partition"].get("shared")
-        if not shared or shared not in ds.meta.modalities:
-            raise ValueError(
-                f"method=mmbind needs a shared modality of the dataset, got {shared!r}"
-            )
-        return replace(spec, extra={"decoders": [shared]})
-    return spec
+    from fed_iotlm.experiment import spec_for_dataset
+
+    return spec_for_dataset(cfg, load_experiment_dataset(cfg["data"], int(cfg["seed"])))
 
 
 def load_site(site: SiteConfig, spec: ModelSpec) -> tuple[Split, Split]:

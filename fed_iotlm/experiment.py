@@ -22,16 +22,21 @@ def check_method(cfg: dict) -> str:
 
 
 def model_spec(cfg: dict) -> ModelSpec:
-    """Architecture from the dataset (all its modalities) and ``cfg['model']``.
+    """Architecture from the experiment's dataset; see :func:`spec_for_dataset`."""
+    return spec_for_dataset(cfg, build_layout(cfg).dataset)
+
+
+def spec_for_dataset(cfg: dict, ds) -> ModelSpec:
+    """Architecture from ``ds`` (all its modalities; only kinds and feature shapes
+    matter) and ``cfg['model']``.
 
     The naive ``fedavg`` baseline feeds zero-filled inputs without a mask; ``harmony``
     (modality-wise FedAvg + late fusion) averages per-modality logits; MMBind adds a
     self-supervised head on the shared modality.
     """
-    layout = build_layout(cfg)
     m = cfg["model"]
     spec = ModelSpec.from_dataset(
-        layout.dataset,
+        ds,
         dim=int(m["dim"]),
         fusion_layers=int(m["fusion_layers"]),
         fusion_heads=int(m["fusion_heads"]),
@@ -43,14 +48,14 @@ def model_spec(cfg: dict) -> ModelSpec:
     if cfg["method"] == "harmony":
         return replace(spec, fusion="late")
     if cfg["method"] in ("mmbind", "centralized_mmbind"):
-        return replace(spec, extra={"decoders": [shared_modality(cfg)]})
+        return replace(spec, extra={"decoders": [shared_modality(cfg, ds)]})
     return spec
 
 
-def shared_modality(cfg: dict) -> str:
+def shared_modality(cfg: dict, ds=None) -> str:
     """MMBind's binding modality: ``binding.shared``, else ``partition.shared``."""
     shared = (cfg.get("binding") or {}).get("shared") or cfg["partition"].get("shared")
-    mods = build_layout(cfg).dataset.meta.modalities
+    mods = (ds if ds is not None else build_layout(cfg).dataset).meta.modalities
     if not shared:
         raise ValueError("method=mmbind needs a shared modality: partition.shared=<modality>")
     if shared not in mods:

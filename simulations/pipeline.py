@@ -12,14 +12,10 @@ the last line printed is the LM stage's results.json.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from simulations.run import CONFIG_DIR, run_experiment
+from simulations.run import hydra_command, run_experiment
 
 
 def run_pipeline(cfg: dict, out_dir: Path) -> Path:
@@ -51,16 +47,7 @@ def run_pipeline(cfg: dict, out_dir: Path) -> Path:
     return path
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    container = OmegaConf.to_container(cfg, resolve=True)
-    out_dir = Path(container.get("output_dir") or HydraConfig.get().runtime.output_dir)
-    path = run_pipeline(container, out_dir)
-    sys.stdout.flush()
-    print(path.resolve())
-
+main = hydra_command(run_pipeline)
 
 if __name__ == "__main__":
     main()

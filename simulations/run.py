@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -74,16 +75,24 @@ def run_flower_simulation(cfg: dict, out_dir: Path, client_mods: list | None = N
     return results
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
+def hydra_command(run: Callable[[dict, Path], Path]) -> Callable[[], None]:
+    """A Hydra entry point: compose ``configs/config.yaml`` with the command line, call
+    ``run(cfg, out_dir)`` and print the returned results.json path as the last line."""
 
-    container = OmegaConf.to_container(cfg, resolve=True)
-    out_dir = Path(container.get("output_dir") or HydraConfig.get().runtime.output_dir)
-    path = run_experiment(container, out_dir)
-    sys.stdout.flush()
-    print(path.resolve())
+    @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
+    def main(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
 
+        container = OmegaConf.to_container(cfg, resolve=True)
+        out_dir = Path(container.get("output_dir") or HydraConfig.get().runtime.output_dir)
+        path = run(container, out_dir)
+        sys.stdout.flush()
+        print(path.resolve())
+
+    return main
+
+
+main = hydra_command(run_experiment)
 
 if __name__ == "__main__":
     main()
