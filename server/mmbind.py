@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -27,6 +26,8 @@ from fed_iotlm.experiment import match_config
 from fed_iotlm.federation.aggregation import NodeUpdate, aggregate_groups
 from fed_iotlm.federation.records import metrics_to_counts, numpy_to_record, record_to_numpy
 from fed_iotlm.tracking import RunRecorder, console
+
+from .rounds import run_rounds
 
 
 def _send(grid: Grid, node_ids: list[int], message_type: str, content: dict[int, RecordDict]):
@@ -180,19 +181,15 @@ def multimodal_rounds(
     binding_log = recorder.extra.setdefault("binding", {})
     if first > 1 and (first - 1) % every != 0 and partners:
         redeliver(grid, partners, node_ids or {})
-    for rnd in range(first, int(cfg["rounds"]) + 1):
+
+    def rebind(rnd: int, arrays: ArrayRecord) -> None:
         if (rnd - 1) % every == 0:
             binding_log[str(rnd)] = bind(grid, arrays, cfg, rnd, layout, partners)
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        new, _ = strategy.aggregate_train(rnd, replies)
-        if new is None:
-            log(30, "round %s: no update aggregated; keeping the model", rnd)
-        else:
-            arrays = new
-        evaluate_fn(rnd, arrays)
-        if on_round is not None:
-            on_round(rnd, arrays)
-    return arrays
+
+    return run_rounds(
+        grid, strategy, arrays, first=first, last=int(cfg["rounds"]),
+        evaluate_fn=evaluate_fn, on_round=on_round, before_round=rebind,
+    )  # fmt: skip
 
 
 def redeliver(grid: Grid, partners: dict[str, ArrayRecord], node_ids: dict[int, int]) -> None:

@@ -32,12 +32,16 @@ def run_rounds(
     first: int,
     last: int,
     evaluate_fn: Callable[[int, ArrayRecord], object],
-    on_round: Callable[[int, ArrayRecord], None],
+    on_round: Callable[[int, ArrayRecord], None] | None = None,
+    before_round: Callable[[int, ArrayRecord], None] | None = None,
     timeout: float = 3600.0,
 ) -> ArrayRecord:
-    """Rounds ``first``..``last``; ``on_round`` (the checkpoint) runs after each."""
+    """Rounds ``first``..``last``; ``before_round`` (MMBind's re-binding) runs before each,
+    ``on_round`` (the checkpoint) after each."""
     for rnd in range(first, last + 1):
         log(INFO, "[ROUND %s/%s]", rnd, last)
+        if before_round is not None:
+            before_round(rnd, arrays)
         messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
         replies = grid.send_and_receive(messages, timeout=timeout)
         new, _ = strategy.aggregate_train(rnd, replies)
@@ -46,7 +50,8 @@ def run_rounds(
         else:
             arrays = new
         evaluate_fn(rnd, arrays)
-        on_round(rnd, arrays)
+        if on_round is not None:
+            on_round(rnd, arrays)
     return arrays
 
 
