@@ -70,11 +70,11 @@ def generation_accuracy(
     }
 
 
-def head_accuracy(feats: SensorFeatures, examples: Sequence[Example], offset: int = 0) -> dict:
+def head_accuracy(feats: SensorFeatures, examples: Sequence[Example]) -> dict:
     """The federated classifier head on exactly the evaluated samples."""
     correct: dict[str, list[bool]] = {}
     for ex in examples:
-        pred = int(feats.head_pred[ex.task][ex.index - offset])
+        pred = int(feats.head_pred[ex.task][ex.index])
         correct.setdefault(ex.task, []).append(pred == ex.label)
     by_task = {t: float(np.mean(v)) for t, v in correct.items()}
     return {"accuracy": float(np.mean(list(by_task.values()))), "by_task": by_task}

@@ -99,7 +99,7 @@ class SequenceBuilder:
         enc.slot_j += [-1] * len(ids)
 
     def _sensor_block(self, enc: Encoded, ex: Example) -> None:
-        real = [m for m in ex.present]
+        real = list(ex.present)
         if self.conditioning == "none":
             return
         if self.conditioning == "adapter":
