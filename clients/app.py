@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,7 +28,6 @@ from fed_iotlm.federation.records import (
     counts_to_metrics,
     load_into,
     numpy_to_record,
-    record_to_numpy,
     state_to_numpy,
 )
 from fed_iotlm.models.training import evaluate, mean_accuracy, mean_loss, train_local
@@ -43,6 +43,13 @@ from fed_iotlm.settings import from_run_config
 from .identify import identify_reply
 from .mmbind import embed_reply, partner_tensors, pretrain_reply, store_partners
 from .node import NodeRuntime, get_node, get_site_node
+from .secure import (
+    is_secure,
+    received_state,
+    secure_aggregation_mod,
+    secure_reply,
+    train_config,
+)
 from .site import partition_id, site_config
 
 
@@ -61,24 +68,33 @@ def _node_for(context: Context, cfg: dict | None) -> NodeRuntime:
 def _node_with_global_model(msg: Message, context: Context, cfg: dict | None) -> NodeRuntime:
     """The node, its model loaded with the arrays the server sent (one core per node),
     and its own personal adapters put back (``personal.enabled``; no-op otherwise)."""
+    return _load_global_model(msg, context, cfg)[0]
+
+
+def _load_global_model(
+    msg: Message, context: Context, cfg: dict | None
+) -> tuple[NodeRuntime, dict[str, np.ndarray]]:
+    """:func:`_node_with_global_model` and the arrays as received, by key."""
     torch.set_num_threads(1)
     node = _node_for(context, cfg)
-    load_into(node.model, record_to_numpy(msg.content["arrays"]))
+    shared = without_personal(state_to_numpy(node.model), node.personal_keys)
+    received = received_state(msg, shared)
+    load_into(node.model, received)
     restore_personal(context.state, node.model, node.personal_keys, node.personal_init)
-    return node
+    return node, received
 
 
 def make_client_app(cfg: dict | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp bound to ``cfg`` (Python entry point) or, if None, to the run config.
 
     ``mods`` are Flower client mods (e.g. DP clipping, or a recorder in tests)."""
-    app = ClientApp(mods=mods or [])
+    app = ClientApp(mods=[secure_aggregation_mod, *(mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         settings = _settings(context, cfg)
-        node = _node_with_global_model(msg, context, cfg)
-        config = msg.content["config"]
+        node, received = _load_global_model(msg, context, cfg)
+        config = train_config(msg)
         tcfg = dataclasses.replace(
             node.train_cfg, proximal_mu=float(config.get("proximal-mu", 0.0))
         )
@@ -100,10 +116,14 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
             stats = train_local(node.model, node.train, tcfg, seed=round_seed)
         store_personal(context.state, node.model, node.personal_keys)  # kept, never sent
         state = without_personal(state_to_numpy(node.model), node.personal_keys)
+        if is_secure(msg):  # SecAgg+: one masked Σ-ready vector, counts inside it
+            return secure_reply(
+                msg, state, received, node.group_counts, settings, f"node {node.node}"
+            )
         sent = state if node.sends_all_groups else select_groups(state, node.group_counts)
         sent = maybe_attack(
             sent,
-            record_to_numpy(msg.content["arrays"]),
+            received,
             attack_config(settings),
             node.node,
             node.num_nodes,

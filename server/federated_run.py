@@ -24,6 +24,7 @@ from fed_iotlm.federation.records import (
     record_to_numpy,
     state_to_numpy,
 )
+from fed_iotlm.federation.secure import check_composable
 from fed_iotlm.federation.strategy import ModalityAwareFedAvg, build_strategy
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
@@ -32,6 +33,7 @@ from fed_iotlm.tracking import RunRecorder
 from .mmbind import multimodal_rounds, pretrain_rounds
 from .resume import PRETRAIN, TRAIN, ServerCheckpointer
 from .rounds import identify_nodes, run_rounds
+from .secure_rounds import SecureRounds
 
 
 def default_out_dir(cfg: dict) -> Path:
@@ -54,6 +56,10 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     strategy = build_strategy(
         "fedavg" if method == "fedavg" else "federated", cfg["strategy"], layout.num_nodes
     )
+    secure = check_composable(cfg)  # SecAgg+: the server learns only sums
+    secure_rounds = (
+        SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes) if secure.enabled else None
+    )
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=roster.plan)
     checkpointer = ServerCheckpointer(cfg, out_dir, strategy, recorder)
     recorder.start()
@@ -66,6 +72,8 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         acc, loss = mean_accuracy(per_task), mean_loss(per_task)
         # screening and robust-aggregation counts of the round (modality-aware strategies)
         stats = strategy.round_metrics(rnd) if isinstance(strategy, ModalityAwareFedAvg) else {}
+        if secure_rounds is not None:
+            stats = {**stats, **secure_rounds.round_metrics(rnd)}
         recorder.log_round(rnd, acc, loss, **stats)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
@@ -88,6 +96,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             on_round=lambda rnd, a: checkpointer.save(TRAIN, rnd, a),
             partners=checkpointer.partners,
             node_ids=roster.node_ids,
+            train_round=secure_rounds,
         )  # fmt: skip
     else:
         arrays = run_rounds(
@@ -98,6 +107,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             last=int(cfg["rounds"]),
             evaluate_fn=evaluate_fn,
             on_round=lambda rnd, a: checkpointer.save(TRAIN, rnd, a),
+            train_round=secure_rounds,
         )
     final = record_to_numpy(arrays)
     load_into(model, final)

@@ -171,6 +171,7 @@ def multimodal_rounds(
     on_round: Callable[[int, ArrayRecord], None] | None = None,
     partners: dict[str, ArrayRecord] | None = None,
     node_ids: dict[int, int] | None = None,
+    train_round: Callable[[int, ArrayRecord], ArrayRecord | None] | None = None,
 ) -> ArrayRecord:
     """Phase e with re-binding every K rounds; the strategy aggregates as in the spine.
 
@@ -189,6 +190,7 @@ def multimodal_rounds(
     return run_rounds(
         grid, strategy, arrays, first=first, last=int(cfg["rounds"]),
         evaluate_fn=evaluate_fn, on_round=on_round, before_round=rebind,
+        train_round=train_round,
     )  # fmt: skip
 
 

@@ -34,17 +34,22 @@ def run_rounds(
     evaluate_fn: Callable[[int, ArrayRecord], object],
     on_round: Callable[[int, ArrayRecord], None] | None = None,
     before_round: Callable[[int, ArrayRecord], None] | None = None,
+    train_round: Callable[[int, ArrayRecord], ArrayRecord | None] | None = None,
     timeout: float = 3600.0,
 ) -> ArrayRecord:
     """Rounds ``first``..``last``; ``before_round`` (MMBind's re-binding) runs before each,
-    ``on_round`` (the checkpoint) after each."""
+    ``on_round`` (the checkpoint) after each.  ``train_round`` replaces the strategy's
+    configure/send/aggregate step (secure aggregation: :mod:`server.secure_rounds`)."""
     for rnd in range(first, last + 1):
         log(INFO, "[ROUND %s/%s]", rnd, last)
         if before_round is not None:
             before_round(rnd, arrays)
-        messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
-        replies = grid.send_and_receive(messages, timeout=timeout)
-        new, _ = strategy.aggregate_train(rnd, replies)
+        if train_round is not None:
+            new = train_round(rnd, arrays)
+        else:
+            messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            new, _ = strategy.aggregate_train(rnd, replies)
         if new is None:
             log(30, "round %s: no update aggregated; keeping the model", rnd)
         else:

@@ -22,9 +22,15 @@ from fed_iotlm.experiment import check_method
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
-def run_experiment(cfg: dict, out_dir: Path, client_mods: list | None = None) -> Path:
+def run_experiment(
+    cfg: dict,
+    out_dir: Path,
+    client_mods: list | None = None,
+    grid_hook: Callable | None = None,
+) -> Path:
     """Run ``cfg`` and return the path of its results.json (``client_mods`` wrap every
-    node's ClientApp as Flower client mods)."""
+    node's ClientApp as Flower client mods; ``grid_hook`` wraps the ServerApp's Grid, so
+    a test can see everything the server receives)."""
     method = check_method(cfg)
     cfg = {**cfg, "output_dir": str(out_dir)}
     if method == "local":
@@ -39,18 +45,22 @@ def run_experiment(cfg: dict, out_dir: Path, client_mods: list | None = None) ->
         from fed_iotlm.baselines import run_centralized_mmbind
 
         return run_centralized_mmbind(cfg, out_dir)
-    return run_flower_simulation(cfg, out_dir, client_mods)
+    return run_flower_simulation(cfg, out_dir, client_mods, grid_hook)
 
 
-def run_flower_simulation(cfg: dict, out_dir: Path, client_mods: list | None = None) -> Path:
+def run_flower_simulation(
+    cfg: dict, out_dir: Path, client_mods: list | None = None, grid_hook: Callable | None = None
+) -> Path:
     """The federation under Flower's simulation engine, one virtual SuperNode per node."""
     from flwr.simulation import run_simulation
 
     from clients.app import make_client_app
     from fed_iotlm.data.federation import build_layout
+    from fed_iotlm.federation.secure import check_composable
     from server.app import make_server_app
 
     num_nodes = build_layout(cfg).num_nodes  # fail fast on a bad plan or dataset
+    check_composable(cfg)  # ... and on secure aggregation with a rule that needs plaintext
     sim = cfg.get("simulation", {})
     init_args = {"include_dashboard": False, "logging_level": logging.ERROR}
     if sim.get("num_cpus"):
@@ -63,7 +73,7 @@ def run_flower_simulation(cfg: dict, out_dir: Path, client_mods: list | None = N
     results.unlink(missing_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
-        server_app=make_server_app(cfg, out_dir),
+        server_app=make_server_app(cfg, out_dir, grid_hook),
         client_app=make_client_app(cfg, client_mods),
         num_supernodes=num_nodes,
         backend_name=sim.get("backend", "ray"),
