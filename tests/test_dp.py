@@ -266,6 +266,7 @@ def test_simulation_reports_epsilon_per_round_in_results_and_mlflow(quick_cfg, t
         "dp.enabled=true",
         "dp.clipping_norm=0.5",
         "dp.noise_multiplier=0.8",
+        "train.epochs=1",
     )
     res = json.loads(run_experiment(cfg, tmp_path / "run").read_text())
     expected = {r: epsilon_after([(0.8, 1.0)] * r, 1e-5) for r in (1, 2)}

@@ -34,9 +34,13 @@ the least affected.
 The accountant is opacus' RDP accountant for the sampled Gaussian mechanism with
 sampling rate ``q = nodes sampled / nodes`` and multiplier ``σ``, composed over the
 rounds released (:func:`epsilon_after`).  The guarantee is node-level (user-level when
-a node is one person or site): any one node's whole data set, not one record, is
-hidden in the models released after every round.  It covers the parameter updates
-only; train metrics (loss, ``count.<group>``, ``num-examples``) go up in the clear.
+a node is one person or site) under zero-out adjacency: the models released after
+every round barely change if any one node's whole data set is replaced by nothing (its
+update by zero).  Who takes part and which groups each node holds are public (``h_g``
+sets the noise), and Flower samples a fixed number of nodes where the accountant
+assumes Poisson sampling (exact only at ``q = 1``, the default).  It covers the
+parameter updates only; train metrics (loss, ``count.<group>``, ``num-examples``) go
+up in the clear.
 """
 
 from __future__ import annotations
@@ -330,7 +334,7 @@ class CentralPrivacy:
                 if self.config.mode == "central"
                 else "sigma*C on each node's clipped update at the node"
             ),
-            "level": "node-level (user-level when a node is one user or site)",
+            "level": "node-level (user-level when a node is one user or site), zero-out adjacency",
             "accountant": "opacus RDPAccountant",
             "num_nodes": self.num_nodes,
             "sample_rate_by_round": {str(r): releases[r]["q"] for r in sorted(releases)},
