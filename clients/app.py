@@ -7,6 +7,8 @@
 * MMBind (``method=mmbind``): ``train.pretrain`` (self-supervised shared-modality
   round), ``query.embed`` (embeddings up, never raw samples), ``train.bind``
   (partners down, kept in the node's state); ``train`` then adds the pseudo-pair terms.
+* DP (``dp.enabled``): ``update_clipping_mod`` clips what ``train`` sends to the
+  server's clipping norm (:mod:`fed_iotlm.federation.privacy`); a no-op otherwise.
 * ``attack`` (studies only, off by default): the first partition ids poison what
   ``train`` sends (:mod:`fed_iotlm.federation.attacks`).
 """
@@ -24,6 +26,7 @@ from fed_iotlm.binding.training import train_with_partners
 from fed_iotlm.experiment import bind_train_config
 from fed_iotlm.federation.attacks import attack_config, maybe_attack
 from fed_iotlm.federation.groups import select_groups
+from fed_iotlm.federation.privacy import update_clipping_mod
 from fed_iotlm.federation.records import (
     counts_to_metrics,
     load_into,
@@ -90,7 +93,7 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
     ``mods`` are Flower client mods (e.g. DP clipping, or a recorder in tests)."""
     app = ClientApp(mods=[secure_aggregation_mod, *(mods or [])])
 
-    @app.train()
+    @app.train(mods=[update_clipping_mod])  # innermost: DP clips what train sends
     def train(msg: Message, context: Context) -> Message:
         settings = _settings(context, cfg)
         node, received = _load_global_model(msg, context, cfg)

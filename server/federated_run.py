@@ -17,6 +17,7 @@ from fed_iotlm.diagnostics import diagnostics_config, run_diagnostics
 from fed_iotlm.evaluation import test_report
 from fed_iotlm.experiment import check_method, model_spec
 from fed_iotlm.federation.bundle import save_bundle
+from fed_iotlm.federation.privacy import attach_privacy, privacy_report
 from fed_iotlm.federation.records import (
     load_into,
     numpy_to_record,
@@ -56,6 +57,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     strategy = build_strategy(
         "fedavg" if method == "fedavg" else "federated", cfg["strategy"], layout.num_nodes
     )
+    attach_privacy(strategy, cfg, layout.num_nodes)  # dp.enabled: clipping + noise + accountant
     secure = check_composable(cfg)  # SecAgg+: the server learns only sums
     secure_rounds = (
         SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes) if secure.enabled else None
@@ -128,6 +130,8 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     recorder.extra["holders_by_round"] = {str(r): h for r, h in holders.items()}
     if isinstance(strategy, ModalityAwareFedAvg):
         recorder.extra["robustness"] = strategy.robustness_report()
+    if (privacy := privacy_report(strategy)) is not None:
+        recorder.extra["privacy"] = privacy
     return recorder.finish(report, node_accuracy, comm)
 
 

@@ -56,10 +56,12 @@ def run_flower_simulation(
 
     from clients.app import make_client_app
     from fed_iotlm.data.federation import build_layout
+    from fed_iotlm.federation.privacy import check_dp_run
     from fed_iotlm.federation.secure import check_composable
     from server.app import make_server_app
 
     num_nodes = build_layout(cfg).num_nodes  # fail fast on a bad plan or dataset
+    check_dp_run(cfg)  # ... and on DP settings the run cannot honour
     check_composable(cfg)  # ... and on secure aggregation with a rule that needs plaintext
     sim = cfg.get("simulation", {})
     init_args = {"include_dashboard": False, "logging_level": logging.ERROR}

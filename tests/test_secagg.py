@@ -83,6 +83,7 @@ def test_a_value_the_protocol_would_clip_is_refused_with_its_key():
         ({"secagg": {"enabled": True, "clipping_range": 0}}, "clipping_range"),
         ({"secagg": {"enabled": True, "modulus_range": 3000}}, "power of two"),
         ({"secagg": {"enabled": True, "shares": 3}}, "unknown key"),
+        ({"dp": {"enabled": True}}, "not composed"),
     ],
 )
 def test_what_cannot_compose_with_secure_aggregation_is_refused(override, message):

@@ -102,6 +102,11 @@ def check_composable(cfg: dict) -> SecureSettings:
             f"secagg.enabled=true composes with group-wise FedAvg/FedProx; "
             f"strategy={strategy.get('name')!r} (a server optimiser) is not composed with it"
         )
+    if (cfg.get("dp") or {}).get("enabled"):
+        raise ValueError(
+            "secagg.enabled=true with dp.enabled=true is not composed yet: DP's noise is "
+            "added by the plaintext strategy, which secure rounds bypass"
+        )
     if float((cfg.get("attack") or {}).get("fraction", 0.0)) > 0:
         raise ValueError("secagg.enabled=true: attack studies need the plaintext path")
     return settings

@@ -10,6 +10,8 @@ Before aggregating, every update is screened against the current state
 (:mod:`~fed_iotlm.federation.update_checks`): bad ones are dropped with a logged reason
 and counted in the round's metrics.  The accepted ones are aggregated per group with
 the configured rule (:mod:`~fed_iotlm.federation.robust`; ``mean`` by default).
+With ``dp.enabled`` (:mod:`~fed_iotlm.federation.privacy`, set as ``privacy``) the
+groups are averaged with equal weights and released with Gaussian noise per group.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from .aggregation import NodeUpdate
 from .groups import group_of
+from .privacy import CentralPrivacy, uniform_weights
 from .records import metrics_to_counts, numpy_to_record, record_nbytes, record_to_numpy
 from .robust import RobustConfig, aggregate_robust, robust_config
 from .update_checks import CheckConfig, check_config, screen_updates
@@ -37,8 +40,9 @@ class ModalityAwareFedAvg(FedAvg):
     After every round ``round_holders[round]`` maps each group to the node ids that
     held it (the integration tests and the logs read it), ``round_stats[round]`` holds
     the screening/robustness metrics, ``rejections[round]`` the reasons, and ``comm``
-    accumulates the payload bytes sent down and up.  ``robust`` and ``checks`` are set
-    after construction (flwr's FedProx/FedAdam constructors take no extra arguments).
+    accumulates the payload bytes sent down and up.  ``robust``, ``checks`` and
+    ``privacy`` are set after construction (flwr's FedProx/FedAdam constructors take no
+    extra arguments); ``round_privacy[round]`` holds each DP release's sigma and q.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -51,12 +55,19 @@ class ModalityAwareFedAvg(FedAvg):
         self.round_stats: dict[int, dict[str, float]] = {}
         self.rejections: dict[int, list[str]] = {}
         self.comm = {"bytes_down": 0, "bytes_up": 0, "messages_down": 0, "messages_up": 0}
+        self.privacy: CentralPrivacy | None = None
+        self.round_privacy: dict[int, dict[str, float]] = {}
+        self._sampled = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._current = record_to_numpy(arrays)
+        if self.privacy is not None:  # the clipping norm (and local noise) for the nodes
+            for key, value in self.privacy.train_config().items():
+                config[key] = value
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sampled = len(messages)
         self.comm["bytes_down"] += record_nbytes(arrays) * len(messages)
         self.comm["messages_down"] += len(messages)
         return messages
@@ -91,7 +102,13 @@ class ModalityAwareFedAvg(FedAvg):
             log(WARNING, "aggregate_train: every update was rejected; the model stays as it was")
             self.round_holders[server_round] = {}
             return None, MetricRecord(stats)
-        result = aggregate_robust(self._current, screened.accepted, self.robust)
+        accepted_updates = screened.accepted
+        if self.privacy is not None:  # DP: every holder weighs the same in its groups
+            accepted_updates = uniform_weights(accepted_updates)
+        result = aggregate_robust(self._current, accepted_updates, self.robust)
+        if self.privacy is not None:
+            result.state = self.privacy.release(server_round, result.state, result.holders)
+            stats.update(self.privacy.account(server_round, self._sampled, self.round_privacy))
         self.round_holders[server_round] = result.holders
         if result.selected:
             self.round_selected[server_round] = result.selected

@@ -17,7 +17,7 @@ import numpy as np
 # of arrays (FedAvgM); None before the first round
 OPTIMISER_ATTRS = ("m_t", "v_t", "momentum_vector")
 # ModalityAwareFedAvg's per-round records, {round: ...}
-ROUND_ATTRS = ("round_holders", "round_selected", "round_stats", "rejections")
+ROUND_ATTRS = ("round_holders", "round_selected", "round_stats", "rejections", "round_privacy")
 PREFIX = "optimizer."
 
 
