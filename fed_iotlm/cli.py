@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("tune", "ask", "certs", "sites", "importer")
+COMMANDS = ("tune", "ask", "certs", "sites", "importer", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
