@@ -11,8 +11,8 @@ passing the address through Flower's ``init_args`` would
   ...) for an existing cluster, whose size each ``ray start`` sets;
 * strand the code: Flower only puts this driver's ``sys.path`` in the job's
   ``PYTHONPATH``, which names directories that need not exist where the workers run
-  (another machine, or a head started from another directory). We ship the project's
-  packages with the job instead (``runtime_env.working_dir``).
+  (another machine, or a head started from another directory). We ship the repo
+  with the job instead (``runtime_env.working_dir``).
 
 The private instance is started with ``address="local"``: without it, ``ray.init``
 silently joins a cluster named by ``RAY_ADDRESS`` or by the last ``ray start`` on this
@@ -236,8 +236,8 @@ def attached(s: RaySettings) -> Iterator[str]:
         raise ValueError("attached() needs simulation.ray_address")
     if ray.is_initialized():
         raise RuntimeError(
-            "Ray is already initialised in this process, so simulation.ray_address "
-            f"={s.address!r} cannot take effect; call ray.shutdown() first"
+            f"Ray is already initialised in this process, so simulation.ray_address="
+            f"{s.address!r} cannot take effect; call ray.shutdown() first"
         )
     address = resolve_address(s.address)
     check_listening(address, s.connect_timeout_s, s.address)
