@@ -8,16 +8,17 @@ writes the same outputs; the last line printed is the path of results.json.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fed_iotlm.experiment import check_method
+from simulations.ray_cluster import attached, backend_config, for_cluster, ray_settings
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
@@ -51,7 +52,8 @@ def run_experiment(
 def run_flower_simulation(
     cfg: dict, out_dir: Path, client_mods: list | None = None, grid_hook: Callable | None = None
 ) -> Path:
-    """The federation under Flower's simulation engine, one virtual SuperNode per node."""
+    """The federation under Flower's simulation engine, one virtual SuperNode per node:
+    on a private local Ray instance, or on the cluster at ``simulation.ray_address``."""
     from flwr.simulation import run_simulation
 
     from clients.app import make_client_app
@@ -64,24 +66,27 @@ def run_flower_simulation(
     check_dp_run(cfg)  # ... and on DP settings the run cannot honour
     check_composable(cfg)  # ... and on secure aggregation with a rule that needs plaintext
     sim = cfg.get("simulation", {})
-    init_args = {"include_dashboard": False, "logging_level": logging.ERROR}
-    if sim.get("num_cpus"):
-        init_args["num_cpus"] = int(sim["num_cpus"])
-    backend_config = {
-        "client_resources": {"num_cpus": float(sim.get("cpus_per_node", 1)), "num_gpus": 0.0},
-        "init_args": init_args,
-    }
+    ray_cfg = ray_settings(sim)
+    backend_name = sim.get("backend", "ray")
+    if ray_cfg.attach and backend_name != "ray":
+        raise ValueError(
+            f"simulation.ray_address={ray_cfg.address!r} needs simulation.backend=ray, "
+            f"not {backend_name!r}"
+        )
+    if ray_cfg.attach:
+        cfg = for_cluster(cfg)
     results = out_dir / "results.json"
     results.unlink(missing_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(
-        server_app=make_server_app(cfg, out_dir, grid_hook),
-        client_app=make_client_app(cfg, client_mods),
-        num_supernodes=num_nodes,
-        backend_name=sim.get("backend", "ray"),
-        backend_config=backend_config,
-        verbose_logging=bool(sim.get("verbose", False)),
-    )
+    with attached(ray_cfg) if ray_cfg.attach else nullcontext():
+        run_simulation(
+            server_app=make_server_app(cfg, out_dir, grid_hook),
+            client_app=make_client_app(cfg, client_mods),
+            num_supernodes=num_nodes,
+            backend_name=backend_name,
+            backend_config=backend_config(ray_cfg),
+            verbose_logging=bool(sim.get("verbose", False)),
+        )
     if not results.is_file():
         raise RuntimeError(f"the federation ended without writing {results}; see the log above")
     return results
