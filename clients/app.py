@@ -43,6 +43,7 @@ from fed_iotlm.personal import (
 )
 from fed_iotlm.settings import from_run_config
 
+from .fault_marker import mark_train_start
 from .identify import identify_reply
 from .mmbind import embed_reply, partner_tensors, pretrain_reply, store_partners
 from .node import NodeRuntime, get_node, get_site_node
@@ -98,6 +99,7 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
         settings = _settings(context, cfg)
         node, received = _load_global_model(msg, context, cfg)
         config = train_config(msg)
+        mark_train_start(context.node_config, node.node, int(config.get("server-round", 0)))
         tcfg = dataclasses.replace(
             node.train_cfg, proximal_mu=float(config.get("proximal-mu", 0.0))
         )

@@ -57,9 +57,12 @@ class RunRecorder:
         self.history.append(row)
         total = self.cfg.get("rounds", "?")
         rejected = int(extra.get("rejected_updates", 0))
+        sent, answered = int(extra.get("nodes_sent", 0)), int(extra.get("nodes_answered", 0))
         console.print(
             f"[bold]round {rnd:>3}/{total}[/bold]  accuracy {accuracy:.3f}  loss {loss:.3f}"
             + (f"  [red]{rejected} update(s) rejected[/red]" if rejected else "")
+            + (f"  [red]{answered}/{sent} nodes answered[/red]" if answered < sent else "")
+            + ("  [red]skipped[/red]" if extra.get("round_skipped") else "")
             + f"  ({time.time() - self.t0:.0f}s)"
         )
         if self._mlflow is not None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 import time
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 
 from fed_iotlm.data.federation import build_layout
@@ -31,7 +33,9 @@ from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
 from fed_iotlm.tracking import RunRecorder
 
+from .membership import LiveNodesGrid, LiveRoster
 from .mmbind import multimodal_rounds, pretrain_rounds
+from .participation import RoundOutcome, round_timeout_s
 from .resume import PRETRAIN, TRAIN, ServerCheckpointer
 from .rounds import identify_nodes, run_rounds
 from .secure_rounds import SecureRounds
@@ -52,8 +56,13 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     model = MultisensoryModel(spec)
     test = SplitTensors.from_split(standardize_own(layout.dataset.test))
     initial = numpy_to_record(state_to_numpy(model))
-    wait_for_nodes(grid, layout.num_nodes, float(cfg["strategy"].get("wait_for_nodes_s") or 120))
+    wait_s = float(cfg["strategy"].get("wait_for_nodes_s") or 120)
+    round_timeout = round_timeout_s(cfg["strategy"])
+    wait_for_nodes(grid, layout.num_nodes, wait_s)
     roster = identify_nodes(grid, layout.num_nodes)  # deployed sites report their own plan
+    # sites that die and come back (maybe under a new node id) are picked up per round
+    live = LiveRoster(roster, layout.num_nodes, identify_timeout_s=round_timeout, wait_s=wait_s)
+    outcomes: dict[int, RoundOutcome] = {}  # who answered each round (server/participation.py)
     strategy = build_strategy(
         "fedavg" if method == "fedavg" else "federated", cfg["strategy"], layout.num_nodes
     )
@@ -74,6 +83,11 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         acc, loss = mean_accuracy(per_task), mean_loss(per_task)
         # screening and robust-aggregation counts of the round (modality-aware strategies)
         stats = strategy.round_metrics(rnd) if isinstance(strategy, ModalityAwareFedAvg) else {}
+        if rnd in outcomes:
+            stats.update(outcomes[rnd].metrics())
+            if outcomes[rnd].faulty:
+                faults = recorder.extra.setdefault("faults_by_round", {})
+                faults[str(rnd)] = outcomes[rnd].report()
         if secure_rounds is not None:
             stats = {**stats, **secure_rounds.round_metrics(rnd)}
         recorder.log_round(rnd, acc, loss, **stats)
@@ -99,6 +113,8 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             partners=checkpointer.partners,
             node_ids=roster.node_ids,
             train_round=secure_rounds,
+            timeout=round_timeout,
+            outcomes=outcomes,
         )  # fmt: skip
     else:
         arrays = run_rounds(
@@ -110,10 +126,14 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             evaluate_fn=evaluate_fn,
             on_round=lambda rnd, a: checkpointer.save(TRAIN, rnd, a),
             train_round=secure_rounds,
+            timeout=round_timeout,
+            roster=live,
+            outcomes=outcomes,
         )
     final = record_to_numpy(arrays)
     load_into(model, final)
-    node_accuracy = evaluate_nodes(grid, arrays)
+    final_grid = LiveNodesGrid(grid, live.refresh(grid))  # one live node per partition
+    node_accuracy = evaluate_nodes(final_grid, arrays, timeout=round_timeout)
     report = test_report(model, test)
     comm = communication(strategy, initial, int(cfg["rounds"]), layout.num_nodes)
     save_bundle(
@@ -126,6 +146,8 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         recorder.extra["diagnostics"] = run_diagnostics(
             cfg, layout, spec, before=record_to_numpy(initial), after=final
         )
+    if live.rejoined:
+        recorder.extra["rejoined"] = live.rejoined
     holders = getattr(strategy, "round_holders", {})
     recorder.extra["holders_by_round"] = {str(r): h for r, h in holders.items()}
     if isinstance(strategy, ModalityAwareFedAvg):
@@ -178,8 +200,22 @@ def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> di
         for node_id in grid.get_node_ids()
     ]
     out: dict[str, float] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    if len(replies) < len(messages):
+        log(
+            WARNING,
+            "evaluate: %s node(s) did not answer within %.0f s",
+            len(messages) - len(replies),
+            timeout,
+        )
+    for reply in replies:
         if reply.has_error():
+            log(
+                WARNING,
+                "evaluate: node %s failed: %s",
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
             continue
         metrics = reply.content["metrics"]
         out[str(int(metrics["partition-id"]))] = float(metrics["accuracy"])

@@ -27,6 +27,7 @@ from fed_iotlm.federation.aggregation import NodeUpdate, aggregate_groups
 from fed_iotlm.federation.records import metrics_to_counts, numpy_to_record, record_to_numpy
 from fed_iotlm.tracking import RunRecorder, console
 
+from .participation import RoundOutcome
 from .rounds import run_rounds
 
 
@@ -172,12 +173,16 @@ def multimodal_rounds(
     partners: dict[str, ArrayRecord] | None = None,
     node_ids: dict[int, int] | None = None,
     train_round: Callable[[int, ArrayRecord], ArrayRecord | None] | None = None,
+    timeout: float = 3600.0,
+    outcomes: dict[int, RoundOutcome] | None = None,
 ) -> ArrayRecord:
     """Phase e with re-binding every K rounds; the strategy aggregates as in the spine.
 
     A resumed run (``first`` > 1) between two bindings first gives every node back the
     partners of the last binding (``partners``, by partition id; ``node_ids`` maps
-    partition ids to this run's Flower node ids), which the node kept in its state."""
+    partition ids to this run's Flower node ids), which the node kept in its state.
+    ``timeout`` and ``outcomes``: the round deadline and its record (:func:`run_rounds`);
+    the binding phases still need every node to answer."""
     every = max(1, int(cfg["binding"]["rebind_every"]))
     binding_log = recorder.extra.setdefault("binding", {})
     if first > 1 and (first - 1) % every != 0 and partners:
@@ -191,6 +196,7 @@ def multimodal_rounds(
         grid, strategy, arrays, first=first, last=int(cfg["rounds"]),
         evaluate_fn=evaluate_fn, on_round=on_round, before_round=rebind,
         train_round=train_round,
+        timeout=timeout, outcomes=outcomes,
     )  # fmt: skip
 
 

@@ -225,6 +225,20 @@ STRATEGIES: dict[str, dict[str, type[FedAvg]]] = {
 }
 
 
+def min_nodes_of(cfg: dict, num_nodes: int) -> int:
+    """``strategy.min_nodes`` (null: every node), checked against the federation's size:
+    more than ``num_nodes`` could never be met, and flwr's sampling would wait forever."""
+    value = cfg.get("min_nodes")
+    if value is None:
+        return num_nodes
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_nodes:
+        raise ValueError(
+            f"strategy.min_nodes must be null or an integer in 1..{num_nodes} "
+            f"(the number of nodes), got {value!r}"
+        )
+    return value
+
+
 def build_strategy(method: str, cfg: dict, num_nodes: int) -> FedAvg:
     """Instantiate the configured server optimiser for ``method`` from ``cfg['strategy']``."""
     name = cfg["name"]
@@ -235,7 +249,7 @@ def build_strategy(method: str, cfg: dict, num_nodes: int) -> FedAvg:
             f"strategy.name={name!r} with method={method!r} is not available; "
             f"choose one of {sorted(STRATEGIES.get(method, {}))}"
         ) from err
-    min_nodes = int(cfg.get("min_nodes") or num_nodes)
+    min_nodes = min_nodes_of(cfg, num_nodes)
     kwargs: dict = {
         "fraction_train": float(cfg.get("fraction_train", 1.0)),
         "fraction_evaluate": 0.0,  # nodes are evaluated once, after the last round
