@@ -29,6 +29,7 @@ from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
 from fed_iotlm.tracking import RunRecorder
 
+from .chunked import send_and_receive_chunked
 from .mmbind import multimodal_rounds, pretrain_rounds
 from .resume import PRETRAIN, TRAIN, ServerCheckpointer
 from .rounds import identify_nodes, run_rounds
@@ -154,7 +155,8 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:
 
 
 def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> dict[str, float]:
-    """Each node scores the final model on its own test split with its own modalities."""
+    """Each node scores the final model on its own test split with its own modalities
+    (a chunk of nodes at a time: see :mod:`.chunked`)."""
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": ConfigRecord()}),
@@ -164,7 +166,7 @@ def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> di
         for node_id in grid.get_node_ids()
     ]
     out: dict[str, float] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in send_and_receive_chunked(grid, messages, timeout=timeout):
         if reply.has_error():
             continue
         metrics = reply.content["metrics"]

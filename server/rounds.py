@@ -7,7 +7,9 @@ start at any round: a resumed run continues at the round after its checkpoint wi
 same calls an uninterrupted run makes there.
 
 ``identify_nodes`` asks every connected node for its partition id and modalities
-(``query.identify``) before the first round.
+(``query.identify``) before the first round, a chunk of nodes at a time
+(:mod:`.chunked`: one message to each of 1000 simulated nodes at once is quadratic work
+in Flower's simulation engine).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from .chunked import send_and_receive_chunked
 
 IDENTIFY = "query.identify"
 
@@ -82,7 +86,7 @@ def identify_nodes(grid: Grid, expected: int, timeout: float = 900.0) -> Roster:
         Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=IDENTIFY)
         for n in node_ids
     ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = send_and_receive_chunked(grid, messages, timeout=timeout)
     errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
     if errors:
         raise RuntimeError("SuperNode(s) cannot join the run:\n  " + "\n  ".join(errors))
