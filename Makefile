@@ -40,6 +40,7 @@ lint: $(STAMP)
 bench: $(STAMP)  ## figures as JSON, ratios against a baseline run side by side
 	$(BIN)/python -m benchmarks.round_overhead
 	$(BIN)/python -m benchmarks.binding
+	$(BIN)/python -m benchmarks.scaling
 
 clean:
 	rm -rf outputs multirun runs mlruns mlflow.db mlartifacts

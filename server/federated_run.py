@@ -33,6 +33,7 @@ from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
 from fed_iotlm.tracking import RunRecorder
 
+from .chunked import send_and_receive_chunked
 from .membership import LiveNodesGrid, LiveRoster
 from .mmbind import multimodal_rounds, pretrain_rounds
 from .participation import RoundOutcome, round_timeout_s
@@ -190,7 +191,8 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:
 
 
 def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> dict[str, float]:
-    """Each node scores the final model on its own test split with its own modalities."""
+    """Each node scores the final model on its own test split with its own modalities
+    (a chunk of nodes at a time: see :mod:`.chunked`)."""
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": ConfigRecord()}),
@@ -200,7 +202,7 @@ def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> di
         for node_id in grid.get_node_ids()
     ]
     out: dict[str, float] = {}
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = list(send_and_receive_chunked(grid, messages, timeout=timeout))
     if len(replies) < len(messages):
         log(
             WARNING,

@@ -7,8 +7,10 @@ start at any round: a resumed run continues at the round after its checkpoint wi
 same calls an uninterrupted run makes there.
 
 ``identify_nodes`` asks every connected node for its partition id and modalities
-(``query.identify``) before the first round; :mod:`server.membership` asks newcomers
-the same question before later rounds.
+(``query.identify``) before the first round, a chunk of nodes at a time
+(:mod:`.chunked`: one message to each of 1000 simulated nodes at once is quadratic work
+in Flower's simulation engine); :mod:`server.membership` asks newcomers the same
+question before later rounds.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .participation import RoundOutcome, sort_replies
 
 if TYPE_CHECKING:
     from .membership import LiveRoster
+from .chunked import send_and_receive_chunked
 
 IDENTIFY = "query.identify"
 
@@ -135,7 +138,9 @@ def ask_identities(
     ]
     identities: dict[int, tuple[int, list[str], str]] = {}
     errors: dict[int, str] = {}
-    for r, sent in _pair_replies(messages, grid.send_and_receive(messages, timeout=timeout)):
+    for r, sent in _pair_replies(
+        messages, send_and_receive_chunked(grid, messages, timeout=timeout)
+    ):
         node = sent.metadata.dst_node_id
         if r is None:
             errors[node] = f"no answer to the roll call in {timeout:.0f}s"
