@@ -41,6 +41,8 @@ bench: $(STAMP)  ## figures as JSON, ratios against a baseline run side by side
 	$(BIN)/python -m benchmarks.round_overhead
 	$(BIN)/python -m benchmarks.binding
 	$(BIN)/python -m benchmarks.scaling
+	$(BIN)/python -m benchmarks.aggregation
+	$(BIN)/python -m benchmarks.communication
 
 clean:
 	rm -rf outputs multirun runs mlruns mlflow.db mlartifacts

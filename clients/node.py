@@ -17,6 +17,7 @@ import torch
 from fed_iotlm.data.dataset import Split
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.experiment import model_spec, train_config
+from fed_iotlm.federation.adapter_sync import adapter_counts, attach_sync_adapters, sync_config
 from fed_iotlm.federation.groups import keys_by_group, node_groups
 from fed_iotlm.models.multisensory import ModelSpec, MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, TrainConfig
@@ -113,6 +114,9 @@ def _runtime(
         counts = {g: float(len(train)) for g in groups}
     else:
         counts = {g: counts[g] for g in held if counts.get(g, 0) > 0}
+    if sync_config(cfg).adapters:  # frozen encoders: the node owns adapter.<m>, not enc.<m>
+        attach_sync_adapters(model, sync_config(cfg), int(cfg["seed"]))
+        counts = adapter_counts(counts)
     personal_keys, personal_init, counts = personalise_node(cfg, model, node, counts, list(train.x))
     return NodeRuntime(
         node=node,

@@ -175,33 +175,52 @@ def attach_personal(
             if m not in wanted:  # a modality the node never sees needs no adapter
                 continue
             if pcfg.kind == "adapter":
-                _attach_adapter(adapters, m, enc, model, pcfg.rank)
+                attach_adapter(adapters, m, enc, model, pcfg.rank)
             else:
-                _attach_lora(adapters, m, enc, pcfg.rank, pcfg.alpha)
+                attach_lora(adapters, m, enc, pcfg.rank, pcfg.alpha)
     model.add_module(ADAPTER_PREFIX, adapters)
     keys = {k for k in model.state_dict() if k.startswith(ADAPTER_PREFIX + ".")}
     keys |= {k for k in model.state_dict() if is_local_group(group_of(k), pcfg.keep_local)}
     return frozenset(keys)
 
 
-def _attach_adapter(
-    adapters: nn.ModuleDict, m: str, enc: nn.Module, model: MultisensoryModel, rank: int
+def attach_adapter(
+    adapters: nn.ModuleDict,
+    m: str,
+    enc: nn.Module,
+    model: MultisensoryModel,
+    rank: int,
+    prefix: str | None = None,
 ) -> None:
+    """Low-rank input map + bottleneck token adapter on encoder ``enc`` of modality ``m``,
+    stored in ``adapters`` as ``<prefix>input`` / ``<prefix>token`` (prefix ``<m>__``
+    by default; the federated adapters of :mod:`fed_iotlm.federation.adapter_sync`
+    keep one dict per modality and need none)."""
+    prefix = f"{m}__" if prefix is None else prefix
     shape = tuple(model.spec.modalities[m]["feature_shape"])  # one sample, no batch axis
     axis = 1 if len(shape) == 3 else -1  # grid [B, C, H, W]: channels; else the last axis
     channels = shape[0] if len(shape) == 3 else shape[-1]
     inp = LowRankResidual(channels, min(rank, channels), axis, nonlinear=False)
     out = LowRankResidual(model.spec.dim, rank, -1, nonlinear=True)
-    adapters[f"{m}__input"], adapters[f"{m}__token"] = inp, out
+    adapters[f"{prefix}input"], adapters[f"{prefix}token"] = inp, out
     enc.register_forward_pre_hook(_InputHook(inp))
     enc.register_forward_hook(_OutputHook(out, residual=True))
 
 
-def _attach_lora(adapters: nn.ModuleDict, m: str, enc: nn.Module, rank: int, alpha: float) -> None:
-    for path, layer in enc.named_modules():
+def attach_lora(
+    adapters: nn.ModuleDict,
+    m: str,
+    enc: nn.Module,
+    rank: int,
+    alpha: float,
+    prefix: str | None = None,
+) -> None:
+    """LoRA on every ``nn.Linear`` of ``enc``, stored as ``<prefix><path>`` (``<m>__``)."""
+    prefix = f"{m}__" if prefix is None else prefix
+    for path, layer in list(enc.named_modules()):
         if isinstance(layer, nn.Linear):
             delta = LoRADelta(layer.in_features, layer.out_features, rank, alpha)
-            adapters[f"{m}__{path.replace('.', '__')}"] = delta
+            adapters[f"{prefix}{path.replace('.', '__')}"] = delta
             layer.register_forward_hook(_OutputHook(delta, residual=False))
 
 

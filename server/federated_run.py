@@ -18,6 +18,7 @@ from fed_iotlm.data.preprocess import standardize_own
 from fed_iotlm.diagnostics import diagnostics_config, run_diagnostics
 from fed_iotlm.evaluation import test_report
 from fed_iotlm.experiment import check_method, model_spec
+from fed_iotlm.federation.adapter_sync import sync_meta, sync_model
 from fed_iotlm.federation.bundle import save_bundle
 from fed_iotlm.federation.privacy import attach_privacy, privacy_report
 from fed_iotlm.federation.records import (
@@ -29,7 +30,6 @@ from fed_iotlm.federation.records import (
 )
 from fed_iotlm.federation.secure import check_composable
 from fed_iotlm.federation.strategy import ModalityAwareFedAvg, build_strategy
-from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
 from fed_iotlm.tracking import RunRecorder
 
@@ -54,7 +54,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     seed_everything(int(cfg["seed"]))
     layout = build_layout(cfg)
     spec = model_spec(cfg)
-    model = MultisensoryModel(spec)
+    model = sync_model(cfg, spec)  # sync.mode=adapters: frozen encoders + adapters
     test = SplitTensors.from_split(standardize_own(layout.dataset.test))
     initial = numpy_to_record(state_to_numpy(model))
     wait_s = float(cfg["strategy"].get("wait_for_nodes_s") or 120)
@@ -141,7 +141,12 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         out_dir / "bundle",
         final,
         spec,
-        {"method": method, "dataset": layout.dataset.meta.name, "rounds": int(cfg["rounds"])},
+        {
+            "method": method,
+            "dataset": layout.dataset.meta.name,
+            "rounds": int(cfg["rounds"]),
+            **sync_meta(cfg),
+        },
     )
     if diagnostics_config(cfg).enabled:  # domain-shift diagnostics (off by default)
         recorder.extra["diagnostics"] = run_diagnostics(

@@ -43,5 +43,11 @@ def load_bundle(directory: Path) -> tuple[MultisensoryModel, dict]:
             raise FileNotFoundError(f"{directory}: not a model bundle (missing {name})")
     doc = json.loads((directory / META).read_text())
     model = MultisensoryModel(ModelSpec(**doc["spec"]))
+    if doc.get("sync"):  # sync.mode=adapters: frozen encoders + the federated adapters
+        from .adapter_sync import SyncConfig, attach_sync_adapters
+
+        seed = doc["sync"].get("seed", 0)
+        fields = {k: v for k, v in doc["sync"].items() if k != "seed"}
+        attach_sync_adapters(model, SyncConfig(**fields), int(seed))
     load_into(model, load_file(str(directory / WEIGHTS)))
     return model, doc

@@ -29,7 +29,13 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from .aggregation import NodeUpdate
 from .groups import group_of
 from .privacy import CentralPrivacy, uniform_weights
-from .records import metrics_to_counts, numpy_to_record, record_nbytes, record_to_numpy
+from .records import (
+    metrics_to_counts,
+    numpy_to_record,
+    record_nbytes,
+    record_to_numpy,
+    record_views,
+)
 from .robust import RobustConfig, aggregate_robust, robust_config
 from .update_checks import CheckConfig, check_config, screen_updates
 
@@ -88,7 +94,7 @@ class ModalityAwareFedAvg(FedAvg):
             updates.append(
                 NodeUpdate(
                     node=str(int(metrics.get("partition-id", msg.metadata.src_node_id))),
-                    arrays=record_to_numpy(record),
+                    arrays=record_views(record),  # read-only, no copy: O(model) extra
                     counts=metrics_to_counts(metrics),
                 )
             )
