@@ -155,3 +155,16 @@ def test_resume_refuses_another_experiment(tmp_path, over, message):
 def test_resume_without_a_checkpoint_starts_at_round_one(tmp_path):
     strategy = build_strategy("federated", {"name": "fedadam"}, 3)
     assert ServerCheckpointer(_cfg(), tmp_path, strategy, _Recorder()).restore() is None
+
+
+def test_a_resumed_run_may_change_its_deadlines_but_not_its_rule(tmp_path):
+    strategy = build_strategy("federated", {"name": "fedadam"}, 3)
+    first = {"name": "fedadam", "round_timeout_s": 600, "wait_for_nodes_s": 120}
+    ServerCheckpointer(_cfg(strategy=first), tmp_path, strategy, _Recorder()).save(
+        TRAIN, 1, numpy_to_record({"w": np.zeros(1, np.float32)})
+    )
+    longer = {**first, "round_timeout_s": 1800, "wait_for_nodes_s": 600}
+    assert ServerCheckpointer(_cfg(strategy=longer), tmp_path, strategy, _Recorder()).restore()
+    with pytest.raises(CheckpointError, match="strategy.name differ"):
+        other = {**longer, "name": "fedavg"}
+        ServerCheckpointer(_cfg(strategy=other), tmp_path, strategy, _Recorder()).restore()

@@ -38,6 +38,11 @@ SEP = "/"  # section/key in the tensors file; parameter names never contain it
 
 # config keys that may change between the interrupted run and its resumption
 RESUMABLE_KEYS = ("rounds", "resume", "output_dir", "mlflow", "simulation", "llm")
+# deadlines inside a block: an operator may give a resumed run more (or less) time
+RESUMABLE_NESTED = {
+    "strategy": ("round_timeout_s", "wait_for_nodes_s"),
+    "secagg": ("timeout_s",),
+}
 
 
 class CheckpointError(ValueError):
@@ -154,7 +159,12 @@ def restore_rng(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
 
 def resumable_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of the config a resumed run must share with the interrupted one."""
-    return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}))
+    kept = json.loads(json.dumps({k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}))
+    for block, keys in RESUMABLE_NESTED.items():
+        if isinstance(kept.get(block), dict):
+            for key in keys:
+                kept[block].pop(key, None)
+    return kept
 
 
 def config_differences(saved: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
