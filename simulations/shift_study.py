@@ -99,6 +99,14 @@ TOOLKIT = """\
   training, FedRep-style), `personal.keep_local` (e.g. `[head]`, FedPer). Adapters stay
   in the node's `context.state`, are never uploaded, and the node's own evaluation
   (`test.accuracy_by_node`) uses them.
+- **Sweeps from one command** — Hydra multirun, any shift knob, every run logged to one
+  MLflow experiment: `python -m simulations.run -m experiment=shift_study
+  'shift.0.severity=0.0,0.5,1.0' seed=0,1 mlflow.experiment=my-sweep` (or this study's
+  own runner, `python -m simulations.shift_study`, resumable, which also writes this page).
+- **Report** (`fed-iotlm report shift-study`, `fed_iotlm/report/`): one Markdown/HTML page
+  from the experiment's MLflow runs — shift curves (accuracy against `shift.0.severity` or
+  any numeric param swept alone, one line per method, mean ± std over seeds), per-site
+  accuracy from `diagnostics`, per node, per modality, per round, communication.
 """
 
 SETTING = """\
