@@ -148,14 +148,16 @@ def _matrix_section(
     png: str,
     col_name: str,
     order: Callable[[str], Any] = str,
+    label: Callable[[str], str] = str,
 ) -> Section | str:
-    """A groups × columns table of means over seeds and its heatmap."""
+    """A groups × columns table of means over seeds and its heatmap (``label`` names a
+    column for the reader, e.g. marks a site shifted in some run)."""
     per_group = {g: [values(r) for r in rs] for g, rs in study.groups.items()}
     cols = sorted({c for vs in per_group.values() for v in vs for c in v}, key=order)
     if not cols:
         return f"{title}: {what}"
     per_group = {g: vs for g, vs in per_group.items() if any(vs_ for vs_ in vs)}
-    table = Table(["group", *cols], [], caption="Mean ± std over seeds.",
+    table = Table(["group", *map(label, cols)], [], caption="Mean ± std over seeds.",
                   numeric=[False, *[True] * len(cols)])  # fmt: skip
     matrix = np.full((len(per_group), len(cols)), np.nan)
     for i, (g, vs) in enumerate(per_group.items()):
@@ -166,7 +168,9 @@ def _matrix_section(
             if xs:
                 matrix[i, j] = float(np.mean(xs))
         table.rows.append([g, *cells])
-    plots.heatmap(list(per_group), cols, matrix, out / png, title=title, xlabel=col_name)
+    plots.heatmap(
+        list(per_group), [label(c) for c in cols], matrix, out / png, title=title, xlabel=col_name
+    )
     return Section(title, text=[text], tables=[table], figures=[Figure(png, title)])
 
 
@@ -197,25 +201,30 @@ def nodes(study: Study, out: Path) -> Section | str:
     )  # fmt: skip
 
 
+def _diagnostics(run: Run) -> dict:
+    return (run.results or {}).get("diagnostics") or {}
+
+
 def _site_acc(run: Run) -> dict[str, float]:
-    diag = (run.results or {}).get("diagnostics") or {}
-    shifted = {str(s) for s in diag.get("shifted_sites") or []}
     return {
-        (f"{s}*" if s in shifted else s): v["accuracy"]
-        for s, v in (diag.get("accuracy_by_site") or {}).items()
+        s: v["accuracy"]
+        for s, v in (_diagnostics(run).get("accuracy_by_site") or {}).items()
         if isinstance(v, dict) and "accuracy" in v
     }
 
 
 def sites(study: Study, out: Path) -> Section | str:
+    """One column per site; ``*`` marks a site some run shifted (the shift's severity,
+    a row's knob, says how much)."""
+    shifted = {str(s) for r in study.runs for s in _diagnostics(r).get("shifted_sites") or []}
     return _matrix_section(
         study, out, _site_acc,
         title="Accuracy per site",
         text="The global model on each site's test data, all modalities "
-             "(results.json `diagnostics.accuracy_by_site`; * = a shifted site).",
+             "(results.json `diagnostics.accuracy_by_site`; * = a site shifted in some run).",
         what="no run has `diagnostics.accuracy_by_site` (run with `diagnostics.enabled=true`).",
-        png="accuracy_by_site.png", col_name="site",
-        order=lambda s: _node_order(s.rstrip("*")),
+        png="accuracy_by_site.png", col_name="site", order=_node_order,
+        label=lambda s: f"{s}*" if s in shifted else s,
     )  # fmt: skip
 
 
