@@ -11,11 +11,11 @@ the next (the pool is larger than the last-level cache for every model but the
 default one).  Updates reach the aggregator as a *generator*: one node at a time.
 
 * ``ours``: :func:`fed_iotlm.federation.aggregation.aggregate_groups` (count-weighted
-  mean per group, float64 running sums, holders per group).
+  mean per group, float32 running sums by BLAS saxpy, holders per group).
 * ``numpy_sum``: the plain baseline, ``np.add(acc[k], v, out=acc[k])`` for every key
   of every node: an unweighted float32 sum, the least work any streaming mean can do.
-* ``numpy_weighted64``: ``acc64[k] += v * n`` per key, the same arithmetic as ours
-  without its bookkeeping (holders, checks): how much of ours is bookkeeping.
+* ``numpy_weighted64``: ``acc64[k] += v * n`` per key, a float64 weighted sum without
+  bookkeeping (what ``ours`` did before it accumulated with saxpy).
 * ``numpy_stacked``: ``np.sum(stack, axis=0)`` over one ``(nodes, params)`` float32
   array: the textbook "stack then reduce", O(nodes x model) memory by construction
   (skipped where the stack would exceed ``--stack-limit-gib``).
