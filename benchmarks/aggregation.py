@@ -54,8 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.machine import loadavg, machine_info
-from fed_iotlm.atomic import atomic_write_text
+from benchmarks.machine import emit, loadavg, machine_info
 from fed_iotlm.federation.aggregation import NodeUpdate, aggregate_groups
 from fed_iotlm.federation.groups import group_of
 from fed_iotlm.federation.robust import RobustConfig, aggregate_robust
@@ -393,11 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_1m": {"start": load_start, "end": loadavg()},
         "machine": machine_info(numpy=np.__version__),
     }
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        atomic_write_text(args.out, text + "\n")
-    print(text, flush=True)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

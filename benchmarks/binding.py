@@ -52,9 +52,8 @@ from statistics import median
 
 import numpy as np
 
-from benchmarks.machine import loadavg
+from benchmarks.machine import emit, loadavg
 from benchmarks.machine import machine_info as _machine_info
-from fed_iotlm.atomic import atomic_write_text
 
 D = 128
 CHUNK = 65_536
@@ -380,11 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     # other load on the machine makes the times noisy (`end` includes our own load)
     result["loadavg_1m"] = {"start": load_start, "end": loadavg()}
     result["machine"] = machine_info()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        atomic_write_text(args.out, text + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.machine import loadavg, machine_info
-from fed_iotlm.atomic import atomic_write_text
+from benchmarks.machine import emit, loadavg, machine_info
 from fed_iotlm.settings import compose
 
 
@@ -107,11 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_1m": {"start": load_start, "end": loadavg()},
         "machine": machine_info(),
     }
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        atomic_write_text(args.out, text + "\n")
-    print(text, flush=True)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

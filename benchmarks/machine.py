@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
+from pathlib import Path
+
+from fed_iotlm.atomic import atomic_write_text
 
 
 def loadavg() -> float | None:
@@ -28,3 +33,14 @@ def machine_info(**versions: str) -> dict:
         "python": platform.python_version(),
         **versions,
     }
+
+
+def emit(result: dict, out: Path | None) -> dict:
+    """Every benchmark's ending: the JSON on stdout (after whatever logs went before it),
+    and, with ``--out``, the same text written atomically."""
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        atomic_write_text(out, text + "\n")
+    sys.stdout.flush()
+    print(text, flush=True)
+    return result

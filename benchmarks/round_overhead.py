@@ -61,11 +61,9 @@ Upload bytes are the array payload (``record_nbytes``) of the train replies seen
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,10 +75,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from benchmarks.machine import loadavg
+from benchmarks.machine import emit, loadavg
 from benchmarks.machine import machine_info as _machine_info
 from clients.node import get_node
-from fed_iotlm.atomic import atomic_write_text
 from fed_iotlm.experiment import model_spec
 from fed_iotlm.federation.records import numpy_to_record, record_nbytes, state_to_numpy
 from fed_iotlm.federation.strategy import build_strategy
@@ -373,12 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs[side].append(run_side(side, cfg, args.nodes, args.warmup + args.rounds))
     wall_s = time.perf_counter() - t0
     result = summarize(args, runs, order, wall_s, (load_start, loadavg()))
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        atomic_write_text(args.out, text + "\n")
-    sys.stdout.flush()
-    print(text, flush=True)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

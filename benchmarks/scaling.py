@@ -40,19 +40,19 @@ scores the final model, once per run).  Both send in chunks (:mod:`server.chunke
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from benchmarks.machine import loadavg
+from benchmarks.machine import emit, loadavg
 from benchmarks.round_overhead import (
     CLIENT_TIMING_KEY,
     RoundSample,
@@ -64,7 +64,6 @@ from benchmarks.round_overhead import (
     make_strategy,
     timed_client_app,
 )
-from fed_iotlm.atomic import atomic_write_text
 from fed_iotlm.settings import compose
 
 MODES = ("fixed", "fraction")
@@ -242,7 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--final-eval", action="store_true", help="also time evaluate_nodes")
     p.add_argument("--quick", action="store_true", help="10,100 nodes, 2 rounds: a smoke run")
-    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--verbose", action="store_true", help="keep Flower's INFO log")
     args = p.parse_args(argv)
     if args.quick:
@@ -332,12 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
               file=sys.stderr, flush=True)  # fmt: skip
     load["end"] = loadavg()
     result = report(args, results, time.perf_counter() - t0, load)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
-    sys.stdout.flush()
-    print(text, flush=True)
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,20 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FLWR = BIN / "flwr"
+
+# the marks of every test that starts real SuperLink/SuperNode processes
+REAL_PROCESS_MARKS = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="finds the processes it started in /proc"
+    ),
+    pytest.mark.skipif(not FLWR.exists(), reason="the flwr CLI is not installed next to Python"),
+]
 
 
 def free_port() -> int:

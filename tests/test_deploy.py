@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from fed_iotlm.settings import compose
 from tests.flower_procs import (
     BIN,
     FLWR,
+    REAL_PROCESS_MARKS,
     REPO,
     ProcessTracker,
     flower_env,
@@ -33,13 +33,7 @@ from tests.flower_procs import (
     wait_for_port,
 )
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        not sys.platform.startswith("linux"), reason="finds the processes it started in /proc"
-    ),
-    pytest.mark.skipif(not FLWR.exists(), reason="the flwr CLI is not installed next to Python"),
-]
+pytestmark = REAL_PROCESS_MARKS
 
 CONNECTION = "fed-iotlm-deploy"
 SITES = ("site-0", "site-1", "site-2")

@@ -17,11 +17,8 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from clients.fault_marker import marker_path
 from fed_iotlm.federation.sites import export_sites
@@ -29,6 +26,7 @@ from fed_iotlm.settings import compose
 from tests.flower_procs import (
     BIN,
     FLWR,
+    REAL_PROCESS_MARKS,
     REPO,
     ProcessTracker,
     flower_env,
@@ -38,13 +36,7 @@ from tests.flower_procs import (
     wait_for_port,
 )
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        not sys.platform.startswith("linux"), reason="finds the processes it started in /proc"
-    ),
-    pytest.mark.skipif(not FLWR.exists(), reason="the flwr CLI is not installed next to Python"),
-]
+pytestmark = REAL_PROCESS_MARKS
 
 CONNECTION = "fed-iotlm-faults"
 QUICK = ("experiment=quick",)  # 3 sites; the sites' data must match the run config
