@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from fed_iotlm.federation.groups import group_of
 from fed_iotlm.federation.records import state_to_numpy
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.settings import compose
+from tests.client_mods import train_keys_recorder
 
 
 @pytest.mark.parametrize("kind", ["adapter", "lora"])
@@ -51,26 +51,13 @@ def test_counts_and_config():
         sync_config({"method": "fedavg", "sync": {"mode": "adapters"}})
 
 
-def _recorder(path: Path):
-    """A client mod that appends the keys of every train reply to ``path``."""
-
-    def mod(msg, context, call_next):
-        reply = call_next(msg, context)
-        if msg.metadata.message_type == "train" and "arrays" in reply.content:
-            with path.open("a") as f:
-                f.write(json.dumps(sorted(reply.content["arrays"].keys())) + "\n")
-        return reply
-
-    return mod
-
-
 @pytest.mark.integration
 def test_flower_run_federates_adapters_and_keeps_encoders_frozen(quick_cfg, tmp_path):
     from simulations.run import run_experiment
 
     cfg = quick_cfg("sync.mode=adapters", "mlflow.enabled=false")
     log = tmp_path / "uploads.jsonl"
-    res = json.loads(run_experiment(cfg, tmp_path / "run", [_recorder(log)]).read_text())
+    res = json.loads(run_experiment(cfg, tmp_path / "run", [train_keys_recorder(log)]).read_text())
 
     uploads = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(uploads) == 3 * 2  # nodes x rounds

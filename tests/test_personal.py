@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +29,7 @@ from fed_iotlm.federation.records import (
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import SplitTensors
 from fed_iotlm.personal import STATE_KEY, PersonalConfig, attach_personal
+from tests.client_mods import train_keys_recorder
 
 # ----------------------------------------------------------------- an in-process federation
 
@@ -222,19 +222,6 @@ def test_personal_adapters_beat_the_global_model_on_a_strongly_shifted_site(quic
 # ---------------------------------------------------------------------- a real simulation
 
 
-def _recorder(path: Path):
-    """A Flower client mod that appends the keys of every train reply to ``path``."""
-
-    def mod(msg, context, call_next):
-        reply = call_next(msg, context)
-        if msg.metadata.message_type == "train" and "arrays" in reply.content:
-            with path.open("a") as f:
-                f.write(json.dumps(sorted(reply.content["arrays"].keys())) + "\n")
-        return reply
-
-    return mod
-
-
 @pytest.mark.integration
 def test_flower_run_with_adapters_and_diagnostics(quick_cfg, tmp_path):
     from simulations.run import run_experiment
@@ -247,7 +234,7 @@ def test_flower_run_with_adapters_and_diagnostics(quick_cfg, tmp_path):
         "mlflow.enabled=false",
     )
     log = tmp_path / "uploads.jsonl"
-    res = json.loads(run_experiment(cfg, tmp_path / "run", [_recorder(log)]).read_text())
+    res = json.loads(run_experiment(cfg, tmp_path / "run", [train_keys_recorder(log)]).read_text())
     uploads = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(uploads) == 3 * 2  # nodes x rounds
     assert not any(k.startswith("adapt.") for keys in uploads for k in keys)
