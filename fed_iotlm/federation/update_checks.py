@@ -91,9 +91,13 @@ def check_config(strategy_cfg: Mapping) -> CheckConfig:
 
 
 def check_update(
-    update: NodeUpdate, current: Mapping[str, np.ndarray], config: CheckConfig
+    update: NodeUpdate,
+    current: Mapping[str, np.ndarray],
+    config: CheckConfig,
+    expected: Mapping[str, list[str]] | None = None,
 ) -> tuple[Rejection | None, float | None]:
-    """The first problem of ``update`` (or None) and its norm (None if not measurable)."""
+    """The first problem of ``update`` (or None) and its norm (None if not measurable);
+    ``expected`` is ``keys_by_group(current)``, computed once per round by the caller."""
 
     def reject(kind: str, key: str | None, problem: str) -> tuple[Rejection, None]:
         return Rejection(update.node, kind, key, problem), None
@@ -104,7 +108,7 @@ def check_update(
     for key in update.arrays:
         if key not in current:
             return reject("unknown_key", key, "not a parameter of the server's model")
-    expected = keys_by_group(current)
+    expected = keys_by_group(current) if expected is None else expected
     for group in sorted({group_of(k) for k in update.arrays}):
         missing = [k for k in expected[group] if k not in update.arrays]
         if missing:
@@ -117,11 +121,16 @@ def check_update(
             return reject("shape", key, f"shape {value.shape}, expected {ref.shape}")
         if value.dtype != ref.dtype:
             return reject("dtype", key, f"dtype {value.dtype}, expected {ref.dtype}")
+    squares = 0.0  # ||update - current||² and the NaN/Inf check in one pass over the data
     for key, value in update.arrays.items():
-        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
-        if bad:
-            return reject("non_finite", key, f"{bad} NaN/Inf value(s)")
-    norm = update_norm(update.arrays, current)
+        sq = _squared_distance(value, current[key])
+        if not np.isfinite(sq):  # a NaN/Inf value, or finite values too far for float32
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            if bad:
+                return reject("non_finite", key, f"{bad} NaN/Inf value(s)")
+            sq = _squared_distance(value.astype(np.float64), current[key])
+        squares += sq
+    norm = float(np.sqrt(squares))
     bound = config.max_update_norm
     if bound is not None and norm > bound:
         rejection = Rejection(
@@ -132,12 +141,15 @@ def check_update(
 
 
 def update_norm(arrays: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of (update − current) over every key the node sent (float64)."""
-    total = 0.0
-    for key, value in arrays.items():
-        diff = value.astype(np.float64, copy=False) - current[key]
-        total += float(np.dot(diff.ravel(), diff.ravel()))
-    return float(np.sqrt(total))
+    """L2 norm of (update − current) over every key the node sent."""
+    return float(np.sqrt(sum(_squared_distance(v, current[k]) for k, v in arrays.items())))
+
+
+def _squared_distance(value: np.ndarray, ref: np.ndarray) -> float:
+    """||value − ref||² by one subtraction and a BLAS dot in the arrays' own dtype (the
+    sum over keys is taken in Python floats); NaN/Inf in ``value`` make it non-finite."""
+    diff = (value - ref).reshape(-1)
+    return float(np.dot(diff, diff))
 
 
 def screen_updates(
@@ -145,8 +157,9 @@ def screen_updates(
 ) -> Screened:
     """Split ``updates`` into accepted and rejected ones (checked one by one)."""
     out = Screened()
+    expected = keys_by_group(current)
     for upd in updates:
-        rejection, norm = check_update(upd, current, config)
+        rejection, norm = check_update(upd, current, config, expected)
         if norm is not None:
             out.norms[upd.node] = norm
         if rejection is None:
