@@ -23,11 +23,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
 
 from fed_iotlm.federation.records import record_to_numpy
-from fed_iotlm.federation.secure import SecureSettings, SumLayout
+from fed_iotlm.federation.secure import PUBLIC_WEIGHT, SecureSettings, SumLayout
 
 LEGACY_PARAMS = "fitins.parameters"
 LEGACY_CONFIG = "fitins.config"
-PUBLIC_WEIGHT = 1  # = server.secure_rounds.PUBLIC_WEIGHT; no sample count leaks
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -35,10 +35,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
-from fed_iotlm.federation.secure import SecureSettings, SumLayout
-
-# every node reports this weight: SecAgg+ then averages the vectors unweighted
-PUBLIC_WEIGHT = 1
+from fed_iotlm.federation.secure import PUBLIC_WEIGHT, SecureSettings, SumLayout
 
 
 class _SumCollector(Strategy):

@@ -29,7 +29,9 @@ import numpy as np
 
 from .groups import group_of
 
-COUNTS_KEY = "__group_shares__"
+# the weight every node reports to SecAgg+: the protocol then averages the vectors
+# unweighted, and no node's sample count reaches the server through it
+PUBLIC_WEIGHT = 1
 
 
 class SecureRangeError(ValueError):
