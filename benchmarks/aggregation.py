@@ -269,29 +269,9 @@ def bench_strategy(current: State, pool: list[State], nodes: int, args: argparse
 
 def reply_message(upd: NodeUpdate):
     """A train reply as a node sends it (arrays + count.<group> metrics)."""
-    from flwr.app import Message, Metadata, RecordDict
+    from fed_iotlm.federation.records import node_reply
 
-    from fed_iotlm.federation.records import counts_to_metrics, numpy_to_record
-
-    node = int(upd.node)
-    content = RecordDict(
-        {
-            "arrays": numpy_to_record(upd.arrays),
-            "metrics": counts_to_metrics(upd.counts, {"num-examples": 10.0, "partition-id": node}),
-        }
-    )
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node + 1,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type="train",
-    )
-    return Message(metadata=metadata, content=content)
+    return node_reply(int(upd.node), upd.arrays, upd.counts)
 
 
 # ---------------------------------------------------------------------------- report

@@ -22,10 +22,14 @@ from fed_iotlm.federation.privacy import (
     noise_std,
     update_clipping_mod,
 )
-from fed_iotlm.federation.records import counts_to_metrics, numpy_to_record, record_to_numpy
+from fed_iotlm.federation.records import (
+    counts_to_metrics,
+    node_reply,
+    numpy_to_record,
+    record_to_numpy,
+)
 from fed_iotlm.federation.strategy import build_strategy
 from fed_iotlm.federation.update_checks import update_norm
-from tests.test_update_checks import _reply
 
 RNG = np.random.default_rng(0)
 CURRENT = {
@@ -157,14 +161,14 @@ def test_noise_multiplier_zero_gives_the_plain_aggregate_with_equal_weights():
     plain = build_strategy("federated", {"name": "fedavg"}, num_nodes=3)
     plain._current = dict(CURRENT)
     dp = _strategy(3, CURRENT, noise_multiplier=0.0, clipping_norm=10.0)
-    a, _ = plain.aggregate_train(1, [_reply(i, u, counts) for i, u in enumerate(ups)])
-    b, metrics = dp.aggregate_train(1, [_reply(i, u, counts) for i, u in enumerate(ups)])
+    a, _ = plain.aggregate_train(1, [node_reply(i, u, counts) for i, u in enumerate(ups)])
+    b, metrics = dp.aggregate_train(1, [node_reply(i, u, counts) for i, u in enumerate(ups)])
     for k, v in record_to_numpy(a).items():
         np.testing.assert_allclose(record_to_numpy(b)[k], v, rtol=1e-6, atol=1e-7)
     assert "dp.epsilon" not in metrics  # sigma = 0: no finite epsilon to report
     # unequal sample counts: DP averages each group with equal weights, not by count
     uneven = [{**counts, "fusion": n} for n in (1, 10, 100)]
-    c, _ = dp.aggregate_train(2, [_reply(i, u, uneven[i]) for i, u in enumerate(ups)])
+    c, _ = dp.aggregate_train(2, [node_reply(i, u, uneven[i]) for i, u in enumerate(ups)])
     np.testing.assert_allclose(
         record_to_numpy(c)["fusion.q"], np.mean([u["fusion.q"] for u in ups], 0), atol=1e-6
     )
@@ -180,7 +184,9 @@ def test_central_noise_on_each_group_is_sigma_c_over_its_holders():
     }
     held = [["fusion", "enc.imu", "enc.audio"], ["fusion", "enc.imu"], ["fusion"], ["fusion"]]
     replies = [
-        _reply(i, {k: v for k, v in current.items() if k.rsplit(".", 1)[0] in g}, {x: 5 for x in g})
+        node_reply(
+            i, {k: v for k, v in current.items() if k.rsplit(".", 1)[0] in g}, {x: 5 for x in g}
+        )
         for i, g in enumerate(held)
     ]  # every node sends back what it received: the noise is all that moves
     strategy = _strategy(4, current, noise_multiplier=sigma, clipping_norm=clip, seed=7)
@@ -295,7 +301,7 @@ def test_simulation_reports_epsilon_per_round_in_results_and_mlflow(quick_cfg, t
 def test_a_resumed_strategy_keeps_composing_where_it_stopped():
     from fed_iotlm.federation.strategy_state import capture_strategy, restore_strategy
 
-    replies = [_reply(i, dict(CURRENT), {"enc.imu": 5, "fusion": 5}) for i in range(2)]
+    replies = [node_reply(i, dict(CURRENT), {"enc.imu": 5, "fusion": 5}) for i in range(2)]
     first = _strategy(4, CURRENT, noise_multiplier=1.0)
     first._sampled = 2  # two of four nodes: q = 0.5
     first.aggregate_train(1, replies)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Message, Metadata, RecordDict
 
 from fed_iotlm.federation.aggregation import NodeUpdate
-from fed_iotlm.federation.records import counts_to_metrics, numpy_to_record, record_to_numpy
+from fed_iotlm.federation.records import (
+    node_reply,
+    record_to_numpy,
+)
 from fed_iotlm.federation.strategy import ModalityAwareFedAdam, build_strategy
 from fed_iotlm.federation.update_checks import CheckConfig, check_config, screen_updates
 
@@ -61,27 +63,6 @@ def test_norm_bound_is_off_when_null_and_norm_is_measured():
         CheckConfig(max_update_norm=0.0)
 
 
-def _reply(node: int, arrays: dict, counts: dict) -> Message:
-    content = RecordDict(
-        {
-            "arrays": numpy_to_record(arrays),
-            "metrics": counts_to_metrics(counts, {"num-examples": 10.0, "partition-id": node}),
-        }
-    )
-    metadata = Metadata(
-        run_id=1,
-        message_id="",
-        src_node_id=node + 1,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="1",
-        created_at=0.0,
-        ttl=60.0,
-        message_type="train",
-    )
-    return Message(metadata=metadata, content=content)
-
-
 def _strategy(strategy_cfg: dict):
     strategy = build_strategy("federated", {"name": "fedavg", **strategy_cfg}, num_nodes=2)
     strategy._current = dict(CURRENT)
@@ -91,7 +72,9 @@ def _strategy(strategy_cfg: dict):
 def test_strategy_drops_bad_update_aggregates_the_rest_and_reports_it():
     strategy = _strategy({"checks": {"max_update_norm": None}})
     nan = {**GOOD, "fusion.q": np.array([np.inf, 0.0], np.float32)}
-    arrays, metrics = strategy.aggregate_train(1, [_reply(0, GOOD, COUNTS), _reply(1, nan, COUNTS)])
+    arrays, metrics = strategy.aggregate_train(
+        1, [node_reply(0, GOOD, COUNTS), node_reply(1, nan, COUNTS)]
+    )
     state = record_to_numpy(arrays)
     np.testing.assert_array_equal(state["fusion.q"], GOOD["fusion.q"])  # the good one alone
     assert metrics["rejected_updates"] == 1 and metrics["rejected.non_finite"] == 1
@@ -102,7 +85,7 @@ def test_strategy_drops_bad_update_aggregates_the_rest_and_reports_it():
 
 def test_all_rejected_keeps_state_and_still_counts():
     strategy = _strategy({"checks": {"max_update_norm": 0.5}})
-    arrays, metrics = strategy.aggregate_train(1, [_reply(0, GOOD, COUNTS)])
+    arrays, metrics = strategy.aggregate_train(1, [node_reply(0, GOOD, COUNTS)])
     assert arrays is None  # flwr keeps the previous arrays
     assert metrics["rejected_updates"] == 1 and metrics["rejected.norm"] == 1
 
@@ -114,7 +97,7 @@ def test_fedadam_with_all_rejected_keeps_state():
     assert isinstance(strategy, ModalityAwareFedAdam)
     strategy._current = dict(CURRENT)
     strategy.current_arrays = dict(CURRENT)
-    arrays, metrics = strategy.aggregate_train(1, [_reply(0, GOOD, COUNTS)])
+    arrays, metrics = strategy.aggregate_train(1, [node_reply(0, GOOD, COUNTS)])
     assert arrays is None and metrics["rejected_updates"] == 1
 
 

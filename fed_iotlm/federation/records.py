@@ -91,3 +91,29 @@ def metrics_to_counts(metrics: MetricRecord) -> dict[str, float]:
 def record_nbytes(record: ArrayRecord) -> int:
     """Payload bytes of an ArrayRecord (array data only)."""
     return int(sum(len(arr.data) for arr in record.values()))
+
+
+def node_reply(node: int, arrays: Mapping[str, np.ndarray], counts: Mapping[str, float]):
+    """A ``train`` reply as a node's ClientApp builds it (its arrays, ``count.<group>``
+    metrics), addressed from node ``node`` to the server, standing alone: for exercising
+    server-side code without a Grid (tests, ``benchmarks/aggregation.py``)."""
+    from flwr.app import Message, Metadata, RecordDict
+
+    content = RecordDict(
+        {
+            "arrays": numpy_to_record(arrays),
+            "metrics": counts_to_metrics(counts, {"num-examples": 10.0, "partition-id": node}),
+        }
+    )
+    metadata = Metadata(
+        run_id=1,
+        message_id="",
+        src_node_id=node + 1,
+        dst_node_id=0,
+        reply_to_message_id="m",
+        group_id="1",
+        created_at=0.0,
+        ttl=60.0,
+        message_type="train",
+    )
+    return Message(metadata=metadata, content=content)
