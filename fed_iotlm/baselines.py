@@ -21,7 +21,7 @@ from fed_iotlm.data.preprocess import Standardizer
 from fed_iotlm.data.reference import ReferenceSets, reference_sets
 from fed_iotlm.evaluation import mean_reports, test_report
 from fed_iotlm.experiment import model_spec, plan_by_node, train_config
-from fed_iotlm.federation.bundle import save_bundle
+from fed_iotlm.federation.bundle import save_bundle, statistics_meta
 from fed_iotlm.federation.normalization import normalization_mode
 from fed_iotlm.federation.records import state_to_numpy
 from fed_iotlm.models.multisensory import MultisensoryModel
@@ -140,7 +140,11 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
         out_dir / "bundle",
         state,
         spec,
-        {"method": "centralized", "dataset": layout.dataset.meta.name},
+        {
+            "method": "centralized",
+            "dataset": layout.dataset.meta.name,
+            **statistics_meta(scaler),
+        },
     )
     recorder.extra.update(protocol_record(cfg, layout, [], budget=_budget(spent)))
     return recorder.finish(

@@ -19,7 +19,7 @@ from fed_iotlm.diagnostics import diagnostics_config, run_diagnostics
 from fed_iotlm.evaluation import test_report
 from fed_iotlm.experiment import check_method, model_spec
 from fed_iotlm.federation.adapter_sync import sync_meta, sync_model
-from fed_iotlm.federation.bundle import save_bundle
+from fed_iotlm.federation.bundle import save_bundle, statistics_meta
 from fed_iotlm.federation.normalization import norm_record, normalization_mode
 from fed_iotlm.federation.privacy import attach_privacy, privacy_report
 from fed_iotlm.federation.records import (
@@ -153,6 +153,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             "dataset": layout.dataset.meta.name,
             "rounds": int(cfg["rounds"]),
             **sync_meta(cfg),
+            **statistics_meta(scaler),
         },
     )
     if diagnostics_config(cfg).enabled:  # domain-shift diagnostics (off by default)

@@ -99,7 +99,7 @@ def train_local(
         losses.append(float(loss.detach()))
         seen += int(batch.numel())
     return {
-        "train_loss": float(np.mean(losses)),
+        "train_loss": float(np.mean(losses)) if losses else 0.0,
         "num_labelled": float(index.numel()),
         "steps": float(len(losses)),
         "examples": float(seen),
