@@ -19,6 +19,7 @@ from fed_iotlm.data.federation import build_layout
 from fed_iotlm.experiment import model_spec, train_config
 from fed_iotlm.federation.adapter_sync import adapter_counts, attach_sync_adapters, sync_config
 from fed_iotlm.federation.groups import keys_by_group, node_groups
+from fed_iotlm.models.device import train_placement
 from fed_iotlm.models.multisensory import ModelSpec, MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, TrainConfig
 from fed_iotlm.personal import personalise_node
@@ -118,12 +119,13 @@ def _runtime(
         attach_sync_adapters(model, sync_config(cfg), int(cfg["seed"]))
         counts = adapter_counts(counts)
     personal_keys, personal_init, counts = personalise_node(cfg, model, node, counts, list(train.x))
+    place = train_placement(cfg)  # train.device: this node's GPU share, else the CPU
     return NodeRuntime(
         node=node,
         modalities=list(train.x),
-        train=SplitTensors.from_split(train),
-        test=SplitTensors.from_split(test),
-        model=model,
+        train=SplitTensors.from_split(train).placed(place),
+        test=SplitTensors.from_split(test).placed(place),
+        model=place.model(model),
         group_counts=counts,
         train_cfg=train_config(cfg),
         sends_all_groups=sends_all,

@@ -18,6 +18,7 @@ from fed_iotlm.evaluation import mean_reports, test_report
 from fed_iotlm.experiment import model_spec, plan_by_node, train_config
 from fed_iotlm.federation.bundle import save_bundle
 from fed_iotlm.federation.records import state_to_numpy
+from fed_iotlm.models.device import train_placement
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import (
     SplitTensors,
@@ -33,7 +34,8 @@ def run_local_only(cfg: dict, out_dir: Path) -> Path:
     """Each node trains alone on its own modalities; figures are means over nodes."""
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
-    test = SplitTensors.from_split(standardize_own(layout.dataset.test))
+    place = train_placement(cfg)  # train.device
+    test = SplitTensors.from_split(standardize_own(layout.dataset.test)).placed(place)
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
     nodes = []
@@ -42,9 +44,9 @@ def run_local_only(cfg: dict, out_dir: Path) -> Path:
         train, own_test = layout.node_data(i)
         nodes.append(
             (
-                MultisensoryModel(spec),
-                SplitTensors.from_split(train),
-                SplitTensors.from_split(own_test),
+                place.model(MultisensoryModel(spec)),
+                SplitTensors.from_split(train).placed(place),
+                SplitTensors.from_split(own_test).placed(place),
             )
         )
     for rnd in range(1, int(cfg["rounds"]) + 1):
@@ -70,11 +72,12 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
     torch.manual_seed(int(cfg["seed"]))
-    model = MultisensoryModel(spec)
+    place = train_placement(cfg)  # train.device
+    model = place.model(MultisensoryModel(spec))
     pooled = layout.dataset.train.subset(np.concatenate(layout.train_parts))
     pooled = hide_labels(pooled, layout.label_fraction, int(cfg["seed"]))
-    train = SplitTensors.from_split(standardize_own(pooled))
-    test = SplitTensors.from_split(standardize_own(layout.dataset.test))
+    train = SplitTensors.from_split(standardize_own(pooled)).placed(place)
+    test = SplitTensors.from_split(standardize_own(layout.dataset.test)).placed(place)
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
     for rnd in range(1, int(cfg["rounds"]) + 1):
@@ -84,7 +87,8 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
     by_node = {}
     for i in range(layout.num_nodes):
         _, own_test = layout.node_data(i)
-        by_node[str(i)] = mean_accuracy(evaluate(model, SplitTensors.from_split(own_test)))
+        own = SplitTensors.from_split(own_test).placed(place)
+        by_node[str(i)] = mean_accuracy(evaluate(model, own))
     state = state_to_numpy(model)
     save_bundle(
         out_dir / "bundle",

@@ -30,6 +30,7 @@ from fed_iotlm.federation.records import (
 )
 from fed_iotlm.federation.secure import check_composable
 from fed_iotlm.federation.strategy import ModalityAwareFedAvg, build_strategy
+from fed_iotlm.models.device import train_placement
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
 from fed_iotlm.tracking import RunRecorder
 
@@ -54,8 +55,9 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     seed_everything(int(cfg["seed"]))
     layout = build_layout(cfg)
     spec = model_spec(cfg)
-    model = sync_model(cfg, spec)  # sync.mode=adapters: frozen encoders + adapters
-    test = SplitTensors.from_split(standardize_own(layout.dataset.test))
+    place = train_placement(cfg)  # the server's evaluation follows train.device too
+    model = place.model(sync_model(cfg, spec))  # sync.mode=adapters: frozen encoders + adapters
+    test = SplitTensors.from_split(standardize_own(layout.dataset.test)).placed(place)
     initial = numpy_to_record(state_to_numpy(model))
     wait_s = float(cfg["strategy"].get("wait_for_nodes_s") or 120)
     round_timeout = round_timeout_s(cfg["strategy"])
