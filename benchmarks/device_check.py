@@ -43,6 +43,9 @@ except ImportError as e:  # the wrong interpreter: say which, in one line
 
 PARTS = ("topk", "node", "llm", "simulation")
 NO_GPU_EXIT = 3
+# the accelerator every "gpu" side runs on; --smoke-on-cpu swaps in the CPU to try the
+# code paths on a machine without a GPU (timings then mean nothing; the JSON says so)
+GPU = "cuda"
 
 
 def require_gpu() -> None:
@@ -80,8 +83,11 @@ def node_cfg(dim: int, num_train: int) -> dict:
     )
 
 
-def time_training(cfg: dict, device: str, threads: int, epochs: int) -> dict:
-    """samples/s of ``train_local`` over the pooled training split (all modalities)."""
+def time_training(cfg: dict, device: str, threads: int, samples: int, epochs: int) -> dict:
+    """samples/s of ``train_local`` on the first ``samples`` rows of the pooled training
+    split (all modalities), and the test accuracy the trained model then reaches."""
+    import numpy as np
+
     from fed_iotlm.data.federation import build_layout
     from fed_iotlm.data.preprocess import standardize_own
     from fed_iotlm.experiment import model_spec, train_config
@@ -98,26 +104,27 @@ def time_training(cfg: dict, device: str, threads: int, epochs: int) -> dict:
     torch.set_num_threads(threads)
     place = Placement(torch.device(device))
     layout = build_layout(cfg)
-    train = SplitTensors.from_split(standardize_own(layout.dataset.train)).placed(place)
+    pooled = standardize_own(layout.dataset.train)
+    rows = np.arange(min(samples, len(next(iter(pooled.y.values())))))
+    train = SplitTensors.from_split(pooled.subset(rows)).placed(place)
     test = SplitTensors.from_split(standardize_own(layout.dataset.test)).placed(place)
-    torch.manual_seed(int(cfg["seed"]))
-    model = place.model(MultisensoryModel(model_spec(cfg)))
     tcfg: TrainConfig = train_config(cfg)
-    warm = TrainConfig(**{**tcfg.__dict__, "epochs": 1})
-    train_local(model, train, warm, seed=1)  # kernels, allocator, autotuning
     torch.manual_seed(int(cfg["seed"]))
+    warm = place.model(MultisensoryModel(model_spec(cfg)))
+    train_local(warm, train, TrainConfig(**{**tcfg.__dict__, "epochs": 1}), seed=1)  # warm-up
+    torch.manual_seed(int(cfg["seed"]))  # the same initial weights on every side
     model = place.model(MultisensoryModel(model_spec(cfg)))
-    timed = TrainConfig(**{**tcfg.__dict__, "epochs": epochs})
     _sync()
     t0 = time.perf_counter()
-    stats = train_local(model, train, timed, seed=2)
+    stats = train_local(model, train, TrainConfig(**{**tcfg.__dict__, "epochs": epochs}), seed=2)
     _sync()
     dt = time.perf_counter() - t0
-    samples = stats["num_labelled"] * epochs
     return {
         "device": device,
         "threads": threads,
-        "samples_per_s": round(samples / dt, 1),
+        "samples": int(stats["num_labelled"]),
+        "epochs": epochs,
+        "samples_per_s": round(stats["num_labelled"] * epochs / dt, 1),
         "seconds": round(dt, 3),
         "train_loss": round(stats["train_loss"], 4),
         "test_accuracy": round(mean_accuracy(evaluate(model, test)), 4),
@@ -125,13 +132,18 @@ def time_training(cfg: dict, device: str, threads: int, epochs: int) -> dict:
 
 
 def node_part(quick: bool) -> dict:
-    out: dict = {"batch_size": None, "models": {}}
-    for label, dim, cpu_epochs, gpu_epochs in (("default", 64, 2, 4), ("wide_10x", 640, 1, 4)):
-        cfg = node_cfg(dim, 1000 if quick else 4000)
+    """Rates on a subset sized so the slow side (one CPU thread) takes seconds; then the
+    default model trained on the whole split on each device, to compare accuracies."""
+    out: dict = {"models": {}}
+    cores = os.cpu_count() or 1
+    sizes = (("default", 64, 1024, 5), ("wide_10x", 640, 256, 10))
+    for label, dim, samples, gpu_epochs in sizes:
+        cfg = node_cfg(dim, 4000)
         out["batch_size"] = int(cfg["train"]["batch_size"])
-        gpu = time_training(cfg, "cuda", torch.get_num_threads(), gpu_epochs)
-        one = time_training(cfg, "cpu", 1, cpu_epochs)
-        every = time_training(cfg, "cpu", os.cpu_count() or 1, cpu_epochs)
+        samples = samples // 4 if quick else samples
+        gpu = time_training(cfg, GPU, cores, samples, gpu_epochs)
+        one = time_training(cfg, "cpu", 1, samples, 1)
+        every = time_training(cfg, "cpu", cores, samples, 1)
         out["models"][label] = {
             "model_dim": dim,
             "gpu": gpu,
@@ -140,7 +152,13 @@ def node_part(quick: bool) -> dict:
             "ratio_gpu_vs_cpu_1_thread": round(gpu["samples_per_s"] / one["samples_per_s"], 2),
             "ratio_gpu_vs_cpu_all_threads": round(gpu["samples_per_s"] / every["samples_per_s"], 2),
         }
-    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = node_cfg(64, 4000)
+    epochs, whole = int(cfg["train"]["epochs"]), 1000 if quick else 4000
+    out["same_training_default_model"] = {  # whole split, train.epochs, same init and seed
+        "gpu": time_training(cfg, GPU, cores, whole, epochs),
+        "cpu_all_threads": time_training(cfg, "cpu", cores, whole, epochs),
+    }
+    torch.set_num_threads(cores)
     return out
 
 
@@ -201,12 +219,13 @@ def run_simulation_side(cfg: dict, nodes: int, rounds: int, warmup: int) -> dict
 
 
 def simulation_part(quick: bool) -> dict:
-    nodes = 20 if quick else 100
-    per_node, rounds, warmup = 200, 2, 1
+    nodes, per_node = (10, 50) if quick else (100, 200)
+    rounds, warmup = 2, 1
     at_once = max(1, os.cpu_count() or 1)  # one core per node on both sides
     share = round(1.0 / at_once, 4)
     cpu = run_simulation_side(simulation_cfg(nodes, per_node, "cpu", 0), nodes, rounds, warmup)
-    gpu = run_simulation_side(simulation_cfg(nodes, per_node, "cuda", share), nodes, rounds, warmup)
+    gpu_cfg = simulation_cfg(nodes, per_node, GPU, share if GPU == "cuda" else 0)
+    gpu = run_simulation_side(gpu_cfg, nodes, rounds, warmup)
     return {
         "nodes": nodes,
         "samples_per_node": per_node,
@@ -228,11 +247,11 @@ def topk_part(quick: bool) -> dict:
 
     from fed_iotlm.binding.index import SearchConfig, normalize, top_k, torch_top_k
 
-    n_gpu, n_cpu, d = (200_000, 20_000, 128) if quick else (1_000_000, 100_000, 128)
+    n_gpu, n_cpu, d = (20_000, 5_000, 128) if quick else (1_000_000, 100_000, 128)
     rng = np.random.default_rng(0)
     db = normalize(rng.standard_normal((n_gpu, d), dtype=np.float32))
     q = normalize(rng.standard_normal((n_gpu, d), dtype=np.float32))
-    cfg = SearchConfig(device="cuda", memory_budget_bytes=4 * 2**30)
+    cfg = SearchConfig(device=GPU, memory_budget_bytes=4 * 2**30)
     torch_top_k(q[:1024], db[:4096], 1, cfg)  # CUDA context, cuBLAS handles
     _sync()
     t0 = time.perf_counter()
@@ -268,6 +287,8 @@ def topk_part(quick: bool) -> dict:
 def llm_part(quick: bool) -> dict:
     from benchmarks.llm_step import gpu_figures
 
+    if GPU != "cuda":
+        return {"skipped": "--smoke-on-cpu: a ~1B model in bf16 needs the GPU"}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     out = gpu_figures(repeats=3 if quick else 10)
@@ -286,6 +307,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS), help=f"any of {','.join(PARTS)}")
     p.add_argument("--deadline-s", type=float, default=450.0, help="skip parts past it (450)")
     p.add_argument("--quick", action="store_true", help="smaller sizes: a smoke run")
+    p.add_argument(
+        "--smoke-on-cpu", action="store_true",
+        help="run the 'gpu' sides on the CPU to try the code paths (no figure means anything)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.part_list = [x for x in args.parts.split(",") if x]
     unknown = [x for x in args.part_list if x not in PARTS]
@@ -299,15 +324,22 @@ BUDGET_S = {"topk": 60, "node": 90, "llm": 60, "simulation": 200}
 
 
 def main(argv: list[str] | None = None) -> int:
+    global GPU
     args = parse_args(argv)
-    require_gpu()
+    if args.smoke_on_cpu:
+        GPU = "cpu"
+    else:
+        require_gpu()
     from benchmarks.machine import emit, loadavg, machine_info
 
     start = time.perf_counter()
     result: dict = {
         "benchmark": "device_check",
-        "gpu": torch.cuda.get_device_name(),
-        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        "smoke_on_cpu": args.smoke_on_cpu,
+        "gpu": torch.cuda.get_device_name() if GPU == "cuda" else None,
+        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        if GPU == "cuda"
+        else None,
         "machine": machine_info(torch=torch.__version__, cuda=str(torch.version.cuda)),
         "loadavg_start": loadavg(),
         "quick": args.quick,
