@@ -107,11 +107,12 @@ def time_training(cfg: dict, device: str, threads: int, samples: int, epochs: in
     pooled = standardize_own(layout.dataset.train)
     rows = np.arange(min(samples, len(next(iter(pooled.y.values())))))
     train = SplitTensors.from_split(pooled.subset(rows)).placed(place)
+    few = SplitTensors.from_split(pooled.subset(rows[:64])).placed(place)
     test = SplitTensors.from_split(standardize_own(layout.dataset.test)).placed(place)
     tcfg: TrainConfig = train_config(cfg)
     torch.manual_seed(int(cfg["seed"]))
     warm = place.model(MultisensoryModel(model_spec(cfg)))
-    train_local(warm, train, TrainConfig(**{**tcfg.__dict__, "epochs": 1}), seed=1)  # warm-up
+    train_local(warm, few, TrainConfig(**{**tcfg.__dict__, "epochs": 1}), seed=1)  # warm-up
     torch.manual_seed(int(cfg["seed"]))  # the same initial weights on every side
     model = place.model(MultisensoryModel(model_spec(cfg)))
     _sync()
@@ -136,11 +137,11 @@ def node_part(quick: bool) -> dict:
     default model trained on the whole split on each device, to compare accuracies."""
     out: dict = {"models": {}}
     cores = os.cpu_count() or 1
-    sizes = (("default", 64, 1024, 5), ("wide_10x", 640, 256, 10))
+    sizes = (("default", 64, 1024, 5), ("wide_10x", 640, 128, 20))
     for label, dim, samples, gpu_epochs in sizes:
         cfg = node_cfg(dim, 4000)
         out["batch_size"] = int(cfg["train"]["batch_size"])
-        samples = samples // 4 if quick else samples
+        samples = samples // 8 if quick else samples
         gpu = time_training(cfg, GPU, cores, samples, gpu_epochs)
         one = time_training(cfg, "cpu", 1, samples, 1)
         every = time_training(cfg, "cpu", cores, samples, 1)
@@ -153,7 +154,7 @@ def node_part(quick: bool) -> dict:
             "ratio_gpu_vs_cpu_all_threads": round(gpu["samples_per_s"] / every["samples_per_s"], 2),
         }
     cfg = node_cfg(64, 4000)
-    epochs, whole = int(cfg["train"]["epochs"]), 1000 if quick else 4000
+    epochs, whole = int(cfg["train"]["epochs"]), 256 if quick else 4000
     out["same_training_default_model"] = {  # whole split, train.epochs, same init and seed
         "gpu": time_training(cfg, GPU, cores, whole, epochs),
         "cpu_all_threads": time_training(cfg, "cpu", cores, whole, epochs),

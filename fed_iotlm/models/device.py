@@ -216,7 +216,7 @@ def check_devices(cfg: dict) -> None:
     place = train_placement(cfg)
     binding_device(cfg)
     sim = cfg.get("simulation") or {}
-    explicit = str((cfg.get("train") or {}).get("device", "auto")).startswith("cuda")
+    explicit = str((cfg.get("train") or {}).get("device", "auto")).strip().lower() != "auto"
     federated = cfg.get("method") in ("federated", "fedavg", "harmony", "mmbind")
     if place.cuda and explicit and federated and not float(sim.get("gpus_per_node") or 0) > 0:
         raise DeviceError(
