@@ -62,6 +62,14 @@ def require_gpu() -> None:
     sys.exit(NO_GPU_EXIT)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (not the host's count inside a container)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -136,7 +144,7 @@ def node_part(quick: bool) -> dict:
     """Rates on a subset sized so the slow side (one CPU thread) takes seconds; then the
     default model trained on the whole split on each device, to compare accuracies."""
     out: dict = {"models": {}}
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     sizes = (("default", 64, 1024, 5), ("wide_10x", 640, 128, 20))
     for label, dim, samples, gpu_epochs in sizes:
         cfg = node_cfg(dim, 4000)
@@ -222,7 +230,7 @@ def run_simulation_side(cfg: dict, nodes: int, rounds: int, warmup: int) -> dict
 def simulation_part(quick: bool) -> dict:
     nodes, per_node = (10, 50) if quick else (100, 200)
     rounds, warmup = 2, 1
-    at_once = max(1, os.cpu_count() or 1)  # one core per node on both sides
+    at_once = usable_cores()  # one core per node on both sides
     share = round(1.0 / at_once, 4)
     cpu = run_simulation_side(simulation_cfg(nodes, per_node, "cpu", 0), nodes, rounds, warmup)
     gpu_cfg = simulation_cfg(nodes, per_node, GPU, share if GPU == "cuda" else 0)
@@ -259,7 +267,7 @@ def topk_part(quick: bool) -> dict:
     _, ids = torch_top_k(q, db, 1, cfg)  # host arrays in, host arrays out
     _sync()
     gpu_s = time.perf_counter() - t0
-    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    faiss.omp_set_num_threads(usable_cores())
     t0 = time.perf_counter()
     top_k(q[:n_cpu], db[:n_cpu], 1, SearchConfig(exact_limit=n_cpu))
     cpu_s = time.perf_counter() - t0
@@ -271,7 +279,7 @@ def topk_part(quick: bool) -> dict:
         "faiss_cpu_exact": {
             "queries": n_cpu,
             "database": n_cpu,
-            "threads": os.cpu_count(),
+            "threads": usable_cores(),
             "seconds": round(cpu_s, 2),
             "scaled_to_gpu_size_s": round(cpu_s * scale, 1),
             "scale": scale,
