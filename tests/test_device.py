@@ -117,6 +117,40 @@ def test_a_ray_worker_without_a_gpu_share_stays_on_the_cpu(monkeypatch):
     assert resolve_device("auto", "train.device") == torch.device("cuda")
 
 
+def _probe_device() -> tuple[list | None, str]:
+    from fed_iotlm.models.device import ray_gpu_share, resolve_device
+
+    return ray_gpu_share(), str(resolve_device("auto", "train.device"))
+
+
+@pytest.mark.integration
+def test_ray_workers_report_their_gpu_share():
+    """In a real Ray worker: no share -> [] and the CPU; a (declared) GPU share -> its id.
+    The driver is not a worker (None)."""
+    import logging
+
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=1,
+        num_gpus=1,  # declared only: Ray hands out the id whether or not the GPU exists
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
+    try:
+        none = ray.remote(num_cpus=1, num_gpus=0)(_probe_device)
+        share = ray.remote(num_cpus=1, num_gpus=0.5)(_probe_device)
+        assert ray.get(none.remote()) == ([], "cpu")
+        ids, device = ray.get(share.remote())
+        assert len(ids) == 1
+        assert device == ("cuda" if torch.cuda.is_available() else "cpu")
+        assert _probe_device()[0] is None
+    finally:
+        ray.shutdown()
+
+
 # ------------------------------------------------------------------ copies, autocast
 
 

@@ -19,6 +19,7 @@ batch's kernels.  On the CPU every helper here is a no-op: the CPU path is uncha
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -86,8 +87,6 @@ def why_no_gpu() -> str:
         return "this simulated node holds no GPU share (simulation.gpus_per_node=0)"
     if torch.version.cuda is None:
         return f"this torch build ({torch.__version__}) has no CUDA support"
-    import os
-
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     hidden = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
     return f"no CUDA GPU is visible to this process{hidden}"
