@@ -19,6 +19,7 @@ from fed_iotlm.data.preprocess import Standardizer
 from fed_iotlm.experiment import model_spec, train_config
 from fed_iotlm.federation.adapter_sync import adapter_counts, attach_sync_adapters, sync_config
 from fed_iotlm.federation.groups import keys_by_group, node_groups
+from fed_iotlm.models.device import Placement, train_placement
 from fed_iotlm.models.multisensory import ModelSpec, MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, TrainConfig
 from fed_iotlm.personal import personalise_node
@@ -51,6 +52,7 @@ class NodeRuntime:
     # above use the node's own training statistics until the server sends those)
     raw: NodeSplits | None = None
     val: SplitTensors | None = None
+    place: Placement | None = None  # where its tensors live (train.device)
     _views: dict[str, NodeRuntime] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -65,12 +67,11 @@ class NodeRuntime:
             if self.raw is None:
                 raise RuntimeError(f"node {self.node} keeps no unstandardised data")
             out = self.raw.standardized(scaler)
+            tensors = [SplitTensors.from_split(s) for s in (out.train, out.val, out.test)]
+            if self.place is not None:
+                tensors = [t.placed(self.place) for t in tensors]
             self._views[digest] = replace(
-                self,
-                train=SplitTensors.from_split(out.train),
-                val=SplitTensors.from_split(out.val),
-                test=SplitTensors.from_split(out.test),
-                _views={},
+                self, train=tensors[0], val=tensors[1], test=tensors[2], _views={}
             )
         return self._views[digest]
 
@@ -141,12 +142,13 @@ def _runtime(
         attach_sync_adapters(model, sync_config(cfg), int(cfg["seed"]))
         counts = adapter_counts(counts)
     personal_keys, personal_init, counts = personalise_node(cfg, model, node, counts, list(train.x))
+    place = train_placement(cfg)  # train.device: this node's GPU share, else the CPU
     return NodeRuntime(
         node=node,
         modalities=list(train.x),
-        train=SplitTensors.from_split(train),
-        test=SplitTensors.from_split(own.test),
-        model=model,
+        train=SplitTensors.from_split(train).placed(place),
+        test=SplitTensors.from_split(own.test).placed(place),
+        model=place.model(model),
         group_counts=counts,
         train_cfg=train_config(cfg),
         sends_all_groups=sends_all,
@@ -156,5 +158,6 @@ def _runtime(
         personal_keys=personal_keys,
         personal_init=personal_init,
         raw=raw,
-        val=SplitTensors.from_split(own.val),
+        val=SplitTensors.from_split(own.val).placed(place),
+        place=place,
     )

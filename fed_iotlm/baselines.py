@@ -24,6 +24,7 @@ from fed_iotlm.experiment import model_spec, plan_by_node, train_config
 from fed_iotlm.federation.bundle import save_bundle, statistics_meta
 from fed_iotlm.federation.normalization import normalization_mode
 from fed_iotlm.federation.records import state_to_numpy
+from fed_iotlm.models.device import train_placement
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import (
     SplitTensors,
@@ -53,6 +54,7 @@ def run_local_only(cfg: dict, out_dir: Path) -> Path:
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
     per_site = normalization_mode(cfg) == "per_site"
+    place = train_placement(cfg)  # train.device
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
     nodes = []
@@ -64,8 +66,11 @@ def run_local_only(cfg: dict, out_dir: Path) -> Path:
         refs = reference_sets(layout, None if per_site else scaler, normalization_mode(cfg))
         nodes.append(
             _LocalNode(
-                MultisensoryModel(spec),
-                *(SplitTensors.from_split(s) for s in (own.train, own.test, refs.val, refs.test)),
+                place.model(MultisensoryModel(spec)),
+                *(
+                    SplitTensors.from_split(s).placed(place)
+                    for s in (own.train, own.test, refs.val, refs.test)
+                ),
             )
         )
     spent = []
@@ -117,12 +122,14 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
     torch.manual_seed(int(cfg["seed"]))
-    model = MultisensoryModel(spec)
+    place = train_placement(cfg)  # train.device
+    model = place.model(MultisensoryModel(spec))
     pooled = layout.dataset.train.subset(np.concatenate(layout.train_parts))
     pooled = hide_labels(pooled, layout.label_fraction, int(cfg["seed"]))
     scaler, refs = pooled_reference(cfg, layout)
-    train = SplitTensors.from_split(scaler.transform(pooled))
-    test, val = SplitTensors.from_split(refs.test), SplitTensors.from_split(refs.val)
+    train = SplitTensors.from_split(scaler.transform(pooled)).placed(place)
+    test = SplitTensors.from_split(refs.test).placed(place)
+    val = SplitTensors.from_split(refs.val).placed(place)
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
     spent = []
@@ -134,7 +141,8 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
     by_node = {}
     for i in range(layout.num_nodes):
         _, own_test = layout.node_data(i, scaler)
-        by_node[str(i)] = mean_accuracy(evaluate(model, SplitTensors.from_split(own_test)))
+        own = SplitTensors.from_split(own_test).placed(place)
+        by_node[str(i)] = mean_accuracy(evaluate(model, own))
     state = state_to_numpy(model)
     save_bundle(
         out_dir / "bundle",

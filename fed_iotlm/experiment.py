@@ -8,6 +8,7 @@ from fed_iotlm.binding.index import SearchConfig
 from fed_iotlm.binding.matching import MatchConfig
 from fed_iotlm.binding.training import BindTrainConfig
 from fed_iotlm.data.federation import build_layout
+from fed_iotlm.models.device import binding_device
 from fed_iotlm.models.multisensory import ModelSpec
 from fed_iotlm.models.training import TrainConfig
 
@@ -88,7 +89,7 @@ def match_config(cfg: dict) -> MatchConfig:
         floor=float(b["floor"]),
         weight_power=float(b["weight_power"]),
         use_labels=bool(b["use_labels"]),
-        search=SearchConfig(exact_limit=int(b["exact_limit"])),
+        search=SearchConfig(exact_limit=int(b["exact_limit"]), device=binding_device(cfg)),
     )
 
 

@@ -31,6 +31,7 @@ from fed_iotlm.federation.records import (
 )
 from fed_iotlm.federation.secure import check_composable
 from fed_iotlm.federation.strategy import ModalityAwareFedAvg, build_strategy
+from fed_iotlm.models.device import train_placement
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
 from fed_iotlm.protocol import protocol_record
 from fed_iotlm.tracking import RunRecorder
@@ -57,7 +58,8 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     seed_everything(int(cfg["seed"]))
     layout = build_layout(cfg)
     spec = model_spec(cfg)
-    model = sync_model(cfg, spec)  # sync.mode=adapters: frozen encoders + adapters
+    place = train_placement(cfg)  # the server's evaluation follows train.device too
+    model = place.model(sync_model(cfg, spec))  # sync.mode=adapters: frozen encoders + adapters
     initial = numpy_to_record(state_to_numpy(model))
     wait_s = float(cfg["strategy"].get("wait_for_nodes_s") or 120)
     round_timeout = round_timeout_s(cfg["strategy"])
@@ -66,7 +68,8 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     # input statistics from the nodes' training data; every later message carries them
     grid, scaler = pooled_statistics(grid, cfg, roster.node_ids.values(), round_timeout)
     refs = reference_sets(layout, scaler, normalization_mode(cfg))
-    test, val = SplitTensors.from_split(refs.test), SplitTensors.from_split(refs.val)
+    test = SplitTensors.from_split(refs.test).placed(place)
+    val = SplitTensors.from_split(refs.val).placed(place)
     # sites that die and come back (maybe under a new node id) are picked up per round
     live = LiveRoster(roster, layout.num_nodes, identify_timeout_s=round_timeout, wait_s=wait_s)
     outcomes: dict[int, RoundOutcome] = {}  # who answered each round (server/participation.py)

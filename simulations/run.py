@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fed_iotlm.experiment import check_method
+from fed_iotlm.models.device import check_devices
 from simulations.ray_cluster import attached, backend_config, for_cluster, ray_settings
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -33,6 +34,7 @@ def run_experiment(
     node's ClientApp as Flower client mods; ``grid_hook`` wraps the ServerApp's Grid, so
     a test can see everything the server receives)."""
     method = check_method(cfg)
+    check_devices(cfg)  # train.device / binding.device: one clear line before any work
     cfg = {**cfg, "output_dir": str(out_dir)}
     if method == "local":
         from fed_iotlm.baselines import run_local_only

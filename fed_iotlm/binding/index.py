@@ -7,7 +7,9 @@ speed; we never materialise an N×M similarity matrix beyond ``memory_budget_byt
 * ``size <= exact_limit``: ``IndexFlatIP`` (exact).
 * larger: ``IndexHNSWFlat`` with inner-product metric (approximate); its recall@1
   against exact search on a sample of queries is measured by :func:`recall_at_1`.
-* ``device="cuda"``: exact top-k with torch matmuls in query chunks sized to the budget.
+* ``device="cuda"`` (``binding.device``): exact top-k at any size with torch matmuls in
+  blocks sized to the budget (:func:`torch_top_k`).  faiss-gpu is not used: the wheel
+  installed here is faiss-cpu, and the torch path is exact and needs nothing more.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class SearchConfig:
     hnsw_ef_search: int = 128  # HNSW breadth at query time (recall vs speed)
     hnsw_ef_construction: int = 80
     memory_budget_bytes: int = 512 * 2**20  # for the torch path's similarity blocks
-    device: str = "cpu"
+    device: str = "cpu"  # cpu: faiss; cuda[:N]: torch_top_k (binding.device)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -50,7 +52,7 @@ def top_k(
     if len(q) == 0 or len(db) == 0:
         return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
     if cfg.device.startswith("cuda"):
-        return _torch_top_k(q, db, k, cfg)
+        return torch_top_k(q, db, k, cfg)
     return _faiss_top_k(q, db, k, cfg)
 
 
@@ -76,21 +78,53 @@ def _faiss_top_k(q: np.ndarray, db: np.ndarray, k: int, cfg: SearchConfig):
     return sims, ids.astype(np.int64)
 
 
-def _torch_top_k(q: np.ndarray, db: np.ndarray, k: int, cfg: SearchConfig):
+def torch_top_k(q: np.ndarray, db: np.ndarray, k: int, cfg: SearchConfig):
+    """Exact top-k of normalised rows with torch matmuls on ``cfg.device`` (any torch
+    device: the CPU runs it too, which is how tests compare it with faiss).
+
+    Memory stays within ``memory_budget_bytes`` of similarity scores: queries go in row
+    chunks and the database in column chunks (a running top-k merges the chunks), so a
+    1M x 1M search never holds more than one [rows, cols] block.  float32 throughout
+    (TF32 matmuls are off unless the caller enabled them), hence equal to faiss's
+    ``IndexFlatIP`` up to float rounding of near-ties.
+    """
     import torch
 
     dev = torch.device(cfg.device)
     dbt = torch.from_numpy(db).to(dev)
     kk = min(k, len(db))
-    rows = max(1, cfg.memory_budget_bytes // (4 * len(db)))
+    rows, cols = chunk_shape(len(q), len(db), kk, cfg.memory_budget_bytes)
     out_s = np.full((len(q), k), -np.inf, np.float32)
     out_i = np.full((len(q), k), -1, np.int64)
+    host = torch.from_numpy(q)
+    if dev.type == "cuda":
+        host = host.pin_memory()
     for start in range(0, len(q), rows):
-        block = torch.from_numpy(q[start : start + rows]).to(dev) @ dbt.T
-        s, i = torch.topk(block, kk, dim=1)
-        out_s[start : start + rows, :kk] = s.cpu().numpy()
-        out_i[start : start + rows, :kk] = i.cpu().numpy()
+        qt = host[start : start + rows].to(dev, non_blocking=dev.type == "cuda")
+        best_s = best_i = None
+        for c0 in range(0, len(db), cols):
+            block = qt @ dbt[c0 : c0 + cols].T
+            s, i = torch.topk(block, min(kk, block.shape[1]), dim=1)
+            i = i + c0
+            if best_s is not None:  # merge with the columns seen so far
+                s, pos = torch.topk(torch.cat([best_s, s], 1), kk, dim=1)
+                i = torch.gather(torch.cat([best_i, i], 1), 1, pos)
+            best_s, best_i = s, i
+        out_s[start : start + rows, :kk] = best_s.cpu().numpy()
+        out_i[start : start + rows, :kk] = best_i.cpu().numpy()
     return out_s, out_i
+
+
+def chunk_shape(n_q: int, n_db: int, k: int, budget_bytes: int) -> tuple[int, int]:
+    """(query rows, database columns) of one float32 similarity block within the budget:
+    all columns when at least ``MIN_ROWS`` rows fit, else column chunks of the database."""
+    cells = max(1, budget_bytes // 4)
+    cols = n_db if n_db * min(MIN_ROWS, n_q) <= cells else max(k, cells // MIN_ROWS)
+    rows = max(1, min(n_q, cells // cols))
+    return rows, cols
+
+
+MIN_ROWS = 256  # fewer query rows per block would leave a GPU mostly idle
 
 
 def recall_at_1(

@@ -14,17 +14,23 @@ import torch
 
 from fed_iotlm.data.dataset import Split
 
+from .device import Placement, place_tensors, placement_of, stream_batch
 from .heads import multitask_loss
 from .multisensory import MultisensoryModel
 
 
 @dataclass
 class SplitTensors:
-    """A split as torch tensors: features, presence masks and labels."""
+    """A split as torch tensors: features, presence masks and labels.
+
+    ``stream_to``: the device each batch is copied to as it is drawn, when the split is
+    too large to live there (see :meth:`placed`); None: batches stay where the tensors are.
+    """
 
     x: dict[str, torch.Tensor]
     mask: dict[str, torch.Tensor]
     y: dict[str, torch.Tensor]
+    stream_to: torch.device | None = None
 
     @classmethod
     def from_split(cls, split: Split, device: str | torch.device = "cpu") -> SplitTensors:
@@ -34,16 +40,22 @@ class SplitTensors:
             y={t: torch.from_numpy(v.astype(np.int64)).to(device) for t, v in split.y.items()},
         )
 
+    def placed(self, place: Placement) -> SplitTensors:
+        """This split where ``place`` computes (:func:`fed_iotlm.models.device.place_tensors`)."""
+        groups, stream_to = place_tensors({"x": self.x, "mask": self.mask, "y": self.y}, place)
+        return SplitTensors(**groups, stream_to=stream_to)
+
     def __len__(self) -> int:
         return int(next(iter(self.y.values())).shape[0])
 
     def batch(self, idx: torch.Tensor, modalities: Iterable[str] | None = None):
         names = list(self.x) if modalities is None else [m for m in modalities if m in self.x]
-        return (
+        parts = (
             {m: self.x[m][idx] for m in names},
             {m: self.mask[m][idx] for m in names},
             {t: v[idx] for t, v in self.y.items()},
         )
+        return parts if self.stream_to is None else stream_batch(parts, self.stream_to)
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,7 @@ def train_local(
     if index.numel() == 0:
         return {"train_loss": 0.0, "num_labelled": 0.0, "steps": 0.0, "examples": 0.0}
     model.train()
+    place = placement_of(model)  # bf16 autocast on CUDA, nothing on the CPU
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -89,7 +102,8 @@ def train_local(
     seen = 0
     for batch in batch_schedule(index, cfg, gen):
         x, mask, y = data.batch(batch)
-        loss, _ = multitask_loss(model(x, mask), y, cfg.task_weights)
+        with place.autocast():
+            loss, _ = multitask_loss(model(x, mask), y, cfg.task_weights)
         if anchor is not None:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
             loss = loss + 0.5 * cfg.proximal_mu * prox
@@ -143,6 +157,7 @@ def evaluate(
     answers from its biases), so accuracies over different subsets share a denominator.
     """
     model.eval()
+    place = placement_of(model)
     names = list(data.x) if modalities is None else list(modalities)
     correct = {t: 0 for t in data.y}
     seen = {t: 0 for t in data.y}
@@ -150,8 +165,10 @@ def evaluate(
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
         x, mask, y = data.batch(idx, names)
-        logits = model(x, mask)
+        with place.autocast():
+            logits = model(x, mask)
         for t, out in logits.items():
+            out = out.float()  # bf16 under CUDA autocast; scores and losses in float32
             keep = y[t] >= 0
             if not bool(keep.any()):
                 continue
