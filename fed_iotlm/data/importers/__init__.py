@@ -13,4 +13,4 @@ loader, so a finished import is a dataset that ``data=npz data.path=DST`` accept
 
 from __future__ import annotations
 
-LAYOUTS: tuple[str, ...] = ("multiiot", "pamap2", "uea")
+LAYOUTS: tuple[str, ...] = ("extrasensory", "hapt", "multiiot", "pamap2", "uea")
