@@ -3,6 +3,8 @@
 One module per layout, each with an ``import_<layout>(src, dst, ...)`` function for
 Python use and ``add_arguments``/``run`` for ``fed-iotlm import <layout> SRC DST``:
 
+- :mod:`.extrasensory`: ExtraSensory per-user CSVs, one modality per sensor block, user = site.
+- :mod:`.hapt`: UCI HAPT raw recordings, UCI-HAR windows, acc + gyro, volunteer = site.
 - :mod:`.multiiot`: MultiIoT folders ``<root>/<modality>/{train,test}_data.npy``.
 - :mod:`.pamap2`: PAMAP2 ``subjectXXX.dat`` recordings, windowed, subject = site.
 - :mod:`.uea`: UEA/UCR multivariate ``.ts`` archives, dimensions grouped into modalities.
