@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rounds", type=int, default=None, help="override the experiment's rounds")
     p.add_argument("extra", nargs="*", help="more Hydra overrides for every run")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
