@@ -33,7 +33,13 @@ from fed_iotlm.federation.records import (
     numpy_to_record,
     state_to_numpy,
 )
-from fed_iotlm.models.training import evaluate, mean_accuracy, mean_loss, train_local
+from fed_iotlm.models.training import (
+    evaluate,
+    mean_accuracy,
+    mean_loss,
+    mean_metric,
+    train_local,
+)
 from fed_iotlm.personal import (
     personal_config,
     restore_personal,
@@ -158,6 +164,9 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
             "partition-id": float(node.node),
         }
         metrics.update({f"accuracy.{t}": v["accuracy"] for t, v in per_task.items()})
+        for key in ("f1_macro", "balanced_accuracy"):  # class-balanced scores, same split
+            metrics[key] = mean_metric(per_task, key)
+            metrics.update({f"{key}.{t}": v[key] for t, v in per_task.items()})
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     @app.train("pretrain")

@@ -107,6 +107,9 @@ class RunRecorder:
                 {
                     "test_accuracy": test["accuracy"],
                     **({"val_accuracy": val["accuracy"]} if val is not None else {}),
+                    **{
+                        f"test_{k}": test[k] for k in ("f1_macro", "balanced_accuracy") if k in test
+                    },
                     **{f"test_accuracy.{m}": v for m, v in test["accuracy_by_modality"].items()},
                     **{f"node_accuracy.{n}": v for n, v in accuracy_by_node.items()},
                 }
@@ -161,6 +164,13 @@ def print_table(results: dict) -> None:
         f"{test['accuracy']:.3f}",
         *[f"{test['by_task'][t]['accuracy']:.3f}" for t in tasks],
     )
+    for key, label in (("f1_macro", "macro-F1"), ("balanced_accuracy", "balanced accuracy")):
+        if key in test:  # class-balanced scores, same model and split
+            table.add_row(
+                f"all modalities, {label}",
+                f"{test[key]:.3f}",
+                *[f"{test['by_task'][t][key]:.3f}" for t in tasks],
+            )
     for m, acc in test["accuracy_by_modality"].items():
         table.add_row(
             f"only {m}",

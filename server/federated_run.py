@@ -144,8 +144,11 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     final = record_to_numpy(arrays)
     load_into(model, final)
     final_grid = LiveNodesGrid(grid, live.refresh(grid))  # one live node per partition
-    node_accuracy = evaluate_nodes(final_grid, arrays, timeout=round_timeout)
+    by_node = node_scores(final_grid, arrays, timeout=round_timeout)
+    node_accuracy = {n: v["accuracy"] for n, v in by_node.items()}
     report = test_report(model, test)
+    for key in ("f1_macro", "balanced_accuracy"):  # beside test.accuracy_by_node
+        report[f"{key}_by_node"] = {n: v[key] for n, v in by_node.items() if key in v}
     comm = communication(strategy, initial, int(cfg["rounds"]), layout.num_nodes)
     save_bundle(
         out_dir / "bundle",
@@ -223,8 +226,16 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:
 
 
 def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> dict[str, float]:
+    """Each node's accuracy of the final model on its own test split (see :func:`node_scores`)."""
+    return {n: v["accuracy"] for n, v in node_scores(grid, arrays, timeout).items()}
+
+
+def node_scores(
+    grid: Grid, arrays: ArrayRecord, timeout: float = 3600
+) -> dict[str, dict[str, float]]:
     """Each node scores the final model on its own test split with its own modalities
-    (a chunk of nodes at a time: see :mod:`.chunked`)."""
+    (a chunk of nodes at a time: see :mod:`.chunked`): accuracy, and macro-F1 and
+    balanced accuracy where the node reports them."""
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": ConfigRecord()}),
@@ -233,7 +244,7 @@ def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> di
         )
         for node_id in grid.get_node_ids()
     ]
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {}
     replies = list(send_and_receive_chunked(grid, messages, timeout=timeout))
     if len(replies) < len(messages):
         log(
@@ -252,7 +263,11 @@ def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> di
             )
             continue
         metrics = reply.content["metrics"]
-        out[str(int(metrics["partition-id"]))] = float(metrics["accuracy"])
+        out[str(int(metrics["partition-id"]))] = {
+            k: float(metrics[k])
+            for k in ("accuracy", "f1_macro", "balanced_accuracy")
+            if k in metrics
+        }
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fed_iotlm.data.dataset import Split
+from fed_iotlm.metrics import balanced_accuracy, f1_macro
 
 from .device import Placement, place_tensors, placement_of, stream_batch
 from .heads import multitask_loss
@@ -151,10 +152,13 @@ def evaluate(
     modalities: Iterable[str] | None = None,
     batch_size: int = 512,
 ) -> dict[str, dict[str, float]]:
-    """Per-task accuracy and loss on labelled samples, using only ``modalities`` (default all).
+    """Per-task accuracy, loss, macro-F1 and balanced accuracy on labelled samples, using
+    only ``modalities`` (default all).
 
     Samples with none of the chosen modalities present are still scored (the model
     answers from its biases), so accuracies over different subsets share a denominator.
+    The class-balanced scores come from a confusion matrix summed over batches
+    (:mod:`fed_iotlm.metrics`), so they are exact, not averages of batch scores.
     """
     model.eval()
     place = placement_of(model)
@@ -162,6 +166,7 @@ def evaluate(
     correct = {t: 0 for t in data.y}
     seen = {t: 0 for t in data.y}
     loss_sum = {t: 0.0 for t in data.y}
+    confusion: dict[str, torch.Tensor] = {}
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
         x, mask, y = data.batch(idx, names)
@@ -173,20 +178,38 @@ def evaluate(
             if not bool(keep.any()):
                 continue
             seen[t] += int(keep.sum())
-            correct[t] += int((out[keep].argmax(1) == y[t][keep]).sum())
+            pred = out[keep].argmax(1)
+            correct[t] += int((pred == y[t][keep]).sum())
+            k = out.shape[1]
+            counts = torch.bincount(y[t][keep] * k + pred, minlength=k * k).cpu()
+            confusion[t] = confusion[t] + counts if t in confusion else counts
             loss_sum[t] += float(
                 torch.nn.functional.cross_entropy(out[keep], y[t][keep], reduction="sum")
             )
     return {
-        t: {"accuracy": correct[t] / seen[t], "loss": loss_sum[t] / seen[t]}
+        t: {
+            "accuracy": correct[t] / seen[t],
+            "loss": loss_sum[t] / seen[t],
+            **class_balanced(confusion[t].numpy().reshape(int(confusion[t].numel() ** 0.5), -1)),
+        }
         for t in data.y
         if seen[t] > 0
     }
 
 
+def class_balanced(cm: np.ndarray) -> dict[str, float]:
+    """Macro-F1 and balanced accuracy of one confusion matrix."""
+    return {"f1_macro": f1_macro(cm), "balanced_accuracy": balanced_accuracy(cm)}
+
+
 def mean_accuracy(per_task: dict[str, dict[str, float]]) -> float:
     """Mean over tasks of accuracy (the headline number in results.json)."""
     return float(np.mean([v["accuracy"] for v in per_task.values()])) if per_task else float("nan")
+
+
+def mean_metric(per_task: dict[str, dict[str, float]], key: str) -> float:
+    """Mean over tasks of ``key`` (``f1_macro``, ``balanced_accuracy``, ...)."""
+    return float(np.mean([v[key] for v in per_task.values()])) if per_task else float("nan")
 
 
 def mean_loss(per_task: dict[str, dict[str, float]]) -> float:

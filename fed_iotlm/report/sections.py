@@ -99,19 +99,31 @@ def _task_acc(run: Run, task: str) -> float | None:
     return by_task.get(task, {}).get("accuracy")
 
 
+# class-balanced test scores (results.json ``test.<key>``), shown when some run has them
+BALANCED: dict[str, str] = {"f1_macro": "macro-F1", "balanced_accuracy": "balanced acc."}
+
+
+def _test_score(run: Run, key: str) -> float | None:
+    value = (run.results or {}).get("test", {}).get(key)
+    return run.metrics.get(f"test_{key}") if value is None else value
+
+
 def final_accuracy(study: Study, out: Path) -> Section | str:
     tasks = _task_names(study.runs)
+    bal = [k for k in BALANCED if any(_test_score(r, k) is not None for r in study.runs)]
     groups = Table(
-        ["group", "runs", "accuracy (mean ± std)", "best", *tasks, "wall s"],
+        ["group", "runs", "accuracy (mean ± std)", "best", *[f"{BALANCED[k]} (mean ± std)" for k in bal], *tasks, "wall s"],
         [],
-        caption="Groups, best mean first. Accuracy: test set, all modalities, mean over tasks.",
-        numeric=[False, True, True, True, *[True] * len(tasks), True],
-    )
+        caption="Groups, best mean first. Accuracy: test set, all modalities, mean over tasks"
+        + ("; macro-F1 and balanced accuracy likewise, mean over tasks." if bal else "."),
+        numeric=[False, True, True, True, *[True] * len(bal), *[True] * len(tasks), True],
+    )  # fmt: skip
     for g, rs in study.groups.items():
         accs = [r.accuracy for r in rs]
         walls = [(r.results or {}).get("wall_s") for r in rs]
         groups.rows.append([
             g, str(len(rs)), mean_std(accs), fmt(max((a for a in accs if a is not None), default=None)),
+            *[mean_std([_test_score(r, k) for r in rs]) for k in bal],
             *[fmt(mean_or_none([_task_acc(r, t) for r in rs])) for t in tasks],
             fmt(mean_or_none(walls), 0),
         ])  # fmt: skip
@@ -119,15 +131,16 @@ def final_accuracy(study: Study, out: Path) -> Section | str:
     short = short_keys(shown)
     extra = [] if "rounds" in shown else ["rounds"]
     per_run = Table(
-        ["run", *[short[k] for k in shown], "accuracy", *tasks, *extra],
+        ["run", *[short[k] for k in shown], "accuracy", *[BALANCED[k] for k in bal], *tasks, *extra],
         [],
         caption="Every run, grouped as above, best first within a group.",
-        numeric=[False, *[False] * len(shown), True, *[True] * len(tasks), *[True] * len(extra)],
-    )
+        numeric=[False, *[False] * len(shown), True, *[True] * len(bal), *[True] * len(tasks), *[True] * len(extra)],
+    )  # fmt: skip
     for rs in study.groups.values():
         for r in sorted(rs, key=lambda r: -(r.accuracy or -1)):
             per_run.rows.append([
                 r.name, *[study.namer.show(k, r.params.get(k)) for k in shown], fmt(r.accuracy),
+                *[fmt(_test_score(r, k)) for k in bal],
                 *[fmt(_task_acc(r, t)) for t in tasks], *[r.params.get("rounds", "–") for _ in extra],
             ])  # fmt: skip
     return Section(

@@ -3,6 +3,8 @@
 One module per layout, each with an ``import_<layout>(src, dst, ...)`` function for
 Python use and ``add_arguments``/``run`` for ``fed-iotlm import <layout> SRC DST``:
 
+- :mod:`.extrasensory`: ExtraSensory per-user CSVs, one modality per sensor block, user = site.
+- :mod:`.hapt`: UCI HAPT raw recordings, UCI-HAR windows, acc + gyro, volunteer = site.
 - :mod:`.multiiot`: MultiIoT folders ``<root>/<modality>/{train,test}_data.npy``.
 - :mod:`.pamap2`: PAMAP2 ``subjectXXX.dat`` recordings, windowed, subject = site.
 - :mod:`.uea`: UEA/UCR multivariate ``.ts`` archives, dimensions grouped into modalities.
@@ -13,4 +15,4 @@ loader, so a finished import is a dataset that ``data=npz data.path=DST`` accept
 
 from __future__ import annotations
 
-LAYOUTS: tuple[str, ...] = ("multiiot", "pamap2", "uea")
+LAYOUTS: tuple[str, ...] = ("extrasensory", "hapt", "multiiot", "pamap2", "uea")
