@@ -164,7 +164,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     )
     if diagnostics_config(cfg).enabled:  # domain-shift diagnostics (off by default)
         recorder.extra["diagnostics"] = run_diagnostics(
-            cfg, layout, spec, before=record_to_numpy(initial), after=final
+            cfg, layout, spec, before=record_to_numpy(initial), after=final, scaler=scaler
         )
     if live.rejoined:
         recorder.extra["rejoined"] = live.rejoined

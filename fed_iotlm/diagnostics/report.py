@@ -33,7 +33,7 @@ import torch
 from fed_iotlm.data.dataset import Split
 from fed_iotlm.data.federation import FederationLayout, load_raw_dataset
 from fed_iotlm.data.modalities import ModalitySpec
-from fed_iotlm.data.preprocess import featurize_split, standardize_own
+from fed_iotlm.data.preprocess import Standardizer, featurize_split, standardize_own
 from fed_iotlm.data.shift import apply_shifts, parse_shift_config
 from fed_iotlm.evaluation import test_report
 from fed_iotlm.federation.records import load_into
@@ -66,9 +66,12 @@ def run_diagnostics(
     *,
     before: Mapping[str, np.ndarray],
     after: Mapping[str, np.ndarray],
+    scaler: Standardizer | None = None,
 ) -> dict:
     """``results.json["diagnostics"]`` for a run that started at ``before`` (the initial
-    global state) and ended at ``after`` (the final global state)."""
+    global state) and ended at ``after`` (the final global state).  Accuracies use the
+    federation's pooled training statistics ``scaler``; with None (``normalization=
+    per_site``) every site and node standardises with its own, as that run did."""
     dcfg = diagnostics_config(cfg)
     models = {}
     for stage, state in (("before", before), ("after", after)):
@@ -89,9 +92,9 @@ def run_diagnostics(
     }
     if layout.test_sites is not None:
         out["accuracy_by_site"] = accuracy_by_site(
-            models["after"], layout.dataset.test, layout.test_sites
+            models["after"], layout.dataset.test, layout.test_sites, scaler
         )
-    out["accuracy_by_node"] = node_view_accuracy(models["after"], layout)
+    out["accuracy_by_node"] = node_view_accuracy(models["after"], layout, scaler)
     out["embedding_shift"] = {
         stage: embedding_shift(model, probe, specs, sites, layout.shift, layout.seed)
         for stage, model in models.items()
@@ -112,11 +115,18 @@ def shifted_sites(entries: list, sites: list[int]) -> list[int]:
 # ---------------------------------------------------------------------------- accuracy
 
 
-def accuracy_by_site(model: MultisensoryModel, test: Split, sites: np.ndarray) -> dict:
-    """Per site: all-modality and per-modality accuracy on that site's test samples."""
+def accuracy_by_site(
+    model: MultisensoryModel,
+    test: Split,
+    sites: np.ndarray,
+    scaler: Standardizer | None = None,
+) -> dict:
+    """Per site: all-modality and per-modality accuracy on that site's test samples,
+    standardised with ``scaler`` (pooled training statistics) or, if None, the site's own."""
     out = {}
     for s in np.unique(sites):
-        part = standardize_own(test.subset(np.flatnonzero(sites == s)))
+        part = test.subset(np.flatnonzero(sites == s))
+        part = scaler.transform(part) if scaler is not None else standardize_own(part)
         report = test_report(model, SplitTensors.from_split(part))
         out[str(int(s))] = {
             "accuracy": report["accuracy"],
@@ -126,10 +136,15 @@ def accuracy_by_site(model: MultisensoryModel, test: Split, sites: np.ndarray) -
     return out
 
 
-def node_view_accuracy(model: MultisensoryModel, layout: FederationLayout) -> dict[str, float]:
-    """The model on each node's own test view (the node's modalities and statistics)."""
+def node_view_accuracy(
+    model: MultisensoryModel, layout: FederationLayout, scaler: Standardizer | None = None
+) -> dict[str, float]:
+    """The model on each node's own test view (the node's modalities; the pooled
+    statistics, or the node's own training statistics when ``scaler`` is None)."""
     return {
-        str(k): mean_accuracy(evaluate(model, SplitTensors.from_split(layout.node_data(k)[1])))
+        str(k): mean_accuracy(
+            evaluate(model, SplitTensors.from_split(layout.node_data(k, scaler)[1]))
+        )
         for k in range(layout.num_nodes)
     }
 
