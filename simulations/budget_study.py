@@ -4,9 +4,9 @@
 
 On the MMBind study federation (``configs/experiment/mmbind_study.yaml``: 8 nodes, IMU
 everywhere, audio and depth never on one node at 50 % incompleteness) every method gets
-its per-round optimiser-step budget (``train.steps``) chosen from the SAME grid on the
-validation split (seed 0; ties go to the smaller budget), then runs every seed at that
-budget; only then is test read.  Writes ``docs/budget.md``: test mean ± std and 95 %
+its per-round optimiser-step budget (``train.steps``, and optionally its learning rate,
+``--lr-grid``) chosen from the SAME grid on the validation split (seed 0; ties go to the
+smaller budget), then runs every seed at that choice; only then is test read.  Writes ``docs/budget.md``: test mean ± std and 95 %
 interval, the chosen budget, the steps and examples per node per round the runs
 report, and the one code version that produced the table (a table refuses to mix).
 """
@@ -37,9 +37,15 @@ def point(label_fraction: float, extra: list[str]) -> list[str]:
     return [plan, f"partition.label_fraction={label_fraction}", *extra]
 
 
-def choose_on_val(runs: dict[int, dict]) -> int:
-    """The budget with the best validation accuracy (ties: the smaller budget)."""
-    return max(sorted(runs), key=lambda s: (runs[s]["val"]["accuracy"], -s))
+def choose_on_val(runs: dict[tuple[int, float], dict]) -> tuple[int, float]:
+    """The (steps, lr) with the best validation accuracy (ties: the smaller budget,
+    then the smaller learning rate)."""
+    return max(sorted(runs), key=lambda c: (runs[c]["val"]["accuracy"], -c[0], -c[1]))
+
+
+def lr_override(lr: float) -> list[str]:
+    """``train.lr=<lr>``, or nothing for 0.0 (the config's own learning rate)."""
+    return [f"train.lr={lr}"] if lr else []
 
 
 def run(out: Path, method: str, steps: int, seed: int, base: list[str]) -> dict:
@@ -65,20 +71,30 @@ def main() -> None:
     parser.add_argument("--labels", default="0.1,0.3")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--grid", default="10,40", help="train.steps values to choose from")
+    parser.add_argument("--lr-grid", default="", help="train.lr values (default: the config's)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--extra", default="", help="Hydra overrides added to every run")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "budget_study")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "budget.md")
     args = parser.parse_args()
     grid = [int(s) for s in args.grid.split(",")]
+    lrs = [float(v) for v in args.lr_grid.split(",")] if args.lr_grid else [0.0]
     extra = shlex.split(args.extra)
     rows: dict[str, dict[str, dict]] = {}
     for frac in (float(f) for f in args.labels.split(",")):
         base = point(frac, extra)
         for method in args.methods.split(","):
-            chosen = choose_on_val({s: run(args.out, method, s, 0, base) for s in grid})
-            results = [run(args.out, method, chosen, seed, base) for seed in range(args.seeds)]
-            rows.setdefault(f"{frac:g}", {})[method] = {"steps": chosen, "runs": results}
+            tried = {
+                (s, lr): run(args.out, method, s, 0, [*base, *lr_override(lr)])
+                for s in grid
+                for lr in lrs
+            }
+            steps, lr = choose_on_val(tried)
+            results = [
+                run(args.out, method, steps, seed, [*base, *lr_override(lr)])
+                for seed in range(args.seeds)
+            ]
+            rows.setdefault(f"{frac:g}", {})[method] = {"steps": steps, "lr": lr, "runs": results}
             write_doc(args.doc, rows, grid, args)
     print(args.doc)
 
@@ -96,10 +112,13 @@ def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
         f"mean ± std over {args.seeds} seed(s) [95 % interval]. Produced by code version "
         f"`{version}`:",
         f"`python -m simulations.budget_study --labels {args.labels} --grid {args.grid} "
-        f"--seeds {args.seeds}" + (f" --extra '{args.extra}'" if args.extra else "") + "`.",
+        + (f"--lr-grid {args.lr_grid} " if args.lr_grid else "")
+        + f"--seeds {args.seeds}"
+        + (f" --extra '{args.extra}'" if args.extra else "")
+        + "`.",
         "",
-        "| labels | method | steps / round (chosen on val) | val | test | steps / node / round "
-        "| examples / node / round |",
+        "| labels | method | steps / round, lr (chosen on val) | val | test "
+        "| steps / node / round | examples / node / round |",
         "|---|---|---|---|---|---|---|",
     ]
     for frac, by_method in rows.items():
@@ -107,7 +126,7 @@ def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
             runs = row["runs"]
             budget = runs[0].get("budget", {})
             lines.append(
-                f"| {float(frac):.0%} | {method} | {row['steps']} "
+                f"| {float(frac):.0%} | {method} | {row['steps']}, {row['lr'] or 'config'} "
                 f"| {fmt_mean_ci([r['val']['accuracy'] for r in runs])} "
                 f"| {fmt_mean_ci([r['test']['accuracy'] for r in runs])} "
                 f"| {budget.get('steps_per_node_round')} | {budget.get('examples_per_node_round')} |"
@@ -117,6 +136,7 @@ def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
         frac: {
             m: {
                 "steps": row["steps"],
+                "lr": row["lr"],
                 "val": [r["val"]["accuracy"] for r in row["runs"]],
                 "test": [r["test"]["accuracy"] for r in row["runs"]],
                 "budget": [r.get("budget") for r in row["runs"]],
