@@ -56,6 +56,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
     task_weights: dict[str, float] | None = None
+    steps: int | None = None  # optimiser steps per node per round; None = epochs over the data
 
 
 def train_local(
