@@ -8,7 +8,7 @@ import torch
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import SplitTensors
 
-from .matching import NodeEmbeddings
+from .matching import NodeEmbeddings, Partners
 from .training import PartnerTensors
 
 
@@ -50,3 +50,21 @@ def align_partners(
         full_e[ids], full_w[ids] = emb, w
         out[m] = PartnerTensors(torch.from_numpy(full_e), torch.from_numpy(full_w))
     return out
+
+
+def raw_partners(partners: Partners, n: int, nodes: list[SplitTensors]) -> PartnerTensors:
+    """Partners laid out over a receiver's ``n`` samples with their raw features too
+    (centralized MMBind, where every node's samples are at hand): ``nodes[j]`` is the
+    training data of the node at position ``j`` of the matching.  Rows without a
+    partner get weight 0 and zero features."""
+    m = partners.modality
+    aligned = align_partners(n, {m: (partners.query_ids, partners.embeddings, partners.weight)})
+    ok = partners.partner_ids >= 0
+    ref = next(d.x[m] for d in nodes if m in d.x)
+    raw = ref.new_zeros((*partners.partner_ids.shape, *ref.shape[1:]))
+    for j in np.unique(partners.partner_node[ok]):
+        sel = ok & (partners.partner_node == j)
+        raw[torch.from_numpy(sel)] = nodes[int(j)].x[m][torch.from_numpy(partners.partner_ids[sel])]
+    inputs = ref.new_zeros((n, *raw.shape[1:]))
+    inputs[torch.from_numpy(partners.query_ids)] = raw
+    return PartnerTensors(aligned[m].embeddings, aligned[m].weight, inputs)

@@ -16,7 +16,8 @@ Views go through the encoder and then a projection head of its own (``proj.<m>``
 the reconstruction decoder), and the loss is supervised contrastive over both views of
 the batch: ``contrastive`` treats every sample as its own class (SimCLR's NT-Xent);
 ``supcon_semi`` gives the node's labelled samples their class, so same-class samples
-attract, and leaves the unlabelled ones self-supervised.  Labels never leave the node:
+attract, and leaves the unlabelled ones self-supervised; each of its steps adds a batch
+of labelled samples only (at 10 % labels a mixed batch holds too few same-class pairs).  Labels never leave the node:
 they only shape its local loss.  ``autoencoder`` (MMBind's public code) reconstructs
 the input instead.
 """
@@ -172,6 +173,7 @@ def pretrain_shared(
         return {"pretrain_loss": 0.0, "num_present": 0.0, "steps": 0.0, "examples": 0.0}
     label_task = ssl.label_task or next(iter(data.y), None)
     labels = data.y.get(label_task) if ssl.method == "supcon_semi" else None
+    labelled = index[labels[index] >= 0] if labels is not None else index[:0]
     params = list(model.enc[modality].parameters()) + list(head[modality].parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
@@ -184,6 +186,10 @@ def pretrain_shared(
         rows = index[rows]
         y = labels[rows] if labels is not None else None
         loss = ssl_loss(model, modality, data.x[modality][rows], y, ssl, gen)
+        if labelled.numel() >= 2:  # supcon_semi: a batch of labelled samples, many positives
+            pick = labelled[torch.randperm(labelled.numel(), generator=gen)[: ssl.batch_size]]
+            x_lab = data.x[modality][pick]
+            loss = loss + ssl_loss(model, modality, x_lab, labels[pick], ssl, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -196,3 +202,15 @@ def pretrain_shared(
         "num_present": float(index.numel()),
         **done,
     }
+
+
+def pooled_modality(nodes: list[SplitTensors], modality: str) -> SplitTensors:
+    """Every node's samples holding ``modality`` as one split (centralized SSL), with
+    their labels (for ``supcon_semi``)."""
+    held = [(n, n.mask[modality]) for n in nodes if modality in n.x]
+    if not held:
+        raise ValueError(f"no node holds the shared modality {modality!r}")
+    x = torch.cat([n.x[modality][m] for n, m in held])
+    tasks = list(held[0][0].y)
+    y = {t: torch.cat([n.y[t][m] for n, m in held]) for t in tasks}
+    return SplitTensors({modality: x}, {modality: torch.ones(len(x), dtype=torch.bool)}, y)

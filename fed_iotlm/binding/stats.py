@@ -19,9 +19,7 @@ def true_train_labels(layout: FederationLayout, node: int) -> dict[str, np.ndarr
     """Every training label of node ``node``, hidden or not, in the row order of its
     training split (:meth:`FederationLayout.node_data`: samples holding one of its
     modalities)."""
-    own = layout.dataset.train.subset(layout.train_parts[node]).keep_modalities(
-        layout.plan[node]
-    )
+    own = layout.dataset.train.subset(layout.train_parts[node]).keep_modalities(layout.plan[node])
     keep = own.present_any()
     return {t: y[keep] for t, y in own.y.items()}
 
