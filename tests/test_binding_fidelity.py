@@ -202,3 +202,49 @@ def test_one_index_per_missing_modality_answers_every_receiver(monkeypatch, use_
             got.partner_node, np.where(alone.partner_node < 0, -1, alone.partner_node + 3)
         )
         np.testing.assert_allclose(got.embeddings, alone.embeddings)
+
+
+PLAN = "partition.plan=[[imu,audio],[imu,depth],[imu,depth]]"
+
+
+def test_pair_accuracy_uses_every_true_label_hidden_or_not(quick_cfg):
+    from fed_iotlm.binding.matching import Partners
+    from fed_iotlm.binding.stats import binding_stats, true_train_labels
+    from fed_iotlm.data.federation import build_layout
+
+    layout = build_layout(quick_cfg("method=mmbind", "partition.shared=imu", PLAN))
+    own, donor = true_train_labels(layout, 0)["activity"], true_train_labels(layout, 1)["activity"]
+    assert len(own) == len(layout.node_data(0)[0]) and (own >= 0).all()
+    same = np.array([np.nonzero(donor == c)[0][0] for c in own])
+    other = np.array([np.nonzero(donor != c)[0][0] for c in own])
+
+    def stats(partner_rows):
+        n = len(own)
+        p = Partners(
+            modality="depth",
+            query_ids=np.arange(n),
+            partner_node=np.ones((n, 1), np.int64),
+            partner_ids=partner_rows[:, None],
+            similarity=np.ones((n, 1), np.float32),
+            weight=np.ones((n, 1), np.float32),
+            embeddings=np.zeros((n, 1, 4), np.float32),
+        )
+        return binding_stats({"0": {"depth": p}}, ["0", "1", "2"], layout)["pair_accuracy"]
+
+    assert stats(same)["activity"] == 1.0 and stats(other)["activity"] == 0.0
+
+
+def test_centralized_mmbind_logs_pair_accuracy_and_takes_pooled_budgets(quick_cfg, tmp_path):
+    import json
+
+    from fed_iotlm.baselines import run_centralized_mmbind
+
+    cfg = quick_cfg(
+        "method=centralized_mmbind", "partition.shared=imu", PLAN, "mlflow.enabled=false",
+        "rounds=2", "train.steps=3", "binding.pretrain_rounds=2", "binding.rebind_every=1",
+        "data.num_train=300",
+    )  # fmt: skip
+    res = json.loads(run_centralized_mmbind(cfg, tmp_path).read_text())
+    assert set(res["binding"]["pair_accuracy_by_binding"]) == {"1", "2"}
+    assert res["ssl"]["steps"] == 3 * 2 * 3  # steps x SSL rounds x nodes, one optimiser
+    assert [r["steps"] for r in res["history"]] == [9, 9]  # steps x nodes per round

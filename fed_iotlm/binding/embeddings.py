@@ -19,14 +19,24 @@ def node_embeddings(
     shared: str,
     node: str,
     label_task: str | None = None,
+    batch_size: int = 1024,
 ) -> NodeEmbeddings:
-    """Embeddings of the samples whose shared modality is present (ids = row numbers)."""
+    """Embeddings of the samples whose shared modality is present (ids = row numbers),
+    encoded ``batch_size`` rows at a time so memory stays flat at any node size."""
     if shared not in data.x:
         raise ValueError(f"node {node} does not hold the shared modality {shared!r}")
     model.eval()
     rows = torch.nonzero(data.mask[shared]).squeeze(1)
-    x, mask, y = data.batch(rows)
-    tokens = model.encode(x)
+    _, mask, y = data.batch(rows)
+    chunks = [
+        model.encode(data.batch(rows[i : i + batch_size])[0])
+        for i in range(0, len(rows), batch_size)
+    ]
+    tokens = (
+        {m: torch.cat([c[m] for c in chunks]) for m in chunks[0]}
+        if chunks
+        else {m: data.x[m].new_zeros((0, model.spec.dim)) for m in data.x}
+    )
     return NodeEmbeddings(
         node=node,
         modalities=list(data.x),
