@@ -119,10 +119,14 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
             personal_config(settings),
             seed=round_seed + 1_000_003,
         )
-        partners = partner_tensors(context, node) if node.method == "mmbind" else {}
-        if partners:
-            stats = train_with_partners(
-                node.model, node.train, partners, tcfg, bind_train_config(settings), round_seed
+        if node.method == "mmbind" and settings["binding"].get("bind", True):
+            stats = train_with_partners(  # no partners yet: own pairs + labels still train
+                node.model,
+                node.train,
+                partner_tensors(context, node),
+                tcfg,
+                bind_train_config(settings),
+                round_seed,
             )
         else:
             stats = train_local(node.model, node.train, tcfg, seed=round_seed)

@@ -10,8 +10,9 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from fed_iotlm.binding.embeddings import align_partners, node_embeddings
 from fed_iotlm.binding.messages import PrivacyConfig, pack_upload, unpack_partners
-from fed_iotlm.binding.training import PartnerTensors, pretrain_shared
-from fed_iotlm.experiment import shared_modality
+from fed_iotlm.binding.ssl import pretrain_shared, ssl_head
+from fed_iotlm.binding.training import PartnerTensors
+from fed_iotlm.experiment import shared_modality, ssl_config
 from fed_iotlm.federation.groups import select_groups
 from fed_iotlm.federation.records import counts_to_metrics, numpy_to_record, state_to_numpy
 
@@ -21,21 +22,17 @@ PARTNERS_KEY = "mmbind.partners"
 
 
 def pretrain_reply(msg: Message, node: NodeRuntime, cfg: dict) -> Message:
-    """Autoencoder round on the shared modality; reply with its encoder and decoder."""
+    """SSL round on the shared modality; reply with its encoder and SSL head."""
     shared = shared_modality(cfg)
     rnd = int(msg.content["config"].get("server-round", 0))
     tcfg = node.train_cfg
     tcfg = type(tcfg)(**{**tcfg.__dict__, "epochs": int(cfg["binding"]["pretrain_epochs"])})
+    ssl = ssl_config(cfg)
     stats = pretrain_shared(
-        node.model,
-        node.train,
-        shared,
-        tcfg,
-        seed=rnd * 7919 + node.node,
-        method=cfg["binding"]["ssl"],
+        node.model, node.train, shared, tcfg, seed=rnd * 7919 + node.node, ssl=ssl
     )
     n = stats["num_present"]
-    groups = {f"enc.{shared}": n, f"dec.{shared}": n} if n > 0 else {}
+    groups = {f"enc.{shared}": n, ssl_head(shared, ssl.method): n} if n > 0 else {}
     sent = select_groups(state_to_numpy(node.model), groups)
     metrics = counts_to_metrics(
         groups, {**stats, "num-examples": n, "partition-id": float(node.node)}

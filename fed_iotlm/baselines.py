@@ -168,14 +168,22 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
 
 
 def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
-    """MMBind with the embeddings pooled at one place: the same encoders, SSL rounds,
-    matching and pseudo-pair training as ``method=mmbind``, without federation (one
-    model, one optimiser, batches of all nodes' data shuffled together).  The gap to
-    ``mmbind`` is the cost of federating it."""
-    from fed_iotlm.binding.embeddings import align_partners, node_embeddings
+    """MMBind with everything at one place: the fair reference for ``method=mmbind``.
+
+    The same encoders, matching and loss terms, at the same budget in samples seen, but
+    without federation's constraints: SSL runs once on the pooled shared modality with
+    one optimiser (``pretrain_rounds`` x ``pretrain_epochs`` passes, or the federation's
+    SSL steps of all nodes together); pseudo-partners are raw samples that go through
+    the live encoders (gradients reach both sides of a pair) instead of frozen tokens.
+    Matching, re-binding cadence and per-binding pair accuracy are as in the federated
+    run; a round is ``epochs`` passes over the pooled data (or ``steps`` per node x
+    nodes)."""
+    from fed_iotlm.binding.embeddings import node_embeddings, raw_partners
     from fed_iotlm.binding.matching import match_nodes
-    from fed_iotlm.binding.training import BoundData, pretrain_shared, train_bound
-    from fed_iotlm.experiment import bind_train_config, match_config, shared_modality
+    from fed_iotlm.binding.ssl import pooled_modality, pretrain_shared
+    from fed_iotlm.binding.stats import binding_stats
+    from fed_iotlm.binding.training import BoundData, train_bound
+    from fed_iotlm.experiment import bind_train_config, match_config, shared_modality, ssl_config
 
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
@@ -189,38 +197,50 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
     test, val = SplitTensors.from_split(refs.test), SplitTensors.from_split(refs.val)
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
-    ssl_cfg = replace(tcfg, epochs=int(b["pretrain_epochs"]))
-    for rnd in range(1, int(b["pretrain_rounds"]) + 1):
-        for i, data in enumerate(trains):
-            pretrain_shared(model, data, shared, ssl_cfg, seed=rnd * 7919 + i, method=b["ssl"])
+    n_nodes, ssl_rounds = layout.num_nodes, int(b["pretrain_rounds"])
+    ssl_cfg = replace(
+        tcfg,
+        epochs=ssl_rounds * int(b["pretrain_epochs"]),
+        steps=None if tcfg.steps is None else tcfg.steps * ssl_rounds * n_nodes,
+    )
+    ssl = ssl_config(cfg)
+    recorder.extra["ssl"] = pretrain_shared(
+        model, pooled_modality(trains, shared), shared, ssl_cfg, seed=7919, ssl=ssl
+    )
+    round_cfg = replace(tcfg, steps=None if tcfg.steps is None else tcfg.steps * n_nodes)
     mcfg, bcfg = match_config(cfg), bind_train_config(cfg)
     label_task = (
         (b.get("label_task") or next(iter(layout.dataset.meta.tasks))) if b["use_labels"] else None
     )
+    binding_log = recorder.extra.setdefault("binding", {})
     partners: list[dict] = [{} for _ in trains]
     for rnd in range(1, int(cfg["rounds"]) + 1):
-        if (rnd - 1) % max(1, int(b["rebind_every"])) == 0:
+        if b.get("bind", True) and (rnd - 1) % max(1, int(b["rebind_every"])) == 0:
             uploads = [
                 node_embeddings(model, d, shared, str(i), label_task) for i, d in enumerate(trains)
             ]
             matched = match_nodes(uploads, mcfg)
+            stats = binding_stats(matched, [u.node for u in uploads], layout)
+            binding_log[str(rnd)] = stats
+            by_binding = binding_log.setdefault("pair_accuracy_by_binding", {})
+            by_binding[str(rnd)] = stats.get("pair_accuracy", {})
             partners = [
-                align_partners(
-                    len(d),
-                    {m: (p.query_ids, p.embeddings, p.weight) for m, p in matched[str(i)].items()},
-                )
+                {m: raw_partners(p, len(d), trains) for m, p in matched[str(i)].items()}
                 for i, d in enumerate(trains)
             ]
         sources = [BoundData(d, partners[i]) for i, d in enumerate(trains)]
-        train_bound(sources, model, tcfg, bcfg, seed=rnd * 10_007)
+        done = train_bound(sources, model, round_cfg, bcfg, seed=rnd * 10_007)
         per_task = evaluate(model, test)
-        val_acc = mean_accuracy(evaluate(model, val))
-        recorder.log_round(rnd, mean_accuracy(per_task), mean_loss(per_task), val_accuracy=val_acc)
+        recorder.log_round(
+            rnd, mean_accuracy(per_task), mean_loss(per_task),
+            val_accuracy=mean_accuracy(evaluate(model, val)),
+            steps=done["steps"], examples=done["examples"],
+        )  # fmt: skip
     by_node = {
         str(i): mean_accuracy(evaluate(model, SplitTensors.from_split(te)))
         for i, (_, te) in enumerate(nodes)
     }
-    recorder.extra.update(protocol_record(cfg, layout, []))
+    recorder.extra.update(protocol_record(cfg, layout, recorder.history))
     return recorder.finish(
         test_report(model, test),
         by_node,

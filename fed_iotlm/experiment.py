@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from fed_iotlm.binding.index import SearchConfig
 from fed_iotlm.binding.matching import MatchConfig
+from fed_iotlm.binding.ssl import SSLConfig, rotation_groups
 from fed_iotlm.binding.training import BindTrainConfig
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.models.device import binding_device
@@ -49,8 +50,17 @@ def spec_for_dataset(cfg: dict, ds) -> ModelSpec:
     if cfg["method"] == "harmony":
         return replace(spec, fusion="late")
     if cfg["method"] in ("mmbind", "centralized_mmbind"):
-        return replace(spec, extra={"decoders": [shared_modality(cfg, ds)]})
+        return replace(spec, extra=ssl_extra(cfg, ds))
     return spec
+
+
+def ssl_extra(cfg: dict, ds) -> dict:
+    """The SSL head on the shared modality (a decoder for ``binding.ssl=autoencoder``, a
+    projection head otherwise) and its xyz channel triplets, which SSL views rotate."""
+    shared = shared_modality(cfg, ds)
+    head = "decoders" if (cfg.get("binding") or {}).get("ssl") == "autoencoder" else "projections"
+    groups = rotation_groups(ds.meta.modalities[shared].channels)
+    return {head: [shared], **({"rotation_groups": {shared: groups}} if groups else {})}
 
 
 def shared_modality(cfg: dict, ds=None) -> str:
@@ -100,4 +110,18 @@ def bind_train_config(cfg: dict) -> BindTrainConfig:
         pseudo_weight=float(b["pseudo_weight"]),
         contrastive_weight=float(b["contrastive_weight"]),
         temperature=float(b["temperature"]),
+        own_pair_weight=float(b.get("own_pair_weight", 0.1)),
+    )
+
+
+def ssl_config(cfg: dict) -> SSLConfig:
+    """MMBind's shared-modality SSL rounds, from ``cfg['binding']``."""
+    b = cfg["binding"]
+    return SSLConfig(
+        method=str(b["ssl"]),
+        temperature=float(b.get("ssl_temperature", 0.2)),
+        batch_size=int(b.get("ssl_batch_size", 128)),
+        rotation_deg=float(b.get("ssl_rotation_deg", 30.0)),
+        gain=float(b.get("ssl_gain", 0.2)),
+        label_task=b.get("label_task"),
     )

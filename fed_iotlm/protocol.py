@@ -47,13 +47,20 @@ def code_version() -> dict:
 
 
 def budget_from_history(history: list[dict]) -> dict:
-    """Mean steps and examples per node per round over the rounds that reported them."""
-    steps = [h["steps_per_node"] for h in history if "steps_per_node" in h]
-    seen = [h["examples_per_node"] for h in history if "examples_per_node" in h]
-    return {
-        "steps_per_node_round": float(np.mean(steps)) if steps else None,
-        "examples_per_node_round": float(np.mean(seen)) if seen else None,
+    """Mean steps and examples per node per round over the rounds that reported them
+    (a single centralized model reports ``steps``/``examples`` per round instead)."""
+
+    def mean_of(key: str) -> float | None:
+        values = [h[key] for h in history if key in h]
+        return float(np.mean(values)) if values else None
+
+    out = {
+        "steps_per_node_round": mean_of("steps_per_node"),
+        "examples_per_node_round": mean_of("examples_per_node"),
     }
+    if mean_of("steps") is not None:
+        out.update(steps_per_round=mean_of("steps"), examples_per_round=mean_of("examples"))
+    return out
 
 
 def protocol_record(

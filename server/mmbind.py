@@ -1,13 +1,17 @@
 """MMBind phases on a Flower Grid: shared-modality rounds, binding, multimodal rounds.
 
 a. ``train.pretrain`` rounds: nodes holding the shared modality train its encoder and
-   decoder as an autoencoder (no labels), averaged over exactly those nodes.
+   SSL head (:mod:`fed_iotlm.binding.ssl`), averaged over exactly those nodes.
 b. ``query.embed``: every node uploads shared-modality embeddings and the tokens of
    the modalities it holds (never raw samples).
 c. the server matches across nodes (:func:`fed_iotlm.binding.matching.match_nodes`).
 d. ``train.bind``: each node receives its partners' tokens and pair weights.
 e. multimodal rounds through the configured strategy; b-d repeat every
-   ``binding.rebind_every`` rounds as the encoders improve.
+   ``binding.rebind_every`` rounds as the encoders improve (``binding.bind=false``:
+   never, which is SSL pretraining + the spine, the baseline that isolates binding).
+
+In simulation each binding's same-class pair accuracy goes to results.json as
+``binding.pair_accuracy_by_binding`` (binding round -> task -> share).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fed_iotlm.binding.matching import Partners, match_nodes
+from fed_iotlm.binding.matching import match_nodes
 from fed_iotlm.binding.messages import pack_partners, unpack_upload
+from fed_iotlm.binding.stats import binding_stats
 from fed_iotlm.data.federation import FederationLayout
 from fed_iotlm.experiment import match_config
 from fed_iotlm.federation.aggregation import NodeUpdate, aggregate_groups
@@ -111,7 +116,7 @@ def bind(
     if delivered is not None:
         delivered.clear()
         delivered.update(packed)
-    stats = binding_stats(partners, [u.node for u in uploads], layout, cfg)
+    stats = binding_stats(partners, [u.node for u in uploads], layout)
     console.print(
         f"[bold]binding @ round {rnd}[/bold]  pairs {stats['pairs']}  refused {stats['refused']}"
         f"  mean similarity {stats['mean_similarity']:.3f}"
@@ -120,43 +125,6 @@ def bind(
         )
     )
     return stats
-
-
-def binding_stats(
-    partners: dict[str, dict[str, Partners]],
-    order: list[str],
-    layout: FederationLayout | None,
-    cfg: dict,
-) -> dict:
-    """Counts, similarity and — in simulation, where the server knows the truth — the
-    share of pseudo-pairs whose two samples share a class (as MMBind logs it)."""
-    sims, pairs, refused = [], 0, 0
-    same: dict[str, list[np.ndarray]] = {}
-    for pid, per_mod in partners.items():
-        for p in per_mod.values():
-            ok = p.partner_ids >= 0
-            pairs += int(ok.sum())
-            refused += p.refused
-            sims.append(p.similarity[ok])
-            if layout is None:
-                continue
-            own = layout.dataset.train.subset(layout.train_parts[int(pid)])
-            for t, y in own.y.items():
-                y_own = y[p.query_ids][:, None].repeat(p.partner_ids.shape[1], 1)
-                y_partner = np.full_like(y_own, -2)
-                for j in np.unique(p.partner_node[ok]):
-                    sel = ok & (p.partner_node == j)
-                    donor_y = layout.dataset.train.y[t][layout.train_parts[int(order[j])]]
-                    y_partner[sel] = donor_y[p.partner_ids[sel]]
-                same.setdefault(t, []).append((y_own == y_partner)[ok])
-    out = {
-        "pairs": pairs,
-        "refused": refused,
-        "mean_similarity": float(np.concatenate(sims).mean()) if pairs else float("nan"),
-    }
-    if same:
-        out["pair_accuracy"] = {t: float(np.concatenate(v).mean()) for t, v in same.items()}
-    return out
 
 
 def multimodal_rounds(
@@ -184,13 +152,17 @@ def multimodal_rounds(
     ``timeout`` and ``outcomes``: the round deadline and its record (:func:`run_rounds`);
     the binding phases still need every node to answer."""
     every = max(1, int(cfg["binding"]["rebind_every"]))
+    binds = bool(cfg["binding"].get("bind", True))  # false: SSL + the spine, no binding
     binding_log = recorder.extra.setdefault("binding", {})
-    if first > 1 and (first - 1) % every != 0 and partners:
+    if binds and first > 1 and (first - 1) % every != 0 and partners:
         redeliver(grid, partners, node_ids or {})
 
     def rebind(rnd: int, arrays: ArrayRecord) -> None:
-        if (rnd - 1) % every == 0:
-            binding_log[str(rnd)] = bind(grid, arrays, cfg, rnd, layout, partners)
+        if binds and (rnd - 1) % every == 0:
+            binding_log[str(rnd)] = stats = bind(grid, arrays, cfg, rnd, layout, partners)
+            if "pair_accuracy" in stats:  # simulation only: the truth is known
+                by_binding = binding_log.setdefault("pair_accuracy_by_binding", {})
+                by_binding[str(rnd)] = stats["pair_accuracy"]
 
     return run_rounds(
         grid, strategy, arrays, first=first, last=int(cfg["rounds"]),

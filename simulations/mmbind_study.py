@@ -19,17 +19,31 @@ from simulations import study_runner
 from simulations.study_report import write_report
 from simulations.study_runner import REPO, point_key
 
-# method -> extra overrides (fusion choice per method, stated in docs/results.md)
+# row label -> overrides (method and fusion choice per row, stated in docs/results.md).
+# The mmbind_* rows are ablations; ssl_spine is MMBind's SSL rounds + the spine without
+# binding, the baseline that isolates what binding adds.
 METHODS: dict[str, list[str]] = {
-    "local": [],
-    "fedavg": [],
-    "harmony": [],
-    "federated": [],
-    "mmbind": ["model.fusion=late"],
-    "centralized_mmbind": ["model.fusion=late"],
-    "centralized": ["model.fusion=late"],
-}
-FEDERATED = ("fedavg", "harmony", "federated")
+    "local": ["method=local"],
+    "fedavg": ["method=fedavg"],
+    "harmony": ["method=harmony"],
+    "federated": ["method=federated"],
+    "ssl_spine": ["method=mmbind", "binding.bind=false", "model.fusion=late"],
+    "mmbind": ["method=mmbind", "model.fusion=late"],
+    "mmbind_no_pseudo": ["method=mmbind", "model.fusion=late", "binding.pseudo_weight=0"],
+    "mmbind_no_contrastive": [
+        "method=mmbind", "model.fusion=late", "binding.contrastive_weight=0",
+        "binding.own_pair_weight=0",
+    ],
+    "mmbind_rebind_every_round": ["method=mmbind", "model.fusion=late", "binding.rebind_every=1"],
+    "mmbind_label_aware": ["method=mmbind", "model.fusion=late", "binding.use_labels=true"],
+    "centralized_mmbind": ["method=centralized_mmbind", "model.fusion=late"],
+    "centralized": ["method=centralized", "model.fusion=late"],
+}  # fmt: skip
+DEFAULT_METHODS = (
+    "local", "fedavg", "harmony", "federated", "ssl_spine", "mmbind", "centralized_mmbind",
+    "centralized",
+)  # fmt: skip
+FEDERATED = ("fedavg", "harmony", "federated", "ssl_spine")
 NON_SHARED = ("audio", "depth")
 
 
@@ -89,11 +103,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sweeps", default="headline")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help="rows: " + ", ".join(METHODS)
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "mmbind_study")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md")
     args = parser.parse_args()
     methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
     table: dict = {}
     for sweep in args.sweeps.split(","):
         for label, overrides in sweep_points(sweep):
@@ -101,14 +120,18 @@ def main() -> None:
                 for seed in range(args.seeds):
                     out = args.out / point_key(overrides) / f"{method}-seed{seed}"
                     t0 = time.time()
-                    res = run_one(
-                        out, [f"method={method}", f"seed={seed}", *METHODS[method], *overrides]
-                    )
+                    res = run_one(out, [f"seed={seed}", *METHODS[method], *overrides])
                     table.setdefault(sweep, {}).setdefault(label, {}).setdefault(method, []).append(
                         res["test"]
                     )
+                    pairs = res.get("binding", {}).get("pair_accuracy_by_binding", {})
+                    first = pairs[min(pairs, key=int)] if pairs else {}
                     print(
-                        f"{sweep} | {label} | {method} seed {seed}: {res['test']['accuracy']:.3f} ({time.time() - t0:.0f}s)",
+                        f"{sweep} | {label} | {method} seed {seed}: {res['test']['accuracy']:.3f}"
+                        + "".join(
+                            f"  pair accuracy@1st binding ({t}) {a:.3f}" for t, a in first.items()
+                        )
+                        + f" ({time.time() - t0:.0f}s)",
                         flush=True,
                     )
             # the report is rewritten after each point, so an interrupted study keeps its results

@@ -71,7 +71,7 @@ def _headline(point: dict) -> list[str]:
         act = np.mean([r["by_task"]["activity"]["accuracy"] for r in rs])
         loc = np.mean([r["by_task"]["location"]["accuracy"] for r in rs])
         out.append(f"| `{m}` | {act:.3f} | {loc:.3f} |")
-    fed = {m: v for m, v in mean.items() if m in ("fedavg", "harmony", "federated")}
+    fed = {m: v for m, v in mean.items() if m in ("fedavg", "harmony", "federated", "ssl_spine")}
     if "mmbind" in mean and fed:
         best = max(fed, key=fed.get)
         out += ["", f"MMBind-federated {mean['mmbind']:.3f} vs the best other federated baseline "

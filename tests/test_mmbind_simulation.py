@@ -57,9 +57,13 @@ def test_binding_runs_partners_arrive_and_no_raw_sample_leaves(quick_cfg, tmp_pa
     assert {"train.pretrain", "query.embed", "train.bind", "train", "evaluate"} <= types
 
     # binding ran before each of the 2 multimodal rounds, and every node got partners
-    assert set(res["binding"]) == {"1", "2"} and all(
-        b["pairs"] > 0 for b in res["binding"].values()
-    )
+    rounds = {r: b for r, b in res["binding"].items() if r.isdigit()}
+    assert set(rounds) == {"1", "2"} and all(b["pairs"] > 0 for b in rounds.values())
+    # simulation: the server knows the truth, so each binding's pair accuracy is logged
+    by_binding = res["binding"]["pair_accuracy_by_binding"]
+    assert set(by_binding) == {"1", "2"}
+    assert all(0.0 <= a <= 1.0 for b in by_binding.values() for a in b.values())
+    assert set(by_binding["1"]) == {"activity", "location"}
     binds = [e for e in entries if e["type"] == "train.bind"]
     assert len(binds) == 2 * 3
     expected = {0: {"depth", "thermal"}, 1: {"audio", "thermal"}, 2: {"audio", "depth"}}

@@ -84,4 +84,4 @@ def test_mmbind_resume_redelivers_partners_between_bindings(quick_cfg, tmp_path)
     run_experiment(quick_cfg(*common, f"rounds={ROUNDS}", "resume=true"), parted)
     _assert_same_run(full, parted)
     res = json.loads((parted / "results.json").read_text())
-    assert set(res["binding"]) == {"1", "3"}
+    assert {r for r in res["binding"] if r.isdigit()} == {"1", "3"}

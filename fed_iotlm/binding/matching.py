@@ -65,75 +65,78 @@ class Partners:
 
 
 def match_nodes(nodes: list[NodeEmbeddings], cfg: MatchConfig) -> dict[str, dict[str, Partners]]:
-    """Partners for every node and every modality it lacks that some other node holds."""
+    """Partners for every node and every modality it lacks that some other node holds.
+
+    A node that lacks ``m`` never donates it, so every receiver of ``m`` draws from the
+    same donors: one search per modality (one faiss index; label-aware, one per class)
+    answers all receivers' queries in one batch."""
     if cfg.center:
         nodes = _centered(nodes)
-    all_mods = sorted({m for n in nodes for m in n.modalities})
-    out: dict[str, dict[str, Partners]] = {}
-    for i, receiver in enumerate(nodes):
-        out[receiver.node] = {}
-        for m in all_mods:
-            if m in receiver.modalities:
-                continue
-            donors = [
-                j for j, n in enumerate(nodes) if j != i and m in n.modalities and m in n.tokens
-            ]
-            if donors:
-                out[receiver.node][m] = _match_one(receiver, nodes, donors, m, cfg)
+    out: dict[str, dict[str, Partners]] = {n.node: {} for n in nodes}
+    for m in sorted({m for n in nodes for m in n.modalities}):
+        receivers = [n for n in nodes if m not in n.modalities]
+        donors = [j for j, n in enumerate(nodes) if m in n.modalities and m in n.tokens]
+        if receivers and donors:
+            found = _match_modality(receivers, nodes, donors, m, cfg)
+            for receiver, partners in zip(receivers, found, strict=True):
+                out[receiver.node][m] = partners
     return out
 
 
-def _match_one(
-    receiver: NodeEmbeddings,
+def _match_modality(
+    receivers: list[NodeEmbeddings],
     nodes: list[NodeEmbeddings],
     donors: list[int],
     m: str,
     cfg: MatchConfig,
-) -> Partners:
+) -> list[Partners]:
+    """Every receiver's partners for modality ``m`` from the ``donors`` (positions in
+    ``nodes``), in one batched search."""
     keep = np.concatenate([_donor_rows(nodes[j], m) for j in donors])
     db = np.concatenate([nodes[j].shared for j in donors])[keep]
     db_node = np.concatenate([np.full(len(nodes[j].shared), j) for j in donors])[keep]
-    n, k = len(receiver.shared), cfg.k
-    sims = np.full((n, k), -np.inf, np.float32)
-    rows = np.full((n, k), -1, np.int64)
-    if cfg.use_labels and receiver.labels is not None:
-        db_lab = np.concatenate(
-            [
-                nodes[j].labels
-                if nodes[j].labels is not None
-                else np.full(len(nodes[j].shared), -1)
-                for j in donors
-            ]
-        )
-        q_lab = receiver.labels
+    tokens = np.concatenate([nodes[j].tokens[m] for j in donors])[keep]
+    ids = np.concatenate([nodes[j].ids for j in donors])[keep]
+    queries = np.concatenate([r.shared for r in receivers])
+    k = cfg.k
+    sims = np.full((len(queries), k), -np.inf, np.float32)
+    rows = np.full((len(queries), k), -1, np.int64)
+    free = np.arange(len(queries))
+    if cfg.use_labels:
+        q_lab = np.concatenate([_labels_or_none(r) for r in receivers])
+        db_lab = np.concatenate([_labels_or_none(nodes[j]) for j in donors])[keep]
         for c in np.unique(q_lab[q_lab >= 0]):
             q_sel, d_sel = np.nonzero(q_lab == c)[0], np.nonzero(db_lab == c)[0]
-            s, r = top_k(receiver.shared[q_sel], db[d_sel], k, cfg.search)
+            s, r = top_k(queries[q_sel], db[d_sel], k, cfg.search)
             sims[q_sel], rows[q_sel] = s, np.where(r >= 0, d_sel[np.maximum(r, 0)], -1)
-        free = np.nonzero(q_lab < 0)[0]
-    else:
-        free = np.arange(n)
+        free = np.nonzero(q_lab < 0)[0]  # unlabelled samples are matched without labels
     if len(free):
-        s, r = top_k(receiver.shared[free], db, k, cfg.search)
-        sims[free], rows[free] = s, r
+        sims[free], rows[free] = top_k(queries[free], db, k, cfg.search)
     valid = (rows >= 0) & (sims >= cfg.floor)
     safe = np.where(valid, rows, 0)
-    partner_node = np.where(valid, db_node[safe], -1)
-    tokens = np.concatenate([nodes[j].tokens[m] for j in donors])[keep]
-    emb = np.where(valid[..., None], tokens[safe], 0.0).astype(np.float32)
-    ids = np.concatenate([nodes[j].ids for j in donors])[keep]
-    partner_ids = np.where(valid, ids[safe], -1)
-    return Partners(
-        modality=m,
-        query_ids=receiver.ids,
-        partner_node=partner_node,
-        partner_ids=partner_ids,
-        similarity=sims,
-        weight=np.where(valid, pair_weight(sims, cfg.floor, cfg.weight_power), 0.0).astype(
-            np.float32
-        ),
-        embeddings=emb,
-    )
+    weight = np.where(valid, pair_weight(sims, cfg.floor, cfg.weight_power), 0.0)
+    out, start = [], 0
+    for r in receivers:
+        sl = slice(start, start + len(r.shared))
+        start = sl.stop
+        v = valid[sl]
+        out.append(
+            Partners(
+                modality=m,
+                query_ids=r.ids,
+                partner_node=np.where(v, db_node[safe[sl]], -1),
+                partner_ids=np.where(v, ids[safe[sl]], -1),
+                similarity=sims[sl],
+                weight=weight[sl].astype(np.float32),
+                embeddings=np.where(v[..., None], tokens[safe[sl]], 0.0).astype(np.float32),
+            )
+        )
+    return out
+
+
+def _labels_or_none(node: NodeEmbeddings) -> np.ndarray:
+    """A node's uploaded labels, or -1 (unlabelled) for all its samples if it sent none."""
+    return node.labels if node.labels is not None else np.full(len(node.shared), -1)
 
 
 def _centered(nodes: list[NodeEmbeddings]) -> list[NodeEmbeddings]:

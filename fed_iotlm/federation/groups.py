@@ -1,7 +1,8 @@
 """Parameter groups: the unit of ownership and aggregation.
 
 A key ``enc.imu.backbone.net.0.weight`` belongs to group ``enc.imu``; ``head.activity.*``
-to ``head.activity``; ``dec.imu.*`` (MMBind's shared-modality decoder) to ``dec.imu``;
+to ``head.activity``; ``dec.imu.*`` (MMBind's shared-modality decoder) to ``dec.imu``
+and ``proj.imu.*`` (its contrastive projection head) to ``proj.imu``;
 ``adapter.imu.*`` (the federated adapters of ``sync.mode=adapters``) to ``adapter.imu``;
 ``fusion.*`` (and any other top-level module) to its first name.
 A node owns the encoder groups of the modalities it holds, the heads of the tasks it
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-NESTED_PREFIXES = ("enc", "head", "dec", "adapter")
+NESTED_PREFIXES = ("enc", "head", "dec", "proj", "adapter")
 
 
 def group_of(key: str) -> str:

@@ -33,6 +33,18 @@ class ReconstructionHead(nn.Module):
         return self.net(token).view(token.shape[0], *self.feature_shape)
 
 
+class ProjectionHead(nn.Module):
+    """Token -> a small space for contrastive SSL (SimCLR's projection head): the loss
+    shapes this space, so the token itself keeps what the task heads need."""
+
+    def __init__(self, dim: int, out: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, out))
+
+    def forward(self, token: torch.Tensor) -> torch.Tensor:
+        return self.net(token)
+
+
 def multitask_loss(
     logits: dict[str, torch.Tensor],
     labels: dict[str, torch.Tensor],

@@ -16,7 +16,7 @@ from fed_iotlm.data.modalities import ModalitySpec
 
 from .encoders import build_encoder
 from .fusion import MaskedAttentionFusion
-from .heads import ReconstructionHead, TaskHead
+from .heads import ProjectionHead, ReconstructionHead, TaskHead
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,10 @@ class MultisensoryModel(nn.Module):
                 m: ReconstructionHead(spec.dim, tuple(spec.modalities[m]["feature_shape"]))
                 for m in spec.extra.get("decoders", [])
             }
+        )
+        # projection heads of MMBind's contrastive shared-modality rounds (fed_iotlm/binding/ssl.py)
+        self.proj = nn.ModuleDict(
+            {m: ProjectionHead(spec.dim) for m in spec.extra.get("projections", [])}
         )
 
     def encode(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
