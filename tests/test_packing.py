@@ -65,9 +65,7 @@ def test_packed_record_round_trips_and_is_one_buffer_per_group():
 
 
 def test_strategy_on_packed_replies_equals_the_per_key_mean():
-    expected = aggregate_groups(
-        MODEL, [NodeUpdate(str(i), a, c) for i, (a, c) in enumerate(NODES)]
-    )
+    expected = aggregate_groups(MODEL, [NodeUpdate(str(i), a, c) for i, (a, c) in enumerate(NODES)])
     for make in (packed_record, numpy_to_record):  # new nodes and per-key (older) nodes
         replies = [node_reply(i, a, c) for i, (a, c) in enumerate(NODES)]
         if make is numpy_to_record:
@@ -104,16 +102,19 @@ def test_packed_updates_are_rejected_like_per_key_ones(kind):
 
 
 def test_non_finite_value_is_named_by_its_key_inside_a_long_group():
-    arrays, counts = NODES[1]
-    bad = {k: v.copy() for k, v in arrays.items()}
-    bad["enc.audio.net.weight"][1, 19_999] = np.inf
-    bad["enc.audio.net.weight"][1, 3] = np.nan
+    arrays, counts = NODES[2]
     layout = ModelLayout.of(MODEL)
-    update = decode_update("7", packed_record(bad), counts, layout)
-    screened = screen_updates(MODEL, [update], CheckConfig())
-    (rejection,) = screened.rejected
-    assert rejection.kind == "non_finite" and rejection.key == "enc.audio.net.weight"
-    assert "2 NaN/Inf" in rejection.reason
+    for key, where in (
+        ("enc.audio.net.weight", [(1, 19_999), (1, 3)]),
+        ("enc.imu.net.0.bias", [(1,), (3,)]),
+    ):
+        bad = {k: v.copy() for k, v in arrays.items()}
+        bad[key][where[0]], bad[key][where[1]] = np.inf, np.nan
+        update = decode_update("7", packed_record(bad), counts, layout)
+        screened = screen_updates(MODEL, [update], CheckConfig())
+        (rejection,) = screened.rejected
+        assert rejection.kind == "non_finite" and rejection.key == key  # not its group's first
+        assert "2 NaN/Inf" in rejection.reason
 
 
 def test_manifest_in_another_key_order_is_reordered():
