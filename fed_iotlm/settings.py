@@ -13,7 +13,24 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_dir() -> Path:
+    """The config tree: ``configs/`` beside the package in a checkout (or a ``flwr run``
+    FAB, which ships the repository's layout), ``fed_iotlm/configs`` in a wheel install
+    (setup.py maps it there)."""
+    here = Path(__file__).resolve().parent
+    candidates = (here.parent / "configs", here / "configs")
+    for candidate in candidates:
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        "fed-iotlm's config tree is missing: no config.yaml in "
+        + " or ".join(str(c) for c in candidates)
+    )
+
+
+CONFIG_DIR = config_dir()
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:

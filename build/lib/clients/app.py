@@ -1,0 +1,186 @@
+"""Flower ClientApp: a sensor node's behaviour per message type.
+
+* ``train``: load the global arrays, train on the node's own modalities and labels,
+  reply with ONLY the parameter groups it holds plus a ``count.<group>`` per group.
+* ``evaluate``: accuracy of the received model on the node's own test split, with
+  the node's own modalities.
+* MMBind (``method=mmbind``): ``train.pretrain`` (self-supervised shared-modality
+  round), ``query.embed`` (embeddings up, never raw samples), ``train.bind``
+  (partners down, kept in the node's state); ``train`` then adds the pseudo-pair terms.
+* DP (``dp.enabled``): ``update_clipping_mod`` clips what ``train`` sends to the
+  server's clipping norm (:mod:`fed_iotlm.federation.privacy`); a no-op otherwise.
+* ``attack`` (studies only, off by default): the first partition ids poison what
+  ``train`` sends (:mod:`fed_iotlm.federation.attacks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fed_iotlm.binding.training import train_with_partners
+from fed_iotlm.experiment import bind_train_config
+from fed_iotlm.federation.attacks import attack_config, maybe_attack
+from fed_iotlm.federation.groups import select_groups
+from fed_iotlm.federation.privacy import update_clipping_mod
+from fed_iotlm.federation.records import (
+    counts_to_metrics,
+    load_into,
+    packed_record,
+    state_to_numpy,
+)
+from fed_iotlm.models.training import evaluate, mean_accuracy, mean_loss, train_local
+from fed_iotlm.personal import (
+    personal_config,
+    restore_personal,
+    store_personal,
+    train_personal,
+    without_personal,
+)
+from fed_iotlm.settings import from_run_config
+
+from .fault_marker import mark_train_start
+from .identify import identify_reply
+from .mmbind import embed_reply, partner_tensors, pretrain_reply, store_partners
+from .node import NodeRuntime, get_node, get_site_node
+from .secure import (
+    is_secure,
+    received_state,
+    secure_aggregation_mod,
+    secure_reply,
+    train_config,
+)
+from .site import partition_id, site_config
+
+
+def _settings(context: Context, cfg: dict | None) -> dict:
+    return cfg if cfg is not None else from_run_config(dict(context.run_config))
+
+
+def _node_for(context: Context, cfg: dict | None) -> NodeRuntime:
+    """A deployed site's own data (node config ``data-dir``), else the simulation share."""
+    site = site_config(context.node_config)
+    if site is not None:
+        return get_site_node(_settings(context, cfg), site)
+    return get_node(_settings(context, cfg), partition_id(context.node_config))
+
+
+def _node_with_global_model(msg: Message, context: Context, cfg: dict | None) -> NodeRuntime:
+    """The node, its model loaded with the arrays the server sent (one core per node),
+    and its own personal adapters put back (``personal.enabled``; no-op otherwise)."""
+    return _load_global_model(msg, context, cfg)[0]
+
+
+def _load_global_model(
+    msg: Message, context: Context, cfg: dict | None
+) -> tuple[NodeRuntime, dict[str, np.ndarray]]:
+    """:func:`_node_with_global_model` and the arrays as received, by key."""
+    torch.set_num_threads(1)
+    node = _node_for(context, cfg)
+    shared = without_personal(state_to_numpy(node.model), node.personal_keys)
+    received = received_state(msg, shared)
+    load_into(node.model, received)
+    restore_personal(context.state, node.model, node.personal_keys, node.personal_init)
+    return node, received
+
+
+def make_client_app(cfg: dict | None = None, mods: list | None = None) -> ClientApp:
+    """A ClientApp bound to ``cfg`` (Python entry point) or, if None, to the run config.
+
+    ``mods`` are Flower client mods (e.g. DP clipping, or a recorder in tests)."""
+    app = ClientApp(mods=[secure_aggregation_mod, *(mods or [])])
+
+    @app.train(mods=[update_clipping_mod])  # innermost: DP clips what train sends
+    def train(msg: Message, context: Context) -> Message:
+        settings = _settings(context, cfg)
+        node, received = _load_global_model(msg, context, cfg)
+        config = train_config(msg)
+        mark_train_start(context.node_config, node.node, int(config.get("server-round", 0)))
+        tcfg = dataclasses.replace(
+            node.train_cfg, proximal_mu=float(config.get("proximal-mu", 0.0))
+        )
+        round_seed = int(config.get("server-round", 0)) * 10_007 + node.node
+        pstats = train_personal(  # personal adapters first (personal.enabled; else no-op)
+            node.model,
+            node.train,
+            node.personal_keys,
+            tcfg,
+            personal_config(settings),
+            seed=round_seed + 1_000_003,
+        )
+        partners = partner_tensors(context, node) if node.method == "mmbind" else {}
+        if partners:
+            stats = train_with_partners(
+                node.model, node.train, partners, tcfg, bind_train_config(settings), round_seed
+            )
+        else:
+            stats = train_local(node.model, node.train, tcfg, seed=round_seed)
+        store_personal(context.state, node.model, node.personal_keys)  # kept, never sent
+        state = without_personal(state_to_numpy(node.model), node.personal_keys)
+        if is_secure(msg):  # SecAgg+: one masked Σ-ready vector, counts inside it
+            return secure_reply(
+                msg, state, received, node.group_counts, settings, f"node {node.node}"
+            )
+        sent = state if node.sends_all_groups else select_groups(state, node.group_counts)
+        sent = maybe_attack(
+            sent,
+            received,
+            attack_config(settings),
+            node.node,
+            node.num_nodes,
+        )
+        metrics = counts_to_metrics(
+            node.group_counts,
+            {
+                **stats,
+                **pstats,
+                "num-examples": float(node.num_train),
+                "partition-id": float(node.node),
+            },
+        )
+        return Message(
+            # one buffer per group: the server screens and averages per group
+            RecordDict({"arrays": packed_record(sent), "metrics": metrics}),
+            reply_to=msg,
+        )
+
+    @app.evaluate()
+    def evaluate_node(msg: Message, context: Context) -> Message:
+        node = _node_with_global_model(msg, context, cfg)
+        per_task = evaluate(node.model, node.test)
+        metrics = {
+            "accuracy": mean_accuracy(per_task),
+            "loss": mean_loss(per_task),
+            "num-examples": float(len(node.test)),
+            "partition-id": float(node.node),
+        }
+        metrics.update({f"accuracy.{t}": v["accuracy"] for t, v in per_task.items()})
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @app.train("pretrain")
+    def pretrain(msg: Message, context: Context) -> Message:
+        node = _node_with_global_model(msg, context, cfg)
+        return pretrain_reply(msg, node, _settings(context, cfg))
+
+    @app.query("identify")
+    def identify(msg: Message, context: Context) -> Message:
+        return identify_reply(msg, _node_for(context, cfg))
+
+    @app.query("embed")
+    def embed(msg: Message, context: Context) -> Message:
+        node = _node_with_global_model(msg, context, cfg)
+        return embed_reply(msg, node, _settings(context, cfg))
+
+    @app.train("bind")
+    def bind(msg: Message, context: Context) -> Message:
+        return store_partners(msg, context, _node_for(context, cfg))
+
+    return app
+
+
+# `flwr run .` loads this object; it reads its settings from the Flower run config.
+app = make_client_app()

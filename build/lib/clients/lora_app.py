@@ -1,0 +1,91 @@
+"""Flower ClientApp for federated LoRA: a site with (ideally) a GPU and its own instructions.
+
+* ``query.site``: the site's partition id and its number of training examples, so the
+  server can give each partition its rank (FlexLoRA) and weight.
+* ``train``: build the model on the pristine base, fold the received cumulative residual
+  (FedEx), load the factors and projector, freeze A (FFA), train ``local-steps`` steps on
+  the site's IID share and reply with factors + projector + n + mean loss.
+
+The site keeps nothing between rounds (see :mod:`fed_iotlm.llm.federated`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
+from fed_iotlm.llm.federated import SitePayload, prepare_site, train_site
+from fed_iotlm.llm.lora_task import LoraTask, build_model, load_task_data, site_examples
+from fed_iotlm.llm.lora_wire import pack, unpack
+from fed_iotlm.settings import from_run_config
+
+
+def _site(context: Context) -> tuple[int, int]:
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def make_lora_client_app(task: LoraTask | None = None, threads: int = 1) -> ClientApp:
+    """Bound to ``task`` (Python entry point) or, if None, to the run config (``llm.*``).
+
+    ``threads``: torch CPU threads per site (simulated sites share the machine's cores)."""
+    app = ClientApp()
+
+    def _task(context: Context) -> LoraTask:
+        return task or LoraTask.from_cfg(from_run_config(dict(context.run_config)))
+
+    def _examples(context: Context, the_task: LoraTask):
+        pid, num = _site(context)
+        data = load_task_data(the_task)
+        return data, site_examples(data.train, pid, num, the_task.seed)
+
+    @app.query("site")
+    def site(msg: Message, context: Context) -> Message:
+        _, examples = _examples(context, _task(context))
+        metrics = {"partition-id": float(_site(context)[0]), "num-examples": float(len(examples))}
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(threads)
+        the_task = _task(context)
+        data, examples = _examples(context, the_task)
+        config = msg.content["config"]
+        factors, sensor, residual = unpack(
+            record_to_numpy(msg.content["arrays"]), the_task.lora_alpha
+        )
+        rnd, version = int(config["server-round"]), int(config["residual-version"])
+        if residual and version != rnd - 1:  # full participation: C_{t-1} holds t-1 rounds
+            raise ValueError(f"round {rnd} got a residual of version {version}")
+        payload = SitePayload(factors, sensor, residual, version, bool(config["freeze-a"]))
+        rank = next(iter(factors.values())).rank
+        model, builder = build_model(the_task, data, rank)
+        prepare_site(model, payload)
+        pid, _ = _site(context)
+        settings = replace(
+            the_task.tune,
+            steps=int(config["local-steps"]),
+            warmup=min(the_task.tune.warmup, int(config["local-steps"]) // 5),
+            log_every=int(config["local-steps"]),
+            seed=the_task.seed * 1_000_003 + rnd * 1_009 + pid,
+        )
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        update = train_site(model, builder, examples, data.feats, settings, device=device)
+        metrics = MetricRecord(
+            {
+                "num-examples": float(update.n),
+                "loss": update.loss,
+                "partition-id": float(pid),
+                "rank": float(rank),
+            }
+        )
+        arrays = numpy_to_record(pack(update.factors, update.sensor_state))
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+app = make_lora_client_app()

@@ -1,0 +1,82 @@
+"""A node's part in MMBind: shared-modality rounds, the embedding upload, partners.
+
+Partners are kept in the node's ``context.state`` (Flower persists it per node across
+messages), so whichever worker runs the node's next round finds them.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from fed_iotlm.binding.embeddings import align_partners, node_embeddings
+from fed_iotlm.binding.messages import PrivacyConfig, pack_upload, unpack_partners
+from fed_iotlm.binding.training import PartnerTensors, pretrain_shared
+from fed_iotlm.experiment import shared_modality
+from fed_iotlm.federation.groups import select_groups
+from fed_iotlm.federation.records import counts_to_metrics, numpy_to_record, state_to_numpy
+
+from .node import NodeRuntime
+
+PARTNERS_KEY = "mmbind.partners"
+
+
+def pretrain_reply(msg: Message, node: NodeRuntime, cfg: dict) -> Message:
+    """Autoencoder round on the shared modality; reply with its encoder and decoder."""
+    shared = shared_modality(cfg)
+    rnd = int(msg.content["config"].get("server-round", 0))
+    tcfg = node.train_cfg
+    tcfg = type(tcfg)(**{**tcfg.__dict__, "epochs": int(cfg["binding"]["pretrain_epochs"])})
+    stats = pretrain_shared(
+        node.model,
+        node.train,
+        shared,
+        tcfg,
+        seed=rnd * 7919 + node.node,
+        method=cfg["binding"]["ssl"],
+    )
+    n = stats["num_present"]
+    groups = {f"enc.{shared}": n, f"dec.{shared}": n} if n > 0 else {}
+    sent = select_groups(state_to_numpy(node.model), groups)
+    metrics = counts_to_metrics(
+        groups, {**stats, "num-examples": n, "partition-id": float(node.node)}
+    )
+    return Message(RecordDict({"arrays": numpy_to_record(sent), "metrics": metrics}), reply_to=msg)
+
+
+def embed_reply(msg: Message, node: NodeRuntime, cfg: dict) -> Message:
+    """Shared-modality embeddings + own-modality tokens of the node's samples; no raw data."""
+    b = cfg["binding"]
+    label_task = None
+    if b["use_labels"]:
+        label_task = b.get("label_task") or next(iter(node.train.y))
+    emb = node_embeddings(node.model, node.train, shared_modality(cfg), str(node.node), label_task)
+    record, config = pack_upload(
+        ids=emb.ids,
+        shared=emb.shared,
+        tokens=emb.tokens,
+        present=emb.token_present,
+        labels=emb.labels,
+        privacy=PrivacyConfig(float(b["noise_sigma"]), bool(b["quantize"])),
+        seed=int(msg.content["config"].get("server-round", 0)) * 101 + node.node,
+    )
+    config["partition-id"] = node.node
+    config["held"] = list(node.modalities)
+    return Message(RecordDict({"embeddings": record, "config": config}), reply_to=msg)
+
+
+def store_partners(msg: Message, context: Context, node: NodeRuntime) -> Message:
+    """Keep the partners the server sent for the next rounds; reply with a summary."""
+    record: ArrayRecord = msg.content["partners"]
+    context.state[PARTNERS_KEY] = record
+    summary = {"partition-id": float(node.node), "num-examples": float(node.num_train)}
+    for m, (_, _, w) in unpack_partners(record).items():
+        summary[f"partners.{m}"] = float((w > 0).sum())
+        summary[f"refused.{m}"] = float((w <= 0).sum())
+    return Message(RecordDict({"metrics": MetricRecord(summary)}), reply_to=msg)
+
+
+def partner_tensors(context: Context, node: NodeRuntime) -> dict[str, PartnerTensors]:
+    """Partners aligned to the node's own training samples (rows without one: weight 0)."""
+    if PARTNERS_KEY not in context.state:
+        return {}
+    return align_partners(node.num_train, unpack_partners(context.state[PARTNERS_KEY]))

@@ -1,0 +1,81 @@
+"""The node's side of secure aggregation (``secagg.enabled``; server/secure_rounds.py).
+
+Flower's ``secaggplus_mod`` runs the protocol around the node's ``train`` handler: it
+receives the legacy ``fitins.*`` content that ``SecAggPlusWorkflow`` sends, and masks the
+legacy ``fitres.*`` reply.  The handler therefore reads the model from either form
+(:func:`received_state`, :func:`train_config`) and, under SecAgg+, replies with its
+Σ-ready vector (:class:`fed_iotlm.federation.secure.SumLayout`) instead of its groups and
+counts (:func:`secure_reply`).  Its metrics stay free of per-group counts and sample
+sizes: those are part of the masked sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
+
+from fed_iotlm.federation.records import record_to_numpy
+from fed_iotlm.federation.secure import PUBLIC_WEIGHT, SecureSettings, SumLayout
+
+LEGACY_PARAMS = "fitins.parameters"
+LEGACY_CONFIG = "fitins.config"
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ mod for the protocol's messages; every other message passes."""
+    if (
+        msg.metadata.message_type == MessageType.TRAIN
+        and RECORD_KEY_CONFIGS in msg.content.config_records
+    ):
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def is_secure(msg: Message) -> bool:
+    """The train message came from the SecAgg+ workflow (legacy ``fitins``)."""
+    return LEGACY_PARAMS in msg.content.array_records
+
+
+def received_state(msg: Message, model_state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model the server sent, named by key whichever form it came in."""
+    if not is_secure(msg):
+        return record_to_numpy(msg.content["arrays"])
+    params = arrayrecord_to_parameters(msg.content.array_records[LEGACY_PARAMS], keep_input=True)
+    return SumLayout.of(model_state).arrays_in_order(
+        parameters_to_ndarrays(params), "SecAgg+ train message"
+    )
+
+
+def train_config(msg: Message) -> ConfigRecord:
+    """The round's config (server round, proximal mu) from either form."""
+    if is_secure(msg):
+        return msg.content.config_records[LEGACY_CONFIG]
+    return msg.content["config"]
+
+
+def secure_reply(
+    msg: Message,
+    trained: Mapping[str, np.ndarray],
+    current: Mapping[str, np.ndarray],
+    counts: Mapping[str, float],
+    settings: dict,
+    node: str,
+) -> Message:
+    """The legacy ``fitres`` reply carrying the Σ-ready vector (masked by the mod)."""
+    layout = SumLayout.of(current)
+    vector = layout.encode(trained, current, counts, SecureSettings.from_config(settings), node)
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="Success"),
+        parameters=ndarrays_to_parameters(vector),
+        num_examples=PUBLIC_WEIGHT,
+        metrics={},
+    )
+    return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

@@ -1,0 +1,258 @@
+"""The data side of a simulated federation: which samples and modalities each node holds.
+
+Built deterministically from the experiment config, so the ServerApp and every
+ClientApp (possibly in other processes) derive the same layout without exchanging
+data.  Each node standardises with statistics of its own training data only.
+
+Domain shift (``shift``, ``configs/shift/*.yaml``) is applied to the RAW arrays, after
+the partition and before featurisation, so each node's own standardiser and the
+log-mel front end see the shifted signal, as they would at a real site.  What a
+"site" is, is ``shift_unit``:
+
+* ``node`` (default): the node's partition id.  A node is one deployment with one
+  hardware/placement, so every sample a node holds (train and test) gets the same
+  per-site transform, and ``sites: [0, 3]`` in a shift entry names nodes 0 and 3.
+  This is what a per-node personalised adapter can learn to undo, and it works for
+  every partition scheme and for datasets without a ``site`` array.
+* ``site``: the dataset's own ``split.site`` (the synthetic generator's sites, an
+  importer's recording sites).  With ``partition=natural`` (by site) the two agree
+  up to numbering; with IID or Dirichlet partitions a node then holds a mix of sites.
+
+The test split gets the same per-site transform as the training data of that site
+(a site's transform parameters are drawn from a generator seeded by the site only,
+:mod:`fed_iotlm.data.shift`).  With no shift (``shift: []``, the default) the data
+are bit-identical to those of a run without the shift feature.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import MultisensoryDataset, Split
+from .exchange import load_dataset
+from .partition import modality_plan, partition_indices
+from .preprocess import Standardizer, featurize_dataset
+from .shift import apply_shifts, parse_shift_config, site_ids_from_parts
+from .synthetic import SyntheticConfig, make_synthetic
+
+SHIFT_UNITS = ("node", "site")
+
+
+def parse_plan(plan) -> list[list[str]] | None:
+    """A plan from Hydra (list of lists) or from a Flower run config ("imu,audio;imu")."""
+    if plan is None or plan == "" or plan == []:
+        return None
+    if isinstance(plan, str):
+        return [[m.strip() for m in node.split(",") if m.strip()] for node in plan.split(";")]
+    return [list(node) for node in plan]
+
+
+def load_experiment_dataset(data_cfg: dict, seed: int) -> MultisensoryDataset:
+    """The featurized dataset named by ``data_cfg`` (synthetic generator or a directory)."""
+    return _load_cached(json.dumps(data_cfg, sort_keys=True), seed)
+
+
+def load_raw_dataset(data_cfg: dict, seed: int) -> MultisensoryDataset:
+    """The same dataset before featurisation (audio still a waveform): what shifts act on."""
+    return _load_raw_cached(json.dumps(data_cfg, sort_keys=True), seed)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(data_json: str, seed: int) -> MultisensoryDataset:
+    return featurize_dataset(_load_raw_cached(data_json, seed))
+
+
+@lru_cache(maxsize=4)
+def _load_raw_cached(data_json: str, seed: int) -> MultisensoryDataset:
+    cfg = json.loads(data_json)
+    if cfg["name"] == "synthetic":
+        fields = SyntheticConfig.__dataclass_fields__
+        kwargs = {k: v for k, v in cfg.items() if k in fields}
+        kwargs.setdefault("seed", seed)
+        raw = make_synthetic(SyntheticConfig(**kwargs))
+    elif cfg["name"] == "npz":
+        if not cfg.get("path"):
+            raise ValueError("data=npz needs data.path=DIR (a dataset in the exchange format)")
+        raw = load_dataset(Path(cfg["path"]).expanduser())
+    else:
+        raise ValueError(f"data.name={cfg['name']!r}: expected 'synthetic' or 'npz'")
+    if cfg.get("modalities"):
+        raw = select_modalities(raw, list(cfg["modalities"]))
+    return raw
+
+
+def select_modalities(ds: MultisensoryDataset, keep: list[str]) -> MultisensoryDataset:
+    """The dataset restricted to ``keep`` (``data.modalities``); samples left with no
+    modality at all are removed, and how many is reported in the error if that is all."""
+    unknown = [m for m in keep if m not in ds.meta.modalities]
+    if unknown:
+        raise ValueError(f"data.modalities names {unknown}, not in {list(ds.meta.modalities)}")
+    meta = replace(ds.meta, modalities={m: ds.meta.modalities[m] for m in keep})
+    splits = []
+    for split in (ds.train, ds.test):
+        sub = split.keep_modalities(keep)
+        present = sub.present_any()
+        if not present.any():
+            raise ValueError(f"data.modalities={keep}: no sample has any of them")
+        splits.append(sub if present.all() else sub.subset(np.nonzero(present)[0]))
+    return MultisensoryDataset(meta, splits[0], splits[1])
+
+
+@dataclass
+class FederationLayout:
+    """Dataset plus, per node, its modalities and its train/test sample indices."""
+
+    dataset: MultisensoryDataset
+    plan: list[list[str]]
+    train_parts: list[np.ndarray]
+    test_parts: list[np.ndarray]
+    label_fraction: float
+    seed: int
+    # the site each sample was shifted as (``shift_unit``); what per-site diagnostics group by
+    train_sites: np.ndarray | None = None
+    test_sites: np.ndarray | None = None
+    shift: list = field(default_factory=list)  # the shift config (plain entries)
+    shift_unit: str = "node"
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.plan)
+
+    def node_data(self, node: int) -> tuple[Split, Split]:
+        """Node ``node``'s (train, test) with only its modalities, standardised with its
+        own training statistics, and training labels hidden beyond ``label_fraction``."""
+        mods = self.plan[node]
+        train = self.dataset.train.subset(self.train_parts[node]).keep_modalities(mods)
+        test = self.dataset.test.subset(self.test_parts[node]).keep_modalities(mods)
+        train, test = _only_observed(train), _only_observed(test)
+        train = hide_labels(train, self.label_fraction, self.seed * 1000 + node)
+        scaler = Standardizer.fit(train)
+        return scaler.transform(train), scaler.transform(test)
+
+
+def _only_observed(split: Split) -> Split:
+    """Samples with at least one of the node's modalities (the others carry no data here)."""
+    keep = split.present_any()
+    return split if keep.all() else split.subset(np.nonzero(keep)[0])
+
+
+def hide_labels(split: Split, fraction: float, seed: int) -> Split:
+    """Keep labels on a seeded ``fraction`` of samples, set the rest to -1 (unlabelled)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"partition.label_fraction must be in [0, 1], got {fraction}")
+    if fraction == 1.0:
+        return split
+    rng = np.random.default_rng(seed)
+    n = len(split)
+    hidden = np.ones(n, dtype=bool)
+    hidden[rng.permutation(n)[: int(round(fraction * n))]] = False
+    y = {t: np.where(hidden, -1, v) for t, v in split.y.items()}
+    return Split(split.x, split.mask, y, split.site, split.subject, split.extra)
+
+
+def build_layout(cfg: dict) -> FederationLayout:
+    """Layout from the experiment config (``data``, ``partition``, ``seed``, ``shift``,
+    ``shift_unit``); cached.  A config without ``shift`` (older runs) means no shift."""
+    key = json.dumps(
+        {
+            **{k: cfg[k] for k in ("data", "partition", "seed")},
+            "shift": shift_entries(cfg),
+            "shift_unit": shift_unit(cfg),
+        },
+        sort_keys=True,
+    )
+    return _layout_cached(key)
+
+
+def shift_entries(cfg: dict) -> list:
+    """The config's ``shift`` list as plain data ([] when absent); validated early so a
+    typo fails before any data is generated."""
+    raw = cfg.get("shift") or []
+    if isinstance(raw, dict):
+        raw = raw.get("transforms") or []
+    parse_shift_config(raw)
+    return list(raw)
+
+
+def shift_unit(cfg: dict) -> str:
+    """``shift_unit``: what a shift entry's site is (``node`` or ``site``)."""
+    unit = str(cfg.get("shift_unit") or "node")
+    if unit not in SHIFT_UNITS:
+        raise ValueError(f"shift_unit={unit!r}: expected one of {', '.join(SHIFT_UNITS)}")
+    return unit
+
+
+@lru_cache(maxsize=4)
+def _layout_cached(key: str) -> FederationLayout:
+    cfg = json.loads(key)
+    seed, part = int(cfg["seed"]), cfg["partition"]
+    raw = load_raw_dataset(cfg["data"], seed)
+    plan_in = parse_plan(part.get("plan"))
+    num_nodes = len(plan_in) if plan_in else int(part["num_nodes"])
+    plan = modality_plan(
+        list(raw.meta.modalities),
+        num_nodes,
+        plan=plan_in,
+        missing_rate=float(part.get("missing_rate", 0.0)),
+        shared=part.get("shared"),
+        seed=seed,
+    )
+    # shifts change inputs only (labels, sites and sample order stay), so partitioning
+    # the raw dataset gives the same parts as partitioning the featurized one
+    parts = [_partition(split, part, num_nodes, seed, raw) for split in (raw.train, raw.test)]
+    unit, entries = cfg["shift_unit"], cfg["shift"]
+    sites = [
+        _site_ids(split, p, unit) for split, p in zip((raw.train, raw.test), parts, strict=True)
+    ]
+    if entries:
+        if unit == "site" and any(s is None for s in sites):
+            raise ValueError("shift_unit=site needs a 'site' array in the dataset; use node")
+        shifted = [
+            apply_shifts(split, s, entries, seed, specs=raw.meta.modalities)
+            for split, s in zip((raw.train, raw.test), sites, strict=True)
+        ]
+        ds = featurize_dataset(MultisensoryDataset(raw.meta, shifted[0], shifted[1]))
+    else:  # exactly the pre-shift code path: bit-identical data
+        ds = load_experiment_dataset(cfg["data"], seed)
+    return FederationLayout(
+        ds,
+        plan,
+        parts[0],
+        parts[1],
+        float(part.get("label_fraction", 1.0)),
+        seed,
+        train_sites=sites[0],
+        test_sites=sites[1],
+        shift=entries,
+        shift_unit=unit,
+    )
+
+
+def _site_ids(split: Split, parts: list[np.ndarray], unit: str) -> np.ndarray | None:
+    """Each sample's site under ``unit``: its node, or the dataset's ``site`` array."""
+    if unit == "site":
+        return None if split.site is None else np.asarray(split.site, dtype=np.int64)
+    return site_ids_from_parts(parts, len(split))
+
+
+def _partition(split: Split, part: dict, num_nodes: int, seed: int, ds) -> list[np.ndarray]:
+    scheme = part.get("scheme", "iid")
+    by = part.get("label_task") or next(iter(ds.meta.tasks))
+    natural_key = part.get("natural_key", "site")
+    natural = getattr(split, natural_key, None) if scheme == "natural" else None
+    if scheme == "natural" and natural is None:
+        raise ValueError(f"partition.scheme=natural needs a '{natural_key}' array in the dataset")
+    return partition_indices(
+        num_nodes,
+        scheme,
+        seed,
+        labels=split.y[by],
+        natural_ids=natural,
+        alpha=float(part.get("alpha", 0.5)),
+        min_partition_size=int(part.get("min_partition_size", 5)),
+    )

@@ -1,0 +1,100 @@
+"""Modality and task descriptions, and the registry of modality kinds.
+
+A *kind* fixes how one sample of a modality is laid out in the exchange format and
+which encoder family reads it.  Everything downstream (validation, preprocessing,
+encoders) dispatches on the kind, never on the modality's name, so a user can call a
+modality ``"wrist"`` or ``"ceiling_cam"`` and still get the right treatment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# kind -> rank of ONE raw sample in the exchange format (the [N] axis excluded)
+RAW_SAMPLE_RANK: dict[str, int] = {
+    "imu": 2,  # [T, C]
+    "timeseries": 2,  # [T, C]
+    "audio": 1,  # [L] waveform
+    "image": 3,  # [C, H, W]
+    "depth": 3,  # [C, H, W]
+    "thermal": 3,  # [C, H, W]
+    "tabular": 1,  # [D]
+    "gps": 1,  # [D]  (lat, lon, alt, speed, ... as the user chooses)
+}
+
+# kind -> layout of the *features* the encoders read, after preprocessing:
+#   sequence [T, C]  (audio becomes a log-mel sequence [frames, mels])
+#   grid     [C, H, W]
+#   vector   [D]
+FEATURE_LAYOUT: dict[str, str] = {
+    "imu": "sequence",
+    "timeseries": "sequence",
+    "audio": "sequence",
+    "image": "grid",
+    "depth": "grid",
+    "thermal": "grid",
+    "tabular": "vector",
+    "gps": "vector",
+}
+
+KINDS: tuple[str, ...] = tuple(RAW_SAMPLE_RANK)
+
+
+class UnknownKindError(ValueError):
+    """A modality declared a kind that the registry does not know."""
+
+
+def check_kind(kind: str, where: str) -> str:
+    """Return ``kind`` if the registry knows it, else raise an error naming ``where``."""
+    if kind not in RAW_SAMPLE_RANK:
+        raise UnknownKindError(
+            f"{where}: unknown modality kind {kind!r}; known kinds: {', '.join(KINDS)}"
+        )
+    return kind
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One modality of a dataset: its name, kind and (optional) sensor details."""
+
+    name: str
+    kind: str
+    rate_hz: float | None = None
+    channels: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        check_kind(self.kind, f"modality {self.name!r}")
+
+    @property
+    def raw_rank(self) -> int:
+        """Rank of one raw sample ([N] excluded) in the exchange format."""
+        return RAW_SAMPLE_RANK[self.kind]
+
+    @property
+    def layout(self) -> str:
+        """Feature layout after preprocessing: ``sequence``, ``grid`` or ``vector``."""
+        return FEATURE_LAYOUT[self.kind]
+
+    def to_json(self) -> dict:
+        out: dict = {"kind": self.kind}
+        if self.rate_hz is not None:
+            out["rate_hz"] = self.rate_hz
+        if self.channels:
+            out["channels"] = list(self.channels)
+        return out
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One classification task: its name and ordered class names (label i = classes[i])."""
+
+    name: str
+    classes: tuple[str, ...]
+    type: str = "classification"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> dict:
+        return {"type": self.type, "classes": list(self.classes)}

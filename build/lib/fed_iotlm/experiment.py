@@ -1,0 +1,101 @@
+"""Objects every entry point derives the same way from the experiment config."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fed_iotlm.binding.index import SearchConfig
+from fed_iotlm.binding.matching import MatchConfig
+from fed_iotlm.binding.training import BindTrainConfig
+from fed_iotlm.data.federation import build_layout
+from fed_iotlm.models.multisensory import ModelSpec
+from fed_iotlm.models.training import TrainConfig
+
+METHODS = ("federated", "fedavg", "harmony", "mmbind", "local", "centralized", "centralized_mmbind")
+
+
+def check_method(cfg: dict) -> str:
+    method = cfg["method"]
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(METHODS)}")
+    return method
+
+
+def model_spec(cfg: dict) -> ModelSpec:
+    """Architecture from the experiment's dataset; see :func:`spec_for_dataset`."""
+    return spec_for_dataset(cfg, build_layout(cfg).dataset)
+
+
+def spec_for_dataset(cfg: dict, ds) -> ModelSpec:
+    """Architecture from ``ds`` (all its modalities; only kinds and feature shapes
+    matter) and ``cfg['model']``.
+
+    The naive ``fedavg`` baseline feeds zero-filled inputs without a mask; ``harmony``
+    (modality-wise FedAvg + late fusion) averages per-modality logits; MMBind adds a
+    self-supervised head on the shared modality.
+    """
+    m = cfg["model"]
+    spec = ModelSpec.from_dataset(
+        ds,
+        dim=int(m["dim"]),
+        fusion_layers=int(m["fusion_layers"]),
+        fusion_heads=int(m["fusion_heads"]),
+        use_mask=cfg["method"] != "fedavg",
+    )
+    spec = replace(spec, fusion=str(m.get("fusion") or "attention"))
+    if spec.fusion not in ("attention", "late"):
+        raise ValueError(f"model.fusion={spec.fusion!r}: expected 'attention' or 'late'")
+    if cfg["method"] == "harmony":
+        return replace(spec, fusion="late")
+    if cfg["method"] in ("mmbind", "centralized_mmbind"):
+        return replace(spec, extra={"decoders": [shared_modality(cfg, ds)]})
+    return spec
+
+
+def shared_modality(cfg: dict, ds=None) -> str:
+    """MMBind's binding modality: ``binding.shared``, else ``partition.shared``."""
+    shared = (cfg.get("binding") or {}).get("shared") or cfg["partition"].get("shared")
+    mods = (ds if ds is not None else build_layout(cfg).dataset).meta.modalities
+    if not shared:
+        raise ValueError("method=mmbind needs a shared modality: partition.shared=<modality>")
+    if shared not in mods:
+        raise ValueError(f"shared modality {shared!r} is not in the dataset ({', '.join(mods)})")
+    return shared
+
+
+def train_config(cfg: dict) -> TrainConfig:
+    t = cfg["train"]
+    return TrainConfig(
+        epochs=int(t["epochs"]),
+        batch_size=int(t["batch_size"]),
+        lr=float(t["lr"]),
+        weight_decay=float(t.get("weight_decay", 0.0)),
+        task_weights=dict(t.get("task_weights") or {}) or None,
+    )
+
+
+def plan_by_node(cfg: dict) -> dict[str, list[str]]:
+    """``{"0": ["imu", "audio"], ...}`` as results.json records it."""
+    return {str(i): mods for i, mods in enumerate(build_layout(cfg).plan)}
+
+
+def match_config(cfg: dict) -> MatchConfig:
+    """How the server pairs samples across nodes, from ``cfg['binding']``."""
+    b = cfg["binding"]
+    return MatchConfig(
+        k=int(b["k"]),
+        floor=float(b["floor"]),
+        weight_power=float(b["weight_power"]),
+        use_labels=bool(b["use_labels"]),
+        search=SearchConfig(exact_limit=int(b["exact_limit"])),
+    )
+
+
+def bind_train_config(cfg: dict) -> BindTrainConfig:
+    """Weights of the MMBind loss terms, from ``cfg['binding']``."""
+    b = cfg["binding"]
+    return BindTrainConfig(
+        pseudo_weight=float(b["pseudo_weight"]),
+        contrastive_weight=float(b["contrastive_weight"]),
+        temperature=float(b["temperature"]),
+    )

@@ -1,0 +1,63 @@
+"""A strategy's state across rounds, as checkpoint sections and JSON.
+
+flwr's strategies are plain objects: FedAdam/FedYogi/FedAdagrad keep the server
+optimiser's moments in ``m_t``/``v_t`` between rounds, and the modality-aware ones keep
+per-round bookkeeping that ends up in results.json.  Resuming from round k must give
+the strategy exactly what it had after round k, or round k+1 would aggregate
+differently (Adam with zeroed moments is a different optimiser).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# server-optimiser state: dicts of arrays keyed like the model (FedOpt family) or lists
+# of arrays (FedAvgM); None before the first round
+OPTIMISER_ATTRS = ("m_t", "v_t", "momentum_vector")
+# ModalityAwareFedAvg's per-round records, {round: ...}
+ROUND_ATTRS = ("round_holders", "round_selected", "round_stats", "rejections", "round_privacy")
+PREFIX = "optimizer."
+
+
+def capture_strategy(strategy: object) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """(JSON bookkeeping, array sections ``optimizer.<attr>``) of ``strategy``."""
+    sections: dict[str, dict[str, np.ndarray]] = {}
+    meta: dict[str, Any] = {"optimizer_lists": []}
+    for attr in OPTIMISER_ATTRS:
+        value = getattr(strategy, attr, None)
+        if isinstance(value, dict):
+            sections[PREFIX + attr] = {k: np.asarray(v) for k, v in value.items()}
+        elif isinstance(value, list | tuple):
+            sections[PREFIX + attr] = {f"{i:06d}": np.asarray(v) for i, v in enumerate(value)}
+            meta["optimizer_lists"].append(attr)
+        elif value is not None:
+            raise TypeError(f"{type(strategy).__name__}.{attr}: cannot checkpoint {type(value)}")
+    for attr in ROUND_ATTRS:
+        if hasattr(strategy, attr):
+            meta[attr] = {str(r): v for r, v in getattr(strategy, attr).items()}
+    if hasattr(strategy, "comm"):
+        meta["comm"] = dict(strategy.comm)
+    return meta, sections
+
+
+def restore_strategy(
+    strategy: object, meta: dict[str, Any], sections: dict[str, dict[str, np.ndarray]]
+) -> None:
+    """Put captured state back into a freshly built strategy of the same kind."""
+    lists = set(meta.get("optimizer_lists", []))
+    for attr in OPTIMISER_ATTRS:
+        if hasattr(strategy, attr):
+            arrays = sections.get(PREFIX + attr)
+            if arrays is None:
+                setattr(strategy, attr, None)
+            elif attr in lists:
+                setattr(strategy, attr, [arrays[k] for k in sorted(arrays)])
+            else:
+                setattr(strategy, attr, dict(arrays))
+    for attr in ROUND_ATTRS:
+        if hasattr(strategy, attr) and attr in meta:
+            setattr(strategy, attr, {int(r): v for r, v in meta[attr].items()})
+    if hasattr(strategy, "comm") and "comm" in meta:
+        strategy.comm = {k: int(v) for k, v in meta["comm"].items()}

@@ -1,0 +1,1 @@
+"""Central stage: a causal LM conditioned on the federated sensor encoders (IoT-LM)."""

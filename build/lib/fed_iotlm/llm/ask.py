@@ -1,0 +1,82 @@
+"""Answer a question about one sample with a tuned stage run (``fed-iotlm ask``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from fed_iotlm.data.dataset import Split
+from fed_iotlm.data.preprocess import standardize_own
+from fed_iotlm.federation.bundle import load_bundle
+
+from .features import FUSED, sensor_features
+from .instructions import Example, Turn
+from .loading import load_lm
+from .sensor_lm import ConditioningSettings, SensorLM
+from .sequences import SequenceBuilder
+from .tuning import load_weights
+
+
+@dataclass
+class Answer:
+    text: str
+    sensors: list[str]  # the modalities present in the sample, i.e. what the LM was given
+    conditioning: str
+
+
+class Assistant:
+    """A tuned LM ready to answer: loaded once, asked many times."""
+
+    def __init__(self, run_dir: Path, conditioning: str | None = None):
+        run_dir = Path(run_dir)
+        results = run_dir / "results.json"
+        if not results.is_file():
+            raise FileNotFoundError(
+                f"{run_dir}: no results.json of an IoT-LM stage run (fed-iotlm tune)"
+            )
+        doc = json.loads(results.read_text())
+        if "llm" not in doc:
+            raise ValueError(f"{results}: not an IoT-LM stage run (no 'llm' section)")
+        lc = doc["config"]["llm"]
+        self.kind = conditioning or doc["llm"]["best"]
+        self.encoder, _ = load_bundle(Path(lc["bundle"]))
+        self.use_fused = bool(lc["use_fused"])
+        names = [m for m in self.encoder.modality_names] + ([FUSED] if self.use_fused else [])
+        tasks = [t for t in self.encoder.head if t != (lc.get("fewshot") or {}).get("task")]
+        from .stage import lora_settings
+
+        cond = ConditioningSettings(
+            kind=self.kind,
+            tokens_per_modality=int(lc["tokens_per_modality"]),
+            adapter_layers=int(lc["adapter_layers"]),
+            queries_per_task=int(lc["queries_per_task"]),
+            names=names,
+            tasks=tasks,
+            feature_dim=self.encoder.spec.dim,
+        )
+        lm = load_lm(lc["model"])
+        self.model = SensorLM(lm, lora_settings(lc), cond)
+        load_weights(self.model, run_dir / f"checkpoint-{self.kind}")
+        self.model.eval()
+        self.builder = SequenceBuilder(
+            lm.tokenizer, names, tasks, cond.tokens_per_modality, self.kind
+        )
+
+    def ask(self, split: Split, index: int, question: str, standardized: bool = False) -> Answer:
+        if not 0 <= index < len(split):
+            raise IndexError(f"--index {index}: the split has {len(split)} samples")
+        data = split if standardized else standardize_own(split)
+        feats = sensor_features(self.encoder, data, use_fused=self.use_fused)
+        present = tuple(
+            m for m in self.encoder.modality_names if m in data.mask and data.mask[m][index]
+        )
+        if not present:
+            raise ValueError(
+                f"sample {index} has no modality the model bundle knows ({self.encoder.modality_names})"
+            )
+        ex = Example(index, present, (Turn(question, ""),), "external", None, None, "ask")
+        batch = self.builder.collate([self.builder.encode(ex, prompt_only=True)], left_pad=True)
+        ids = self.model.generate(batch, feats, self.builder.eos_id, max_new_tokens=40)[0]
+        text = self.builder.tok.decode(ids, skip_special_tokens=True).strip()
+        return Answer(text, list(present), self.kind)

@@ -1,0 +1,156 @@
+"""Two ways to put sensor embeddings into a causal LM, both on frozen federated encoders.
+
+Notation: e_m ∈ R^D is modality m's encoder output (and ``fused``, the federated
+model's multisensory embedding), H the LM's hidden size, P_m a per-modality projector
+R^D → R^{k×H}.  A modality absent from a sample contributes nothing.
+
+(a) :class:`GatedSensorAdapter`, IoT-LM's multisensory multitask adapter (LLaMA-Adapter V2
+    style).  In each of the top L layers l, the attention output for hidden states h gets
+
+        o_l(h) = Attn_l(h) + tanh(g_l) · W_o softmax(q(h) K_lᵀ / √d) V_l,
+        K_l = W_k [Q_{l,τ}; P_m(e_m) for present m],   V_l = W_v [same],
+
+    where Q_{l,τ} ∈ R^{n_q×H} are learned adapter queries of task τ (a "general" slot for
+    questions about no task), W_q/W_k/W_v/W_o are the layer's own (LoRA'd) projections and
+    g_l is a zero-initialised gate, so training starts from the unchanged LM.  Like peft's
+    ``adaption_prompt``, the adapter keys carry no rotary position; unlike it, the prompt is
+    per sample (sensors) and per task, which peft's one shared prompt cannot express, so we
+    install it as a forward hook on the attention modules rather than replacing them.
+(b) :class:`PrefixProjector` (LLaVA style): P_m(e_m) are k soft tokens spliced into the
+    input embeddings between the text markers ``<m>`` and ``</m>``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ModalityProjector(nn.Module):
+    """P_m: embedding [B, D] → k tokens [B, k, H], RMS-matched to the LM's word embeddings
+    (so soft tokens start at the scale the LM is used to)."""
+
+    def __init__(self, names: list[str], dim: int, hidden: int, k: int, emb_rms: float):
+        super().__init__()
+        self.names, self.k, self.hidden = list(names), k, hidden
+        self.proj = nn.ModuleDict(
+            {
+                m: nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, k * hidden))
+                for m in self.names
+            }
+        )
+        self.scale = nn.Parameter(torch.tensor(float(emb_rms)))
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, M, k, H] in ``names`` order (absent modalities still get tokens; the
+        caller's masks decide where they go)."""
+        out = torch.stack([self.proj[m](feats[m]) for m in self.names], 1)
+        out = out.view(out.shape[0], len(self.names), self.k, self.hidden)
+        return F.rms_norm(out, (self.hidden,)) * self.scale
+
+
+class PrefixProjector(ModalityProjector):
+    """(b) soft prefix tokens: the projector is all there is; splicing is in
+    :mod:`fed_iotlm.llm.sequences`."""
+
+
+class GatedSensorAdapter(nn.Module):
+    """(a) the multisensory multitask adapter, as gated extra keys/values."""
+
+    def __init__(
+        self,
+        names: list[str],
+        dim: int,
+        hidden: int,
+        k: int,
+        emb_rms: float,
+        num_tasks: int,
+        num_layers: int,
+        queries_per_task: int = 4,
+    ):
+        super().__init__()
+        self.sensors = ModalityProjector(names, dim, hidden, k, emb_rms)
+        # slot ``num_tasks`` is the general one (presence questions, dialogs)
+        self.queries = nn.Parameter(
+            torch.randn(num_layers, num_tasks + 1, queries_per_task, hidden) * emb_rms
+        )
+        self.gates = nn.Parameter(torch.zeros(num_layers))
+        self.num_layers = num_layers
+        self._context: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._handles: list = []
+
+    def install(self, causal_lm: nn.Module) -> None:
+        """Hook the attention of the top ``num_layers`` decoder layers."""
+        layers = _decoder_layers(causal_lm)
+        if self.num_layers > len(layers):
+            raise ValueError(f"adapter wants {self.num_layers} layers; the LM has {len(layers)}")
+        for li, layer in enumerate(layers[-self.num_layers :]):
+            self._handles.append(
+                layer.self_attn.register_forward_hook(self._hook(li), with_kwargs=True)
+            )
+
+    def set_context(
+        self, feats: dict[str, torch.Tensor], present: torch.Tensor, task_ids: torch.Tensor
+    ) -> None:
+        """Per-sample sensor tokens for the next forward passes.
+        ``present`` [B, M] bool, ``task_ids`` [B] (``num_tasks`` = general)."""
+        tokens = self.sensors(feats)  # [B, M, k, H]
+        b, m, k, h = tokens.shape
+        mask = present[:, :, None].expand(b, m, k).reshape(b, m * k)
+        self._context = (tokens.reshape(b, m * k, h), mask, task_ids)
+
+    def clear_context(self) -> None:
+        self._context = None
+
+    def _hook(self, li: int):
+        def hook(attn, args, kwargs, output):
+            if self._context is None:  # no sensors this pass (text-only prompting)
+                return output
+            sensor, mask, task_ids = self._context
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            cos, sin = kwargs["position_embeddings"]
+            queries = self.queries[li][task_ids]  # [B, n_q, H]
+            kv_in = torch.cat([queries.to(sensor.dtype), sensor], 1)
+            kv_mask = torch.cat([mask.new_ones(queries.shape[:2]), mask], 1)
+            extra = _gated_attention(attn, hidden, cos, sin, kv_in.to(hidden.dtype), kv_mask)
+            gate = torch.tanh(self.gates[li]).to(extra.dtype)
+            return (output[0] + gate * extra, *output[1:])
+
+        return hook
+
+
+def _gated_attention(attn, hidden, cos, sin, kv_in, kv_mask) -> torch.Tensor:
+    """Attention of ``hidden``'s (rotary) queries over un-rotated adapter keys/values,
+    through the layer's own projections (grouped-query heads repeated)."""
+    b, t, _ = hidden.shape
+    hd = attn.head_dim
+    q = attn.q_proj(hidden).view(b, t, -1, hd).transpose(1, 2)
+    q = q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
+    s = kv_in.shape[1]
+    k = attn.k_proj(kv_in).view(b, s, -1, hd).transpose(1, 2)
+    v = attn.v_proj(kv_in).view(b, s, -1, hd).transpose(1, 2)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=kv_mask[:, None, None, :], scale=1.0 / math.sqrt(hd)
+    )
+    return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a (possibly peft-wrapped) llama/mistral-style causal LM."""
+    for mod in causal_lm.modules():
+        layers = getattr(mod, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn"):
+            return layers
+    raise ValueError(
+        f"{type(causal_lm).__name__}: no decoder layers with self_attn (llama-style LM needed)"
+    )

@@ -1,0 +1,234 @@
+"""What every party of a federated LoRA run rebuilds identically: LM, conditioning, data.
+
+The server and each site (a separate Ray actor or machine) must agree bit for bit on the
+frozen base weights, the adapted layer names and the feature table, otherwise factors
+sent down do not mean the same thing on the other side.  A :class:`LoraTask` holds only
+plain values, so it pickles to actors, keys a per-process cache, and every party derives
+the same base model (seeded, or loaded from the same local file) and the same data.
+
+Data sources:
+
+* ``toy``: a few classes carried only by random sensor features (like the unit tests),
+  asked with the training question templates and evaluated on the held-out ones, so a
+  study runs anywhere without a federated bundle;
+* ``bundle``: the central stage's data (a model bundle + the configured dataset), built
+  from the composed config the task carries as JSON.
+
+Sites get an IID share of the training instructions (:func:`site_examples`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fed_iotlm.data.dataset import DatasetMeta
+from fed_iotlm.data.modalities import TaskSpec
+
+from .features import FUSED, SensorFeatures
+from .instructions import TASK_QUESTIONS, Example, Turn
+from .loading import TINY_MODEL, LoadedLM, load_lm
+from .sensor_lm import ConditioningSettings, LoraSettings, SensorLM
+from .sequences import SequenceBuilder
+from .tuning import TuneSettings
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TOY_CLASSES = ("calm", "busy", "idle", "away")
+
+
+@dataclass(frozen=True)
+class LoraTask:
+    """The LM, LoRA, conditioning, local optimiser and data every party agrees on."""
+
+    model: str = TINY_MODEL
+    lora_r: int = 8  # rank of the global model (and of every site unless flexlora ranks)
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    lora_top_layers: int | str | None = "auto"  # as llm.lora.top_layers
+    conditioning: str = "prefix"  # prefix | adapter (text has no sensor state to federate)
+    tokens_per_modality: int = 2
+    adapter_layers: int = 8
+    queries_per_task: int = 4
+    tune: TuneSettings = field(default_factory=lambda: TuneSettings(lr=3e-3, sensor_lr=3e-3))
+    max_new_tokens: int = 6
+    eval_batch: int = 32
+    seed: int = 0
+    data: str = "toy"  # toy | bundle
+    cfg_json: str = ""  # the composed config (bundle data only)
+    toy_train: int = 192
+    toy_eval: int = 64
+    toy_classes: int = 4
+    toy_noise: float = 1.0  # per-dimension; class means are 2·N(0, I) in 8 dimensions
+
+    def __post_init__(self) -> None:
+        if self.conditioning not in ("prefix", "adapter"):
+            raise ValueError(
+                f"federated LoRA conditioning {self.conditioning!r}: choose prefix or adapter"
+            )
+        if self.data not in ("toy", "bundle"):
+            raise ValueError(f"data={self.data!r}: choose toy or bundle")
+        if self.data == "bundle" and not self.cfg_json:
+            raise ValueError("bundle data needs the composed config (cfg_json)")
+
+    @classmethod
+    def from_cfg(cls, cfg: dict) -> LoraTask:
+        """The central stage's settings (``llm.*``): same LoRA, first conditioning, and the
+        stage's data when ``llm.bundle`` is set (else the toy set)."""
+        lc = cfg["llm"]
+        keys = TuneSettings.__dataclass_fields__
+        tune = TuneSettings(**{k: lc[k] for k in keys if k in lc and k != "seed"})
+        kind = next((k for k in lc["conditioning"] if k != "text"), "prefix")
+        return cls(
+            model=str(lc["model"]),
+            lora_r=int(lc["lora"]["r"]),
+            lora_alpha=int(lc["lora"]["alpha"]),
+            lora_dropout=float(lc["lora"]["dropout"]),
+            target_modules=tuple(lc["lora"]["target_modules"]),
+            lora_top_layers=lc["lora"].get("top_layers", "auto"),
+            conditioning=kind,
+            tokens_per_modality=int(lc["tokens_per_modality"]),
+            adapter_layers=int(lc["adapter_layers"]),
+            queries_per_task=int(lc["queries_per_task"]),
+            tune=tune,
+            max_new_tokens=int(lc["max_new_tokens"]),
+            eval_batch=int(lc["eval_batch"]),
+            seed=int(cfg["seed"]),
+            data="bundle" if lc.get("bundle") else "toy",
+            cfg_json=json.dumps(cfg, sort_keys=True) if lc.get("bundle") else "",
+        )
+
+
+@dataclass
+class TaskData:
+    """One feature table for training rows then evaluation rows, and the instructions."""
+
+    feats: SensorFeatures
+    train: list[Example]
+    evals: list[Example]
+    meta: DatasetMeta
+    tasks: list[str]
+    reference: dict = field(default_factory=dict)  # {"name", "accuracy"}: a non-LM yardstick
+
+
+@lru_cache(maxsize=2)
+def load_task_data(task: LoraTask) -> TaskData:
+    """Built once per process (each Ray actor serves many rounds and methods)."""
+    return _toy_data(task) if task.data == "toy" else _bundle_data(task)
+
+
+def _toy_data(task: LoraTask) -> TaskData:
+    """Class c has a random mean in feature space; the LM only sees it through the sensors."""
+    classes = TOY_CLASSES[: task.toy_classes]
+    n = task.toy_train + task.toy_eval
+    g = torch.Generator().manual_seed(task.seed)
+    y = torch.arange(n) % len(classes)
+    means = 2.0 * torch.randn(len(classes), 8, generator=g)
+    f = means[y] + task.toy_noise * torch.randn(n, 8, generator=g)
+    names = ["imu", FUSED]
+    feats = SensorFeatures(names, {m: f for m in names}, torch.ones(n, 2, dtype=torch.bool), {})
+    meta = DatasetMeta("toy", {}, {"state": TaskSpec("state", classes)})
+    fill = {"task": "state", "sensors": "imu", "options": ", ".join(classes)}
+
+    def example(i: int, templates: str) -> Example:
+        questions = TASK_QUESTIONS[templates]
+        q = questions[i % len(questions)].format(**fill)
+        turn = Turn(q, classes[int(y[i])])
+        return Example(i, ("imu",), (turn,), "task", "state", int(y[i]), templates)
+
+    train = [example(i, "train") for i in range(task.toy_train)]
+    evals = [example(i, "heldout") for i in range(task.toy_train, n)]
+    # the Bayes-style ceiling: nearest true class mean, on the evaluated rows
+    nearest = torch.cdist(f[task.toy_train :], means).argmin(1) == y[task.toy_train :]
+    reference = {"name": "nearest true class mean", "accuracy": float(nearest.float().mean())}
+    return TaskData(feats, train, evals, meta, ["state"], reference)
+
+
+def _bundle_data(task: LoraTask) -> TaskData:
+    """The central stage's recipe: frozen bundle features, train/held-out templates."""
+    from fed_iotlm.data.federation import build_layout
+    from fed_iotlm.data.preprocess import standardize_own
+    from fed_iotlm.federation.bundle import load_bundle
+
+    from .evaluation import head_accuracy
+    from .features import sensor_features
+    from .instructions import build_instructions, task_examples
+
+    cfg = json.loads(task.cfg_json)
+    lc = cfg["llm"]
+    encoder, _ = load_bundle(Path(lc["bundle"]))
+    ds = build_layout(cfg).dataset
+    train, test = standardize_own(ds.train), standardize_own(ds.test)
+    fused = bool(lc["use_fused"])
+    a, b = (
+        sensor_features(encoder, train, use_fused=fused),
+        sensor_features(encoder, test, use_fused=fused),
+    )
+    feats = SensorFeatures(
+        a.names,
+        {m: torch.cat([a.feats[m], b.feats[m]]) for m in a.names},
+        torch.cat([a.present, b.present]),
+        {t: torch.cat([a.head_pred[t], b.head_pred[t]]) for t in a.head_pred},
+    )
+    tasks, offset = list(ds.meta.tasks), len(train)
+    rng = np.random.default_rng(task.seed)
+    train_idx = np.sort(rng.permutation(len(train))[: int(lc["train_samples"])])
+    examples = build_instructions(
+        ds.meta, train, templates="train", tasks=tasks, per_sample=int(lc["per_sample"]),
+        seed=task.seed, indices=train_idx,
+    )  # fmt: skip
+    eval_idx = np.sort(rng.permutation(len(test))[: int(lc["eval_samples"])])
+    evals = [
+        replace(ex, index=ex.index + offset)
+        for t in tasks
+        for ex in task_examples(ds.meta, test, t, templates="heldout", seed=task.seed, indices=eval_idx)
+    ]  # fmt: skip
+    head = head_accuracy(feats, evals)["accuracy"]
+    reference = {"name": "federated classifier head", "accuracy": head}
+    return TaskData(feats, examples, evals, ds.meta, tasks, reference)
+
+
+def site_examples(examples: list[Example], site: int, num_sites: int, seed: int) -> list[Example]:
+    """Site ``site``'s IID share: a seeded shuffle dealt round-robin (sizes differ by ≤ 1)."""
+    if not 0 <= site < num_sites:
+        raise ValueError(f"site {site} is outside a federation of {num_sites} sites")
+    perm = np.random.default_rng(seed).permutation(len(examples))
+    return [examples[i] for i in sorted(perm[site::num_sites])]
+
+
+@lru_cache(maxsize=1)
+def _base_lm(source: str) -> LoadedLM:
+    """The pristine base LM, loaded once per process; every model is built on a copy."""
+    return load_lm(source)
+
+
+def build_model(task: LoraTask, data: TaskData, rank: int) -> tuple[SensorLM, SequenceBuilder]:
+    """A fresh SensorLM on a copy of the pristine base, with LoRA of ``rank``.
+
+    Sites rebuild it every round instead of keeping it, so that the only state that
+    crosses rounds is what the server sends (a restarted site cannot drift)."""
+    base = _base_lm(task.model)
+    cond = ConditioningSettings(
+        kind=task.conditioning,
+        tokens_per_modality=task.tokens_per_modality,
+        adapter_layers=task.adapter_layers,
+        queries_per_task=task.queries_per_task,
+        names=data.feats.names,
+        tasks=data.tasks,
+        feature_dim=data.feats.dim,
+    )
+    lora = LoraSettings(
+        rank, task.lora_alpha, task.lora_dropout, task.target_modules, task.lora_top_layers
+    )
+    torch.manual_seed(task.seed)
+    model = SensorLM(replace(base, model=copy.deepcopy(base.model)), lora, cond)
+    builder = SequenceBuilder(
+        base.tokenizer, data.feats.names, data.tasks, task.tokens_per_modality, task.conditioning
+    )
+    return model, builder

@@ -1,0 +1,181 @@
+"""The tuned model: a causal LM with peft LoRA plus one sensor conditioning.
+
+Trainable: the LoRA factors and the projector (prefix) or the gated adapter.  The LM
+head runs only where a label is supervised — most positions are prompt, and the head
+(vocab × hidden) is the single largest matmul of a small LM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conditioning import GatedSensorAdapter, PrefixProjector
+from .features import SensorFeatures
+from .loading import LoadedLM
+from .sequences import IGNORE, Batch
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # "auto": with the adapter, only its top layers get LoRA, so the backward pass stops
+    # there (nothing below needs a gradient); with prefix tokens every layer (the soft
+    # tokens enter at the bottom, the backward pass goes all the way down anyway)
+    top_layers: int | str | None = "auto"
+
+
+@dataclass(frozen=True)
+class ConditioningSettings:
+    kind: str = "prefix"  # prefix | adapter | text
+    tokens_per_modality: int = 4
+    adapter_layers: int = 8
+    queries_per_task: int = 4
+    names: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    feature_dim: int = 0
+
+
+class SensorLM(nn.Module):
+    def __init__(self, lm: LoadedLM, lora: LoraSettings, cond: ConditioningSettings):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.cond = cond
+        for p in lm.model.parameters():
+            p.requires_grad_(False)
+        n_layers = int(lm.model.config.num_hidden_layers)
+        top = lora.top_layers
+        if top == "auto":
+            top = min(cond.adapter_layers, n_layers) if cond.kind == "adapter" else None
+        layers = (
+            {}
+            if top is None
+            else {
+                "layers_to_transform": list(range(n_layers - int(top), n_layers)),
+                "layers_pattern": "layers",
+            }
+        )
+        self.peft = get_peft_model(
+            lm.model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+                **layers,
+            ),
+        )
+        causal = self.peft.get_base_model()
+        hidden = int(self.embed.weight.shape[1])
+        emb_rms = float(self.embed.weight.detach().float().pow(2).mean().sqrt())
+        self.projector: PrefixProjector | None = None
+        self.adapter: GatedSensorAdapter | None = None
+        args = (cond.names, cond.feature_dim, hidden, cond.tokens_per_modality, emb_rms)
+        if cond.kind == "prefix":
+            self.projector = PrefixProjector(*args)
+        elif cond.kind == "adapter":
+            layers = min(cond.adapter_layers, causal.config.num_hidden_layers)
+            self.adapter = GatedSensorAdapter(*args, len(cond.tasks), layers, cond.queries_per_task)
+            self.adapter.install(causal)
+
+    # LM parts as properties, not attributes: assigning them would register the same
+    # modules twice (duplicate state-dict keys, confused DDP)
+    @property
+    def decoder(self) -> nn.Module:
+        return self.peft.get_base_model().get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.peft.get_base_model().get_output_embeddings()
+
+    @property
+    def embed(self) -> nn.Module:
+        return self.peft.get_base_model().get_input_embeddings()
+
+    def sensor_state(self) -> dict[str, torch.Tensor]:
+        """Projector/adapter weights (saved beside the peft adapter)."""
+        part = self.projector if self.projector is not None else self.adapter
+        return {} if part is None else {k: v.detach().cpu() for k, v in part.state_dict().items()}
+
+    def load_sensor_state(self, state: dict[str, torch.Tensor]) -> None:
+        part = self.projector if self.projector is not None else self.adapter
+        if part is not None:
+            part.load_state_dict(state)
+
+    def _inputs(self, batch: Batch, feats: SensorFeatures, sensors: bool = True) -> torch.Tensor:
+        """Word embeddings with sensor slots overwritten (prefix) / adapter context set;
+        ``sensors=False`` is the plain LM on text (the text-only baseline)."""
+        emb = self.embed(batch.ids)
+        if self.adapter is not None:
+            self.adapter.clear_context()
+        if not sensors:
+            return emb
+        if self.adapter is not None:
+            rows, present = feats.rows(batch.sample)
+            self.adapter.set_context(rows, present, batch.task_id)
+        if self.projector is not None:
+            pos = batch.slot_sample >= 0
+            if bool(pos.any()):
+                uniq, inv = batch.slot_sample[pos].unique(return_inverse=True)
+                rows, _ = feats.rows(uniq)
+                tokens = self.projector(rows)  # [U, M, k, H]
+                picked = tokens[inv, batch.slot_mod[pos], batch.slot_j[pos]]
+                emb = emb.clone()
+                emb[pos] = picked.to(emb.dtype)
+        return emb
+
+    def forward(self, batch: Batch, feats: SensorFeatures) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens."""
+        emb = self._inputs(batch, feats)
+        hidden = self.decoder(inputs_embeds=emb, attention_mask=batch.attn).last_hidden_state
+        target = batch.labels[:, 1:]
+        sel = target != IGNORE
+        logits = self.lm_head(hidden[:, :-1][sel])
+        return F.cross_entropy(logits.float(), target[sel])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: Batch,
+        feats: SensorFeatures,
+        eos_id: int,
+        max_new_tokens: int = 12,
+        sensors: bool = True,
+    ) -> list[list[int]]:
+        """Greedy decoding with a KV cache from a left-padded batch; new token ids per row."""
+        emb = self._inputs(batch, feats, sensors)
+        attn = batch.attn
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.decoder(inputs_embeds=emb, attention_mask=attn, position_ids=pos, use_cache=True)
+        past, last = out.past_key_values, out.last_hidden_state[:, -1]
+        done = torch.zeros(attn.shape[0], dtype=torch.bool, device=attn.device)
+        steps: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            nxt = self.lm_head(last).argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            steps.append(nxt)
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], 1)
+            pos = pos[:, -1:] + 1
+            out = self.decoder(
+                input_ids=nxt[:, None],
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=past,
+                use_cache=True,
+            )
+            past, last = out.past_key_values, out.last_hidden_state[:, -1]
+        if self.adapter is not None:
+            self.adapter.clear_context()
+        ids = torch.stack(steps, 1).tolist()
+        return [row[: row.index(eos_id)] if eos_id in row else row for row in ids]

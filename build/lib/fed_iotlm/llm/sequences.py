@@ -1,0 +1,169 @@
+"""Instruction examples → token ids, answer-only labels and sensor-slot positions.
+
+A sequence is chat turns.  The first user turn carries a *sensor block* whose form
+depends on the conditioning:
+
+* ``prefix``: ``Sensors: <imu>■■■■</imu> <audio>■■■■</audio>`` where each ■ is a slot
+  position later overwritten by a projected soft token (slot = sample, modality, j);
+* ``adapter``: ``Sensors: imu and audio.`` (the readings enter through the adapter);
+* ``text``: a text-only description of the readings (the no-sensor-token baseline);
+* ``none``: no sensor block (the plain-text reference of the step benchmark).
+
+Labels are -100 everywhere except answer tokens and the end-of-turn marker after them,
+so the loss is on answers only.  Text pieces repeat endlessly across examples, so their
+token ids are cached per string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .features import FUSED
+from .instructions import Example, describe_present
+
+CONDITIONINGS = ("prefix", "adapter", "text", "none")
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    """One tokenised sequence; slot lists are aligned with ``ids`` (-1 = not a slot)."""
+
+    ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    slot_sample: list[int] = field(default_factory=list)
+    slot_mod: list[int] = field(default_factory=list)
+    slot_j: list[int] = field(default_factory=list)
+    sample: int = -1
+    task_id: int = 0
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, T]
+    attn: torch.Tensor  # [B, T] 1 = token, 0 = padding
+    labels: torch.Tensor  # [B, T]
+    slot_sample: torch.Tensor  # [B, T] sample row of a soft token, -1 elsewhere
+    slot_mod: torch.Tensor  # [B, T] index into the feature names
+    slot_j: torch.Tensor  # [B, T] which of the k tokens
+    sample: torch.Tensor  # [B] the sample the (last) question is about
+    task_id: torch.Tensor  # [B] adapter query set (num_tasks = general)
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+class SequenceBuilder:
+    """Tokenises examples for one LM, one conditioning and one feature layout."""
+
+    def __init__(
+        self,
+        tokenizer,
+        names: list[str],
+        tasks: list[str],
+        k: int,
+        conditioning: str,
+        describe: Callable[[int], str] | None = None,
+    ):
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"llm.conditioning={conditioning!r}; choose one of {CONDITIONINGS}")
+        if conditioning == "text" and describe is None:
+            raise ValueError("text conditioning needs a describe(sample) function")
+        self.tok, self.names, self.tasks, self.k = tokenizer, list(names), list(tasks), k
+        self.conditioning, self.describe = conditioning, describe
+        chatml = tokenizer.convert_tokens_to_ids("<|im_start|>") not in (
+            None,
+            tokenizer.unk_token_id,
+        )
+        self.user_open = "<|im_start|>user\n" if chatml else "### User:\n"
+        self.user_close = "<|im_end|>\n<|im_start|>assistant\n" if chatml else "\n### Assistant:\n"
+        self.eos_text = "<|im_end|>" if chatml else tokenizer.eos_token
+        self.eos_id = tokenizer.convert_tokens_to_ids(self.eos_text)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._cache[text]
+
+    def _text(self, enc: Encoded, text: str, supervised: bool = False) -> None:
+        ids = self._ids(text)
+        enc.ids += ids
+        enc.labels += ids if supervised else [IGNORE] * len(ids)
+        enc.slot_sample += [-1] * len(ids)
+        enc.slot_mod += [-1] * len(ids)
+        enc.slot_j += [-1] * len(ids)
+
+    def _sensor_block(self, enc: Encoded, ex: Example) -> None:
+        real = list(ex.present)
+        if self.conditioning == "none":
+            return
+        if self.conditioning == "adapter":
+            self._text(enc, f"Sensors: {describe_present(real)}.\n")
+            return
+        if self.conditioning == "text":
+            self._text(enc, f"Sensors: {self.describe(ex.index)}\n")
+            return
+        self._text(enc, "Sensors:")
+        shown = [m for m in self.names if m in real or (m == FUSED and real)]
+        for m in shown:
+            self._text(enc, f" <{m}>")
+            mi = self.names.index(m)
+            enc.ids += [self.pad_id] * self.k
+            enc.labels += [IGNORE] * self.k
+            enc.slot_sample += [ex.index] * self.k
+            enc.slot_mod += [mi] * self.k
+            enc.slot_j += list(range(self.k))
+            self._text(enc, f"</{m}>")
+        self._text(enc, "\n")
+
+    def _example(self, enc: Encoded, ex: Example, answer_last: bool) -> None:
+        for t, turn in enumerate(ex.turns):
+            self._text(enc, self.user_open)
+            if t == 0:
+                self._sensor_block(enc, ex)
+            self._text(enc, turn.question + self.user_close)
+            if answer_last or t < len(ex.turns) - 1:
+                self._text(enc, turn.answer + self.eos_text, supervised=True)
+                self._text(enc, "\n")
+
+    def encode(
+        self, ex: Example, shots: Sequence[Example] = (), prompt_only: bool = False
+    ) -> Encoded:
+        """``shots`` (answered in-context examples) come first; ``prompt_only`` stops
+        where the assistant's last answer would start (generation)."""
+        enc = Encoded(sample=ex.index, task_id=self.task_id(ex))
+        for shot in shots:
+            self._example(enc, shot, answer_last=True)
+        self._example(enc, ex, answer_last=not prompt_only)
+        return enc
+
+    def task_id(self, ex: Example) -> int:
+        return self.tasks.index(ex.task) if ex.task in self.tasks else len(self.tasks)
+
+    def collate(self, encs: Sequence[Encoded], left_pad: bool = False) -> Batch:
+        """Pad to the longest sequence: right for training, left for generation."""
+        width = max(len(e.ids) for e in encs)
+
+        def pad(values: list[int], fill: int) -> list[int]:
+            gap = [fill] * (width - len(values))
+            return gap + values if left_pad else values + gap
+
+        def stack(attr: str, fill: int) -> torch.Tensor:
+            return torch.tensor([pad(getattr(e, attr), fill) for e in encs], dtype=torch.long)
+
+        attn = torch.tensor([pad([1] * len(e.ids), 0) for e in encs], dtype=torch.long)
+        return Batch(
+            ids=stack("ids", self.pad_id),
+            attn=attn,
+            labels=stack("labels", IGNORE),
+            slot_sample=stack("slot_sample", -1),
+            slot_mod=stack("slot_mod", -1),
+            slot_j=stack("slot_j", -1),
+            sample=torch.tensor([e.sample for e in encs], dtype=torch.long),
+            task_id=torch.tensor([e.task_id for e in encs], dtype=torch.long),
+        )

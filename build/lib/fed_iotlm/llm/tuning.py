@@ -1,0 +1,171 @@
+"""Instruction tuning loop: LoRA + sensor conditioning, answer-only loss.
+
+AdamW with a cosine schedule (warm-up), gradient accumulation, optional gradient
+checkpointing, bf16 autocast on CUDA (fp32 on CPU), data parallel under ``torchrun``
+(each rank draws its own batches; gradients are averaged by DDP).  A checkpoint is the
+peft adapter (safetensors), the projector/adapter (safetensors) and the trainer state,
+written to a temp directory and renamed, so ``resume`` always finds a whole one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .features import SensorFeatures
+from .instructions import Example
+from .sensor_lm import SensorLM
+from .sequences import SequenceBuilder
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    steps: int = 150
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    sensor_lr: float = 3e-3
+    warmup: int = 10
+    weight_decay: float = 0.0
+    grad_checkpointing: bool = False
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def tune(
+    model: SensorLM,
+    builder: SequenceBuilder,
+    examples: Sequence[Example],
+    feats: SensorFeatures,
+    settings: TuneSettings,
+    ckpt_dir: Path,
+    resume: bool = False,
+    log: Callable[[int, float], None] | None = None,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, float]]:
+    """Train in place; returns the loss history ``[{"step", "loss"}]``."""
+    rank, size = world()
+    device = torch.device(device)
+    model.to(device)
+    feats = feats.to(device)
+    if settings.grad_checkpointing:
+        model.peft.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lora = [p for n, p in trainable if n.startswith("peft.")]
+    sensor = [p for n, p in trainable if not n.startswith("peft.")]
+    opt = torch.optim.AdamW(
+        [{"params": lora, "lr": settings.lr}, {"params": sensor, "lr": settings.sensor_lr}],
+        weight_decay=settings.weight_decay,
+    )
+    from transformers import get_cosine_schedule_with_warmup
+
+    sched = get_cosine_schedule_with_warmup(opt, settings.warmup, settings.steps)
+    step, history = 0, []
+    rng = random.Random(settings.seed * 1_000_003 + rank)
+    if resume and (ckpt_dir / "trainer.pt").is_file():
+        step, history = load_checkpoint(model, opt, sched, ckpt_dir, rng)
+    train_model: torch.nn.Module = model
+    if size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    encoded = [builder.encode(ex) for ex in examples]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model.train()
+    t0, running = time.time(), []
+    while step < settings.steps:
+        for _ in range(settings.grad_accum):
+            batch = builder.collate(rng.sample(encoded, min(settings.batch_size, len(encoded))))
+            batch = batch.to(device)
+            with autocast:
+                loss = train_model(batch, feats) / settings.grad_accum
+            loss.backward()
+            running.append(float(loss.detach()) * settings.grad_accum)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % settings.log_every == 0 or step == settings.steps:
+            row = {"step": step, "loss": float(np.mean(running)), "elapsed_s": time.time() - t0}
+            history.append(row)
+            running = []
+            if log is not None and rank == 0:
+                log(step, row["loss"])
+        if rank == 0 and (step % settings.checkpoint_every == 0 or step == settings.steps):
+            save_checkpoint(model, opt, sched, step, history, ckpt_dir, rng)
+    model.eval()
+    return history
+
+
+def save_checkpoint(
+    model: SensorLM, opt, sched, step: int, history: list, ckpt_dir: Path, rng: random.Random
+) -> None:
+    """Write the whole checkpoint beside ``ckpt_dir`` and swap it in."""
+    from safetensors.torch import save_file
+
+    ckpt_dir = Path(ckpt_dir)
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.peft.save_pretrained(str(tmp / "lora"))
+    save_file(
+        {k: v.contiguous() for k, v in model.sensor_state().items()},
+        str(tmp / "sensor.safetensors"),
+    )
+    torch.save(
+        {
+            "step": step,
+            "history": history,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "batch_rng": rng.getstate(),  # so a resumed run draws the same batches
+        },
+        tmp / "trainer.pt",
+    )
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    if ckpt_dir.exists():
+        os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_weights(model: SensorLM, ckpt_dir: Path) -> None:
+    """LoRA factors and projector/adapter weights of a checkpoint."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    for name in ("lora/adapter_model.safetensors", "sensor.safetensors"):
+        if not (ckpt_dir / name).is_file():
+            raise FileNotFoundError(f"{ckpt_dir}: not a tuning checkpoint (missing {name})")
+    set_peft_model_state_dict(
+        model.peft, load_file(str(ckpt_dir / "lora/adapter_model.safetensors"))
+    )
+    model.load_sensor_state(load_file(str(ckpt_dir / "sensor.safetensors")))
+
+
+def load_checkpoint(
+    model: SensorLM, opt, sched, ckpt_dir: Path, rng: random.Random
+) -> tuple[int, list]:
+    load_weights(model, ckpt_dir)
+    state = torch.load(Path(ckpt_dir) / "trainer.pt", weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    rng.setstate(state["batch_rng"])
+    return int(state["step"]), list(state["history"])

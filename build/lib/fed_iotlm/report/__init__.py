@@ -1,0 +1,15 @@
+"""``fed-iotlm report``: one readable page (Markdown and/or HTML, with PNG plots) from the
+runs of one MLflow experiment.
+
+``runs`` reads the experiment through MLflow's client API; ``params`` works out which
+params distinguish the runs and how to name groups of them; ``sections`` turns runs into
+tables and figure specs, one builder per section; ``plots`` draws the figures with
+matplotlib; ``render`` writes the page with jinja2.  ``build`` ties them together.
+"""
+
+from __future__ import annotations
+
+from .build import build_report
+from .runs import ReportError
+
+__all__ = ["ReportError", "build_report"]

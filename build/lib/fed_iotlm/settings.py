@@ -1,0 +1,72 @@
+"""Experiment settings: one Hydra config tree serves every entry point.
+
+``python -m simulations.run`` composes it with Hydra's command line; ``flwr run .``
+and deployed SuperNodes compose the same tree from the Flower run config, whose
+``overrides`` entry holds Hydra overrides (``"partition.num_nodes=10 rounds=5"``).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+
+
+def config_dir() -> Path:
+    """The config tree: ``configs/`` beside the package in a checkout (or a ``flwr run``
+    FAB, which ships the repository's layout), ``fed_iotlm/configs`` in a wheel install
+    (setup.py maps it there)."""
+    here = Path(__file__).resolve().parent
+    candidates = (here.parent / "configs", here / "configs")
+    for candidate in candidates:
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        "fed-iotlm's config tree is missing: no config.yaml in "
+        + " or ".join(str(c) for c in candidates)
+    )
+
+
+CONFIG_DIR = config_dir()
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Compose ``configs/config.yaml`` with Hydra overrides into a plain dict."""
+    return json.loads(_compose_cached(tuple(overrides)))
+
+
+@lru_cache(maxsize=8)
+def _compose_cached(overrides: tuple[str, ...]) -> str:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True))
+
+
+def from_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """Settings for an app started by Flower (``flwr run``): compose + run-config overrides."""
+    overrides = shlex.split(str(run_config.get("overrides", "") or ""))
+    return compose(overrides)
+
+
+def to_json(cfg: dict[str, Any]) -> str:
+    """Canonical JSON of a config (cache key; what is logged)."""
+    return json.dumps(cfg, sort_keys=True)
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

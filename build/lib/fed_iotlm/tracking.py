@@ -1,0 +1,159 @@
+"""Everything a run leaves behind: MLflow run, results.json, plot, bundle, final table.
+
+One recorder serves every method (federated, FedAvg, local-only, centralized), so all
+runs are comparable by the same tools.  results.json follows the schema in
+docs/architecture.md and is written atomically; its path is printed last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .atomic import atomic_write_text
+from .settings import flatten
+
+console = Console(highlight=False)
+
+
+class RunRecorder:
+    """Collects per-round history and writes the run's outputs into ``out_dir``."""
+
+    def __init__(self, cfg: dict[str, Any], out_dir: Path, *, dataset: str, plan: dict) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.dataset = dataset
+        self.plan = plan
+        self.history: list[dict[str, float]] = []
+        self.t0 = time.time()
+        self._mlflow = None
+        self.extra: dict[str, Any] = {}  # method-specific keys added to results.json
+
+    # -- MLflow -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the MLflow run (local sqlite store by default) and log the flat config."""
+        mcfg = self.cfg.get("mlflow", {})
+        if not mcfg.get("enabled", True):
+            return
+        import mlflow
+
+        mlflow.set_tracking_uri(mcfg.get("tracking_uri", "sqlite:///mlflow.db"))
+        mlflow.set_experiment(mcfg.get("experiment", "fed-iotlm"))
+        run_name = f"{self.cfg['method']}-{self.dataset}-seed{self.cfg['seed']}"
+        mlflow.start_run(run_name=run_name)
+        params = {k: str(v)[:500] for k, v in flatten(self.cfg).items()}
+        params["plan"] = json.dumps(self.plan)[:500]
+        mlflow.log_params(params)
+        self._mlflow = mlflow
+
+    def log_round(self, rnd: int, accuracy: float, loss: float, **extra: float) -> None:
+        row = {"round": rnd, "accuracy": float(accuracy), "loss": float(loss), **extra}
+        self.history.append(row)
+        total = self.cfg.get("rounds", "?")
+        rejected = int(extra.get("rejected_updates", 0))
+        sent, answered = int(extra.get("nodes_sent", 0)), int(extra.get("nodes_answered", 0))
+        console.print(
+            f"[bold]round {rnd:>3}/{total}[/bold]  accuracy {accuracy:.3f}  loss {loss:.3f}"
+            + (f"  [red]{rejected} update(s) rejected[/red]" if rejected else "")
+            + (f"  [red]{answered}/{sent} nodes answered[/red]" if answered < sent else "")
+            + ("  [red]skipped[/red]" if extra.get("round_skipped") else "")
+            + f"  ({time.time() - self.t0:.0f}s)"
+        )
+        if self._mlflow is not None:
+            self._mlflow.log_metrics(
+                {k: float(v) for k, v in row.items() if k != "round"}, step=rnd
+            )
+
+    # -- outputs ------------------------------------------------------------------------
+    def finish(self, test: dict, accuracy_by_node: dict[str, float], comm: dict) -> Path:
+        """Write results.json, the plot, log artifacts, print the table; return the path."""
+        results = {
+            "method": self.cfg["method"],
+            "dataset": self.dataset,
+            "seed": int(self.cfg["seed"]),
+            "num_nodes": len(self.plan),
+            "rounds": int(self.cfg["rounds"]),
+            "plan": self.plan,
+            "test": {**test, "accuracy_by_node": accuracy_by_node},
+            "history": self.history,
+            "comm": comm,
+            "wall_s": round(time.time() - self.t0, 2),
+            "config": self.cfg,
+            **self.extra,
+        }
+        path = self.out_dir / "results.json"
+        atomic_write_text(path, json.dumps(results, indent=2))
+        plot = self._plot()
+        if self._mlflow is not None:
+            mlflow = self._mlflow
+            mlflow.log_metrics(
+                {
+                    "test_accuracy": test["accuracy"],
+                    **{f"test_accuracy.{m}": v for m, v in test["accuracy_by_modality"].items()},
+                    **{f"node_accuracy.{n}": v for n, v in accuracy_by_node.items()},
+                }
+            )
+            mlflow.log_artifact(str(path))
+            if plot is not None:
+                mlflow.log_artifact(str(plot))
+            bundle = self.out_dir / "bundle"
+            if bundle.is_dir():
+                mlflow.log_artifacts(str(bundle), artifact_path="bundle")
+            mlflow.end_run()
+        print_table(results)
+        return path
+
+    def _plot(self) -> Path | None:
+        if not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        rounds = [h["round"] for h in self.history]
+        ax.plot(rounds, [h["accuracy"] for h in self.history], marker="o", label="test accuracy")
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy (mean over tasks)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{self.cfg['method']} on {self.dataset} ({len(self.plan)} nodes)")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        path = self.out_dir / "accuracy.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def print_table(results: dict) -> None:
+    """The final table: all modalities, each single modality, each node."""
+    test = results["test"]
+    table = Table(title=f"{results['method']} · {results['dataset']} · test accuracy")
+    table.add_column("evaluated on")
+    table.add_column("accuracy", justify="right")
+    tasks = list(test.get("by_task", {}))
+    for t in tasks:
+        table.add_column(t, justify="right")
+    table.add_row(
+        "all modalities",
+        f"{test['accuracy']:.3f}",
+        *[f"{test['by_task'][t]['accuracy']:.3f}" for t in tasks],
+    )
+    for m, acc in test["accuracy_by_modality"].items():
+        table.add_row(
+            f"only {m}",
+            f"{acc:.3f}",
+            *[f"{test['by_task'][t]['accuracy_by_modality'][m]:.3f}" for t in tasks],
+        )
+    for node, acc in test["accuracy_by_node"].items():
+        mods = ",".join(results["plan"].get(node, []))
+        table.add_row(f"node {node} ({mods})", f"{acc:.3f}", *["" for _ in tasks])
+    console.print(table)

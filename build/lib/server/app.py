@@ -1,0 +1,36 @@
+"""Flower ServerApp: runs the configured strategy and writes the run's outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fed_iotlm.settings import from_run_config
+
+from .federated_run import default_out_dir, run_federated
+
+
+def make_server_app(
+    cfg: dict | None = None,
+    out_dir: Path | None = None,
+    grid_hook: Callable[[Grid], Grid] | None = None,
+) -> ServerApp:
+    """A ServerApp bound to ``cfg`` (Python entry point) or, if None, to the run config;
+    ``grid_hook`` wraps the Grid (tests observe what the server receives)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        grid = grid_hook(grid) if grid_hook is not None else grid
+        settings = cfg if cfg is not None else from_run_config(dict(context.run_config))
+        path = run_federated(grid, settings, out_dir or default_out_dir(settings))
+        print(path, flush=True)
+
+    return app
+
+
+# `flwr run .` loads this object; it reads its settings from the Flower run config.
+app = make_server_app()

@@ -1,0 +1,242 @@
+"""One federated run on a Grid: strategy rounds, per-round test, node evaluation, outputs."""
+
+from __future__ import annotations
+
+import random
+import time
+from logging import WARNING
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fed_iotlm.data.federation import build_layout
+from fed_iotlm.data.preprocess import standardize_own
+from fed_iotlm.diagnostics import diagnostics_config, run_diagnostics
+from fed_iotlm.evaluation import test_report
+from fed_iotlm.experiment import check_method, model_spec
+from fed_iotlm.federation.adapter_sync import sync_meta, sync_model
+from fed_iotlm.federation.bundle import save_bundle
+from fed_iotlm.federation.privacy import attach_privacy, privacy_report
+from fed_iotlm.federation.records import (
+    load_into,
+    numpy_to_record,
+    record_nbytes,
+    record_to_numpy,
+    state_to_numpy,
+)
+from fed_iotlm.federation.secure import check_composable
+from fed_iotlm.federation.strategy import ModalityAwareFedAvg, build_strategy
+from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
+from fed_iotlm.tracking import RunRecorder
+
+from .chunked import send_and_receive_chunked
+from .membership import LiveNodesGrid, LiveRoster
+from .mmbind import multimodal_rounds, pretrain_rounds
+from .participation import RoundOutcome, round_timeout_s
+from .resume import PRETRAIN, TRAIN, ServerCheckpointer
+from .rounds import identify_nodes, run_rounds
+from .secure_rounds import SecureRounds
+
+
+def default_out_dir(cfg: dict) -> Path:
+    return Path(cfg.get("output_dir") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}")
+
+
+def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
+    """Run ``cfg['rounds']`` rounds of the configured strategy; returns results.json's path."""
+    method = check_method(cfg)
+    if method not in ("federated", "fedavg", "harmony", "mmbind"):
+        raise ValueError(f"method={method!r} does not run on a Flower Grid")
+    seed_everything(int(cfg["seed"]))
+    layout = build_layout(cfg)
+    spec = model_spec(cfg)
+    model = sync_model(cfg, spec)  # sync.mode=adapters: frozen encoders + adapters
+    test = SplitTensors.from_split(standardize_own(layout.dataset.test))
+    initial = numpy_to_record(state_to_numpy(model))
+    wait_s = float(cfg["strategy"].get("wait_for_nodes_s") or 120)
+    round_timeout = round_timeout_s(cfg["strategy"])
+    wait_for_nodes(grid, layout.num_nodes, wait_s)
+    roster = identify_nodes(grid, layout.num_nodes)  # deployed sites report their own plan
+    # sites that die and come back (maybe under a new node id) are picked up per round
+    live = LiveRoster(roster, layout.num_nodes, identify_timeout_s=round_timeout, wait_s=wait_s)
+    outcomes: dict[int, RoundOutcome] = {}  # who answered each round (server/participation.py)
+    strategy = build_strategy(
+        "fedavg" if method == "fedavg" else "federated", cfg["strategy"], layout.num_nodes
+    )
+    attach_privacy(strategy, cfg, layout.num_nodes)  # dp.enabled: clipping + noise + accountant
+    secure = check_composable(cfg)  # SecAgg+: the server learns only sums
+    secure_rounds = (
+        SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes) if secure.enabled else None
+    )
+    recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=roster.plan)
+    checkpointer = ServerCheckpointer(cfg, out_dir, strategy, recorder)
+    recorder.start()
+
+    def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if rnd == 0:
+            return None
+        load_into(model, record_to_numpy(arrays))
+        per_task = evaluate(model, test)
+        acc, loss = mean_accuracy(per_task), mean_loss(per_task)
+        # screening and robust-aggregation counts of the round (modality-aware strategies)
+        stats = strategy.round_metrics(rnd) if isinstance(strategy, ModalityAwareFedAvg) else {}
+        if rnd in outcomes:
+            stats.update(outcomes[rnd].metrics())
+            if outcomes[rnd].faulty:
+                faults = recorder.extra.setdefault("faults_by_round", {})
+                faults[str(rnd)] = outcomes[rnd].report()
+        if secure_rounds is not None:
+            stats = {**stats, **secure_rounds.round_metrics(rnd)}
+        recorder.log_round(rnd, acc, loss, **stats)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    resumed = checkpointer.restore()  # resume=true: the state after the last saved round
+    arrays = resumed.arrays if resumed else initial
+    first = resumed.next_round(TRAIN, int(cfg["rounds"])) if resumed else 1
+    if method == "mmbind":
+        pretrain = int(cfg["binding"]["pretrain_rounds"])
+        arrays = pretrain_rounds(
+            grid,
+            arrays,
+            pretrain,
+            first=resumed.next_round(PRETRAIN, pretrain) if resumed else 1,
+            on_round=lambda rnd, a: checkpointer.save(PRETRAIN, rnd, a),
+        )
+        arrays = multimodal_rounds(
+            grid, strategy, arrays, cfg, evaluate_fn, recorder,
+            None if roster.deployed else layout,  # sites' data: no ground truth here
+            first=first,
+            on_round=lambda rnd, a: checkpointer.save(TRAIN, rnd, a),
+            partners=checkpointer.partners,
+            node_ids=roster.node_ids,
+            train_round=secure_rounds,
+            timeout=round_timeout,
+            outcomes=outcomes,
+        )  # fmt: skip
+    else:
+        arrays = run_rounds(
+            grid,
+            strategy,
+            arrays,
+            first=first,
+            last=int(cfg["rounds"]),
+            evaluate_fn=evaluate_fn,
+            on_round=lambda rnd, a: checkpointer.save(TRAIN, rnd, a),
+            train_round=secure_rounds,
+            timeout=round_timeout,
+            roster=live,
+            outcomes=outcomes,
+        )
+    final = record_to_numpy(arrays)
+    load_into(model, final)
+    final_grid = LiveNodesGrid(grid, live.refresh(grid))  # one live node per partition
+    node_accuracy = evaluate_nodes(final_grid, arrays, timeout=round_timeout)
+    report = test_report(model, test)
+    comm = communication(strategy, initial, int(cfg["rounds"]), layout.num_nodes)
+    save_bundle(
+        out_dir / "bundle",
+        final,
+        spec,
+        {
+            "method": method,
+            "dataset": layout.dataset.meta.name,
+            "rounds": int(cfg["rounds"]),
+            **sync_meta(cfg),
+        },
+    )
+    if diagnostics_config(cfg).enabled:  # domain-shift diagnostics (off by default)
+        recorder.extra["diagnostics"] = run_diagnostics(
+            cfg, layout, spec, before=record_to_numpy(initial), after=final
+        )
+    if live.rejoined:
+        recorder.extra["rejoined"] = live.rejoined
+    holders = getattr(strategy, "round_holders", {})
+    recorder.extra["holders_by_round"] = {str(r): h for r, h in holders.items()}
+    if isinstance(strategy, ModalityAwareFedAvg):
+        recorder.extra["robustness"] = strategy.robustness_report()
+    if (privacy := privacy_report(strategy)) is not None:
+        recorder.extra["privacy"] = privacy
+    return recorder.finish(report, node_accuracy, comm)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator the server draws from (the model's initialisation; Python's
+    ``random`` for flwr's node sampling), so a run, and its resumption, is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:
+    """Fail clearly unless exactly ``expected`` nodes connect within ``timeout_s``.
+
+    More nodes than the plan has would raise on every round at the extra nodes; fewer
+    would make the strategy wait forever.  Both are a configuration error.
+    """
+    hint = (
+        "set partition.num_nodes (or the length of partition.plan) to the number of "
+        "SuperNodes (flwr run: --federation-config 'num-supernodes=N')"
+    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected > expected:
+            raise RuntimeError(f"{connected} nodes connected but the plan has {expected}: {hint}")
+        if connected == expected:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {connected} of {expected} nodes connected after {timeout_s:.0f}s: {hint}"
+            )
+        time.sleep(1.0)  # nodes are still connecting; polling the Grid is all it offers
+
+
+def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> dict[str, float]:
+    """Each node scores the final model on its own test split with its own modalities
+    (a chunk of nodes at a time: see :mod:`.chunked`)."""
+    messages = [
+        Message(
+            RecordDict({"arrays": arrays, "config": ConfigRecord()}),
+            message_type=MessageType.EVALUATE,
+            dst_node_id=node_id,
+        )
+        for node_id in grid.get_node_ids()
+    ]
+    out: dict[str, float] = {}
+    replies = list(send_and_receive_chunked(grid, messages, timeout=timeout))
+    if len(replies) < len(messages):
+        log(
+            WARNING,
+            "evaluate: %s node(s) did not answer within %.0f s",
+            len(messages) - len(replies),
+            timeout,
+        )
+    for reply in replies:
+        if reply.has_error():
+            log(
+                WARNING,
+                "evaluate: node %s failed: %s",
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
+            continue
+        metrics = reply.content["metrics"]
+        out[str(int(metrics["partition-id"]))] = float(metrics["accuracy"])
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def communication(strategy, initial: ArrayRecord, rounds: int, num_nodes: int) -> dict:
+    """Payload bytes per node per round, measured where the strategy saw the messages."""
+    full = record_nbytes(initial)
+    if isinstance(strategy, ModalityAwareFedAvg) and strategy.comm["messages_up"]:
+        c = strategy.comm
+        return {
+            "bytes_up_per_node_round": int(c["bytes_up"] / c["messages_up"]),
+            "bytes_down_per_node_round": int(c["bytes_down"] / max(c["messages_down"], 1)),
+            "model_bytes": full,
+        }
+    return {"bytes_up_per_node_round": full, "bytes_down_per_node_round": full, "model_bytes": full}

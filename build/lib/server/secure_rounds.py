@@ -1,0 +1,151 @@
+"""Training rounds under SecAgg+: the server learns only the sum of Σ-ready vectors.
+
+Flower's ``SecAggPlusWorkflow`` drives the protocol (setup, key sharing, masked vectors,
+unmasking, dropouts) over the Grid; it speaks the legacy Strategy interface, so
+:class:`_SumCollector` is the smallest legacy strategy that samples the nodes and keeps
+the unmasked aggregate.  The workflow hands that aggregate to ``aggregate_fit`` as the
+mean of the submitted vectors (every node reports the same public weight, so no sample
+count leaks through it); times the number of nodes it is the sum, which
+:meth:`SumLayout.decode` turns into group-wise FedAvg (:mod:`fed_iotlm.federation.secure`).
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Parameters,
+    log,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+
+from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
+from fed_iotlm.federation.secure import PUBLIC_WEIGHT, SecureSettings, SumLayout
+
+
+class _SumCollector(Strategy):
+    """Legacy strategy for the workflow: sample nodes, keep the unmasked mean."""
+
+    def __init__(self, fraction: float, min_nodes: int, fit_config: dict) -> None:
+        self.fraction, self.min_nodes, self.fit_config = fraction, min_nodes, fit_config
+        self.mean: list[np.ndarray] | None = None
+        self.nodes = 0
+        self.failures = 0
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        available = client_manager.num_available()
+        wanted = min(available, max(int(self.fraction * available), self.min_nodes))
+        proxies = client_manager.sample(num_clients=wanted, min_num_clients=self.min_nodes)
+        config = {**self.fit_config, "server-round": server_round}
+        return [(proxy, FitIns(parameters, config)) for proxy in proxies]
+
+    def aggregate_fit(self, server_round, results: list[tuple[ClientProxy, FitRes]], failures):
+        self.failures = len(failures)
+        if results:  # the workflow put the same unmasked aggregate into every result
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)
+            self.nodes = len(results)
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class SecureRounds:
+    """``train_round`` for :func:`server.rounds.run_rounds` with SecAgg+ aggregation."""
+
+    def __init__(self, grid: Grid, settings: SecureSettings, strategy_cfg: dict, num_nodes: int):
+        self.grid, self.settings = grid, settings
+        if num_nodes > settings.max_nodes():
+            raise ValueError(
+                f"secagg: {num_nodes} nodes overflow modulus_range/quantization_range "
+                f"(at most {settings.max_nodes()}); lower secagg.quantization_range"
+            )
+        fit_config: dict = {}
+        if strategy_cfg.get("name") == "fedprox":
+            fit_config["proximal-mu"] = float(strategy_cfg.get("proximal_mu", 0.01))
+        min_nodes = max(2, int(strategy_cfg.get("min_nodes") or num_nodes))
+        self.collector = _SumCollector(
+            float(strategy_cfg.get("fraction_train", 1.0)), min_nodes, fit_config
+        )
+        self.workflow = SecAggPlusWorkflow(
+            num_shares=_int_or_fraction(settings.num_shares),
+            reconstruction_threshold=_int_or_fraction(settings.reconstruction_threshold),
+            max_weight=float(PUBLIC_WEIGHT),
+            clipping_range=float(settings.clipping_range),
+            quantization_range=int(settings.quantization_range),
+            modulus_range=int(settings.modulus_range),
+            timeout=float(settings.timeout_s),
+        )
+        self.stats: dict[int, dict[str, float]] = {}
+
+    def __call__(self, rnd: int, arrays: ArrayRecord) -> ArrayRecord | None:
+        current = record_to_numpy(arrays)
+        layout = SumLayout.of(current)
+        context = self._legacy_context(rnd, current)
+        self.collector.mean, self.collector.nodes = None, 0
+        self.workflow(self.grid, context)
+        if self.collector.mean is None:
+            self.stats[rnd] = {
+                "secagg.nodes": 0.0,
+                "secagg.failures": float(self.collector.failures),
+            }
+            return None
+        sums = [m.astype(np.float64) * self.collector.nodes for m in self.collector.mean]
+        state, counts = layout.decode(sums, current, float(self.settings.max_count))
+        self.stats[rnd] = {
+            "secagg.nodes": float(self.collector.nodes),
+            "secagg.failures": float(self.collector.failures),
+            **{f"secagg.count.{g}": c for g, c in counts.items()},
+        }
+        log(INFO, "round %s: SecAgg+ summed %s nodes", rnd, self.collector.nodes)
+        return numpy_to_record(state)
+
+    def round_metrics(self, rnd: int) -> dict[str, float]:
+        return self.stats.get(rnd, {})
+
+    def _legacy_context(self, rnd: int, current: dict[str, np.ndarray]) -> LegacyContext:
+        """A fresh legacy context per round: the nodes now connected, the current model."""
+        manager = SimpleClientManager()
+        run_id = self.grid.run.run_id
+        for node_id in self.grid.get_node_ids():
+            manager.register(GridClientProxy(node_id, self.grid, run_id))
+        base = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        context = LegacyContext(base, strategy=self.collector, client_manager=manager)
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: rnd}
+        )
+        legacy = ndarrays_to_parameters(list(current.values()))
+        context.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(legacy, True)
+        return context
+
+
+def _int_or_fraction(value: float) -> int | float:
+    """Flower reads an int as a count and a float as a fraction of the sampled nodes."""
+    v = float(value)
+    return int(v) if v >= 1 and v.is_integer() and v != 1 else v
