@@ -35,19 +35,25 @@ def run_experiment(
     a test can see everything the server receives)."""
     method = check_method(cfg)
     cfg = {**cfg, "output_dir": str(out_dir)}
-    if method == "local":
-        from fed_iotlm.baselines import run_local_only
+    try:
+        if method == "local":
+            from fed_iotlm.baselines import run_local_only
 
-        return run_local_only(cfg, out_dir)
-    if method == "centralized":
-        from fed_iotlm.baselines import run_centralized
+            return run_local_only(cfg, out_dir)
+        if method == "centralized":
+            from fed_iotlm.baselines import run_centralized
 
-        return run_centralized(cfg, out_dir)
-    if method == "centralized_mmbind":
-        from fed_iotlm.baselines import run_centralized_mmbind
+            return run_centralized(cfg, out_dir)
+        if method == "centralized_mmbind":
+            from fed_iotlm.baselines import run_centralized_mmbind
 
-        return run_centralized_mmbind(cfg, out_dir)
-    return run_flower_simulation(cfg, out_dir, client_mods, grid_hook)
+            return run_centralized_mmbind(cfg, out_dir)
+        return run_flower_simulation(cfg, out_dir, client_mods, grid_hook)
+    except BaseException as err:
+        from fed_iotlm.tracking import fail_open_runs
+
+        fail_open_runs(err)  # an in-process run's MLflow run ends FAILED
+        raise
 
 
 def run_flower_simulation(
