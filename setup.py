@@ -8,7 +8,9 @@ a directory outside the packages that ``packages.find`` discovers, hence this fi
 from setuptools import find_namespace_packages, find_packages, setup
 
 CODE = find_packages(include=["fed_iotlm*", "clients*", "server*", "simulations*"])
-CONFIGS = ["fed_iotlm.configs"] + [f"fed_iotlm.configs.{p}" for p in find_namespace_packages("configs")]
+CONFIGS = ["fed_iotlm.configs"] + [
+    f"fed_iotlm.configs.{p}" for p in find_namespace_packages("configs")
+]
 
 setup(
     packages=CODE + CONFIGS,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
@@ -43,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; a user error (bad value or key, missing file, missing extra) ends
     with one line on stderr naming it and exit status 2, not a traceback."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from fed_iotlm.logs import configure
+
+    configure()
     try:
         check_extras(args.command)
         return int(args.func(args) or 0)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def config_dir(package: Path | None = None) -> Path:
     """The config tree: ``configs/`` beside the package in a checkout (or a ``flwr run``
     FAB, which ships the repository's layout), ``fed_iotlm/configs`` in a wheel install

@@ -8,6 +8,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fed_iotlm.logs import configure as configure_logging
 from fed_iotlm.settings import from_run_config
 from fed_iotlm.tracking import fail_open_runs
 
@@ -25,6 +26,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        configure_logging()  # a ServerApp started by Flower runs in an unconfigured process
         grid = grid_hook(grid) if grid_hook is not None else grid
         settings = cfg if cfg is not None else from_run_config(dict(context.run_config))
         try:

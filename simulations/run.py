@@ -107,6 +107,9 @@ def hydra_command(run: Callable[[dict, Path], Path]) -> Callable[[], None]:
     def main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from fed_iotlm.logs import configure
+
+        configure()
         container = OmegaConf.to_container(cfg, resolve=True)
         out_dir = Path(container.get("output_dir") or HydraConfig.get().runtime.output_dir)
         path = run(container, out_dir)

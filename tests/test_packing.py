@@ -162,3 +162,14 @@ def test_to_array_writes_what_flower_writes(value):
     mine, flowers = to_array(value), Array(contiguous)
     assert mine.data == flowers.data
     assert (mine.dtype, mine.shape, mine.stype) == (flowers.dtype, flowers.shape, flowers.stype)
+
+
+def test_a_rejection_is_logged_by_the_strategy_module(caplog):
+    strategy = build_strategy("federated", {"name": "fedavg"}, num_nodes=2)
+    strategy._current = CURRENT
+    bad = {**GOOD, "enc.imu.b": np.array([1.0, np.nan], np.float32)}
+    with caplog.at_level("WARNING", logger="fed_iotlm"):
+        strategy.aggregate_train(1, [node_reply(0, GOOD, COUNTS), node_reply(1, bad, COUNTS)])
+    (record,) = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert record.name == "fed_iotlm.federation.strategy" and record.levelname == "WARNING"
+    assert "node 1 rejected (non_finite) at 'enc.imu.b'" in record.getMessage()

@@ -16,13 +16,12 @@ groups are averaged with equal weights and released with Gaussian noise per grou
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import asdict
-from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -40,6 +39,8 @@ from .records import (
 from .robust import RobustConfig, aggregate_robust, robust_config
 from .streaming_mean import screen_and_mean
 from .update_checks import CheckConfig, check_config, screen_updates
+
+logger = logging.getLogger(__name__)
 
 
 class ModalityAwareFedAvg(FedAvg):
@@ -118,11 +119,11 @@ class ModalityAwareFedAvg(FedAvg):
             screened = screen_updates(self._current, updates, self.checks, current_buffers)
         self.rejections[server_round] = [r.reason for r in screened.rejected]
         for r in screened.rejected:
-            log(WARNING, "aggregate_train: round %s: dropped %s", server_round, r.reason)
+            logger.warning("aggregate_train: round %s: dropped %s", server_round, r.reason)
         stats = screened.metrics()
         self.round_stats[server_round] = stats
         if not screened.accepted:
-            log(WARNING, "aggregate_train: every update was rejected; the model stays as it was")
+            logger.warning("aggregate_train: every update was rejected; the model stays as it was")
             self.round_holders[server_round] = {}
             return None, MetricRecord(stats)
         if result is None:  # robust rules stack each group's holders (per-key views)
@@ -141,7 +142,7 @@ class ModalityAwareFedAvg(FedAvg):
             )
         stale = sorted({group_of(k) for k in self._current} - set(result.holders))
         if stale:
-            log(INFO, "aggregate_train: no holder this round for %s (kept as is)", stale)
+            logger.info("aggregate_train: no holder this round for %s (kept as is)", stale)
         accepted = {id(u) for u in screened.accepted}
         metrics = self.train_metrics_aggr_fn(
             [m.content for m, u in zip(valid, updates, strict=True) if id(u) in accepted],
