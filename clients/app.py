@@ -30,7 +30,7 @@ from fed_iotlm.federation.privacy import update_clipping_mod
 from fed_iotlm.federation.records import (
     counts_to_metrics,
     load_into,
-    numpy_to_record,
+    packed_record,
     state_to_numpy,
 )
 from fed_iotlm.models.training import (
@@ -154,7 +154,9 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
             },
         )
         return Message(
-            RecordDict({"arrays": numpy_to_record(sent), "metrics": metrics}), reply_to=msg
+            # one buffer per group: the server screens and averages per group
+            RecordDict({"arrays": packed_record(sent), "metrics": metrics}),
+            reply_to=msg,
         )
 
     @app.evaluate()

@@ -1,8 +1,9 @@
 """Experiment settings: one Hydra config tree serves every entry point.
 
-``python -m simulations.run`` composes it with Hydra's command line; ``flwr run .``
-and deployed SuperNodes compose the same tree from the Flower run config, whose
-``overrides`` entry holds Hydra overrides (``"partition.num_nodes=10 rounds=5"``).
+``python -m simulations.run`` and ``fed-iotlm run`` compose it with Hydra's command
+line; ``flwr run .`` and deployed SuperNodes compose the same tree from the Flower run
+config: its dotted keys (``secagg.enabled``, ``rounds``, ...) and its ``overrides``
+entry of free-form Hydra overrides (``"partition.num_nodes=10 rounds=5"``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,23 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+def config_dir(package: Path | None = None) -> Path:
+    """The config tree: ``configs/`` beside the package in a checkout (or a ``flwr run``
+    FAB, which ships the repository's layout), ``fed_iotlm/configs`` in a wheel install
+    (setup.py maps it there).  ``package``: the fed_iotlm directory (default: this one)."""
+    here = package or Path(__file__).resolve().parent
+    candidates = (here.parent / "configs", here / "configs")
+    for candidate in candidates:
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        "fed-iotlm's config tree is missing: no config.yaml in "
+        + " or ".join(str(c) for c in candidates)
+    )
+
+
+CONFIG_DIR = config_dir()
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -32,10 +49,36 @@ def _compose_cached(overrides: tuple[str, ...]) -> str:
     return json.dumps(OmegaConf.to_container(cfg, resolve=True))
 
 
+# the run-config key holding free-form Hydra overrides; every other key of
+# [tool.flwr.app.config] is a dotted config key, "" meaning "the config tree's value"
+OVERRIDES_KEY = "overrides"
+UNSET = ""
+
+
+def run_config_overrides(run_config: dict[str, Any]) -> list[str]:
+    """Hydra overrides from a Flower run config: the ``overrides`` string first, then
+    every dotted key set to something other than ``""`` (``flwr run . --run-config
+    'secagg.enabled=true rounds=5'``), so a dotted key wins over the same key in
+    ``overrides``.  Defaults stay in ``configs/`` alone: pyproject.toml declares the keys
+    (the SuperLink refuses undeclared ones) with ``""``, not their values."""
+    out = shlex.split(str(run_config.get(OVERRIDES_KEY, "") or ""))
+    for key, value in run_config.items():
+        if key == OVERRIDES_KEY or value == UNSET:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = str(value)
+        out.append(f"{key}={text}")
+    return out
+
+
 def from_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
-    """Settings for an app started by Flower (``flwr run``): compose + run-config overrides."""
-    overrides = shlex.split(str(run_config.get("overrides", "") or ""))
-    return compose(overrides)
+    """Settings for an app started by Flower (``flwr run``): the config tree composed
+    with the run config's overrides and dotted keys (:func:`run_config_overrides`)."""
+    return compose(run_config_overrides(run_config))
 
 
 def to_json(cfg: dict[str, Any]) -> str:

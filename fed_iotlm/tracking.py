@@ -8,6 +8,7 @@ docs/architecture.md and is written atomically; its path is printed last.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ from .atomic import atomic_write_text
 from .settings import flatten
 
 console = Console(highlight=False)
+logger = logging.getLogger(__name__)
+
+# recorders whose MLflow run is open: ended FAILED by fail_open_runs() if the run dies
+_open: list[RunRecorder] = []
 
 
 class RunRecorder:
@@ -41,6 +46,14 @@ class RunRecorder:
         mcfg = self.cfg.get("mlflow", {})
         if not mcfg.get("enabled", True):
             return
+        from .extras import has
+
+        if not has("mlflow"):
+            logger.warning(
+                "MLflow tracking is off: mlflow is not installed (pip install "
+                "'fed-iotlm[study]', or set mlflow.enabled=false to silence this)"
+            )
+            return
         import mlflow
 
         mlflow.set_tracking_uri(mcfg.get("tracking_uri", "sqlite:///mlflow.db"))
@@ -51,6 +64,21 @@ class RunRecorder:
         params["plan"] = json.dumps(self.plan)[:500]
         mlflow.log_params(params)
         self._mlflow = mlflow
+        _open.append(self)
+
+    def fail(self, error: BaseException | None = None) -> None:
+        """End this recorder's MLflow run as FAILED (MLflow's own exit hook would end
+        a run that died half-way as FINISHED)."""
+        if self._mlflow is None:
+            return
+        try:
+            if error is not None:
+                self._mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            self._mlflow.end_run(status="FAILED")
+        finally:
+            self._mlflow = None
+            if self in _open:
+                _open.remove(self)
 
     def log_round(self, rnd: int, accuracy: float, loss: float, **extra: float) -> None:
         row = {"round": rnd, "accuracy": float(accuracy), "loss": float(loss), **extra}
@@ -121,11 +149,21 @@ class RunRecorder:
             if bundle.is_dir():
                 mlflow.log_artifacts(str(bundle), artifact_path="bundle")
             mlflow.end_run()
+            self._mlflow = None
+            if self in _open:
+                _open.remove(self)
         print_table(results)
         return path
 
     def _plot(self) -> Path | None:
         if not self.history:
+            return None
+        from .extras import has
+
+        if not has("matplotlib"):
+            logger.warning(
+                "no accuracy.png: matplotlib is not installed (pip install 'fed-iotlm[study]')"
+            )
             return None
         import matplotlib
 
@@ -148,6 +186,16 @@ class RunRecorder:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+
+def fail_open_runs(error: BaseException | None = None) -> None:
+    """End every MLflow run a recorder opened and did not finish as FAILED: called where
+    a run dies (the ServerApp, the in-process baselines) before the error propagates."""
+    for recorder in list(_open):
+        try:
+            recorder.fail(error)
+        except Exception:  # tracking must not hide the error being reported
+            logger.exception("could not mark the MLflow run FAILED")
 
 
 def print_table(results: dict) -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fed_iotlm.logs import configure as configure_logging
 from fed_iotlm.settings import from_run_config
+from fed_iotlm.tracking import fail_open_runs
 
 from .federated_run import default_out_dir, run_federated
 
@@ -24,9 +26,14 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        configure_logging()  # a ServerApp started by Flower runs in an unconfigured process
         grid = grid_hook(grid) if grid_hook is not None else grid
         settings = cfg if cfg is not None else from_run_config(dict(context.run_config))
-        path = run_federated(grid, settings, out_dir or default_out_dir(settings))
+        try:
+            path = run_federated(grid, settings, out_dir or default_out_dir(settings))
+        except BaseException as err:
+            fail_open_runs(err)  # MLflow shows the run FAILED, not FINISHED
+            raise
         print(path, flush=True)
 
     return app

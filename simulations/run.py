@@ -19,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fed_iotlm.experiment import check_method
 from fed_iotlm.models.device import check_devices
+from fed_iotlm.settings import config_dir
 from simulations.ray_cluster import attached, backend_config, for_cluster, ray_settings
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+CONFIG_DIR = str(config_dir())  # the checkout's configs/, or the wheel's fed_iotlm/configs
 
 
 def run_experiment(
@@ -36,19 +37,25 @@ def run_experiment(
     method = check_method(cfg)
     check_devices(cfg)  # train.device / binding.device: one clear line before any work
     cfg = {**cfg, "output_dir": str(out_dir)}
-    if method == "local":
-        from fed_iotlm.baselines import run_local_only
+    try:
+        if method == "local":
+            from fed_iotlm.baselines import run_local_only
 
-        return run_local_only(cfg, out_dir)
-    if method == "centralized":
-        from fed_iotlm.baselines import run_centralized
+            return run_local_only(cfg, out_dir)
+        if method == "centralized":
+            from fed_iotlm.baselines import run_centralized
 
-        return run_centralized(cfg, out_dir)
-    if method == "centralized_mmbind":
-        from fed_iotlm.baselines import run_centralized_mmbind
+            return run_centralized(cfg, out_dir)
+        if method == "centralized_mmbind":
+            from fed_iotlm.baselines import run_centralized_mmbind
 
-        return run_centralized_mmbind(cfg, out_dir)
-    return run_flower_simulation(cfg, out_dir, client_mods, grid_hook)
+            return run_centralized_mmbind(cfg, out_dir)
+        return run_flower_simulation(cfg, out_dir, client_mods, grid_hook)
+    except BaseException as err:
+        from fed_iotlm.tracking import fail_open_runs
+
+        fail_open_runs(err)  # an in-process run's MLflow run ends FAILED
+        raise
 
 
 def run_flower_simulation(
@@ -102,6 +109,9 @@ def hydra_command(run: Callable[[dict, Path], Path]) -> Callable[[], None]:
     def main(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from fed_iotlm.logs import configure
+
+        configure()
         container = OmegaConf.to_container(cfg, resolve=True)
         out_dir = Path(container.get("output_dir") or HydraConfig.get().runtime.output_dir)
         path = run(container, out_dir)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fed_iotlm.federation.records import record_to_numpy
+
 
 def train_keys_recorder(path: Path):
     """A client mod that appends the sorted array keys of every train reply to ``path``
@@ -14,7 +16,8 @@ def train_keys_recorder(path: Path):
         reply = call_next(msg, context)
         if msg.metadata.message_type == "train" and "arrays" in reply.content:
             with path.open("a") as f:
-                f.write(json.dumps(sorted(reply.content["arrays"].keys())) + "\n")
+                keys = record_to_numpy(reply.content["arrays"])  # packed or per key
+                f.write(json.dumps(sorted(keys)) + "\n")
         return reply
 
     return mod

@@ -58,7 +58,9 @@ def top_k(
 
 def build_faiss_index(db: np.ndarray, cfg: SearchConfig):
     """Exact flat index for small databases, HNSW beyond ``exact_limit``."""
-    import faiss
+    from fed_iotlm.extras import require
+
+    faiss = require("faiss", "MMBind's binding search (method=mmbind)")
 
     d = db.shape[1]
     if len(db) <= cfg.exact_limit:

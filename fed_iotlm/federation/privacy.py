@@ -52,8 +52,6 @@ from math import isfinite
 
 import numpy as np
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -69,6 +67,7 @@ from flwr.supercore.differential_privacy import (
 
 from .aggregation import NodeUpdate
 from .groups import group_of
+from .records import like_record, record_to_numpy
 
 MODES = ("central", "local")
 KEY_LOCAL_NOISE = "dp-local-noise-multiplier"  # train config: the node adds σC itself
@@ -202,18 +201,16 @@ def update_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallabl
         return call_next(msg, ctxt)
     clipping_norm = float(config[KEY_CLIPPING_NORM])
     local_sigma = float(config.get(KEY_LOCAL_NOISE, 0.0))
-    received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    received = record_to_numpy(msg.content["arrays"])
     reply = call_next(msg, ctxt)
     if reply.has_error():
         return reply
-    sent = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    sent = record_to_numpy(reply.content["arrays"])  # per key, packed or not
     clipped = clip_update(sent, received, clipping_norm)
     if local_sigma > 0:
         # fresh OS entropy: a node's noise must be unpredictable to the server
         clipped = add_noise(clipped, local_sigma * clipping_norm, np.random.default_rng())
-    reply.content["arrays"] = ArrayRecord(
-        {k: Array(np.ascontiguousarray(v)) for k, v in clipped.items()}
-    )
+    reply.content["arrays"] = like_record(reply.content["arrays"], clipped)  # same form
     return reply
 
 

@@ -16,28 +16,31 @@ groups are averaged with equal weights and released with Gaussian noise per grou
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import asdict
-from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common import log
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from .aggregation import NodeUpdate
 from .groups import group_of
+from .packing import PackedUpdate, PackingError, layout_of
 from .privacy import CentralPrivacy, uniform_weights
 from .records import (
+    decode_update,
     metrics_to_counts,
     numpy_to_record,
     record_nbytes,
     record_to_numpy,
-    record_views,
 )
 from .robust import RobustConfig, aggregate_robust, robust_config
+from .streaming_mean import screen_and_mean
 from .update_checks import CheckConfig, check_config, screen_updates
+
+logger = logging.getLogger(__name__)
 
 
 class ModalityAwareFedAvg(FedAvg):
@@ -52,6 +55,7 @@ class ModalityAwareFedAvg(FedAvg):
     """
 
     def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", weighted_mean_metrics)
         super().__init__(**kwargs)
         self._current: dict[str, np.ndarray] | None = None
         self.robust = RobustConfig()
@@ -85,33 +89,48 @@ class ModalityAwareFedAvg(FedAvg):
         if not valid or self._current is None:
             return None, None
         valid = in_partition_order(valid)
+        try:
+            layout = layout_of(self._current)  # cached: computed once per model
+        except PackingError:  # a group mixing dtypes: per-key updates, per-key checks
+            layout = None
+        current_buffers = None if layout is None else layout.pack(self._current)  # per round
         updates = []
         for msg in valid:
             record = msg.content[self.arrayrecord_key]
             self.comm["bytes_up"] += record_nbytes(record)
             self.comm["messages_up"] += 1
             metrics = _metric_record(msg)
-            updates.append(
-                NodeUpdate(
-                    node=str(int(metrics.get("partition-id", msg.metadata.src_node_id))),
-                    arrays=record_views(record),  # read-only, no copy: O(model) extra
-                    counts=metrics_to_counts(metrics),
-                )
+            # one flat, read-only buffer per group, no copy (nodes send packed groups)
+            node = str(int(metrics.get("partition-id", msg.metadata.src_node_id)))
+            counts = metrics_to_counts(metrics)
+            if layout is None:
+                updates.append(NodeUpdate(node, record_to_numpy(record), counts))
+            else:
+                updates.append(decode_update(node, record, counts, layout))
+        result = None
+        if self.robust.rule == "mean" and layout is not None:
+            # screen each node and accumulate it at once, from the difference screening
+            # computed: each update is read once (streaming_mean)
+            weigh = _uniform_counts if self.privacy is not None else None
+            screened, result = screen_and_mean(
+                self._current, current_buffers, updates, self.checks, weigh
             )
-        screened = screen_updates(self._current, updates, self.checks)
+        else:
+            screened = screen_updates(self._current, updates, self.checks, current_buffers)
         self.rejections[server_round] = [r.reason for r in screened.rejected]
         for r in screened.rejected:
-            log(WARNING, "aggregate_train: round %s: dropped %s", server_round, r.reason)
+            logger.warning("aggregate_train: round %s: dropped %s", server_round, r.reason)
         stats = {**screened.metrics(), **budget_metrics(valid)}
         self.round_stats[server_round] = stats
         if not screened.accepted:
-            log(WARNING, "aggregate_train: every update was rejected; the model stays as it was")
+            logger.warning("aggregate_train: every update was rejected; the model stays as it was")
             self.round_holders[server_round] = {}
             return None, MetricRecord(stats)
-        accepted_updates = screened.accepted
-        if self.privacy is not None:  # DP: every holder weighs the same in its groups
-            accepted_updates = uniform_weights(accepted_updates)
-        result = aggregate_robust(self._current, accepted_updates, self.robust)
+        if result is None:  # robust rules stack each group's holders (per-key views)
+            accepted_updates = screened.accepted
+            if self.privacy is not None:  # DP: every holder weighs the same in its groups
+                accepted_updates = uniform_weights(accepted_updates)
+            result = aggregate_robust(self._current, accepted_updates, self.robust)
         if self.privacy is not None:
             result.state = self.privacy.release(server_round, result.state, result.holders)
             stats.update(self.privacy.account(server_round, self._sampled, self.round_privacy))
@@ -123,7 +142,7 @@ class ModalityAwareFedAvg(FedAvg):
             )
         stale = sorted({group_of(k) for k in self._current} - set(result.holders))
         if stale:
-            log(INFO, "aggregate_train: no holder this round for %s (kept as is)", stale)
+            logger.info("aggregate_train: no holder this round for %s (kept as is)", stale)
         accepted = {id(u) for u in screened.accepted}
         metrics = self.train_metrics_aggr_fn(
             [m.content for m, u in zip(valid, updates, strict=True) if id(u) in accepted],
@@ -149,10 +168,45 @@ class ModalityAwareFedAvg(FedAvg):
         return out
 
 
+def _uniform_counts(update: PackedUpdate) -> dict[str, float]:
+    """DP's weights: 1 for every group the node sent with a positive count."""
+    return uniform_weights([update])[0].counts
+
+
 def _metric_record(msg: Message) -> MetricRecord:
-    for record in msg.content.metric_records.values():
-        return record
+    # RecordDict.metric_records builds a new typed dict per call; iterate the values
+    for record in msg.content.values():
+        if isinstance(record, MetricRecord):
+            return record
     return MetricRecord()
+
+
+def weighted_mean_metrics(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """flwr's ``aggregate_metricrecords`` (the mean of every train metric weighted by
+    ``weighting_metric_name``, which is left out; list metrics element-wise), summed in
+    plain dicts and typed once: Flower's version type-checks every partial sum through
+    ``MetricRecord.__setitem__``, which was a third of the server's per-reply time."""
+    metrics = [[r for r in content.values() if isinstance(r, MetricRecord)] for content in records]
+    weights = [float(found[0][weighting_metric_name]) for found in metrics]
+    total = sum(weights)
+    sums: dict[str, float | list[float]] = {}
+    for found, w in zip(metrics, weights, strict=True):
+        factor = w / total
+        for record in found:
+            for key, value in record.items():
+                if key == weighting_metric_name:
+                    continue
+                if isinstance(value, list):
+                    prev = sums.get(key)
+                    scaled = [v * factor for v in value]
+                    sums[key] = (
+                        scaled
+                        if prev is None
+                        else [a + b for a, b in zip(prev, scaled, strict=True)]
+                    )
+                else:
+                    sums[key] = sums.get(key, 0.0) + value * factor
+    return MetricRecord(sums)
 
 
 def in_partition_order(replies: Iterable[Message]) -> list[Message]:

@@ -11,6 +11,7 @@ and the problem, and the round goes on with the others.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 
 from .aggregation import NodeUpdate
 from .groups import group_of, keys_by_group
+from .packing import PackedUpdate
 
 # every kind of rejection, in the order the checks run (one reason per update: the first)
 REJECTION_KINDS = (
@@ -64,7 +66,7 @@ class Rejection:
 class Screened:
     """The updates that passed, the rejections, and the update norms that were measured."""
 
-    accepted: list[NodeUpdate] = field(default_factory=list)
+    accepted: list[NodeUpdate | PackedUpdate] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     norms: dict[str, float] = field(default_factory=dict)  # node -> ||update - current||₂
 
@@ -140,6 +142,62 @@ def check_update(
     return None, norm
 
 
+def check_packed(
+    update: PackedUpdate,
+    current: Mapping[str, np.ndarray],
+    config: CheckConfig,
+    scratch: dict[str, np.ndarray] | None = None,
+) -> tuple[Rejection | None, float | None]:
+    """:func:`check_update` for an update decoded into group buffers
+    (:func:`~fed_iotlm.federation.records.decode_update`): the same checks, in the same
+    order, with the same reasons; ``current`` is the server's state as group buffers in
+    the same layout.  Per group, not per key: one subtraction and one BLAS dot each
+    (into ``scratch``, one reusable buffer per group, where given: it then holds this
+    update's ``buffer − current`` per group, for
+    :func:`~fed_iotlm.federation.streaming_mean.screen_and_mean` to accumulate)."""
+
+    def reject(kind: str, key: str | None, problem: str) -> tuple[Rejection, None]:
+        return Rejection(update.node, kind, key, problem), None
+
+    for group, n in update.counts.items():
+        if not math.isfinite(n) or n < 0:
+            return reject("bad_count", group, f"sample count {n} is not a finite count >= 0")
+    if update.problem is not None:
+        return reject(update.problem.kind, update.problem.key, update.problem.text)
+    squares = 0.0
+    for group, flat in update.buffers.items():
+        ref = current[group]
+        if scratch is None:
+            sq = _squared_distance(flat, ref)
+        else:
+            diff = scratch.get(group)
+            if diff is None or diff.dtype != np.result_type(flat, ref):
+                diff = scratch[group] = np.empty(flat.size, np.result_type(flat, ref))
+            np.subtract(flat, ref, out=diff)
+            sq = float(np.dot(diff, diff))
+        if not math.isfinite(sq):  # a NaN/Inf value, or finite values too far for float32
+            finite = np.isfinite(flat)
+            if not finite.all():
+                layout = update.layout.groups[group]
+                key = layout.key_at(int(np.argmin(finite)))
+                span = layout.span(key)
+                bad = int(span.stop - span.start - np.count_nonzero(finite[span]))
+                return reject("non_finite", key, f"{bad} NaN/Inf value(s)")
+            wide = flat.astype(np.float64) - ref  # finite values too far apart for float32
+            sq = float(np.dot(wide, wide))
+            if scratch is not None:
+                scratch[group] = wide
+        squares += sq
+    norm = math.sqrt(squares)
+    bound = config.max_update_norm
+    if bound is not None and norm > bound:
+        rejection = Rejection(
+            update.node, "norm", None, f"||update - current||₂ = {norm:.4g} > bound {bound:.4g}"
+        )
+        return rejection, norm
+    return None, norm
+
+
 def update_norm(arrays: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> float:
     """L2 norm of (update − current) over every key the node sent."""
     return float(np.sqrt(sum(_squared_distance(v, current[k]) for k, v in arrays.items())))
@@ -153,13 +211,23 @@ def _squared_distance(value: np.ndarray, ref: np.ndarray) -> float:
 
 
 def screen_updates(
-    current: Mapping[str, np.ndarray], updates: Iterable[NodeUpdate], config: CheckConfig
+    current: Mapping[str, np.ndarray],
+    updates: Iterable[NodeUpdate | PackedUpdate],
+    config: CheckConfig,
+    current_buffers: Mapping[str, np.ndarray] | None = None,
 ) -> Screened:
-    """Split ``updates`` into accepted and rejected ones (checked one by one)."""
+    """Split ``updates`` into accepted and rejected ones (checked one by one); packed
+    updates are checked against ``current_buffers`` (``current`` packed in their layout)."""
     out = Screened()
     expected = keys_by_group(current)
+    scratch: dict[str, np.ndarray] = {}  # one difference buffer per group, reused
     for upd in updates:
-        rejection, norm = check_update(upd, current, config, expected)
+        if isinstance(upd, PackedUpdate):
+            if current_buffers is None:
+                current_buffers = upd.layout.pack(current)
+            rejection, norm = check_packed(upd, current_buffers, config, scratch)
+        else:
+            rejection, norm = check_update(upd, current, config, expected)
         if norm is not None:
             out.norms[upd.node] = norm
         if rejection is None:
