@@ -73,7 +73,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes) if secure.enabled else None
     )
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=roster.plan)
-    checkpointer = ServerCheckpointer(cfg, out_dir, strategy, recorder)
+    checkpointer = ServerCheckpointer(cfg, out_dir, strategy, recorder, roster=live)
     recorder.start()
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
