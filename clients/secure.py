@@ -6,7 +6,10 @@ legacy ``fitres.*`` reply.  The handler therefore reads the model from either fo
 (:func:`received_state`, :func:`train_config`) and, under SecAgg+, replies with its
 Σ-ready vector (:class:`fed_iotlm.federation.secure.SumLayout`) instead of its groups and
 counts (:func:`secure_reply`).  Its metrics stay free of per-group counts and sample
-sizes: those are part of the masked sum.
+sizes: those are part of the masked sum.  A ``census`` message (no model comes down)
+gets the node's holder flags alone (:func:`census_reply`), so the server learns how many
+nodes hold each group before any update is summed; the round's ``release`` then names
+the groups with enough holders, and the node submits zeros for the others.
 """
 
 from __future__ import annotations
@@ -61,6 +64,27 @@ def train_config(msg: Message) -> ConfigRecord:
     return msg.content["config"]
 
 
+def phase(msg: Message) -> str:
+    """What a SecAgg+ train message asks for: ``census``, ``train`` or ``pretrain``."""
+    return str(train_config(msg).get("phase", "train"))
+
+
+def census_of(msg: Message) -> str:
+    """The phase whose holders a ``census`` message counts."""
+    return str(train_config(msg).get("census-of", "train"))
+
+
+def released(msg: Message) -> set[str] | None:
+    """The groups the round sums (those the census found held by enough nodes)."""
+    value = train_config(msg).get("release")
+    return None if value is None else {g for g in str(value).split(",") if g}
+
+
+def census_reply(msg: Message, model_state: Mapping[str, np.ndarray], counts) -> Message:
+    """The node's holder flags, one per group of the model (masked by the mod)."""
+    return _legacy_reply(msg, SumLayout.of(model_state).census(counts))
+
+
 def secure_reply(
     msg: Message,
     trained: Mapping[str, np.ndarray],
@@ -69,9 +93,16 @@ def secure_reply(
     settings: dict,
     node: str,
 ) -> Message:
-    """The legacy ``fitres`` reply carrying the Σ-ready vector (masked by the mod)."""
+    """The legacy ``fitres`` reply carrying the Σ-ready vector (masked by the mod) of
+    the groups the round releases."""
     layout = SumLayout.of(current)
-    vector = layout.encode(trained, current, counts, SecureSettings.from_config(settings), node)
+    vector = layout.encode(
+        trained, current, counts, SecureSettings.from_config(settings), node, released(msg)
+    )
+    return _legacy_reply(msg, vector)
+
+
+def _legacy_reply(msg: Message, vector: list[np.ndarray]) -> Message:
     fitres = FitRes(
         status=Status(code=Code.OK, message="Success"),
         parameters=ndarrays_to_parameters(vector),

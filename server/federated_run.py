@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import random
 import time
-from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common import log
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from fed_iotlm.data.federation import build_layout
@@ -33,9 +31,9 @@ from fed_iotlm.federation.strategy import ModalityAwareFedAvg, build_strategy
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
 from fed_iotlm.tracking import RunRecorder
 
-from .chunked import send_and_receive_chunked
 from .membership import LiveNodesGrid, LiveRoster
 from .mmbind import multimodal_rounds, pretrain_rounds
+from .node_evaluation import SERVER, evaluate_on_nodes, evaluation_mode
 from .participation import RoundOutcome, round_timeout_s
 from .resume import PRETRAIN, TRAIN, ServerCheckpointer
 from .rounds import identify_nodes, run_rounds
@@ -55,12 +53,16 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     layout = build_layout(cfg)
     spec = model_spec(cfg)
     model = sync_model(cfg, spec)  # sync.mode=adapters: frozen encoders + adapters
-    test = SplitTensors.from_split(standardize_own(layout.dataset.test))
     initial = numpy_to_record(state_to_numpy(model))
     wait_s = float(cfg["strategy"].get("wait_for_nodes_s") or 120)
     round_timeout = round_timeout_s(cfg["strategy"])
     wait_for_nodes(grid, layout.num_nodes, wait_s)
     roster = identify_nodes(grid, layout.num_nodes)  # deployed sites report their own plan
+    # deployed sites: the config's dataset is not their data, so the nodes score each round
+    where = evaluation_mode(cfg, roster.deployed)
+    test = (
+        SplitTensors.from_split(standardize_own(layout.dataset.test)) if where == SERVER else None
+    )
     # sites that die and come back (maybe under a new node id) are picked up per round
     live = LiveRoster(roster, layout.num_nodes, identify_timeout_s=round_timeout, wait_s=wait_s)
     outcomes: dict[int, RoundOutcome] = {}  # who answered each round (server/participation.py)
@@ -79,9 +81,14 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
         if rnd == 0:
             return None
-        load_into(model, record_to_numpy(arrays))
-        per_task = evaluate(model, test)
-        acc, loss = mean_accuracy(per_task), mean_loss(per_task)
+        if test is None:  # evaluation=nodes: each node on its own test split, weighted
+            live_grid = LiveNodesGrid(grid, live.refresh(grid, rnd))
+            scored = evaluate_on_nodes(live_grid, arrays, round_timeout, rnd).weighted()
+            acc, loss = scored["accuracy"], scored["loss"]
+        else:
+            load_into(model, record_to_numpy(arrays))
+            per_task = evaluate(model, test)
+            acc, loss = mean_accuracy(per_task), mean_loss(per_task)
         # screening and robust-aggregation counts of the round (modality-aware strategies)
         stats = strategy.round_metrics(rnd) if isinstance(strategy, ModalityAwareFedAvg) else {}
         if rnd in outcomes:
@@ -91,6 +98,8 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
                 faults[str(rnd)] = outcomes[rnd].report()
         if secure_rounds is not None:
             stats = {**stats, **secure_rounds.round_metrics(rnd)}
+        if test is None:
+            stats["evaluated_nodes"] = float(scored["nodes"])
         recorder.log_round(rnd, acc, loss, **stats)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
@@ -105,6 +114,11 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             pretrain,
             first=resumed.next_round(PRETRAIN, pretrain) if resumed else 1,
             on_round=lambda rnd, a: checkpointer.save(PRETRAIN, rnd, a),
+            secure_round=(
+                SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes, phase="pretrain")
+                if secure.enabled
+                else None
+            ),
         )
         arrays = multimodal_rounds(
             grid, strategy, arrays, cfg, evaluate_fn, recorder,
@@ -134,8 +148,12 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     final = record_to_numpy(arrays)
     load_into(model, final)
     final_grid = LiveNodesGrid(grid, live.refresh(grid))  # one live node per partition
-    node_accuracy = evaluate_nodes(final_grid, arrays, timeout=round_timeout)
-    report = test_report(model, test)
+    node_scores = evaluate_on_nodes(final_grid, arrays, timeout=round_timeout)
+    node_accuracy = node_scores.accuracy_by_node()
+    # deployed: only what the nodes measured on their own data; simulation: the server's
+    # copy of the test split, with single-modality accuracies
+    report = node_scores.weighted() if test is None else test_report(model, test)
+    recorder.extra["evaluation"] = where
     comm = communication(strategy, initial, int(cfg["rounds"]), layout.num_nodes)
     save_bundle(
         out_dir / "bundle",
@@ -158,6 +176,12 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     recorder.extra["holders_by_round"] = {str(r): h for r, h in holders.items()}
     if isinstance(strategy, ModalityAwareFedAvg):
         recorder.extra["robustness"] = strategy.robustness_report()
+    if secure_rounds is not None:  # what SecAgg+ hid, and what it did not release
+        recorder.extra["secagg"] = {
+            "plan": "hidden: nodes report liveness only",
+            "min_holders": int(secure.min_holders),
+            "withheld_by_round": {str(r): g for r, g in secure_rounds.withheld.items()},
+        }
     if (privacy := privacy_report(strategy)) is not None:
         recorder.extra["privacy"] = privacy
     return recorder.finish(report, node_accuracy, comm)
@@ -196,37 +220,9 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:
 
 
 def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> dict[str, float]:
-    """Each node scores the final model on its own test split with its own modalities
-    (a chunk of nodes at a time: see :mod:`.chunked`)."""
-    messages = [
-        Message(
-            RecordDict({"arrays": arrays, "config": ConfigRecord()}),
-            message_type=MessageType.EVALUATE,
-            dst_node_id=node_id,
-        )
-        for node_id in grid.get_node_ids()
-    ]
-    out: dict[str, float] = {}
-    replies = list(send_and_receive_chunked(grid, messages, timeout=timeout))
-    if len(replies) < len(messages):
-        log(
-            WARNING,
-            "evaluate: %s node(s) did not answer within %.0f s",
-            len(messages) - len(replies),
-            timeout,
-        )
-    for reply in replies:
-        if reply.has_error():
-            log(
-                WARNING,
-                "evaluate: node %s failed: %s",
-                reply.metadata.src_node_id,
-                reply.error.reason,
-            )
-            continue
-        metrics = reply.content["metrics"]
-        out[str(int(metrics["partition-id"]))] = float(metrics["accuracy"])
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+    """Each node's accuracy on its own test split with its own modalities, by partition
+    id (:func:`server.node_evaluation.evaluate_on_nodes`)."""
+    return evaluate_on_nodes(grid, arrays, timeout).accuracy_by_node()
 
 
 def communication(strategy, initial: ArrayRecord, rounds: int, num_nodes: int) -> dict:

@@ -30,7 +30,7 @@ def _marked_run(cfg: dict, run_dir: Path, markers: Path) -> dict[str, list[tuple
     """Run ``cfg`` and return which rounds each node ran (message type -> pairs)."""
     markers.mkdir()
     run_experiment(cfg, run_dir, [round_marker(markers)])
-    return rounds_run(markers)
+    return {kind: ran for kind, ran in rounds_run(markers).items() if kind != "evaluate"}
 
 
 def _each_node(rounds) -> list[tuple[int, int]]:
