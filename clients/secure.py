@@ -25,8 +25,16 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
 
+from fed_iotlm.federation.privacy import dp_config
 from fed_iotlm.federation.records import record_to_numpy
 from fed_iotlm.federation.secure import PUBLIC_WEIGHT, SecureSettings, SumLayout
+from fed_iotlm.federation.secure_dp import (
+    KEY_CLIP,
+    KEY_HOLDERS,
+    KEY_SIGMA,
+    noisy_vector,
+    parse_holders,
+)
 
 LEGACY_PARAMS = "fitins.parameters"
 LEGACY_CONFIG = "fitins.config"
@@ -96,10 +104,22 @@ def secure_reply(
     """The legacy ``fitres`` reply carrying the Σ-ready vector (masked by the mod) of
     the groups the round releases."""
     layout = SumLayout.of(current)
-    vector = layout.encode(
-        trained, current, counts, SecureSettings.from_config(settings), node, released(msg)
-    )
+    secure, config = SecureSettings.from_config(settings), train_config(msg)
+    if KEY_SIGMA in config:  # dp.mode=distributed: clipped update + this node's noise share
+        seed = dp_config(settings).seed  # tests only: a known seed voids the guarantee
+        rnd = int(config.get("server-round", 0))
+        rng = np.random.default_rng(None if seed is None else [seed, rnd, _digits(node)])
+        vector = noisy_vector(
+            layout, trained, current, counts, parse_holders(config[KEY_HOLDERS]),
+            float(config[KEY_SIGMA]), float(config[KEY_CLIP]), secure, rng, node,
+        )  # fmt: skip
+    else:
+        vector = layout.encode(trained, current, counts, secure, node, released(msg))
     return _legacy_reply(msg, vector)
+
+
+def _digits(name: str) -> int:
+    return int("".join(c for c in name if c.isdigit()) or 0)
 
 
 def _legacy_reply(msg: Message, vector: list[np.ndarray]) -> Message:

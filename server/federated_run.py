@@ -18,7 +18,7 @@ from fed_iotlm.evaluation import test_report
 from fed_iotlm.experiment import check_method, model_spec
 from fed_iotlm.federation.adapter_sync import sync_meta, sync_model
 from fed_iotlm.federation.bundle import save_bundle
-from fed_iotlm.federation.privacy import attach_privacy, privacy_report
+from fed_iotlm.federation.privacy import attach_privacy, dp_config, privacy_report
 from fed_iotlm.federation.records import (
     load_into,
     numpy_to_record,
@@ -72,7 +72,9 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     attach_privacy(strategy, cfg, layout.num_nodes)  # dp.enabled: clipping + noise + accountant
     secure = check_composable(cfg)  # SecAgg+: the server learns only sums
     secure_rounds = (
-        SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes) if secure.enabled else None
+        SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes, dp=dp_config(cfg))
+        if secure.enabled
+        else None
     )
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=roster.plan)
     checkpointer = ServerCheckpointer(cfg, out_dir, strategy, recorder, roster=live)
@@ -182,6 +184,8 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             "min_holders": int(secure.min_holders),
             "withheld_by_round": {str(r): g for r, g in secure_rounds.withheld.items()},
         }
+    if secure_rounds is not None and (privacy := secure_rounds.privacy_report()) is not None:
+        recorder.extra["privacy"] = privacy
     if (privacy := privacy_report(strategy)) is not None:
         recorder.extra["privacy"] = privacy
     return recorder.finish(report, node_accuracy, comm)

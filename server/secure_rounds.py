@@ -41,8 +41,11 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from fed_iotlm.federation.groups import group_of
+from fed_iotlm.federation.privacy import CentralPrivacy, DPConfig
 from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
 from fed_iotlm.federation.secure import PUBLIC_WEIGHT, SecureSettings, SumLayout
+from fed_iotlm.federation.secure_dp import round_config
 
 
 class _SumCollector(Strategy):
@@ -93,8 +96,12 @@ class SecureRounds:
         strategy_cfg: dict,
         num_nodes: int,
         phase: str = "train",
+        dp: DPConfig | None = None,
     ):
         self.grid, self.settings, self.phase = grid, settings, phase
+        # dp.mode=distributed: nodes clip and add their noise share (secure_dp.py)
+        self.privacy = CentralPrivacy(dp, num_nodes) if dp is not None and dp.enabled else None
+        self.releases: dict[int, dict[str, float]] = {}  # round -> sigma, q (the accountant)
         if num_nodes > settings.max_nodes():
             raise ValueError(
                 f"secagg: {num_nodes} nodes overflow modulus_range/quantization_range "
@@ -138,22 +145,35 @@ class SecureRounds:
             )  # fmt: skip
         if not release:
             return self._skip(rnd, "no group has enough holders")
-        sums = self._sum(
-            rnd, list(current.values()), {"phase": self.phase, "release": ",".join(release)}
-        )
+        config = {"phase": self.phase, "release": ",".join(release)}
+        if self.privacy is not None:
+            config.update(round_config(self.privacy.config, {g: holders[g] for g in release}))
+        sums = self._sum(rnd, list(current.values()), config)
         if sums is None:
             return self._skip(rnd, "the round got no sum")
         decoded = layout.decode(sums, current, float(self.settings.max_count), minimum)
-        if decoded.withheld:  # a holder dropped out between the census and the round
-            self.withheld[rnd] = sorted({*self.withheld[rnd], *decoded.withheld})
+        state, withheld = decoded.state, set(decoded.withheld)
+        if self.privacy is not None:  # fewer holders than counted: the sum lacks noise
+            short = {g for g in release if decoded.holders.get(g, 0) != holders[g]}
+            state = {k: current[k] if group_of(k) in short else v for k, v in state.items()}
+            withheld |= short
+        if withheld:  # a holder dropped out between the census and the round
+            self.withheld[rnd] = sorted({*self.withheld[rnd], *withheld})
         self.stats[rnd] = {
             "secagg.nodes": float(self.collector.nodes),
             "secagg.failures": float(self.collector.failures),
             "secagg.withheld_groups": float(len(self.withheld[rnd])),
-            **{f"secagg.count.{g}": c for g, c in decoded.counts.items()},
         }
+        if self.privacy is None:
+            self.stats[rnd].update({f"secagg.count.{g}": c for g, c in decoded.counts.items()})
+        else:
+            self.stats[rnd].update(self.privacy.account(rnd, self.collector.nodes, self.releases))
         log(INFO, "round %s: SecAgg+ summed %s nodes", rnd, self.collector.nodes)
-        return numpy_to_record(decoded.state)
+        return numpy_to_record(state)
+
+    def privacy_report(self) -> dict | None:
+        """results.json's ``privacy`` block (dp.mode=distributed), else None."""
+        return None if self.privacy is None else self.privacy.report(self.releases)
 
     def _sum(self, rnd: int, arrays: list[np.ndarray], config: dict) -> list[np.ndarray] | None:
         """One SecAgg+ run: every sampled node's vector summed (None if it failed)."""

@@ -120,11 +120,18 @@ def check_composable(cfg: dict) -> SecureSettings:
             f"secagg.enabled=true composes with group-wise FedAvg/FedProx; "
             f"strategy={strategy.get('name')!r} (a server optimiser) is not composed with it"
         )
-    if (cfg.get("dp") or {}).get("enabled"):
-        raise ValueError(
-            "secagg.enabled=true with dp.enabled=true is not composed yet: DP's noise is "
-            "added by the plaintext strategy, which secure rounds bypass"
-        )
+    dp = cfg.get("dp") or {}
+    if dp.get("enabled"):
+        if dp.get("mode", "central") != "distributed":
+            raise ValueError(
+                "secagg.enabled=true with dp.enabled=true needs dp.mode=distributed: the "
+                "server only ever sees the released sum, so the nodes add the noise "
+                "(fed_iotlm/federation/secure_dp.py)"
+            )
+        from .privacy import dp_config
+        from .secure_dp import check_range
+
+        check_range(dp_config(cfg), settings)
     if float((cfg.get("attack") or {}).get("fraction", 0.0)) > 0:
         raise ValueError("secagg.enabled=true: attack studies need the plaintext path")
     if cfg.get("method") == "mmbind":
