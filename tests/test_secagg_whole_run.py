@@ -102,8 +102,16 @@ def _assert_every_node_gets_the_whole_model(grid: RecordingGrid, model_size: int
         assert len(arrays) == model_size, (
             f"{msg.metadata.message_type} carried {len(arrays)} of {model_size} arrays"
         )
-        by_round.setdefault((msg.metadata.message_type, msg.metadata.group_id), []).append(arrays)
-    for (kind, _), sent in by_round.items():
+        records = msg.content.config_records
+        config = records.get("config", records.get("fitins.config", {}))
+        step = (  # one step of the run: MMBind's SSL and training rounds share round numbers
+            msg.metadata.message_type,
+            msg.metadata.group_id,
+            config.get("server-round"),
+            config.get("phase"),
+        )
+        by_round.setdefault(step, []).append(arrays)
+    for (kind, *_), sent in by_round.items():
         for other in sent[1:]:  # nodes of one step receive the very same model
             assert all(np.array_equal(a, b) for a, b in zip(sent[0], other, strict=True)), kind
 
