@@ -33,6 +33,7 @@ from fed_iotlm.federation.records import (
     packed_record,
     state_to_numpy,
 )
+from fed_iotlm.federation.secure import SecureSettings
 from fed_iotlm.models.training import (
     evaluate,
     mean_accuracy,
@@ -51,10 +52,20 @@ from fed_iotlm.settings import from_run_config
 
 from .fault_marker import mark_train_start
 from .identify import identify_reply
-from .mmbind import embed_reply, partner_tensors, pretrain_reply, store_partners
+from .mmbind import (
+    embed_reply,
+    partner_tensors,
+    pretrain_groups,
+    pretrain_local,
+    pretrain_reply,
+    store_partners,
+)
 from .node import NodeRuntime, get_node, get_site_node
 from .secure import (
+    census_of,
+    census_reply,
     is_secure,
+    phase,
     received_state,
     secure_aggregation_mod,
     secure_reply,
@@ -104,8 +115,18 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
     @app.train(mods=[update_clipping_mod])  # innermost: DP clips what train sends
     def train(msg: Message, context: Context) -> Message:
         settings = _settings(context, cfg)
+        if is_secure(msg) and phase(msg) == "census":  # holder flags only, no model
+            node = _node_for(context, cfg)
+            counts = pretrain_groups(node, settings) if census_of(msg) == "pretrain" else None
+            shared = without_personal(state_to_numpy(node.model), node.personal_keys)
+            return census_reply(msg, shared, node.group_counts if counts is None else counts)
         node, received = _load_global_model(msg, context, cfg)
         config = train_config(msg)
+        if is_secure(msg) and phase(msg) == "pretrain":  # MMBind's SSL round under SecAgg+
+            rnd = int(config.get("server-round", 0))
+            groups, _ = pretrain_local(node, settings, rnd)
+            state = without_personal(state_to_numpy(node.model), node.personal_keys)
+            return secure_reply(msg, state, received, groups, settings, f"node {node.node}")
         mark_train_start(context.node_config, node.node, int(config.get("server-round", 0)))
         tcfg = dataclasses.replace(
             node.train_cfg, proximal_mu=float(config.get("proximal-mu", 0.0))
@@ -166,10 +187,16 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
         metrics = {
             "accuracy": mean_accuracy(per_task),
             "loss": mean_loss(per_task),
-            "num-examples": float(len(node.test)),
             "partition-id": float(node.node),
         }
+        if not SecureSettings.from_config(_settings(context, cfg)).enabled:
+            metrics["num-examples"] = float(len(node.test))  # SecAgg+ hides every count
         metrics.update({f"accuracy.{t}": v["accuracy"] for t, v in per_task.items()})
+        if node.val is not None and len(node.val) > 0:  # the node's validation share
+            val_task = evaluate(node.model, node.val)
+            metrics.update(val_accuracy=mean_accuracy(val_task), val_loss=mean_loss(val_task))
+            if "num-examples" in metrics:
+                metrics["val_examples"] = float(len(node.val))
         for key in ("f1_macro", "balanced_accuracy"):  # class-balanced scores, same split
             metrics[key] = mean_metric(per_task, key)
             metrics.update({f"{key}.{t}": v[key] for t, v in per_task.items()})
@@ -182,7 +209,7 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
 
     @app.query("identify")
     def identify(msg: Message, context: Context) -> Message:
-        return identify_reply(msg, _node_for(context, cfg))
+        return identify_reply(msg, _node_for(context, cfg), _settings(context, cfg))
 
     @app.query("stats")
     def stats(msg: Message, context: Context) -> Message:
@@ -195,7 +222,7 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
 
     @app.train("bind")
     def bind(msg: Message, context: Context) -> Message:
-        return store_partners(msg, context, _node_for(context, cfg))
+        return store_partners(msg, context, _node_for(context, cfg), _settings(context, cfg))
 
     return app
 

@@ -15,24 +15,40 @@ from fed_iotlm.binding.training import PartnerTensors
 from fed_iotlm.experiment import shared_modality, ssl_config
 from fed_iotlm.federation.groups import select_groups
 from fed_iotlm.federation.records import counts_to_metrics, numpy_to_record, state_to_numpy
+from fed_iotlm.federation.secure import SecureSettings
 
 from .node import NodeRuntime
 
 PARTNERS_KEY = "mmbind.partners"
 
 
-def pretrain_reply(msg: Message, node: NodeRuntime, cfg: dict) -> Message:
-    """SSL round on the shared modality; reply with its encoder and SSL head."""
+def pretrain_local(node: NodeRuntime, cfg: dict, rnd: int) -> tuple[dict[str, float], dict]:
+    """SSL round on the shared modality (contrastive, semi-supervised or autoencoder), in
+    place; returns the groups it trained with their counts (none if the node lacks the
+    modality) and stats."""
     shared = shared_modality(cfg)
-    rnd = int(msg.content["config"].get("server-round", 0))
     tcfg = node.train_cfg
     tcfg = type(tcfg)(**{**tcfg.__dict__, "epochs": int(cfg["binding"]["pretrain_epochs"])})
     ssl = ssl_config(cfg)
     stats = pretrain_shared(
         node.model, node.train, shared, tcfg, seed=rnd * 7919 + node.node, ssl=ssl
     )
+    return pretrain_groups(node, cfg), stats
+
+
+def pretrain_groups(node: NodeRuntime, cfg: dict) -> dict[str, float]:
+    """The groups a shared-modality round trains at this node, with their counts."""
+    shared = shared_modality(cfg)
+    mask = node.train.mask.get(shared)
+    n = float(mask.sum()) if mask is not None else 0.0
+    return {f"enc.{shared}": n, ssl_head(shared, ssl_config(cfg).method): n} if n > 0 else {}
+
+
+def pretrain_reply(msg: Message, node: NodeRuntime, cfg: dict) -> Message:
+    """Shared-modality round; reply with its encoder and SSL head (plaintext path)."""
+    rnd = int(msg.content["config"].get("server-round", 0))
+    groups, stats = pretrain_local(node, cfg, rnd)
     n = stats["num_present"]
-    groups = {f"enc.{shared}": n, ssl_head(shared, ssl.method): n} if n > 0 else {}
     sent = select_groups(state_to_numpy(node.model), groups)
     metrics = counts_to_metrics(
         groups, {**stats, "num-examples": n, "partition-id": float(node.node)}
@@ -61,10 +77,16 @@ def embed_reply(msg: Message, node: NodeRuntime, cfg: dict) -> Message:
     return Message(RecordDict({"embeddings": record, "config": config}), reply_to=msg)
 
 
-def store_partners(msg: Message, context: Context, node: NodeRuntime) -> Message:
-    """Keep the partners the server sent for the next rounds; reply with a summary."""
+def store_partners(msg: Message, context: Context, node: NodeRuntime, cfg: dict) -> Message:
+    """Keep the partners the server sent for the next rounds; reply with a summary
+    (under SecAgg+ only the partition id: the node's counts stay hidden)."""
     record: ArrayRecord = msg.content["partners"]
     context.state[PARTNERS_KEY] = record
+    if SecureSettings.from_config(cfg).enabled:
+        return Message(
+            RecordDict({"metrics": MetricRecord({"partition-id": float(node.node)})}),
+            reply_to=msg,
+        )
     summary = {"partition-id": float(node.node), "num-examples": float(node.num_train)}
     for m, (_, _, w) in unpack_partners(record).items():
         summary[f"partners.{m}"] = float((w > 0).sum())

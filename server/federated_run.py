@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import random
 import time
-from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common import log
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from fed_iotlm.data.federation import build_layout
@@ -21,7 +19,7 @@ from fed_iotlm.experiment import check_method, model_spec
 from fed_iotlm.federation.adapter_sync import sync_meta, sync_model
 from fed_iotlm.federation.bundle import save_bundle, statistics_meta
 from fed_iotlm.federation.normalization import norm_record, normalization_mode
-from fed_iotlm.federation.privacy import attach_privacy, privacy_report
+from fed_iotlm.federation.privacy import attach_privacy, dp_config, privacy_report
 from fed_iotlm.federation.records import (
     load_into,
     numpy_to_record,
@@ -36,9 +34,9 @@ from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mea
 from fed_iotlm.protocol import protocol_record
 from fed_iotlm.tracking import RunRecorder
 
-from .chunked import send_and_receive_chunked
 from .membership import LiveNodesGrid, LiveRoster
 from .mmbind import multimodal_rounds, pretrain_rounds
+from .node_evaluation import SERVER, evaluate_on_nodes, evaluation_mode
 from .participation import RoundOutcome, round_timeout_s
 from .resume import PRETRAIN, TRAIN, ServerCheckpointer
 from .rounds import identify_nodes, run_rounds
@@ -67,9 +65,13 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     roster = identify_nodes(grid, layout.num_nodes)  # deployed sites report their own plan
     # input statistics from the nodes' training data; every later message carries them
     grid, scaler = pooled_statistics(grid, cfg, roster.node_ids.values(), round_timeout)
-    refs = reference_sets(layout, scaler, normalization_mode(cfg))
-    test = SplitTensors.from_split(refs.test).placed(place)
-    val = SplitTensors.from_split(refs.val).placed(place)
+    # deployed sites: the config's dataset is not their data, so the nodes score each round
+    where = evaluation_mode(cfg, roster.deployed)
+    test = val = None
+    if where == SERVER:
+        refs = reference_sets(layout, scaler, normalization_mode(cfg))
+        test = SplitTensors.from_split(refs.test).placed(place)
+        val = SplitTensors.from_split(refs.val).placed(place)
     # sites that die and come back (maybe under a new node id) are picked up per round
     live = LiveRoster(roster, layout.num_nodes, identify_timeout_s=round_timeout, wait_s=wait_s)
     outcomes: dict[int, RoundOutcome] = {}  # who answered each round (server/participation.py)
@@ -79,18 +81,27 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     attach_privacy(strategy, cfg, layout.num_nodes)  # dp.enabled: clipping + noise + accountant
     secure = check_composable(cfg)  # SecAgg+: the server learns only sums
     secure_rounds = (
-        SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes) if secure.enabled else None
+        SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes, dp=dp_config(cfg))
+        if secure.enabled
+        else None
     )
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=roster.plan)
-    checkpointer = ServerCheckpointer(cfg, out_dir, strategy, recorder)
+    checkpointer = ServerCheckpointer(cfg, out_dir, strategy, recorder, roster=live)
     recorder.start()
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
         if rnd == 0:
             return None
-        load_into(model, record_to_numpy(arrays))
-        per_task, val_task = evaluate(model, test), evaluate(model, val)
-        acc, loss = mean_accuracy(per_task), mean_loss(per_task)
+        if test is None:  # evaluation=nodes: each node on its own test split, weighted
+            live_grid = LiveNodesGrid(grid, live.refresh(grid, rnd))
+            scored = evaluate_on_nodes(live_grid, arrays, round_timeout, rnd).weighted()
+            acc, loss = scored["accuracy"], scored["loss"]
+            val_acc = scored.get("val_accuracy", float("nan"))
+        else:
+            load_into(model, record_to_numpy(arrays))
+            per_task, val_task = evaluate(model, test), evaluate(model, val)
+            acc, loss = mean_accuracy(per_task), mean_loss(per_task)
+            val_acc = mean_accuracy(val_task)
         # screening and robust-aggregation counts of the round (modality-aware strategies)
         stats = strategy.round_metrics(rnd) if isinstance(strategy, ModalityAwareFedAvg) else {}
         if rnd in outcomes:
@@ -100,7 +111,9 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
                 faults[str(rnd)] = outcomes[rnd].report()
         if secure_rounds is not None:
             stats = {**stats, **secure_rounds.round_metrics(rnd)}
-        stats.update(val_accuracy=mean_accuracy(val_task), val_loss=mean_loss(val_task))
+        stats["val_accuracy"] = val_acc
+        if test is None:
+            stats["evaluated_nodes"] = float(scored["nodes"])
         recorder.log_round(rnd, acc, loss, **stats)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
@@ -115,6 +128,11 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             pretrain,
             first=resumed.next_round(PRETRAIN, pretrain) if resumed else 1,
             on_round=lambda rnd, a: checkpointer.save(PRETRAIN, rnd, a),
+            secure_round=(
+                SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes, phase="pretrain")
+                if secure.enabled
+                else None
+            ),
         )
         arrays = multimodal_rounds(
             grid, strategy, arrays, cfg, evaluate_fn, recorder,
@@ -144,11 +162,15 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     final = record_to_numpy(arrays)
     load_into(model, final)
     final_grid = LiveNodesGrid(grid, live.refresh(grid))  # one live node per partition
-    by_node = node_scores(final_grid, arrays, timeout=round_timeout)
-    node_accuracy = {n: v["accuracy"] for n, v in by_node.items()}
-    report = test_report(model, test)
+    node_scores = evaluate_on_nodes(final_grid, arrays, timeout=round_timeout)
+    node_accuracy = node_scores.accuracy_by_node()
+    # deployed: only what the nodes measured on their own data; simulation: the server's
+    # copy of the test split, with single-modality accuracies
+    report = node_scores.weighted() if test is None else test_report(model, test)
     for key in ("f1_macro", "balanced_accuracy"):  # beside test.accuracy_by_node
-        report[f"{key}_by_node"] = {n: v[key] for n, v in by_node.items() if key in v}
+        report[f"{key}_by_node"] = node_scores.metric_by_node(key)
+    val_report = node_scores.weighted_val() if test is None else test_report(model, val)
+    recorder.extra["evaluation"] = where
     comm = communication(strategy, initial, int(cfg["rounds"]), layout.num_nodes)
     save_bundle(
         out_dir / "bundle",
@@ -172,10 +194,18 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     recorder.extra["holders_by_round"] = {str(r): h for r, h in holders.items()}
     if isinstance(strategy, ModalityAwareFedAvg):
         recorder.extra["robustness"] = strategy.robustness_report()
+    if secure_rounds is not None:  # what SecAgg+ hid, and what it did not release
+        recorder.extra["secagg"] = {
+            "plan": "hidden: nodes report liveness only",
+            "min_holders": int(secure.min_holders),
+            "withheld_by_round": {str(r): g for r, g in secure_rounds.withheld.items()},
+        }
+    if secure_rounds is not None and (privacy := secure_rounds.privacy_report()) is not None:
+        recorder.extra["privacy"] = privacy
     if (privacy := privacy_report(strategy)) is not None:
         recorder.extra["privacy"] = privacy
     recorder.extra.update(protocol_record(cfg, layout, recorder.history))
-    return recorder.finish(report, node_accuracy, comm, val=test_report(model, val))
+    return recorder.finish(report, node_accuracy, comm, val=val_report)
 
 
 def pooled_statistics(grid: Grid, cfg: dict, node_ids, timeout: float):
@@ -226,49 +256,9 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> None:
 
 
 def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> dict[str, float]:
-    """Each node's accuracy of the final model on its own test split (see :func:`node_scores`)."""
-    return {n: v["accuracy"] for n, v in node_scores(grid, arrays, timeout).items()}
-
-
-def node_scores(
-    grid: Grid, arrays: ArrayRecord, timeout: float = 3600
-) -> dict[str, dict[str, float]]:
-    """Each node scores the final model on its own test split with its own modalities
-    (a chunk of nodes at a time: see :mod:`.chunked`): accuracy, and macro-F1 and
-    balanced accuracy where the node reports them."""
-    messages = [
-        Message(
-            RecordDict({"arrays": arrays, "config": ConfigRecord()}),
-            message_type=MessageType.EVALUATE,
-            dst_node_id=node_id,
-        )
-        for node_id in grid.get_node_ids()
-    ]
-    out: dict[str, dict[str, float]] = {}
-    replies = list(send_and_receive_chunked(grid, messages, timeout=timeout))
-    if len(replies) < len(messages):
-        log(
-            WARNING,
-            "evaluate: %s node(s) did not answer within %.0f s",
-            len(messages) - len(replies),
-            timeout,
-        )
-    for reply in replies:
-        if reply.has_error():
-            log(
-                WARNING,
-                "evaluate: node %s failed: %s",
-                reply.metadata.src_node_id,
-                reply.error.reason,
-            )
-            continue
-        metrics = reply.content["metrics"]
-        out[str(int(metrics["partition-id"]))] = {
-            k: float(metrics[k])
-            for k in ("accuracy", "f1_macro", "balanced_accuracy")
-            if k in metrics
-        }
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+    """Each node's accuracy on its own test split with its own modalities, by partition
+    id (:func:`server.node_evaluation.evaluate_on_nodes`)."""
+    return evaluate_on_nodes(grid, arrays, timeout).accuracy_by_node()
 
 
 def communication(strategy, initial: ArrayRecord, rounds: int, num_nodes: int) -> dict:

@@ -54,12 +54,21 @@ def pretrain_rounds(
     *,
     first: int = 1,
     on_round: Callable[[int, ArrayRecord], None] | None = None,
+    secure_round: Callable[[int, ArrayRecord], ArrayRecord | None] | None = None,
 ) -> ArrayRecord:
     """Phase a: federated autoencoder rounds on the shared modality (``first``..``rounds``;
-    ``on_round``, the checkpoint, after each)."""
+    ``on_round``, the checkpoint, after each).  ``secure_round`` (SecAgg+, a
+    :class:`server.secure_rounds.SecureRounds` of phase ``pretrain``) sums the shared
+    encoder and decoder instead, so no node's update or count reaches the server."""
     node_ids = list(grid.get_node_ids())
     state = record_to_numpy(arrays)
     for rnd in range(first, rounds + 1):
+        if secure_round is not None:
+            arrays = secure_round(rnd, arrays) or arrays
+            console.print(f"[bold]shared-modality round {rnd}/{rounds}[/bold]  (SecAgg+)")
+            if on_round is not None:
+                on_round(rnd, arrays)
+            continue
         content = {
             n: RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
             for n in node_ids

@@ -3,7 +3,9 @@
 What a round leaves that the next one depends on: the global parameters, the
 strategy's state (FedAdam's moments, the per-round bookkeeping results.json reports),
 MMBind's last binding (the partners each node was sent and keeps in its state), the
-recorder's history, and the server's RNG states (node sampling draws from Python's).
+recorder's history, the server's RNG states (node sampling draws from Python's), and
+the roster's record of sites that rejoined (results.json reports every rejoin of the
+run, before a crash too).
 All of it is saved after every round (:mod:`fed_iotlm.federation.checkpoint`), and a
 run started with ``resume=true`` and the same config continues after the last saved
 round.  Clients need nothing saved: they seed local training from
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord
 
@@ -32,6 +35,9 @@ from fed_iotlm.federation.checkpoint import (
 from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
 from fed_iotlm.federation.strategy_state import capture_strategy, restore_strategy
 from fed_iotlm.tracking import RunRecorder, console
+
+if TYPE_CHECKING:
+    from .membership import LiveRoster
 
 PRETRAIN, TRAIN = "pretrain", "train"
 PARTNERS = "partners."
@@ -58,8 +64,16 @@ class ResumePoint:
 class ServerCheckpointer:
     """Saves after every round into ``out_dir/checkpoint``; restores on ``resume=true``."""
 
-    def __init__(self, cfg: dict, out_dir: Path, strategy: object, recorder: RunRecorder) -> None:
+    def __init__(
+        self,
+        cfg: dict,
+        out_dir: Path,
+        strategy: object,
+        recorder: RunRecorder,
+        roster: LiveRoster | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.roster = roster  # its ``rejoined`` list is saved and restored
         self.directory = checkpoint_dir(out_dir)
         self.strategy = strategy
         self.recorder = recorder
@@ -80,6 +94,7 @@ class ServerCheckpointer:
             "rng": rng_meta,
             "history": self.recorder.history,
             "extra": self.recorder.extra,
+            "rejoined": list(self.roster.rejoined) if self.roster is not None else [],
         }
         save_checkpoint(self.directory, Checkpoint(rnd, phase, sections, meta))
 
@@ -98,6 +113,8 @@ class ServerCheckpointer:
         restore_strategy(self.strategy, ckpt.meta["strategy"], ckpt.sections)
         self.recorder.history = list(ckpt.meta["history"])
         self.recorder.extra.update(ckpt.meta["extra"])
+        if self.roster is not None:  # rejoins before the crash, then this run's own
+            self.roster.rejoined[:0] = list(ckpt.meta.get("rejoined", []))
         self.partners = {
             name[len(PARTNERS) :]: numpy_to_record(arrays)
             for name, arrays in ckpt.sections.items()

@@ -150,7 +150,7 @@ def ask_identities(
             identity = r.content["identity"]
             identities[node] = (
                 int(identity["partition-id"]),
-                list(identity["modalities"]),
+                list(identity.get("modalities", [])),  # none under SecAgg+: liveness only
                 str(identity["source"]),
             )
     return identities, errors

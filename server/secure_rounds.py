@@ -7,11 +7,18 @@ the unmasked aggregate.  The workflow hands that aggregate to ``aggregate_fit`` 
 mean of the submitted vectors (every node reports the same public weight, so no sample
 count leaks through it); times the number of nodes it is the sum, which
 :meth:`SumLayout.decode` turns into group-wise FedAvg (:mod:`fed_iotlm.federation.secure`).
+
+Each round is two SecAgg+ sums: a census of holder flags (no model goes down, no update
+comes up), then the round itself, in which nodes submit only the groups the census
+found held by at least ``secagg.min_holders`` nodes.  ``phase`` says which local step
+the nodes run: ``train`` (the multimodal round) or ``pretrain`` (MMBind's shared-modality
+round).  Per round, :meth:`SecureRounds.round_metrics` says how many nodes were summed
+and :attr:`SecureRounds.withheld` which groups were not released.
 """
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
@@ -34,8 +41,11 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from fed_iotlm.federation.groups import group_of
+from fed_iotlm.federation.privacy import CentralPrivacy, DPConfig
 from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
 from fed_iotlm.federation.secure import PUBLIC_WEIGHT, SecureSettings, SumLayout
+from fed_iotlm.federation.secure_dp import round_config
 
 
 class _SumCollector(Strategy):
@@ -79,8 +89,19 @@ class _SumCollector(Strategy):
 class SecureRounds:
     """``train_round`` for :func:`server.rounds.run_rounds` with SecAgg+ aggregation."""
 
-    def __init__(self, grid: Grid, settings: SecureSettings, strategy_cfg: dict, num_nodes: int):
-        self.grid, self.settings = grid, settings
+    def __init__(
+        self,
+        grid: Grid,
+        settings: SecureSettings,
+        strategy_cfg: dict,
+        num_nodes: int,
+        phase: str = "train",
+        dp: DPConfig | None = None,
+    ):
+        self.grid, self.settings, self.phase = grid, settings, phase
+        # dp.mode=distributed: nodes clip and add their noise share (secure_dp.py)
+        self.privacy = CentralPrivacy(dp, num_nodes) if dp is not None and dp.enabled else None
+        self.releases: dict[int, dict[str, float]] = {}  # round -> sigma, q (the accountant)
         if num_nodes > settings.max_nodes():
             raise ValueError(
                 f"secagg: {num_nodes} nodes overflow modulus_range/quantization_range "
@@ -102,35 +123,81 @@ class SecureRounds:
             modulus_range=int(settings.modulus_range),
             timeout=float(settings.timeout_s),
         )
+        self.base_config = dict(fit_config)
         self.stats: dict[int, dict[str, float]] = {}
+        self.withheld: dict[int, list[str]] = {}  # round -> groups not released
 
     def __call__(self, rnd: int, arrays: ArrayRecord) -> ArrayRecord | None:
         current = record_to_numpy(arrays)
         layout = SumLayout.of(current)
-        context = self._legacy_context(rnd, current)
-        self.collector.mean, self.collector.nodes = None, 0
-        self.workflow(self.grid, context)
-        if self.collector.mean is None:
-            self.stats[rnd] = {
-                "secagg.nodes": 0.0,
-                "secagg.failures": float(self.collector.failures),
-            }
-            return None
-        sums = [m.astype(np.float64) * self.collector.nodes for m in self.collector.mean]
-        state, counts = layout.decode(sums, current, float(self.settings.max_count))
+        minimum = int(self.settings.min_holders)
+        census = self._sum(rnd, [], {"phase": "census", "census-of": self.phase})
+        if census is None:
+            return self._skip(rnd, "the census of holders got no sum")
+        holders = layout.holders(census)
+        release = [g for g in layout.groups if holders[g] >= minimum]
+        self.withheld[rnd] = [g for g in layout.groups if 0 < holders[g] < minimum]
+        if self.withheld[rnd]:
+            log(
+                WARNING,
+                "round %s: %s held by fewer than secagg.min_holders=%s nodes: not released",
+                rnd, ", ".join(self.withheld[rnd]), minimum,
+            )  # fmt: skip
+        if not release:
+            return self._skip(rnd, "no group has enough holders")
+        config = {"phase": self.phase, "release": ",".join(release)}
+        if self.privacy is not None:
+            config.update(round_config(self.privacy.config, {g: holders[g] for g in release}))
+        sums = self._sum(rnd, list(current.values()), config)
+        if sums is None:
+            return self._skip(rnd, "the round got no sum")
+        decoded = layout.decode(sums, current, float(self.settings.max_count), minimum)
+        state, withheld = decoded.state, set(decoded.withheld)
+        if self.privacy is not None:  # fewer holders than counted: the sum lacks noise
+            short = {g for g in release if decoded.holders.get(g, 0) != holders[g]}
+            state = {k: current[k] if group_of(k) in short else v for k, v in state.items()}
+            withheld |= short
+        if withheld:  # a holder dropped out between the census and the round
+            self.withheld[rnd] = sorted({*self.withheld[rnd], *withheld})
         self.stats[rnd] = {
             "secagg.nodes": float(self.collector.nodes),
             "secagg.failures": float(self.collector.failures),
-            **{f"secagg.count.{g}": c for g, c in counts.items()},
+            "secagg.withheld_groups": float(len(self.withheld[rnd])),
         }
+        if self.privacy is None:
+            self.stats[rnd].update({f"secagg.count.{g}": c for g, c in decoded.counts.items()})
+        else:
+            self.stats[rnd].update(self.privacy.account(rnd, self.collector.nodes, self.releases))
         log(INFO, "round %s: SecAgg+ summed %s nodes", rnd, self.collector.nodes)
         return numpy_to_record(state)
+
+    def privacy_report(self) -> dict | None:
+        """results.json's ``privacy`` block (dp.mode=distributed), else None."""
+        return None if self.privacy is None else self.privacy.report(self.releases)
+
+    def _sum(self, rnd: int, arrays: list[np.ndarray], config: dict) -> list[np.ndarray] | None:
+        """One SecAgg+ run: every sampled node's vector summed (None if it failed)."""
+        self.collector.fit_config = {**self.base_config, **config}
+        self.collector.mean, self.collector.nodes = None, 0
+        self.workflow(self.grid, self._legacy_context(rnd, arrays))
+        if self.collector.mean is None:
+            return None
+        return [m.astype(np.float64) * self.collector.nodes for m in self.collector.mean]
+
+    def _skip(self, rnd: int, why: str) -> None:
+        log(WARNING, "round %s: %s; keeping the model", rnd, why)
+        self.withheld.setdefault(rnd, [])
+        self.stats[rnd] = {
+            "secagg.nodes": 0.0,
+            "secagg.failures": float(self.collector.failures),
+            "secagg.withheld_groups": float(len(self.withheld[rnd])),
+        }
 
     def round_metrics(self, rnd: int) -> dict[str, float]:
         return self.stats.get(rnd, {})
 
-    def _legacy_context(self, rnd: int, current: dict[str, np.ndarray]) -> LegacyContext:
-        """A fresh legacy context per round: the nodes now connected, the current model."""
+    def _legacy_context(self, rnd: int, arrays: list[np.ndarray]) -> LegacyContext:
+        """A fresh legacy context per sum: the nodes now connected, what goes down."""
         manager = SimpleClientManager()
         run_id = self.grid.run.run_id
         for node_id in self.grid.get_node_ids():
@@ -140,7 +207,7 @@ class SecureRounds:
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {WorkflowKey.CURRENT_ROUND: rnd}
         )
-        legacy = ndarrays_to_parameters(list(current.values()))
+        legacy = ndarrays_to_parameters(arrays)
         context.state.array_records[MAIN_PARAMS_RECORD] = parameters_to_arrayrecord(legacy, True)
         return context
 

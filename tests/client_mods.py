@@ -21,3 +21,37 @@ def train_keys_recorder(path: Path):
         return reply
 
     return mod
+
+
+def round_marker(directory: Path):
+    """A client mod that marks every round a node runs: one line appended to
+    ``directory/<message type>-r<server round>-p<partition id>`` per message, so a test
+    can list which rounds ran (and catch one that ran twice) after the run."""
+
+    def mod(msg, context, call_next):
+        content = msg.content
+        if "config" in content.config_records:
+            config = content.config_records["config"]
+        else:  # SecAgg+ train messages carry the round in the legacy fit config
+            config = content.config_records.get("fitins.config", {})
+        if "server-round" in config:
+            name = (
+                f"{msg.metadata.message_type}-r{int(config['server-round'])}"
+                f"-p{int(context.node_config['partition-id'])}"
+            )
+            with (directory / name).open("a") as f:
+                f.write(f"{msg.metadata.message_id}\n")
+        return call_next(msg, context)
+
+    return mod
+
+
+def rounds_run(directory: Path) -> dict[str, list[tuple[int, int]]]:
+    """What :func:`round_marker` saw: message type -> sorted (round, partition) pairs,
+    a pair listed once per message (so a repeated round shows twice)."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for path in directory.iterdir():
+        kind, rnd, part = path.name.rsplit("-", 2)
+        times = len(path.read_text().splitlines())
+        out.setdefault(kind, []).extend([(int(rnd[1:]), int(part[1:]))] * times)
+    return {k: sorted(v) for k, v in out.items()}

@@ -168,3 +168,29 @@ def test_a_resumed_run_may_change_its_deadlines_but_not_its_rule(tmp_path):
     with pytest.raises(CheckpointError, match="strategy.name differ"):
         other = {**longer, "name": "fedavg"}
         ServerCheckpointer(_cfg(strategy=other), tmp_path, strategy, _Recorder()).restore()
+
+
+def test_rejoins_before_the_checkpoint_survive_a_resume(tmp_path):
+    """A site that rejoined before the crash is still in results.json's ``rejoined``
+    after resuming, ahead of the rejoins of the resumed run itself."""
+    from server.membership import LiveRoster
+    from server.rounds import Roster
+
+    def live() -> LiveRoster:
+        roster = Roster({0: 10, 1: 11}, {0: ["imu"], 1: ["audio"]}, {0: "site", 1: "site"})
+        return LiveRoster(roster, 2, identify_timeout_s=1.0, wait_s=1.0)
+
+    strategy = build_strategy("federated", {"name": "fedadam"}, 2)
+    before = live()
+    before.rejoined.append({"round": 2, "partition": 1, "node": 21, "was": 11})
+    saver = ServerCheckpointer(_cfg(resume=False), tmp_path, strategy, _Recorder(), before)
+    saver.save(TRAIN, 2, numpy_to_record({"w": np.zeros(2, np.float32)}))
+
+    after = live()
+    after.rejoined.append({"round": 3, "partition": 0, "node": 30, "was": 10})
+    fresh = build_strategy("federated", {"name": "fedadam"}, 2)
+    ServerCheckpointer(_cfg(rounds=5), tmp_path, fresh, _Recorder(), after).restore()
+    assert after.rejoined == [
+        {"round": 2, "partition": 1, "node": 21, "was": 11},
+        {"round": 3, "partition": 0, "node": 30, "was": 10},
+    ]

@@ -193,6 +193,10 @@ def test_three_sites_run_two_rounds_with_tls_and_node_auth(federation, tmp_path)
     assert res["plan"] == plans  # reported by the sites themselves
     assert sorted(res["test"]["accuracy_by_node"]) == ["0", "1", "2"]
     assert res["test"]["accuracy"] > 0.25, res["test"]
+    # scored by the sites on their own test splits, never on a server-side copy
+    assert res["evaluation"] == "nodes" and res["test"]["nodes"] == 3, res["test"]
+    assert res["test"]["accuracy_by_modality"] == {}, res["test"]
+    assert all(h["evaluated_nodes"] == 3 for h in res["history"]), res["history"]
     assert (out_dir / "checkpoint" / "state.json").is_file()
 
     nodes = federation.flwr("supernode", "list", CONNECTION, "--format", "json")

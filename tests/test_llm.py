@@ -150,18 +150,28 @@ def test_resume_continues_exactly_where_the_checkpoint_stopped(tmp_path):
     feats = _features(32)
     examples = [_example(i, MODS[: 1 + i % 3], answer=("calm", "busy")[i % 2]) for i in range(32)]
 
-    def run(steps: int, ckpt: Path, resume: bool) -> SensorLM:
+    def run(steps: int, ckpt: Path, resume: bool, seed: int = 0) -> SensorLM:
         model, builder = _model("prefix")
-        s = TuneSettings(steps=steps, batch_size=4, checkpoint_every=3, log_every=1)
+        torch.manual_seed(seed)  # what a fresh start would initialise and draw from
+        for name, p in model.named_parameters():  # LoRA's B starts at 0: give it a value
+            if p.requires_grad and "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        s = TuneSettings(steps=steps, batch_size=4, checkpoint_every=3, log_every=1, seed=seed)
         tune(model, builder, examples, feats, s, ckpt, resume=resume)
         return model
 
+    def tuned(model: SensorLM) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in model.state_dict().items() if "lora" in k or "projector" in k}
+
     straight = run(6, tmp_path / "a", False)
     run(3, tmp_path / "b", False)  # stops after step 3 (and its checkpoint)
-    resumed = run(6, tmp_path / "b", True)
-    a = {k: v for k, v in straight.state_dict().items() if "lora" in k or "projector" in k}
-    b = resumed.state_dict()
+    # another seed after the checkpoint: a run that ignored resume=True would start from
+    # other weights and draw other batches, so only the checkpoint can make it match
+    resumed = run(6, tmp_path / "b", True, seed=1)
+    ignored = run(6, tmp_path / "c", False, seed=1)
+    a, b, c = tuned(straight), tuned(resumed), tuned(ignored)
     assert a and all(torch.allclose(v, b[k], atol=1e-6) for k, v in a.items())
+    assert not all(torch.allclose(v, c[k], atol=1e-6) for k, v in a.items())  # seed matters
 
 
 def test_cli_tunes_evaluates_and_answers(tmp_path, capsys):

@@ -12,12 +12,14 @@ import pytest
 
 from fed_iotlm.data.federation import build_layout
 from simulations.run import run_experiment
+from tests.raw_leak import RawLeakChecker, numeric_values
 
 PLAN = "partition.plan=[[imu,audio],[imu,depth],[imu,thermal]]"
 
 
 def make_recorder(directory: Path):
-    """A Flower client mod that stores every reply a node sends (type, arrays, metrics)."""
+    """A Flower client mod that stores every reply a node sends (type, arrays, metrics,
+    config records)."""
 
     def record_replies(msg, context, call_next):
         reply = call_next(msg, context)
@@ -31,11 +33,13 @@ def make_recorder(directory: Path):
             for name, rec in reply.content.metric_records.items()
             for key, value in rec.items()
         }
+        configs = {name: dict(rec) for name, rec in reply.content.config_records.items()}
         entry = {
             "type": msg.metadata.message_type,
             "partition": int(context.node_config["partition-id"]),
             "arrays": arrays,
             "metrics": metrics,
+            "configs": configs,
         }
         (directory / f"{uuid.uuid4().hex}.pkl").write_bytes(pickle.dumps(entry))
         return reply
@@ -78,20 +82,27 @@ def test_binding_runs_partners_arrive_and_no_raw_sample_leaves(quick_cfg, tmp_pa
         a.dtype == np.int8 for e in embeds for k, a in e["arrays"].items() if k.endswith(".q")
     )
 
-    # no reply of any kind carries a raw (or preprocessed) sample of the node
-    layout = build_layout(cfg)
-    for e in entries:
-        node = e["partition"]
+    # no reply of any kind carries a raw (or preprocessed) sample of the node: every
+    # array, the metrics and every config record, against every window of its raw and
+    # standardised samples (any flattening, slice, scale: tests/raw_leak.py)
+    assert_no_raw_sample_left(entries, build_layout(cfg))
+
+
+def assert_no_raw_sample_left(entries: list[dict], layout) -> None:
+    """Every recorded reply of every node against that node's own raw windows."""
+    for node in range(layout.num_nodes):
         own = layout.dataset.train.subset(layout.train_parts[node])
         feats, _ = layout.node_data(node)
-        for key, arr in e["arrays"].items():
-            for source in (own.x, feats.x):
-                for m, x in source.items():
-                    if m not in layout.plan[node]:
-                        continue
-                    flat = x.reshape(len(x), -1)
-                    assert arr.shape[1:] != x.shape[1:], (
-                        f"{e['type']} {key} has the shape of {m} samples"
-                    )
-                    if arr.ndim == 2 and arr.shape[1] == flat.shape[1]:
-                        assert not np.isclose(arr[:, None, :], flat[None]).all(-1).any(), key
+        held = layout.plan[node]
+        checker = RawLeakChecker(
+            {
+                **{f"raw {m}": own.x[m][own.mask[m]] for m in held},
+                **{f"standardised {m}": feats.x[m][feats.mask[m]] for m in held},
+            }
+        )
+        for e in (e for e in entries if e["partition"] == node):
+            sent = {f"{e['type']} {k}": v for k, v in e["arrays"].items()}
+            sent[f"{e['type']} metrics"] = numeric_values(e["metrics"])
+            for name, record in e["configs"].items():
+                sent[f"{e['type']} config {name}"] = numeric_values(record)
+            checker.assert_clean(sent, f"node {node}'s {e['type']} reply")

@@ -20,8 +20,21 @@ from fed_iotlm.federation.checkpoint import (
     load_checkpoint,
 )
 from simulations.run import run_experiment
+from tests.client_mods import round_marker, rounds_run
 
 ROUNDS = 3
+NODES = 3
+
+
+def _marked_run(cfg: dict, run_dir: Path, markers: Path) -> dict[str, list[tuple[int, int]]]:
+    """Run ``cfg`` and return which rounds each node ran (message type -> pairs)."""
+    markers.mkdir()
+    run_experiment(cfg, run_dir, [round_marker(markers)])
+    return {kind: ran for kind, ran in rounds_run(markers).items() if kind != "evaluate"}
+
+
+def _each_node(rounds) -> list[tuple[int, int]]:
+    return sorted((r, p) for r in rounds for p in range(NODES))
 
 
 def _final(run_dir: Path) -> dict[str, np.ndarray]:
@@ -53,7 +66,8 @@ def test_fedadam_resumed_run_ends_like_an_uninterrupted_one(quick_cfg, tmp_path)
     run_experiment(quick_cfg(*common, f"rounds={ROUNDS}"), full)
 
     # stopped after round 1: its checkpoint holds round 1 and FedAdam's moments
-    run_experiment(quick_cfg(*common, "rounds=1"), parted)
+    ran = _marked_run(quick_cfg(*common, "rounds=1"), parted, tmp_path / "ran-1")
+    assert ran == {"train": _each_node([1])}
     ckpt = load_checkpoint(checkpoint_dir(parted))
     assert ckpt is not None and (ckpt.phase, ckpt.round) == ("train", 1)
     assert {"optimizer.m_t", "optimizer.v_t", "arrays", "rng"} <= set(ckpt.sections)
@@ -62,7 +76,9 @@ def test_fedadam_resumed_run_ends_like_an_uninterrupted_one(quick_cfg, tmp_path)
         "state.json",
     ]
 
-    run_experiment(quick_cfg(*common, f"rounds={ROUNDS}", "resume=true"), parted)
+    cfg = quick_cfg(*common, f"rounds={ROUNDS}", "resume=true")
+    ran = _marked_run(cfg, parted, tmp_path / "ran-2")
+    assert ran == {"train": _each_node(range(2, ROUNDS + 1))}, "round 1 ran again"
     _assert_same_run(full, parted)
     assert load_checkpoint(checkpoint_dir(parted)).round == ROUNDS
 
@@ -76,12 +92,20 @@ def test_mmbind_resume_redelivers_partners_between_bindings(quick_cfg, tmp_path)
     )  # fmt: skip
     full, parted = tmp_path / "full", tmp_path / "parted"
     run_experiment(quick_cfg(*common, f"rounds={ROUNDS}"), full)
-    run_experiment(quick_cfg(*common, "rounds=1"), parted)
+    ran = _marked_run(quick_cfg(*common, "rounds=1"), parted, tmp_path / "ran-1")
+    assert ran == {
+        "train.pretrain": _each_node([1]),
+        "query.embed": _each_node([1]),
+        "train": _each_node([1]),
+    }
     ckpt = load_checkpoint(checkpoint_dir(parted))
     assert {f"partners.{i}" for i in range(3)} <= set(ckpt.sections)
 
-    # round 2 is not a binding round: the nodes get round 1's partners back
-    run_experiment(quick_cfg(*common, f"rounds={ROUNDS}", "resume=true"), parted)
+    # round 2 is not a binding round: the nodes get round 1's partners back; neither
+    # the shared-modality round nor round 1's binding or training runs again
+    cfg = quick_cfg(*common, f"rounds={ROUNDS}", "resume=true")
+    ran = _marked_run(cfg, parted, tmp_path / "ran-2")
+    assert ran == {"query.embed": _each_node([3]), "train": _each_node(range(2, ROUNDS + 1))}
     _assert_same_run(full, parted)
     res = json.loads((parted / "results.json").read_text())
     assert {r for r in res["binding"] if r.isdigit()} == {"1", "3"}

@@ -46,7 +46,7 @@ def test_sum_of_vectors_decodes_to_groupwise_fedavg():
         {"enc.imu": 120, "fusion": 120, "head.activity": 120},
         {"enc.imu": 80, "enc.audio": 80, "fusion": 80},
         {"enc.audio": 300, "fusion": 300, "head.activity": 30},
-    ]
+    ]  # every held group has 2 or 3 holders
     updates, vectors = [], []
     for i, counts in enumerate(holdings):
         trained = {
@@ -57,12 +57,46 @@ def test_sum_of_vectors_decodes_to_groupwise_fedavg():
         updates.append(NodeUpdate(str(i), trained, counts))
         vectors.append(layout.encode(trained, current, counts, SETTINGS, f"node {i}"))
     sums = [np.sum(parts, axis=0) for parts in zip(*vectors, strict=True)]
-    state, counts = layout.decode(sums, current, SETTINGS.max_count)
+    decoded = layout.decode(sums, current, SETTINGS.max_count)
+    state, counts = decoded.state, decoded.counts
     expected = aggregate_groups(current, updates).state
     for key in current:
         np.testing.assert_allclose(state[key], expected[key], rtol=1e-5, atol=1e-6)
     assert np.array_equal(state["enc.depth.w"], current["enc.depth.w"])  # nobody held it
     assert counts["enc.audio"] == pytest.approx(380) and "enc.depth" not in counts
+    assert decoded.holders == {"enc.imu": 2, "enc.audio": 2, "fusion": 3, "head.activity": 2}
+    assert decoded.withheld == []
+
+
+def _vectors(current, holdings, release=None):
+    rng = np.random.default_rng(5)
+    layout = SumLayout.of(current)
+    out = []
+    for i, counts in enumerate(holdings):
+        trained = {k: v + 0.05 * rng.normal(size=v.shape) for k, v in current.items()}
+        out.append(layout.encode(trained, current, counts, SETTINGS, f"node {i}", release))
+    return [np.sum(parts, axis=0) for parts in zip(*out, strict=True)]
+
+
+def test_a_group_with_a_single_holder_is_not_released():
+    """Its "sum" would be that node's update: the census says so before anyone submits,
+    the node submits zeros for it, and decoding withholds it even if one slips through."""
+    current = _state(np.random.default_rng(2))
+    layout = SumLayout.of(current)
+    holdings = [{"enc.imu": 50, "fusion": 50}, {"enc.imu": 70, "enc.depth": 70, "fusion": 70}]
+    census = [np.sum([layout.census(c)[0] for c in holdings], axis=0)]
+    holders = layout.holders(census)
+    assert holders == {g: {"enc.imu": 2, "fusion": 2, "enc.depth": 1}.get(g, 0) for g in holders}
+    release = {g for g, h in holders.items() if h >= SETTINGS.min_holders}
+    sums = _vectors(current, holdings, release)
+    assert not np.any(sums[layout.keys.index("enc.depth.w")])  # zeros: never submitted
+    decoded = layout.decode(sums, current, SETTINGS.max_count, SETTINGS.min_holders)
+    assert np.array_equal(decoded.state["enc.depth.w"], current["enc.depth.w"])
+    assert not np.array_equal(decoded.state["enc.imu.w"], current["enc.imu.w"])
+    # without the census (a holder dropped in between): decoding still withholds it
+    decoded = layout.decode(_vectors(current, holdings), current, SETTINGS.max_count, 2)
+    assert decoded.withheld == ["enc.depth"] and "enc.depth" not in decoded.counts
+    assert np.array_equal(decoded.state["enc.depth.w"], current["enc.depth.w"])
 
 
 def test_a_value_the_protocol_would_clip_is_refused_with_its_key():
@@ -83,13 +117,17 @@ def test_a_value_the_protocol_would_clip_is_refused_with_its_key():
         ({"secagg": {"enabled": True, "clipping_range": 0}}, "clipping_range"),
         ({"secagg": {"enabled": True, "modulus_range": 3000}}, "power of two"),
         ({"secagg": {"enabled": True, "shares": 3}}, "unknown key"),
-        ({"dp": {"enabled": True}}, "not composed"),
+        ({"dp": {"enabled": True}}, "needs dp.mode=distributed"),
+        ({"dp": {"enabled": True, "mode": "distributed"}}, "clipping_range=2.0 is below"),
+        ({"secagg": {"enabled": True, "min_holders": 1}}, "min_holders must be an integer >= 2"),
+        ({"method": "mmbind", "binding": {"quantize": True}}, "noise_sigma > 0"),
+        ({"method": "mmbind", "binding": {"noise_sigma": 0.1}}, "quantize=true"),
     ],
 )
 def test_what_cannot_compose_with_secure_aggregation_is_refused(override, message):
     cfg = {"secagg": {"enabled": True}, "strategy": {"name": "fedavg", "aggregation": "mean"}}
     for block, values in override.items():
-        cfg[block] = {**cfg.get(block, {}), **values}
+        cfg[block] = values if isinstance(values, str) else {**cfg.get(block, {}), **values}
     with pytest.raises(ValueError, match=message):
         check_composable(cfg)
 
@@ -155,8 +193,12 @@ def test_secure_aggregate_equals_plaintext_and_server_sees_no_update(quick_cfg, 
         "secagg.enabled=true", "normalization=per_site", "rounds=1", "mlflow.enabled=false"
     )
     res_path = run_experiment(cfg, tmp_path / "run", [_plaintext_recorder(capture)], hook)
-    entries = [pickle.loads(p.read_bytes()) for p in capture.iterdir()]
+    recorded = [pickle.loads(p.read_bytes()) for p in capture.iterdir()]
+    census = [e for e in recorded if len(e["sent"]) == 1]  # holder flags, no model down
+    entries = [e for e in recorded if len(e["sent"]) > 1]
     assert sorted(e["partition"] for e in entries) == [0, 1, 2]
+    assert sorted(e["partition"] for e in census) == [0, 1, 2]
+    assert all(len(e["got"]) == 0 for e in census)
 
     # the plaintext reference: group-wise FedAvg of the updates the nodes computed
     model, _ = load_bundle(tmp_path / "run" / "bundle")
@@ -165,12 +207,15 @@ def test_secure_aggregate_equals_plaintext_and_server_sees_no_update(quick_cfg, 
     current = layout.arrays_in_order(entries[0]["got"], "round 1 model")
     settings = SecureSettings.from_config(cfg)
     updates = []
+    holders = dict(zip(layout.groups, np.sum([e["sent"][0] for e in census], axis=0), strict=True))
+    released = {g for g, h in holders.items() if h >= settings.min_holders}
     for e in entries:
-        share = dict(zip(layout.groups, e["sent"][-1], strict=True))
+        share = dict(zip(layout.groups, e["sent"][-2], strict=True))
         counts = {g: s * settings.max_count for g, s in share.items() if s > 0}
+        assert set(counts) <= released  # a single holder's group was never submitted
         trained = {  # the node's trained weights, recovered from its own plaintext vector
             key: current[key] + vec / share[group_of(key)]
-            for key, vec in zip(layout.keys, e["sent"][:-1], strict=True)
+            for key, vec in zip(layout.keys, e["sent"][:-2], strict=True)
             if group_of(key) in counts
         }
         updates.append(NodeUpdate(str(e["partition"]), trained, counts))
@@ -191,7 +236,7 @@ def test_secure_aggregate_equals_plaintext_and_server_sees_no_update(quick_cfg, 
     train_replies = [r for r in observed[0].replies if r.metadata.message_type == "train"]
     configs = [r.content.config_records.get(RECORD_KEY_CONFIGS, {}) for r in train_replies]
     masked = [c[Key.MASKED_PARAMETERS] for c in configs if Key.MASKED_PARAMETERS in c]
-    assert len(masked) == 3
+    assert len(masked) == 6  # the census and the round, from each of the 3 nodes
     for r in train_replies:
         assert not any(len(rec) for rec in r.content.array_records.values())
         for rec in [*r.content.metric_records.values(), *r.content.config_records.values()]:
@@ -200,6 +245,8 @@ def test_secure_aggregate_equals_plaintext_and_server_sees_no_update(quick_cfg, 
     plains = [np.concatenate([v.ravel() for v in e["sent"]]) for e in entries]
     for blob in masked:
         flat = np.concatenate([bytes_to_ndarray(b).ravel() for b in blob]).astype(np.float64)
+        if flat.size < 100:  # the census: a handful of masked flags
+            continue
         # uniform on [0, 2**32): mean about 2**31 and uncorrelated with every plain vector
         assert abs(flat.mean() / 2**32 - 0.5) < 0.02
         for plain in plains:  # flat[0] is the protocol's weight factor

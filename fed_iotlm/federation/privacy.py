@@ -69,7 +69,7 @@ from .aggregation import NodeUpdate
 from .groups import group_of
 from .records import like_record, record_to_numpy
 
-MODES = ("central", "local")
+MODES = ("central", "local", "distributed")  # distributed: under SecAgg+ (secure_dp.py)
 KEY_LOCAL_NOISE = "dp-local-noise-multiplier"  # train config: the node adds σC itself
 DP_METHODS = ("federated", "harmony")  # updates are the only thing nodes upload
 DP_STRATEGIES = ("fedavg", "fedprox")  # the released model is the noisy average itself
@@ -149,6 +149,13 @@ def check_dp_run(cfg: Mapping) -> DPConfig:
         raise ValueError(
             f"dp.enabled with strategy.aggregation={rule!r}: the noise is calibrated to a "
             "mean of clipped updates; use strategy.aggregation=mean"
+        )
+    secure = bool((cfg.get("secagg") or {}).get("enabled"))
+    if (dp.mode == "distributed") != secure:
+        raise ValueError(
+            f"dp.mode={dp.mode!r} with secagg.enabled={secure}: under SecAgg+ the server "
+            "never sees a sum before it is released, so the noise is added at the nodes "
+            "(dp.mode=distributed); without SecAgg+ use dp.mode=central or local"
         )
     if dp.noise_multiplier == 0:
         log(WARNING, "dp.noise_multiplier=0: updates are clipped but nothing is private")
@@ -326,11 +333,13 @@ class CentralPrivacy:
             **cfg,
             "mechanism": "sampled Gaussian (DP-FedAvg): joint L2 clipping of each node's "
             "update at the node, Gaussian noise "
-            + (
-                "sigma*C/h_g on each group's unweighted average at the server"
-                if self.config.mode == "central"
-                else "sigma*C on each node's clipped update at the node"
-            ),
+            + {
+                "central": "sigma*C/h_g on each group's unweighted average at the server",
+                "local": "sigma*C on each node's clipped update at the node",
+                "distributed": "N(0, (sigma*C)^2/h_g) from each of the h_g holders of a group "
+                "under SecAgg+, so the unmasked sum carries sigma*C and the unweighted "
+                "average sigma*C/h_g",
+            }[self.config.mode],
             "level": "node-level (user-level when a node is one user or site), zero-out adjacency",
             "accountant": "opacus RDPAccountant",
             "num_nodes": self.num_nodes,
@@ -344,7 +353,7 @@ class CentralPrivacy:
 def attach_privacy(strategy: object, cfg: Mapping, num_nodes: int) -> None:
     """Turn on ``cfg['dp']`` in a modality-aware strategy (no-op when DP is off)."""
     dp = check_dp_run(cfg)
-    if not dp.enabled:
+    if not dp.enabled or dp.mode == "distributed":  # secure rounds account for themselves
         return
     if not hasattr(strategy, "privacy"):
         raise TypeError(f"{type(strategy).__name__} has no DP support (dp.enabled)")

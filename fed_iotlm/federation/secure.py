@@ -8,9 +8,19 @@ where Δ_{i,g} = trained − current for the groups node i holds.  SecAgg+ (Flow
 ``SecAggPlusWorkflow`` and ``secaggplus_mod``) lets the server learn Σ_i v_i of integer
 vectors and nothing else, so each node submits a *Σ-ready vector* v_i: for every key of
 the model, (n_{i,g}/N_max) · Δ_{i,g} where it holds group g and zeros elsewhere, followed
-by one array of its per-group shares n_{i,g}/N_max.  Summed over nodes, the first part is
-the numerator, the last array the denominators — the server never sees which node holds
-which modality, how many samples it has, or its update.
+by one array of its per-group shares n_{i,g}/N_max and one of its holder flags (1 where
+it holds g).  Summed over nodes, the first part is the numerator, the shares the
+denominators, the flags the number of holders per group — the server never sees which
+node holds which modality, how many samples it has, or its update.
+
+A sum over a single holder is that holder's update.  So a group is released only when
+at least ``secagg.min_holders`` (default 2, never fewer) nodes hold it: before each
+round a *census* — its own SecAgg+ sum of the holder flags alone (:meth:`SumLayout.census`)
+— tells the server, and then every node, how many nodes hold each group; nodes submit
+zeros for the groups below the bar (``release``), and :meth:`SumLayout.decode` withholds
+any group whose summed flags still fall below it (a holder that dropped out between the
+census and the round).  What a census reveals is the count of holders per group: an
+aggregate of the federation, not of any node.
 
 Why deltas (not weights) and the share n/N_max (not n): SecAgg+ quantises every value in
 [−clipping_range, clipping_range] to ``quantization_range`` levels; deltas scaled by a
@@ -22,7 +32,7 @@ error naming the key instead.  The error of one aggregated coordinate is at most
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +60,7 @@ class SecureSettings:
     modulus_range: int = 2**32
     max_count: float = 10_000.0
     timeout_s: float = 600.0
+    min_holders: int = 2  # a group's sum is released only over at least this many nodes
 
     @classmethod
     def from_config(cls, cfg: dict) -> SecureSettings:
@@ -69,6 +80,11 @@ class SecureSettings:
             raise ValueError(
                 f"secagg: need 0 < quantization_range ({q}) < modulus_range ({m}) ≤ 2**32, "
                 "modulus_range a power of two"
+            )
+        if int(out.min_holders) < 2 or float(out.min_holders) != int(out.min_holders):
+            raise ValueError(
+                f"secagg.min_holders must be an integer >= 2, got {out.min_holders}: a sum "
+                "over a single holder is that holder's update"
             )
         if float(out.num_shares) <= 0 or float(out.reconstruction_threshold) <= 0:
             raise ValueError("secagg.num_shares and secagg.reconstruction_threshold must be > 0")
@@ -104,13 +120,29 @@ def check_composable(cfg: dict) -> SecureSettings:
             f"secagg.enabled=true composes with group-wise FedAvg/FedProx; "
             f"strategy={strategy.get('name')!r} (a server optimiser) is not composed with it"
         )
-    if (cfg.get("dp") or {}).get("enabled"):
-        raise ValueError(
-            "secagg.enabled=true with dp.enabled=true is not composed yet: DP's noise is "
-            "added by the plaintext strategy, which secure rounds bypass"
-        )
+    dp = cfg.get("dp") or {}
+    if dp.get("enabled"):
+        if dp.get("mode", "central") != "distributed":
+            raise ValueError(
+                "secagg.enabled=true with dp.enabled=true needs dp.mode=distributed: the "
+                "server only ever sees the released sum, so the nodes add the noise "
+                "(fed_iotlm/federation/secure_dp.py)"
+            )
+        from .privacy import dp_config
+        from .secure_dp import check_range
+
+        check_range(dp_config(cfg), settings)
     if float((cfg.get("attack") or {}).get("fraction", 0.0)) > 0:
         raise ValueError("secagg.enabled=true: attack studies need the plaintext path")
+    if cfg.get("method") == "mmbind":
+        binding = cfg.get("binding") or {}
+        if not binding.get("quantize") or float(binding.get("noise_sigma") or 0.0) <= 0:
+            raise ValueError(
+                "secagg.enabled=true with method=mmbind: binding uploads each node's "
+                "embeddings individually (no sum can hide them), so they must leave the node "
+                "noised and quantised: set binding.noise_sigma > 0 and binding.quantize=true "
+                "(docs/deploy.md says what the server then learns)"
+            )
     return settings
 
 
@@ -142,6 +174,17 @@ class SumLayout:
             out[key] = arr
         return out
 
+    def census(self, counts: Mapping[str, float]) -> list[np.ndarray]:
+        """A node's holder flags alone (1 for each group it holds): summed by SecAgg+,
+        the number of holders per group, before any update is submitted."""
+        return [np.array([1.0 if counts.get(g, 0.0) > 0 else 0.0 for g in self.groups])]
+
+    def holders(self, census_sum: Sequence[np.ndarray]) -> dict[str, int]:
+        """Holders per group from the sum of every node's :meth:`census`."""
+        if len(census_sum) != 1 or np.shape(census_sum[0]) != (len(self.groups),):
+            raise ValueError(f"census sum: expected one array of {len(self.groups)} flags")
+        return {g: int(round(float(v))) for g, v in zip(self.groups, census_sum[0], strict=True)}
+
     def encode(
         self,
         trained: Mapping[str, np.ndarray],
@@ -149,11 +192,15 @@ class SumLayout:
         counts: Mapping[str, float],
         settings: SecureSettings,
         node: str = "node",
+        release: Collection[str] | None = None,
     ) -> list[np.ndarray]:
-        """The Σ-ready vector of one node (``trained`` holds at least its groups)."""
+        """The Σ-ready vector of one node (``trained`` holds at least its groups); groups
+        outside ``release`` (the census found too few holders) are submitted as zeros."""
         max_count = float(settings.max_count)
         shares = np.zeros(len(self.groups), dtype=np.float64)
         for i, g in enumerate(self.groups):
+            if release is not None and g not in release:
+                continue
             n = float(counts.get(g, 0.0))
             if n > max_count:
                 raise SecureRangeError(
@@ -177,23 +224,46 @@ class SumLayout:
                 )
             vector.append(value)
         vector.append(shares)
+        vector.append((shares > 0).astype(np.float64))
         return vector
 
     def decode(
-        self, sums: Sequence[np.ndarray], current: Mapping[str, np.ndarray], max_count: float
-    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """The new state from the sum of every node's vector, and the summed count per
-        group (groups no node held keep their current value)."""
-        if len(sums) != len(self.keys) + 1:
-            raise ValueError(f"sum has {len(sums)} arrays, expected {len(self.keys) + 1}")
-        shares = np.asarray(sums[-1], dtype=np.float64)
+        self,
+        sums: Sequence[np.ndarray],
+        current: Mapping[str, np.ndarray],
+        max_count: float,
+        min_holders: int = 2,
+    ) -> Decoded:
+        """The new state from the sum of every node's vector: each group held by at least
+        ``min_holders`` nodes moves to its FedAvg; the others keep their current value
+        (a group nobody held, or one withheld for too few holders)."""
+        if len(sums) != len(self.keys) + 2:
+            raise ValueError(f"sum has {len(sums)} arrays, expected {len(self.keys) + 2}")
+        shares = np.asarray(sums[-2], dtype=np.float64)
+        flags = np.rint(np.asarray(sums[-1], dtype=np.float64)).astype(int)
+        holders = {g: int(h) for g, h in zip(self.groups, flags, strict=True) if h > 0}
+        withheld = sorted(g for g, h in holders.items() if h < min_holders)
         # a group nobody held sums to exactly 0; anything below half a sample is noise
         held = {
-            g: float(s) for g, s in zip(self.groups, shares, strict=True) if s * max_count > 0.5
+            g: float(s)
+            for g, s in zip(self.groups, shares, strict=True)
+            if s * max_count > 0.5 and g in holders and g not in withheld
         }
         state: dict[str, np.ndarray] = {}
-        for key, total in zip(self.keys, sums[:-1], strict=True):
+        for key, total in zip(self.keys, sums[:-2], strict=True):
             base = current[key]
             weight = held.get(group_of(key))
             state[key] = base if weight is None else (base + total / weight).astype(base.dtype)
-        return state, {g: w * max_count for g, w in held.items()}
+        counts = {g: w * max_count for g, w in held.items()}
+        return Decoded(state, counts, {g: h for g, h in holders.items()}, withheld)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded secure round: the new state, summed counts and holders of the released
+    groups, and the groups withheld for holding by fewer than ``min_holders`` nodes."""
+
+    state: dict[str, np.ndarray]
+    counts: dict[str, float]
+    holders: dict[str, int]
+    withheld: list[str]
