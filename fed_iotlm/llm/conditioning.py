@@ -102,6 +102,12 @@ class GatedSensorAdapter(nn.Module):
         mask = present[:, :, None].expand(b, m, k).reshape(b, m * k)
         self._context = (tokens.reshape(b, m * k, h), mask, task_ids)
 
+    def repeat_context(self, repeats: int) -> None:
+        """Each sample's context ``repeats`` times in a row (scoring several options
+        against one cached prompt)."""
+        if self._context is not None:
+            self._context = tuple(v.repeat_interleave(repeats, 0) for v in self._context)
+
     def clear_context(self) -> None:
         self._context = None
 

@@ -142,6 +142,47 @@ class SensorLM(nn.Module):
         return F.cross_entropy(logits.float(), target[sel])
 
     @torch.no_grad()
+    def option_scores(
+        self, batch: Batch, feats: SensorFeatures, options: list[list[int]], pad_id: int
+    ) -> torch.Tensor:
+        """Log-likelihood of each option's tokens after a left-padded prompt: [B, C].
+
+        The prompt runs once; its KV cache (and the adapter's sensor context) is repeated
+        per option and every option's tokens are scored in one further pass, so scoring C
+        options costs about one prompt plus C short continuations."""
+        if not options or any(not o for o in options):
+            raise ValueError("every option needs at least one token")
+        emb = self._inputs(batch, feats)
+        attn = batch.attn
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.decoder(inputs_embeds=emb, attention_mask=attn, position_ids=pos, use_cache=True)
+        b, c, width = attn.shape[0], len(options), max(len(o) for o in options)
+        dev = attn.device
+        opt = torch.tensor([o + [pad_id] * (width - len(o)) for o in options], device=dev)
+        valid = torch.tensor(
+            [[1.0] * len(o) + [0.0] * (width - len(o)) for o in options], device=dev
+        )
+        first = F.log_softmax(self.lm_head(out.last_hidden_state[:, -1]).float(), -1)
+        score = first[:, opt[:, 0]]  # [B, C]
+        if width > 1:
+            past = out.past_key_values
+            past.batch_repeat_interleave(c)
+            if self.adapter is not None:
+                self.adapter.repeat_context(c)
+            ids = opt[:, :-1].repeat(b, 1)  # row b·C + c is option c of prompt b
+            attn2 = torch.cat([attn.repeat_interleave(c, 0), torch.ones_like(ids)], 1)
+            pos2 = pos[:, -1:].repeat_interleave(c, 0) + torch.arange(1, width, device=dev)
+            hidden = self.decoder(
+                input_ids=ids, attention_mask=attn2, position_ids=pos2, past_key_values=past
+            ).last_hidden_state
+            logp = F.log_softmax(self.lm_head(hidden).float(), -1)
+            tok = logp.gather(-1, opt[:, 1:].repeat(b, 1)[..., None]).squeeze(-1)
+            score = score + (tok * valid[:, 1:].repeat(b, 1)).sum(-1).view(b, c)
+        if self.adapter is not None:
+            self.adapter.clear_context()
+        return score
+
+    @torch.no_grad()
     def generate(
         self,
         batch: Batch,

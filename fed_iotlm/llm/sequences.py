@@ -7,6 +7,8 @@ depends on the conditioning:
   position later overwritten by a projected soft token (slot = sample, modality, j);
 * ``adapter``: ``Sensors: imu and audio.`` (the readings enter through the adapter);
 * ``text``: a text-only description of the readings (the no-sensor-token baseline);
+* ``names``: the adapter's sensor list in words and no readings at all (the LoRA-tuned
+  text-only control: the same prompt the adapter sees, minus the sensors);
 * ``none``: no sensor block (the plain-text reference of the step benchmark).
 
 Labels are -100 everywhere except answer tokens and the end-of-turn marker after them,
@@ -24,7 +26,7 @@ import torch
 from .features import FUSED
 from .instructions import Example, describe_present
 
-CONDITIONINGS = ("prefix", "adapter", "text", "none")
+CONDITIONINGS = ("prefix", "adapter", "text", "names", "none")
 IGNORE = -100
 
 
@@ -102,7 +104,7 @@ class SequenceBuilder:
         real = list(ex.present)
         if self.conditioning == "none":
             return
-        if self.conditioning == "adapter":
+        if self.conditioning in ("adapter", "names"):
             self._text(enc, f"Sensors: {describe_present(real)}.\n")
             return
         if self.conditioning == "text":
@@ -141,6 +143,11 @@ class SequenceBuilder:
             self._example(enc, shot, answer_last=True)
         self._example(enc, ex, answer_last=not prompt_only)
         return enc
+
+    def answer_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as a supervised answer (tokenised together with the end
+        of turn, exactly as in training)."""
+        return list(self._ids(text + self.eos_text))
 
     def task_id(self, ex: Example) -> int:
         return self.tasks.index(ex.task) if ex.task in self.tasks else len(self.tasks)
