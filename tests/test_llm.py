@@ -183,7 +183,7 @@ def test_cli_tunes_evaluates_and_answers(tmp_path, capsys):
     )
     out = tmp_path / "run"
     args = [*data, f"llm.bundle={tmp_path / 'bundle'}", f"llm.model={TINY_MODEL}", "llm.steps=2",
-            "llm.train_samples=40", "llm.eval_samples=8", "mlflow.enabled=false", f"output_dir={out}"]  # fmt: skip
+            "llm.train_samples=40", "llm.eval_samples=8", "llm.val_samples=8", "mlflow.enabled=false", f"output_dir={out}"]  # fmt: skip
     assert main(["tune", *args]) == 0
     doc = json.loads((out / "results.json").read_text())
     for key in ("method", "dataset", "seed", "test", "history", "comm", "wall_s"):

@@ -72,6 +72,7 @@ class SensorLM(nn.Module):
                 task_type="CAUSAL_LM",
                 **layers,
             ),
+            autocast_adapter_dtype=True,  # LoRA factors in fp32 over a bf16/fp16 base
         )
         causal = self.peft.get_base_model()
         hidden = int(self.embed.weight.shape[1])

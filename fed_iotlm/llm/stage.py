@@ -32,7 +32,7 @@ from .evaluation import (
 )
 from .features import SensorFeatures
 from .instructions import task_examples
-from .loading import load_lm
+from .loading import load_lm, resolve_dtype
 from .recipe import StageData, stage_data, stage_questions
 from .sensor_lm import ConditioningSettings, LoraSettings, SensorLM
 from .sequences import SequenceBuilder
@@ -129,7 +129,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
         f"from {qs.rows['fit']} samples; {len(val_q)} validation and {len(test_q)} test "
         f"questions (held-out templates); LM {lc['model']}"
     )
-    base = load_lm(lc["model"])
+    base = load_lm(lc["model"], dtype=resolve_dtype(str(lc.get("dtype", "auto")), device))
     gen = {"batch_size": int(lc["eval_batch"]), "max_new_tokens": int(lc["max_new_tokens"])}
     reports: dict = {}
     history: list[dict] = []

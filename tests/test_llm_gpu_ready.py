@@ -1,0 +1,63 @@
+"""Issue 13 item 5 on CPU: a bf16 base with fp32 trainable parts, and a clear refusal of an
+attention layout the gated adapter cannot reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fed_iotlm.llm.conditioning import check_attention
+from fed_iotlm.llm.features import FUSED, SensorFeatures
+from fed_iotlm.llm.instructions import Example, Turn
+from fed_iotlm.llm.loading import TINY_MODEL, load_lm, resolve_dtype
+from fed_iotlm.llm.sensor_lm import ConditioningSettings, LoraSettings, SensorLM
+from fed_iotlm.llm.sequences import SequenceBuilder
+
+NAMES = ["imu", FUSED]
+
+
+@pytest.mark.parametrize("kind", ["prefix", "adapter"])
+def test_bf16_base_keeps_trainable_parts_fp32_and_trains(kind):
+    lm = load_lm(TINY_MODEL, dtype=resolve_dtype("bfloat16", torch.device("cpu")))
+    cond = ConditioningSettings(kind, 2, 2, names=NAMES, tasks=["state"], feature_dim=8)
+    model = SensorLM(lm, LoraSettings(r=4, alpha=8), cond)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert frozen == {torch.bfloat16}
+    assert trainable and all(p.dtype == torch.float32 for _, p in trainable), [
+        n for n, p in trainable if p.dtype != torch.float32
+    ]
+    builder = SequenceBuilder(lm.tokenizer, NAMES, ["state"], 2, kind)
+    exs = [
+        Example(i, ("imu",), (Turn("State?", "calm"),), "task", "state", 0, "t") for i in range(2)
+    ]
+    feats = SensorFeatures(
+        NAMES, {m: torch.randn(2, 8) for m in NAMES}, torch.ones(2, 2).bool(), {}
+    )
+    if model.adapter is not None:
+        with torch.no_grad():
+            model.adapter.gates.fill_(0.5)
+    loss = model(builder.collate([builder.encode(ex) for ex in exs]), feats)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable)
+
+
+def test_auto_dtype_and_bad_names():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="llm.dtype='fp8'"):
+        resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_adapter_refuses_a_fused_qkv_attention():
+    class FusedAttention(nn.Module):  # Phi-3 style: one projection for q, k and v
+        def __init__(self):
+            super().__init__()
+            self.qkv_proj, self.o_proj, self.head_dim = nn.Linear(8, 24), nn.Linear(8, 8), 4
+
+    with pytest.raises(ValueError, match=r"layer 3 \(FusedAttention\).*fused \['qkv_proj'\]"):
+        check_attention(FusedAttention(), "layer 3")
+    llama = load_lm(TINY_MODEL).model.model.layers[0].self_attn
+    check_attention(llama, "layer 0")  # the supported layout passes
