@@ -61,3 +61,32 @@ def test_adapter_refuses_a_fused_qkv_attention():
         check_attention(FusedAttention(), "layer 3")
     llama = load_lm(TINY_MODEL).model.model.layers[0].self_attn
     check_attention(llama, "layer 0")  # the supported layout passes
+
+
+def test_step_flops_match_torch_flop_counter_with_the_head_at_answers_only():
+    """The analytic count (benchmarks/llm_step.py's MFU numerator) against torch's own
+    counter on a forward + backward step; eager attention so its matmuls are counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fed_iotlm.llm.flops import train_step_flops
+
+    lm = load_lm(TINY_MODEL)
+    lm.model.set_attn_implementation("eager")
+    cond = ConditioningSettings("prefix", 2, 2, names=NAMES, tasks=["state"], feature_dim=8)
+    model = SensorLM(lm, LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj")), cond)
+    builder = SequenceBuilder(lm.tokenizer, NAMES, ["state"], 2, "prefix")
+    answers = ["calm", "It looks like busy.", "idle", "The state is away."]
+    exs = [
+        Example(i, ("imu",), (Turn("What is the state of this recording?", a),), "task", "state", 0, "t")
+        for i, a in enumerate(answers)
+    ]  # fmt: skip
+    feats = SensorFeatures(
+        NAMES, {m: torch.randn(4, 8) for m in NAMES}, torch.ones(4, 2).bool(), {}
+    )
+    batch = builder.collate([builder.encode(ex) for ex in exs])
+    with FlopCounterMode(display=False) as counter:
+        model(batch, feats).backward()
+    measured = counter.get_total_flops()
+    counted = train_step_flops(model, batch)
+    assert counted["answer_tokens"] < counted["tokens"] / 3  # most positions are prompt
+    assert abs(counted["total"] - measured) <= 0.01 * measured, (counted, measured)
