@@ -90,3 +90,64 @@ def test_step_flops_match_torch_flop_counter_with_the_head_at_answers_only():
     counted = train_step_flops(model, batch)
     assert counted["answer_tokens"] < counted["tokens"] / 3  # most positions are prompt
     assert abs(counted["total"] - measured) <= 0.01 * measured, (counted, measured)
+
+
+def test_turn_markers_come_from_the_tokenizers_chat_template():
+    import copy
+
+    from fed_iotlm.llm.loading import smollm2_tokenizer
+    from fed_iotlm.llm.sequences import chat_markers
+
+    tok = smollm2_tokenizer()
+    assert chat_markers(tok) == (
+        "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>", "\n"
+    )  # fmt: skip
+    other = copy.deepcopy(tok)
+    other.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}<|endoftext|>{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]: {% endif %}"
+    )
+    assert chat_markers(other) == ("[user]: ", "<|endoftext|>[assistant]: ", "<|endoftext|>", "")
+    other.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(ValueError, match="turn markers"):
+        chat_markers(other)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "adapter"])
+def test_generate_equals_a_plain_greedy_loop(kind):
+    """transformers' generate on spliced embeddings (left padding, KV cache) gives the
+    tokens a cache-free greedy loop over the same embeddings gives."""
+    lm = load_lm(TINY_MODEL)
+    cond = ConditioningSettings(kind, 2, 2, names=NAMES, tasks=["state"], feature_dim=8)
+    torch.manual_seed(0)
+    model = SensorLM(lm, LoraSettings(r=4, alpha=8), cond).eval()
+    if model.adapter is not None:
+        with torch.no_grad():
+            model.adapter.gates.fill_(0.8)
+    builder = SequenceBuilder(lm.tokenizer, NAMES, ["state"], 2, kind)
+    qs = ["State?", "What is the state of this long recording, please?"]
+    exs = [Example(i, ("imu",), (Turn(q, ""),), "task", "state", 0, "t") for i, q in enumerate(qs)]
+    feats = SensorFeatures(
+        NAMES, {m: torch.randn(2, 8) for m in NAMES}, torch.ones(2, 2).bool(), {}
+    )
+    got = model.generate(
+        builder.collate([builder.encode(ex, prompt_only=True) for ex in exs], left_pad=True),
+        feats,
+        eos_id=builder.eos_id,
+        max_new_tokens=5,
+    )
+    for i, ex in enumerate(exs):
+        one = builder.collate([builder.encode(ex, prompt_only=True)])
+        with torch.no_grad():
+            emb = model._inputs(one, feats)
+            want = []
+            for _ in range(5):
+                hidden = model.decoder(inputs_embeds=emb).last_hidden_state[:, -1]
+                nxt = int(model.lm_head(hidden).argmax(-1))
+                if nxt == builder.eos_id:
+                    break
+                want.append(nxt)
+                emb = torch.cat([emb, model.embed(torch.tensor([[nxt]]))], 1)
+            if model.adapter is not None:
+                model.adapter.clear_context()
+        assert got[i] == want, (kind, i)

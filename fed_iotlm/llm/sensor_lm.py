@@ -192,32 +192,25 @@ class SensorLM(nn.Module):
         max_new_tokens: int = 12,
         sensors: bool = True,
     ) -> list[list[int]]:
-        """Greedy decoding with a KV cache from a left-padded batch; new token ids per row."""
+        """Greedy decoding from a left-padded batch with transformers' ``generate`` on the
+        spliced input embeddings (the adapter's sensor context stays set for every
+        step); new token ids per row, cut at the end of turn."""
         emb = self._inputs(batch, feats, sensors)
-        attn = batch.attn
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.decoder(inputs_embeds=emb, attention_mask=attn, position_ids=pos, use_cache=True)
-        past, last = out.past_key_values, out.last_hidden_state[:, -1]
-        done = torch.zeros(attn.shape[0], dtype=torch.bool, device=attn.device)
-        steps: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            nxt = self.lm_head(last).argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            steps.append(nxt)
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
-            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], 1)
-            pos = pos[:, -1:] + 1
-            out = self.decoder(
-                input_ids=nxt[:, None],
-                attention_mask=attn,
-                position_ids=pos,
-                past_key_values=past,
+        causal = self.peft.get_base_model()
+        pad = causal.generation_config.pad_token_id
+        try:
+            out = causal.generate(
+                inputs_embeds=emb,
+                attention_mask=batch.attn,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=eos_id,
+                pad_token_id=eos_id if pad is None else pad,
                 use_cache=True,
             )
-            past, last = out.past_key_values, out.last_hidden_state[:, -1]
-        if self.adapter is not None:
-            self.adapter.clear_context()
-        ids = torch.stack(steps, 1).tolist()
+        finally:
+            if self.adapter is not None:
+                self.adapter.clear_context()
+        ids = out.tolist()
         return [row[: row.index(eos_id)] if eos_id in row else row for row in ids]
