@@ -151,3 +151,42 @@ def test_generate_equals_a_plain_greedy_loop(kind):
             if model.adapter is not None:
                 model.adapter.clear_context()
         assert got[i] == want, (kind, i)
+
+
+def test_conditionings_share_one_base_with_their_own_lora_adapters(tmp_path):
+    """No deep copy: the second conditioning adds a named adapter to the same PeftModel;
+    tuning one leaves the other's outputs alone; a named adapter's checkpoint loads
+    into a fresh model."""
+    from fed_iotlm.llm.tuning import TuneSettings, load_weights, tune
+
+    lm = load_lm(TINY_MODEL)
+    feats = SensorFeatures(
+        NAMES, {m: torch.randn(4, 8) for m in NAMES}, torch.ones(4, 2).bool(), {}
+    )
+    exs = [
+        Example(i, ("imu",), (Turn("State?", "calm"),), "task", "state", 0, "t") for i in range(4)
+    ]
+
+    def make(kind: str, base):
+        cond = ConditioningSettings(kind, 2, 2, names=NAMES, tasks=["state"], feature_dim=8)
+        torch.manual_seed(0)
+        model = SensorLM(base, LoraSettings(r=4, alpha=8), cond, adapter_name=kind)
+        return model, SequenceBuilder(lm.tokenizer, NAMES, ["state"], 2, kind)
+
+    prefix, pb = make("prefix", lm)
+    lm.model = prefix.peft
+    adapter, ab = make("adapter", lm)
+    assert adapter.peft is prefix.peft and set(prefix.peft.peft_config) == {"prefix", "adapter"}
+    batch = pb.collate([pb.encode(ex) for ex in exs])
+    with torch.no_grad():
+        before = prefix(batch, feats)
+    settings = TuneSettings(steps=3, batch_size=4, lr=1e-2, sensor_lr=1e-2, warmup=0)
+    tune(adapter, ab, exs, feats, settings, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(prefix(batch, feats), before)  # the other adapter is untouched
+        trained = adapter(ab.collate([ab.encode(ex) for ex in exs]), feats)
+    fresh_cond = ConditioningSettings("adapter", 2, 2, names=NAMES, tasks=["state"], feature_dim=8)
+    fresh = SensorLM(load_lm(TINY_MODEL), LoraSettings(r=4, alpha=8), fresh_cond)
+    load_weights(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(fresh(ab.collate([ab.encode(ex) for ex in exs]), feats), trained)

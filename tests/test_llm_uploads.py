@@ -23,7 +23,7 @@ from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.settings import compose
 
 PROBE = 16  # values per probe: a chance |r| > 0.999 over 16 values does not happen (p < 1e-17)
-DATA = ["data.num_train=80", "data.num_test=24", "partition.num_nodes=4"]
+DATA = ["data.num_train=48", "data.num_test=16", "partition.num_nodes=4"]
 
 
 def _windows(cfg: dict) -> list[np.ndarray]:
@@ -46,9 +46,9 @@ def _windows(cfg: dict) -> list[np.ndarray]:
 def _unit_runs(x: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
     """Contiguous runs of PROBE values (every ``step``), centred and scaled to unit norm;
     runs that are (nearly) constant carry no pattern and are dropped."""
-    x = np.asarray(x, np.float64).reshape(-1)
+    x = np.asarray(x, np.float32).reshape(-1)
     if len(x) < PROBE:
-        return np.zeros((0, PROBE)), np.zeros(0, np.int64)
+        return np.zeros((0, PROBE), np.float32), np.zeros(0, np.int64)
     runs = np.lib.stride_tricks.sliding_window_view(x, PROBE)[::step]
     runs = runs - runs.mean(1, keepdims=True)
     norm = np.linalg.norm(runs, axis=1)
@@ -56,11 +56,15 @@ def _unit_runs(x: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
     return runs[keep] / norm[keep, None], np.nonzero(keep)[0] * step
 
 
-def raw_leaks(records, windows: list[np.ndarray], threshold: float = 0.999) -> list[str]:
+def probes_of(windows: list[np.ndarray]) -> np.ndarray:
+    """Every window cut into non-overlapping runs of PROBE values, unit-normalised."""
+    return np.concatenate([_unit_runs(w, PROBE)[0] for w in windows])
+
+
+def raw_leaks(records, probes: np.ndarray, threshold: float = 0.999) -> list[str]:
     """Where a window's run reappears in an upload (empty: no leak).  Every array of
     every record is searched at every offset, flattened (so a window split across rows
-    is found too); windows are cut into non-overlapping probes."""
-    probes = np.concatenate([_unit_runs(w, PROBE)[0] for w in windows])
+    is found too)."""
     found = []
     for n, record in enumerate(records):
         for key in record:
@@ -77,7 +81,8 @@ def setup():
     cfg = compose([*DATA, "partition.label_fraction=0.5", "llm.bundle=in-memory"])
     torch.manual_seed(0)
     encoder = MultisensoryModel(model_spec(cfg))
-    return cfg, encoder, _windows(cfg)
+    windows = _windows(cfg)
+    return cfg, encoder, windows, probes_of(windows)
 
 
 def _with_value(records, n: int, key: str, values: np.ndarray, at: int):
@@ -94,13 +99,13 @@ def _with_value(records, n: int, key: str, values: np.ndarray, at: int):
 
 @pytest.mark.parametrize("quantize", [False, True])
 def test_default_uploads_carry_no_raw_window_and_the_check_catches_one(setup, quantize):
-    cfg, encoder, windows = setup
+    cfg, encoder, windows, probes = setup
     cfg = {**cfg, "llm": {**cfg["llm"], "upload": {"noise_sigma": 0.0, "quantize": quantize}}}
     assert cfg["llm"]["data"] == "nodes"  # the default
     data = stage_data(cfg, encoder)
     assert data.source["raw_samples_at_centre"] == 0
     assert len(data.uploads) == 2 * build_layout(cfg).num_nodes  # train and test per node
-    assert raw_leaks(data.uploads, windows) == []
+    assert raw_leaks(data.uploads, probes) == []
     # a raw window injected into an upload (scaled and shifted, or int8 like the tokens)
     key = next(k for k in data.uploads[1] if k.startswith(TOKEN))
     window = windows[len(windows) // 2]
@@ -110,11 +115,11 @@ def test_default_uploads_carry_no_raw_window_and_the_check_catches_one(setup, qu
     else:
         injected = 3.5 * injected - 2.0
     leaked = _with_value(data.uploads, 1, key, injected, at=70)  # crosses a row boundary
-    assert raw_leaks(leaked, windows), "the check missed an injected raw window"
+    assert raw_leaks(leaked[1:2], probes), "the check missed an injected raw window"
 
 
 def test_centre_rows_are_the_nodes_rows_with_the_labels_they_hold(setup):
-    cfg, encoder, _ = setup
+    cfg, encoder, _, _ = setup
     layout = build_layout(cfg)
     data = stage_data(cfg, encoder)
     node_train = [layout.node_data(n)[0] for n in range(layout.num_nodes)]
@@ -140,7 +145,7 @@ def test_pooled_raw_and_central_are_named_alternatives(setup, tmp_path):
     from fed_iotlm.data.exchange import save_dataset
     from fed_iotlm.data.synthetic import SyntheticConfig, make_synthetic
 
-    cfg, encoder, _ = setup
+    cfg, encoder, _, _ = setup
     pooled = stage_data({**cfg, "llm": {**cfg["llm"], "data": "pooled_raw"}}, encoder)
     assert pooled.source["data"] == "pooled_raw" and pooled.source["raw_samples_at_centre"] > 0
     with pytest.raises(ValueError, match="llm.central_data"):

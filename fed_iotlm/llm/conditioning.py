@@ -7,7 +7,7 @@ R^D → R^{k×H}.  A modality absent from a sample contributes nothing.
 (a) :class:`GatedSensorAdapter`, IoT-LM's multisensory multitask adapter (LLaMA-Adapter V2
     style).  In each of the top L layers l, the attention output for hidden states h gets
 
-        o_l(h) = Attn_l(h) + tanh(g_l) · W_o softmax(q(h) K_lᵀ / √d) V_l,
+        o_l(h) = Attn_l(h) + tanh(g_l) · W_o softmax(q(h) K_lᵀ · s) V_l,   s = attn.scaling
         K_l = W_k [Q_{l,τ}; P_m(e_m) for present m],   V_l = W_v [same],
 
     where Q_{l,τ} ∈ R^{n_q×H} are learned adapter queries of task τ (a "general" slot for

@@ -43,13 +43,22 @@ class ConditioningSettings:
 
 
 class SensorLM(nn.Module):
-    def __init__(self, lm: LoadedLM, lora: LoraSettings, cond: ConditioningSettings):
+    """LM + LoRA + one conditioning.  Several SensorLMs can share one base model: the
+    first wraps it in peft, each further one adds its own named LoRA adapter to the same
+    PeftModel (``adapter_name``) instead of deep-copying the weights; every entry point
+    activates its own adapter first."""
+
+    def __init__(
+        self,
+        lm: LoadedLM,
+        lora: LoraSettings,
+        cond: ConditioningSettings,
+        adapter_name: str = "default",
+    ):
         super().__init__()
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
 
         self.cond = cond
-        for p in lm.model.parameters():
-            p.requires_grad_(False)
         n_layers = int(lm.model.config.num_hidden_layers)
         top = lora.top_layers
         if top == "auto":
@@ -62,18 +71,26 @@ class SensorLM(nn.Module):
                 "layers_pattern": "layers",
             }
         )
-        self.peft = get_peft_model(
-            lm.model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-                task_type="CAUSAL_LM",
-                **layers,
-            ),
-            autocast_adapter_dtype=True,  # LoRA factors in fp32 over a bf16/fp16 base
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+            **layers,
         )
+        self.adapter_name = adapter_name
+        if isinstance(lm.model, PeftModel):  # the base is shared with another conditioning
+            self.peft = lm.model
+            self.peft.add_adapter(adapter_name, config, autocast_adapter_dtype=True)
+        else:
+            for p in lm.model.parameters():
+                p.requires_grad_(False)
+            # LoRA factors in fp32 over a bf16/fp16 base
+            self.peft = get_peft_model(
+                lm.model, config, adapter_name=adapter_name, autocast_adapter_dtype=True
+            )
+        self.activate()
         causal = self.peft.get_base_model()
         hidden = int(self.embed.weight.shape[1])
         emb_rms = float(self.embed.weight.detach().float().pow(2).mean().sqrt())
@@ -111,9 +128,15 @@ class SensorLM(nn.Module):
         if part is not None:
             part.load_state_dict(state)
 
+    def activate(self) -> None:
+        """Make this model's LoRA adapter the active one (trainable, the others frozen)."""
+        if self.peft.active_adapter != self.adapter_name:
+            self.peft.set_adapter(self.adapter_name)
+
     def _inputs(self, batch: Batch, feats: SensorFeatures, sensors: bool = True) -> torch.Tensor:
         """Word embeddings with sensor slots overwritten (prefix) / adapter context set;
         ``sensors=False`` is the plain LM on text (the text-only baseline)."""
+        self.activate()
         emb = self.embed(batch.ids)
         if self.adapter is not None:
             self.adapter.clear_context()

@@ -78,15 +78,8 @@ def chat_markers(tokenizer) -> tuple[str, str, str, str]:
     tail = text[text.index(a2) + len(a2) :]
     eos = tail.strip()
     between = text[text.index(a1) + len(a1) : text.index(u2)]
-    if (
-        not eos
-        or not between.startswith(tail)
-        or tokenizer.convert_tokens_to_ids(eos)
-        in (
-            None,
-            tokenizer.unk_token_id,
-        )
-    ):
+    one_token = bool(eos) and len(tokenizer(eos, add_special_tokens=False)["input_ids"]) == 1
+    if not one_token or not between.startswith(tail):
         raise ValueError(
             f"{type(tokenizer).__name__}: cannot read the turn markers from its chat template "
             f"(an assistant turn ends with {tail!r}, expected one special token)"

@@ -9,11 +9,9 @@ Called by ``fed-iotlm tune`` and by the main pipeline after the federation.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +73,8 @@ def _init_distributed(device: torch.device) -> None:
 
 
 def build_model(base, lc: dict, kind: str, feats: SensorFeatures, tasks: list[str], seed: int):
-    """A SensorLM of conditioning ``kind`` on a copy of ``base``, and its sequence builder."""
+    """A SensorLM of conditioning ``kind`` and its sequence builder.  Every conditioning
+    shares ``base``'s weights (one more named LoRA adapter each; no deep copy)."""
     torch.manual_seed(seed)
     cond = ConditioningSettings(
         kind=kind,
@@ -86,7 +85,8 @@ def build_model(base, lc: dict, kind: str, feats: SensorFeatures, tasks: list[st
         tasks=tasks,
         feature_dim=feats.dim,
     )
-    model = SensorLM(replace(base, model=copy.deepcopy(base.model)), lora_settings(lc), cond)
+    model = SensorLM(base, lora_settings(lc), cond, adapter_name=kind)
+    base.model = model.peft  # the next conditioning adds its adapter to the same PeftModel
     builder = SequenceBuilder(base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind)
     return model, builder
 
