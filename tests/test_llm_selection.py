@@ -121,3 +121,17 @@ def test_majority_uses_training_labels_only():
     train = Split(x={}, mask={}, y={"state": np.array([2, 2, 1, -1, -1, -1, 0])})
     exs = [Example(i, ("imu",), (), "task", "state", lab, "t") for i, lab in enumerate([2, 0])]
     assert majority_accuracy(train, [0, 1, 2, 3, 4, 5, 6], exs)["accuracy"] == 0.5
+
+
+def test_choice_follows_validation_even_when_test_disagrees():
+    from fed_iotlm.llm.stage import choose_on_validation
+
+    val = {
+        "prefix": {"generation": {"accuracy": 0.6}, "loglik": {"accuracy": 0.7}},
+        "adapter": {"generation": {"accuracy": 0.9}, "loglik": {"accuracy": 0.4}},
+    }
+    assert choose_on_validation(val) == ("adapter", "generation")
+    tie = {"prefix": {"loglik": {"accuracy": 0.5}}, "adapter": {"loglik": {"accuracy": 0.5}}}
+    assert choose_on_validation(tie) == ("prefix", "loglik")
+    with pytest.raises(ValueError, match="llm.conditioning"):
+        choose_on_validation({})

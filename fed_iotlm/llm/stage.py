@@ -133,7 +133,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     gen = {"batch_size": int(lc["eval_batch"]), "max_new_tokens": int(lc["max_new_tokens"])}
     reports: dict = {}
     history: list[dict] = []
-    best: tuple | None = None  # (val accuracy, kind, scoring, model, builder)
+    models: dict = {}  # kind -> (model, builder); they share the base, so keeping them is cheap
     kinds = [*lc["conditioning"], *(["names"] if "text_lora" in controls else [])]
     for kind in kinds:
         model, builder = build_model(base, lc, kind, feats, tasks, seed)
@@ -165,17 +165,13 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
         reports[kind] = report
         figures = {s: round(report["val"][s]["accuracy"], 3) for s in scorings}
         console.print(f"  {kind}: validation accuracy {figures} (tuned {tune_s:.0f}s)")
-        if kind == "names":
-            continue
-        for s in scorings:  # the choice sees validation figures only
-            if best is None or report["val"][s]["accuracy"] > best[0]:
-                best = (report["val"][s]["accuracy"], kind, s, model, builder)
+        models[kind] = (model, builder)
     path = out_dir / "results.json"
     if rank != 0:
         return path
-    if best is None:
-        raise ValueError("llm.conditioning: give at least one of prefix, adapter")
-    _, kind, method, model, builder = best
+    val_figures = {k: reports[k]["val"] for k in lc["conditioning"]}
+    kind, method = choose_on_validation(val_figures)
+    model, builder = models[kind]
     chosen = reports[kind]
     results: dict = {
         "conditioning": reports,
@@ -218,6 +214,16 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     _log_mlflow(cfg, doc, path)
     _print_summary(doc)
     return path
+
+
+def choose_on_validation(val: dict[str, dict[str, dict]]) -> tuple[str, str]:
+    """(conditioning, scoring) with the best validation accuracy; ties go to the first
+    listed.  It is given validation figures only, so no test figure can steer it."""
+    candidates = [(k, s, r["accuracy"]) for k, by in val.items() for s, r in by.items()]
+    if not candidates:
+        raise ValueError("llm.conditioning: give at least one of prefix, adapter")
+    best = max(range(len(candidates)), key=lambda i: (candidates[i][2], -i))
+    return candidates[best][0], candidates[best][1]
 
 
 def _mean_upload(source: dict) -> int:
