@@ -22,6 +22,8 @@ R^D → R^{k×H}.  A modality absent from a sample contributes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,8 +82,11 @@ class GatedSensorAdapter(nn.Module):
         self._context: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._handles: list = []
 
-    def install(self, causal_lm: nn.Module) -> None:
-        """Hook the attention of the top ``num_layers`` decoder layers."""
+    def install(self, causal_lm: nn.Module, active: Callable[[], bool] = lambda: True) -> None:
+        """Hook the attention of the top ``num_layers`` decoder layers.  ``active`` says
+        whether the owner's LoRA adapter is the one in use: on a base shared by several
+        conditionings, another model's pass must not pick up this adapter's context."""
+        self._active = active
         layers = _decoder_layers(causal_lm)
         if self.num_layers > len(layers):
             raise ValueError(f"adapter wants {self.num_layers} layers; the LM has {len(layers)}")
@@ -112,7 +117,7 @@ class GatedSensorAdapter(nn.Module):
 
     def _hook(self, li: int):
         def hook(attn, args, kwargs, output):
-            if self._context is None:  # no sensors this pass (text-only prompting)
+            if self._context is None or not self._active():  # no sensors / not our pass
                 return output
             sensor, mask, task_ids = self._context
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

@@ -233,8 +233,11 @@ def build_instructions(
     per_sample: int = 1,
     seed: int = 0,
     indices: Sequence[int] | None = None,
+    presence_turns: bool = True,
 ) -> list[Example]:
     """``per_sample`` seeded draws per sample: a kind uniformly, then a task among those labelled.
+    ``presence_turns=False``: dialogs open with their task question instead of a sensor
+    question (whose answer the prompt itself gives away).
 
     Samples without any present modality, or with nothing answerable for ``kinds``, give
     no example; if that leaves no example at all, ValueError says why.
@@ -251,9 +254,7 @@ def build_instructions(
         for _ in range(per_sample if usable else 0):
             _, kind = _pick(rng, usable)
             out.append(
-                _example(
-                    rng, meta, split, i, present, kind, labelled, templates, "presence" in kinds
-                )
+                _example(rng, meta, split, i, present, kind, labelled, templates, presence_turns)
             )
     if not out:
         raise ValueError(

@@ -195,7 +195,7 @@ def stage_questions(data: StageData, lc: dict, seed: int, tasks: list[str]) -> S
     kinds = tuple(lc.get("kinds") or DEFAULT_KINDS)
     train = build_instructions(
         data.meta, data.train, templates="train", tasks=tasks, kinds=kinds,
-        per_sample=int(lc["per_sample"]), seed=seed, indices=fit,
+        per_sample=int(lc["per_sample"]), seed=seed, indices=fit, presence_turns="presence" in kinds,
     )  # fmt: skip
     if lc.get("instructions_jsonl"):
         train += load_jsonl(Path(lc["instructions_jsonl"]), len(data.train))

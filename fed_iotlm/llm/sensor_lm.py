@@ -102,7 +102,8 @@ class SensorLM(nn.Module):
         elif cond.kind == "adapter":
             layers = min(cond.adapter_layers, causal.config.num_hidden_layers)
             self.adapter = GatedSensorAdapter(*args, len(cond.tasks), layers, cond.queries_per_task)
-            self.adapter.install(causal)
+            name = adapter_name
+            self.adapter.install(causal, active=lambda: self.peft.active_adapter == name)
 
     # LM parts as properties, not attributes: assigning them would register the same
     # modules twice (duplicate state-dict keys, confused DDP)
