@@ -6,8 +6,10 @@
   tokens and with the gated adapter, each as a ratio to the same LoRA step on the same
   question/answer text with no sensor block — run side by side, interleaved, so load on
   the machine hits both alike;
-* ``gpu``: when CUDA is present, tokens/s and model FLOP utilisation of a ~1B-parameter
-  random-init Llama with LoRA + prefix sensor tokens in bf16; otherwise null and why.
+* ``gpu``: when CUDA is present, tokens/s, model FLOP utilisation and peak memory of a
+  ~1B-parameter random-init Llama with LoRA + prefix sensor tokens in bf16; otherwise null
+  and why.  FLOPs are counted from the model (``fed_iotlm/llm/flops.py``: no weight
+  gradients for the frozen base, the LM head at answer positions only).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from benchmarks.machine import loadavg, machine_info
 from fed_iotlm.llm.features import FUSED, SensorFeatures
+from fed_iotlm.llm.flops import train_step_flops
 from fed_iotlm.llm.instructions import Example, Turn
 from fed_iotlm.llm.loading import load_lm
 from fed_iotlm.llm.sensor_lm import ConditioningSettings, LoraSettings, SensorLM
@@ -85,6 +88,7 @@ def cpu_figures(model_name: str, batch: int, repeats: int) -> dict:
         "step_s": {k: round(v, 4) for k, v in med.items()},
         "ratio_prefix_vs_text": round(med["prefix"] / med["none"], 3),
         "ratio_adapter_vs_text": round(med["adapter"] / med["none"], 3),
+        "flops_per_step": {k: train_step_flops(r[0], r[1])["total"] for k, r in runs.items()},
         "threads": torch.get_num_threads(),
     }
 
@@ -130,8 +134,9 @@ def gpu_figures(batch: int = 8, seq: int = 512, repeats: int = 10) -> dict | str
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / repeats
     tokens = int(data.attn.sum())
-    # frozen base: forward 2N + input-gradient backward 2N FLOPs per token (no weight grads)
-    flops = 4 * n_params * tokens
+    # counted from the model: frozen base forward + input gradients, LoRA with weight
+    # gradients, attention at the padded length, the LM head at answer positions only
+    flops = train_step_flops(model, data)
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     return {
@@ -139,8 +144,10 @@ def gpu_figures(batch: int = 8, seq: int = 512, repeats: int = 10) -> dict | str
         "params": n_params,
         "tokens_per_s": round(tokens / dt, 1),
         "step_s": round(dt, 4),
-        "mfu": round(flops / dt / (peak * 1e12), 4) if peak else None,
+        "mfu": round(flops["total"] / dt / (peak * 1e12), 4) if peak else None,
         "peak_bf16_tflops": peak,
+        "flops_per_step": flops,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
     }
 
 

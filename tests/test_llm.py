@@ -193,13 +193,18 @@ def test_cli_tunes_evaluates_and_answers(tmp_path, capsys):
     )
     out = tmp_path / "run"
     args = [*data, f"llm.bundle={tmp_path / 'bundle'}", f"llm.model={TINY_MODEL}", "llm.steps=2",
-            "llm.train_samples=40", "llm.eval_samples=8", "mlflow.enabled=false", f"output_dir={out}"]  # fmt: skip
+            "llm.train_samples=40", "llm.eval_samples=8", "llm.val_samples=8", "mlflow.enabled=false", f"output_dir={out}"]  # fmt: skip
     assert main(["tune", *args]) == 0
     doc = json.loads((out / "results.json").read_text())
     for key in ("method", "dataset", "seed", "test", "history", "comm", "wall_s"):
         assert key in doc
-    assert set(doc["llm"]["conditioning"]) == {"prefix", "adapter"}
-    assert {"text_only", "head"} <= set(doc["llm"])
+    assert set(doc["llm"]["conditioning"]) == {"prefix", "adapter", "names"}
+    assert {"controls", "head"} <= set(doc["llm"])
+    assert set(doc["llm"]["controls"]) == {
+        "text_lora", "shuffled_sensors", "majority", "head", "train_templates"
+    }  # fmt: skip
+    assert doc["data"]["data"] == "nodes" and doc["data"]["raw_samples_at_centre"] == 0
+    assert doc["selection"]["chosen_on"] == "val" and {"val", "test"} <= set(doc)
     assert set(doc["test"]["by_task"]) == {"activity", "location"}
     raw = make_synthetic(SyntheticConfig(num_train=200, num_test=60, seed=0))
     save_dataset(raw, tmp_path / "data")

@@ -221,3 +221,14 @@ def test_synthetic_dataset_smoke() -> None:
     for e in exs:
         if e.kind == "task":
             assert answer_to_class(e.turns[-1].answer, ds.meta.tasks[e.task]) == e.label
+
+
+def test_dialogs_without_presence_turns_open_with_their_task() -> None:
+    meta, split = toy_meta(), toy_split()
+    dialogs = build_instructions(
+        meta, split, kinds=("task", "dialog"), per_sample=3, presence_turns=False
+    )
+    assert {d.kind for d in dialogs} == {"task", "dialog"}
+    for d in dialogs:
+        assert all(t.answer != describe_present(d.present) for t in d.turns)
+        assert answer_to_class(d.turns[0].answer, meta.tasks[d.task]) == split.y[d.task][d.index]

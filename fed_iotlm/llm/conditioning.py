@@ -7,7 +7,7 @@ R^D → R^{k×H}.  A modality absent from a sample contributes nothing.
 (a) :class:`GatedSensorAdapter`, IoT-LM's multisensory multitask adapter (LLaMA-Adapter V2
     style).  In each of the top L layers l, the attention output for hidden states h gets
 
-        o_l(h) = Attn_l(h) + tanh(g_l) · W_o softmax(q(h) K_lᵀ / √d) V_l,
+        o_l(h) = Attn_l(h) + tanh(g_l) · W_o softmax(q(h) K_lᵀ · s) V_l,   s = attn.scaling
         K_l = W_k [Q_{l,τ}; P_m(e_m) for present m],   V_l = W_v [same],
 
     where Q_{l,τ} ∈ R^{n_q×H} are learned adapter queries of task τ (a "general" slot for
@@ -22,7 +22,7 @@ R^D → R^{k×H}.  A modality absent from a sample contributes nothing.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +82,16 @@ class GatedSensorAdapter(nn.Module):
         self._context: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._handles: list = []
 
-    def install(self, causal_lm: nn.Module) -> None:
-        """Hook the attention of the top ``num_layers`` decoder layers."""
+    def install(self, causal_lm: nn.Module, active: Callable[[], bool] = lambda: True) -> None:
+        """Hook the attention of the top ``num_layers`` decoder layers.  ``active`` says
+        whether the owner's LoRA adapter is the one in use: on a base shared by several
+        conditionings, another model's pass must not pick up this adapter's context."""
+        self._active = active
         layers = _decoder_layers(causal_lm)
         if self.num_layers > len(layers):
             raise ValueError(f"adapter wants {self.num_layers} layers; the LM has {len(layers)}")
         for li, layer in enumerate(layers[-self.num_layers :]):
+            check_attention(layer.self_attn, f"decoder layer {len(layers) - self.num_layers + li}")
             self._handles.append(
                 layer.self_attn.register_forward_hook(self._hook(li), with_kwargs=True)
             )
@@ -102,12 +106,18 @@ class GatedSensorAdapter(nn.Module):
         mask = present[:, :, None].expand(b, m, k).reshape(b, m * k)
         self._context = (tokens.reshape(b, m * k, h), mask, task_ids)
 
+    def repeat_context(self, repeats: int) -> None:
+        """Each sample's context ``repeats`` times in a row (scoring several options
+        against one cached prompt)."""
+        if self._context is not None:
+            self._context = tuple(v.repeat_interleave(repeats, 0) for v in self._context)
+
     def clear_context(self) -> None:
         self._context = None
 
     def _hook(self, li: int):
         def hook(attn, args, kwargs, output):
-            if self._context is None:  # no sensors this pass (text-only prompting)
+            if self._context is None or not self._active():  # no sensors / not our pass
                 return output
             sensor, mask, task_ids = self._context
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -122,27 +132,48 @@ class GatedSensorAdapter(nn.Module):
         return hook
 
 
+REQUIRED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def check_attention(attn: nn.Module, where: str) -> None:
+    """Refuse, up front, an attention layout the adapter cannot reuse: it needs separate
+    q/k/v/o projections and a head size (Llama, Mistral, Qwen2/3, SmolLM families); a
+    fused qkv projection (Phi-3, GPT-NeoX, Falcon) would be silently mis-sliced."""
+    missing = [name for name in REQUIRED_PROJECTIONS if not hasattr(attn, name)]
+    if missing or not hasattr(attn, "head_dim"):
+        fused = [n for n, _ in attn.named_children() if "qkv" in n]
+        raise ValueError(
+            f"{where} ({type(attn).__name__}): the gated adapter needs separate q/k/v/o "
+            f"projections and head_dim; missing {missing or ['head_dim']}"
+            + (f", found fused {fused}" if fused else "")
+            + "; use llm.conditioning=[prefix] for this model"
+        )
+
+
 def _gated_attention(attn, hidden, cos, sin, kv_in, kv_mask) -> torch.Tensor:
     """Attention of ``hidden``'s (rotary) queries over un-rotated adapter keys/values,
-    through the layer's own projections (grouped-query heads repeated)."""
+    through the layer's own projections, q/k norms (Qwen3-style, if the layer has them),
+    scaling (``attn.scaling``) and grouped-query layout, with transformers' own
+    ``apply_rotary_pos_emb`` and ``repeat_kv``."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
     b, t, _ = hidden.shape
     hd = attn.head_dim
-    q = attn.q_proj(hidden).view(b, t, -1, hd).transpose(1, 2)
-    q = q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
+    q = attn.q_proj(hidden).view(b, t, -1, hd)
     s = kv_in.shape[1]
-    k = attn.k_proj(kv_in).view(b, s, -1, hd).transpose(1, 2)
+    k = attn.k_proj(kv_in).view(b, s, -1, hd)
     v = attn.v_proj(kv_in).view(b, s, -1, hd).transpose(1, 2)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    q, _ = apply_rotary_pos_emb(q, q, cos, sin)  # keys stay un-rotated (LLaMA-Adapter)
     rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=kv_mask[:, None, None, :], scale=1.0 / math.sqrt(hd)
-    )
+    k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+    scale = float(getattr(attn, "scaling", hd**-0.5))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_mask[:, None, None, :], scale=scale)
     return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def _decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:

@@ -162,8 +162,11 @@ def _example(
     kind: str,
     labelled: list[str],
     templates: str,
+    presence: bool = True,
 ) -> Example:
-    """One example of ``kind`` for row ``i``; ``labelled`` are the tasks answerable for it."""
+    """One example of ``kind`` for row ``i``; ``labelled`` are the tasks answerable for it.
+    Without ``presence`` a dialog opens with its task question (a sensor-availability
+    turn is answered by the prompt itself, so it teaches nothing about the readings)."""
     if kind == "presence":
         j, turn = _presence_turn(rng, templates, present)
         return Example(i, present, (turn,), kind, None, None, f"presence:{templates}:{j}")
@@ -172,8 +175,11 @@ def _example(
     q, turn = _task_turn(rng, TASK_QUESTIONS[templates], meta.tasks[task], label, present)
     if kind == "task":
         return Example(i, present, (turn,), kind, task, label, f"{task}:{templates}:{q}")
-    p, first = _presence_turn(rng, templates, present)
-    turns, ids = [first, turn], f"{p}.{q}"
+    if presence:
+        p, first = _presence_turn(rng, templates, present)
+        turns, ids = [first, turn], f"{p}.{q}"
+    else:
+        turns, ids = [turn], f"{q}"
     others = [t for t in labelled if t != task]
     if others:  # a follow-up about another task the sample is labelled for
         _, other = _pick(rng, others)
@@ -227,8 +233,11 @@ def build_instructions(
     per_sample: int = 1,
     seed: int = 0,
     indices: Sequence[int] | None = None,
+    presence_turns: bool = True,
 ) -> list[Example]:
     """``per_sample`` seeded draws per sample: a kind uniformly, then a task among those labelled.
+    ``presence_turns=False``: dialogs open with their task question instead of a sensor
+    question (whose answer the prompt itself gives away).
 
     Samples without any present modality, or with nothing answerable for ``kinds``, give
     no example; if that leaves no example at all, ValueError says why.
@@ -244,7 +253,9 @@ def build_instructions(
         usable = [k for k in kinds if k == "presence" or labelled]
         for _ in range(per_sample if usable else 0):
             _, kind = _pick(rng, usable)
-            out.append(_example(rng, meta, split, i, present, kind, labelled, templates))
+            out.append(
+                _example(rng, meta, split, i, present, kind, labelled, templates, presence_turns)
+            )
     if not out:
         raise ValueError(
             f"no instruction examples from {len(rows)} samples: {no_sensor} have no present "

@@ -62,7 +62,7 @@ def load_lm(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source == TINY_MODEL:
-        return LoadedLM(tiny_random_llama(), smollm2_tokenizer(), TINY_MODEL)
+        return LoadedLM(tiny_random_llama().to(dtype), smollm2_tokenizer(), TINY_MODEL)
     if source == DEFAULT_MODEL:
         path = smollm2_gguf()
     else:
@@ -89,6 +89,20 @@ def load_lm(source: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) -> 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedLM(model, tokenizer, source)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``llm.dtype`` of the frozen base weights; ``auto``: bf16 on CUDA, fp32 elsewhere.
+    Trainable parts (LoRA: peft's ``autocast_adapter_dtype``; projector, adapter queries
+    and gates) stay fp32 whatever the base is."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"llm.dtype={name!r}: choose auto or one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 @lru_cache(maxsize=1)

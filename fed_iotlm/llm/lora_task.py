@@ -151,47 +151,23 @@ def _toy_data(task: LoraTask) -> TaskData:
 
 
 def _bundle_data(task: LoraTask) -> TaskData:
-    """The central stage's recipe: frozen bundle features, train/held-out templates."""
-    from fed_iotlm.data.federation import build_layout
-    from fed_iotlm.data.preprocess import standardize_own
+    """The central stage's recipe (recipe.py, the same function stage.py calls): rows from
+    ``llm.data`` (by default tokens uploaded by the nodes), training instructions from the
+    fit rows, the held-out-template test questions."""
     from fed_iotlm.federation.bundle import load_bundle
 
     from .evaluation import head_accuracy
-    from .features import sensor_features
-    from .instructions import build_instructions, task_examples
+    from .recipe import stage_data, stage_questions
 
     cfg = json.loads(task.cfg_json)
-    lc = cfg["llm"]
-    encoder, _ = load_bundle(Path(lc["bundle"]))
-    ds = build_layout(cfg).dataset
-    train, test = standardize_own(ds.train), standardize_own(ds.test)
-    fused = bool(lc["use_fused"])
-    a, b = (
-        sensor_features(encoder, train, use_fused=fused),
-        sensor_features(encoder, test, use_fused=fused),
-    )
-    feats = SensorFeatures(
-        a.names,
-        {m: torch.cat([a.feats[m], b.feats[m]]) for m in a.names},
-        torch.cat([a.present, b.present]),
-        {t: torch.cat([a.head_pred[t], b.head_pred[t]]) for t in a.head_pred},
-    )
-    tasks, offset = list(ds.meta.tasks), len(train)
-    rng = np.random.default_rng(task.seed)
-    train_idx = np.sort(rng.permutation(len(train))[: int(lc["train_samples"])])
-    examples = build_instructions(
-        ds.meta, train, templates="train", tasks=tasks, per_sample=int(lc["per_sample"]),
-        seed=task.seed, indices=train_idx,
-    )  # fmt: skip
-    eval_idx = np.sort(rng.permutation(len(test))[: int(lc["eval_samples"])])
-    evals = [
-        replace(ex, index=ex.index + offset)
-        for t in tasks
-        for ex in task_examples(ds.meta, test, t, templates="heldout", seed=task.seed, indices=eval_idx)
-    ]  # fmt: skip
-    head = head_accuracy(feats, evals)["accuracy"]
+    encoder, _ = load_bundle(Path(cfg["llm"]["bundle"]))
+    data = stage_data(cfg, encoder)
+    tasks = list(data.meta.tasks)
+    qs = stage_questions(data, cfg["llm"], task.seed, tasks)
+    evals = [ex for t in tasks for ex in qs.test[t]]
+    head = head_accuracy(data.feats, evals)["accuracy"]
     reference = {"name": "federated classifier head", "accuracy": head}
-    return TaskData(feats, examples, evals, ds.meta, tasks, reference)
+    return TaskData(data.feats, qs.train, evals, data.meta, tasks, reference)
 
 
 def site_examples(examples: list[Example], site: int, num_sites: int, seed: int) -> list[Example]:

@@ -43,13 +43,22 @@ class ConditioningSettings:
 
 
 class SensorLM(nn.Module):
-    def __init__(self, lm: LoadedLM, lora: LoraSettings, cond: ConditioningSettings):
+    """LM + LoRA + one conditioning.  Several SensorLMs can share one base model: the
+    first wraps it in peft, each further one adds its own named LoRA adapter to the same
+    PeftModel (``adapter_name``) instead of deep-copying the weights; every entry point
+    activates its own adapter first."""
+
+    def __init__(
+        self,
+        lm: LoadedLM,
+        lora: LoraSettings,
+        cond: ConditioningSettings,
+        adapter_name: str = "default",
+    ):
         super().__init__()
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
 
         self.cond = cond
-        for p in lm.model.parameters():
-            p.requires_grad_(False)
         n_layers = int(lm.model.config.num_hidden_layers)
         top = lora.top_layers
         if top == "auto":
@@ -62,17 +71,26 @@ class SensorLM(nn.Module):
                 "layers_pattern": "layers",
             }
         )
-        self.peft = get_peft_model(
-            lm.model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
-                task_type="CAUSAL_LM",
-                **layers,
-            ),
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+            **layers,
         )
+        self.adapter_name = adapter_name
+        if isinstance(lm.model, PeftModel):  # the base is shared with another conditioning
+            self.peft = lm.model
+            self.peft.add_adapter(adapter_name, config, autocast_adapter_dtype=True)
+        else:
+            for p in lm.model.parameters():
+                p.requires_grad_(False)
+            # LoRA factors in fp32 over a bf16/fp16 base
+            self.peft = get_peft_model(
+                lm.model, config, adapter_name=adapter_name, autocast_adapter_dtype=True
+            )
+        self.activate()
         causal = self.peft.get_base_model()
         hidden = int(self.embed.weight.shape[1])
         emb_rms = float(self.embed.weight.detach().float().pow(2).mean().sqrt())
@@ -84,7 +102,8 @@ class SensorLM(nn.Module):
         elif cond.kind == "adapter":
             layers = min(cond.adapter_layers, causal.config.num_hidden_layers)
             self.adapter = GatedSensorAdapter(*args, len(cond.tasks), layers, cond.queries_per_task)
-            self.adapter.install(causal)
+            name = adapter_name
+            self.adapter.install(causal, active=lambda: self.peft.active_adapter == name)
 
     # LM parts as properties, not attributes: assigning them would register the same
     # modules twice (duplicate state-dict keys, confused DDP)
@@ -110,9 +129,15 @@ class SensorLM(nn.Module):
         if part is not None:
             part.load_state_dict(state)
 
+    def activate(self) -> None:
+        """Make this model's LoRA adapter the active one (trainable, the others frozen)."""
+        if self.peft.active_adapter != self.adapter_name:
+            self.peft.set_adapter(self.adapter_name)
+
     def _inputs(self, batch: Batch, feats: SensorFeatures, sensors: bool = True) -> torch.Tensor:
         """Word embeddings with sensor slots overwritten (prefix) / adapter context set;
         ``sensors=False`` is the plain LM on text (the text-only baseline)."""
+        self.activate()
         emb = self.embed(batch.ids)
         if self.adapter is not None:
             self.adapter.clear_context()
@@ -142,6 +167,47 @@ class SensorLM(nn.Module):
         return F.cross_entropy(logits.float(), target[sel])
 
     @torch.no_grad()
+    def option_scores(
+        self, batch: Batch, feats: SensorFeatures, options: list[list[int]], pad_id: int
+    ) -> torch.Tensor:
+        """Log-likelihood of each option's tokens after a left-padded prompt: [B, C].
+
+        The prompt runs once; its KV cache (and the adapter's sensor context) is repeated
+        per option and every option's tokens are scored in one further pass, so scoring C
+        options costs about one prompt plus C short continuations."""
+        if not options or any(not o for o in options):
+            raise ValueError("every option needs at least one token")
+        emb = self._inputs(batch, feats)
+        attn = batch.attn
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.decoder(inputs_embeds=emb, attention_mask=attn, position_ids=pos, use_cache=True)
+        b, c, width = attn.shape[0], len(options), max(len(o) for o in options)
+        dev = attn.device
+        opt = torch.tensor([o + [pad_id] * (width - len(o)) for o in options], device=dev)
+        valid = torch.tensor(
+            [[1.0] * len(o) + [0.0] * (width - len(o)) for o in options], device=dev
+        )
+        first = F.log_softmax(self.lm_head(out.last_hidden_state[:, -1]).float(), -1)
+        score = first[:, opt[:, 0]]  # [B, C]
+        if width > 1:
+            past = out.past_key_values
+            past.batch_repeat_interleave(c)
+            if self.adapter is not None:
+                self.adapter.repeat_context(c)
+            ids = opt[:, :-1].repeat(b, 1)  # row b·C + c is option c of prompt b
+            attn2 = torch.cat([attn.repeat_interleave(c, 0), torch.ones_like(ids)], 1)
+            pos2 = pos[:, -1:].repeat_interleave(c, 0) + torch.arange(1, width, device=dev)
+            hidden = self.decoder(
+                input_ids=ids, attention_mask=attn2, position_ids=pos2, past_key_values=past
+            ).last_hidden_state
+            logp = F.log_softmax(self.lm_head(hidden).float(), -1)
+            tok = logp.gather(-1, opt[:, 1:].repeat(b, 1)[..., None]).squeeze(-1)
+            score = score + (tok * valid[:, 1:].repeat(b, 1)).sum(-1).view(b, c)
+        if self.adapter is not None:
+            self.adapter.clear_context()
+        return score
+
+    @torch.no_grad()
     def generate(
         self,
         batch: Batch,
@@ -150,32 +216,25 @@ class SensorLM(nn.Module):
         max_new_tokens: int = 12,
         sensors: bool = True,
     ) -> list[list[int]]:
-        """Greedy decoding with a KV cache from a left-padded batch; new token ids per row."""
+        """Greedy decoding from a left-padded batch with transformers' ``generate`` on the
+        spliced input embeddings (the adapter's sensor context stays set for every
+        step); new token ids per row, cut at the end of turn."""
         emb = self._inputs(batch, feats, sensors)
-        attn = batch.attn
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.decoder(inputs_embeds=emb, attention_mask=attn, position_ids=pos, use_cache=True)
-        past, last = out.past_key_values, out.last_hidden_state[:, -1]
-        done = torch.zeros(attn.shape[0], dtype=torch.bool, device=attn.device)
-        steps: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            nxt = self.lm_head(last).argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            steps.append(nxt)
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
-            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], 1)
-            pos = pos[:, -1:] + 1
-            out = self.decoder(
-                input_ids=nxt[:, None],
-                attention_mask=attn,
-                position_ids=pos,
-                past_key_values=past,
+        causal = self.peft.get_base_model()
+        pad = causal.generation_config.pad_token_id
+        try:
+            out = causal.generate(
+                inputs_embeds=emb,
+                attention_mask=batch.attn,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=eos_id,
+                pad_token_id=eos_id if pad is None else pad,
                 use_cache=True,
             )
-            past, last = out.past_key_values, out.last_hidden_state[:, -1]
-        if self.adapter is not None:
-            self.adapter.clear_context()
-        ids = torch.stack(steps, 1).tolist()
+        finally:
+            if self.adapter is not None:
+                self.adapter.clear_context()
+        ids = out.tolist()
         return [row[: row.index(eos_id)] if eos_id in row else row for row in ids]

@@ -7,6 +7,8 @@ depends on the conditioning:
   position later overwritten by a projected soft token (slot = sample, modality, j);
 * ``adapter``: ``Sensors: imu and audio.`` (the readings enter through the adapter);
 * ``text``: a text-only description of the readings (the no-sensor-token baseline);
+* ``names``: the adapter's sensor list in words and no readings at all (the LoRA-tuned
+  text-only control: the same prompt the adapter sees, minus the sensors);
 * ``none``: no sensor block (the plain-text reference of the step benchmark).
 
 Labels are -100 everywhere except answer tokens and the end-of-turn marker after them,
@@ -24,7 +26,7 @@ import torch
 from .features import FUSED
 from .instructions import Example, describe_present
 
-CONDITIONINGS = ("prefix", "adapter", "text", "none")
+CONDITIONINGS = ("prefix", "adapter", "text", "names", "none")
 IGNORE = -100
 
 
@@ -56,6 +58,37 @@ class Batch:
         return Batch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
+_SENTINEL = "\x01{}\x01"
+
+
+def chat_markers(tokenizer) -> tuple[str, str, str, str]:
+    """(user turn opening, user turn closing + assistant opening, end of turn, text after
+    the end of turn), read from the tokenizer's own chat template (``apply_chat_template``
+    on sentinel messages), so any chat model's format is used as it was trained; the
+    template's default system prompt is left out.  Tokenizers without a template get a
+    plain ``### User:`` / ``### Assistant:`` layout ending in the EOS token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "### User:\n", "\n### Assistant:\n", tokenizer.eos_token, "\n"
+    u1, a1, u2, a2 = (_SENTINEL.format(n) for n in ("u1", "a1", "u2", "a2"))
+    msgs = [
+        {"role": r, "content": c}
+        for r, c in zip(("user", "assistant") * 2, (u1, a1, u2, a2), strict=True)
+    ]
+    text = tokenizer.apply_chat_template(msgs, tokenize=False)
+    tail = text[text.index(a2) + len(a2) :]
+    eos = tail.strip()
+    between = text[text.index(a1) + len(a1) : text.index(u2)]
+    one_token = bool(eos) and len(tokenizer(eos, add_special_tokens=False)["input_ids"]) == 1
+    if not one_token or not between.startswith(tail):
+        raise ValueError(
+            f"{type(tokenizer).__name__}: cannot read the turn markers from its chat template "
+            f"(an assistant turn ends with {tail!r}, expected one special token)"
+        )
+    gap = tail[tail.index(eos) + len(eos) :]
+    user_close = text[text.index(u2) + len(u2) : text.index(a2)]
+    return between[len(tail) :], user_close, eos, gap
+
+
 class SequenceBuilder:
     """Tokenises examples for one LM, one conditioning and one feature layout."""
 
@@ -74,13 +107,8 @@ class SequenceBuilder:
             raise ValueError("text conditioning needs a describe(sample) function")
         self.tok, self.names, self.tasks, self.k = tokenizer, list(names), list(tasks), k
         self.conditioning, self.describe = conditioning, describe
-        chatml = tokenizer.convert_tokens_to_ids("<|im_start|>") not in (
-            None,
-            tokenizer.unk_token_id,
-        )
-        self.user_open = "<|im_start|>user\n" if chatml else "### User:\n"
-        self.user_close = "<|im_end|>\n<|im_start|>assistant\n" if chatml else "\n### Assistant:\n"
-        self.eos_text = "<|im_end|>" if chatml else tokenizer.eos_token
+        markers = chat_markers(tokenizer)
+        self.user_open, self.user_close, self.eos_text, self.turn_gap = markers
         self.eos_id = tokenizer.convert_tokens_to_ids(self.eos_text)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._cache: dict[str, list[int]] = {}
@@ -102,7 +130,7 @@ class SequenceBuilder:
         real = list(ex.present)
         if self.conditioning == "none":
             return
-        if self.conditioning == "adapter":
+        if self.conditioning in ("adapter", "names"):
             self._text(enc, f"Sensors: {describe_present(real)}.\n")
             return
         if self.conditioning == "text":
@@ -129,7 +157,7 @@ class SequenceBuilder:
             self._text(enc, turn.question + self.user_close)
             if answer_last or t < len(ex.turns) - 1:
                 self._text(enc, turn.answer + self.eos_text, supervised=True)
-                self._text(enc, "\n")
+                self._text(enc, self.turn_gap)
 
     def encode(
         self, ex: Example, shots: Sequence[Example] = (), prompt_only: bool = False
@@ -141,6 +169,11 @@ class SequenceBuilder:
             self._example(enc, shot, answer_last=True)
         self._example(enc, ex, answer_last=not prompt_only)
         return enc
+
+    def answer_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` as a supervised answer (tokenised together with the end
+        of turn, exactly as in training)."""
+        return list(self._ids(text + self.eos_text))
 
     def task_id(self, ex: Example) -> int:
         return self.tasks.index(ex.task) if ex.task in self.tasks else len(self.tasks)

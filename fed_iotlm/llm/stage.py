@@ -1,44 +1,40 @@
-"""The central stage end to end: bundle → sensor features → instructions → tune each
-conditioning → evaluate by generation beside the head and a text-only prompt → results.
+"""The central stage end to end: bundle → the stage's rows (``llm.data``; by default
+tokens uploaded by the nodes) → instructions → tune each conditioning and the LoRA-tuned
+text-only control → choose conditioning and scoring on validation questions → report the
+test figures beside the controls (shuffled sensors, majority class, classifier head,
+training templates on the same rows) → results.json.
 
 Called by ``fed-iotlm tune`` and by the main pipeline after the federation.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fed_iotlm.atomic import atomic_write_text
-from fed_iotlm.data.federation import build_layout
-from fed_iotlm.data.preprocess import standardize_own
 from fed_iotlm.federation.bundle import load_bundle
 from fed_iotlm.tracking import console
 
-from .evaluation import generation_accuracy, head_accuracy, text_description, with_options
-from .features import SensorFeatures, sensor_features
-from .instructions import build_instructions, load_jsonl, task_examples
-from .loading import load_lm
+from .evaluation import (
+    generation_accuracy,
+    head_accuracy,
+    majority_accuracy,
+    score,
+    shuffled_sensors,
+)
+from .features import SensorFeatures
+from .instructions import task_examples
+from .loading import load_lm, resolve_dtype
+from .recipe import StageData, stage_data, stage_questions
 from .sensor_lm import ConditioningSettings, LoraSettings, SensorLM
 from .sequences import SequenceBuilder
 from .tuning import TuneSettings, tune, world
-
-
-def _concat(a: SensorFeatures, b: SensorFeatures) -> SensorFeatures:
-    """One feature table for train rows then test rows (few-shot prompts mix both)."""
-    return SensorFeatures(
-        a.names,
-        {m: torch.cat([a.feats[m], b.feats[m]]) for m in a.names},
-        torch.cat([a.present, b.present]),
-        {t: torch.cat([a.head_pred[t], b.head_pred[t]]) for t in a.head_pred},
-    )
 
 
 def lora_settings(lc: dict) -> LoraSettings:
@@ -76,9 +72,34 @@ def _init_distributed(device: torch.device) -> None:
             torch.cuda.set_device(device)
 
 
-def run_stage(cfg: dict, out_dir: Path) -> Path:
-    """Tune and evaluate every configured conditioning; write results.json; return its
-    path.  Under ``torchrun`` every rank tunes; rank 0 evaluates and writes."""
+def build_model(base, lc: dict, kind: str, feats: SensorFeatures, tasks: list[str], seed: int):
+    """A SensorLM of conditioning ``kind`` and its sequence builder.  Every conditioning
+    shares ``base``'s weights (one more named LoRA adapter each; no deep copy)."""
+    torch.manual_seed(seed)
+    cond = ConditioningSettings(
+        kind=kind,
+        tokens_per_modality=int(lc["tokens_per_modality"]),
+        adapter_layers=int(lc["adapter_layers"]),
+        queries_per_task=int(lc["queries_per_task"]),
+        names=feats.names,
+        tasks=tasks,
+        feature_dim=feats.dim,
+    )
+    model = SensorLM(base, lora_settings(lc), cond, adapter_name=kind)
+    base.model = model.peft  # the next conditioning adds its adapter to the same PeftModel
+    builder = SequenceBuilder(base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind)
+    return model, builder
+
+
+CONTROLS = ("text_lora", "shuffled_sensors", "majority", "head", "train_templates")
+
+
+def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
+    """Tune every configured conditioning (and the text-only control at the same steps),
+    choose conditioning and scoring on validation questions, report test; write
+    results.json and return its path.  ``data``: the stage's rows when the caller built
+    them (tests); by default they come from ``llm.data``.  Under ``torchrun`` every rank
+    tunes; rank 0 evaluates and writes."""
     lc, seed = cfg["llm"], int(cfg["seed"])
     device = resolve_device(str(lc.get("device", "auto")))
     _init_distributed(device)
@@ -91,54 +112,34 @@ def run_stage(cfg: dict, out_dir: Path) -> Path:
             "llm.bundle: give the model bundle of a federated run (its output_dir/bundle)"
         )
     encoder, bundle_meta = load_bundle(Path(lc["bundle"]))
-    ds = build_layout(cfg).dataset
-    train, test = standardize_own(ds.train), standardize_own(ds.test)
-    f_train = sensor_features(encoder, train, use_fused=bool(lc["use_fused"]))
-    f_test = sensor_features(encoder, test, use_fused=bool(lc["use_fused"]))
-    feats, offset = _concat(f_train, f_test).to(device), len(train)
-    tasks = [t for t in ds.meta.tasks if t != (lc["fewshot"] or {}).get("task")]
-    rng = np.random.default_rng(seed)
-    train_idx = np.sort(rng.permutation(len(train))[: int(lc["train_samples"])])
-    examples = build_instructions(
-        ds.meta, train, templates="train", tasks=tasks, per_sample=int(lc["per_sample"]),
-        seed=seed, indices=train_idx,
-    )  # fmt: skip
-    if lc.get("instructions_jsonl"):
-        examples += load_jsonl(Path(lc["instructions_jsonl"]), len(train))
-    eval_idx = np.sort(rng.permutation(len(test))[: int(lc["eval_samples"])])
-    evals = {
-        t: [replace(ex, index=ex.index + offset) for ex in task_examples(ds.meta, test, t, templates="heldout", seed=seed, indices=eval_idx)]
-        for t in ds.meta.tasks
-    }  # fmt: skip
-    tuned_evals = [ex for t in tasks for ex in evals[t]]
+    data = stage_data(cfg, encoder) if data is None else data
+    meta, feats = data.meta, data.feats.to(device)
+    fewshot = (lc.get("fewshot") or {}).get("task")
+    tasks = [t for t in meta.tasks if t != fewshot]
+    qs = stage_questions(data, lc, seed, tasks)
+    val_q = [ex for t in tasks for ex in qs.val[t]]
+    test_q = [ex for t in tasks for ex in qs.test[t]]
+    scorings = list(lc.get("scoring") or ("generation", "loglik"))
+    controls = list(lc.get("controls") or CONTROLS)
+    unknown = sorted(set(controls) - set(CONTROLS))
+    if unknown:
+        raise ValueError(f"llm.controls: unknown {unknown}; choose from {list(CONTROLS)}")
     console.print(
-        f"[bold]IoT-LM stage[/bold]: {len(examples)} instructions from {len(train_idx)} samples, "
-        f"{len(tuned_evals)} held-out-template questions, LM {lc['model']}"
+        f"[bold]IoT-LM stage[/bold] (data: {data.source['data']}): {len(qs.train)} instructions "
+        f"from {qs.rows['fit']} samples; {len(val_q)} validation and {len(test_q)} test "
+        f"questions (held-out templates); LM {lc['model']}"
     )
-    base = load_lm(lc["model"])
+    base = load_lm(lc["model"], dtype=resolve_dtype(str(lc.get("dtype", "auto")), device))
     gen = {"batch_size": int(lc["eval_batch"]), "max_new_tokens": int(lc["max_new_tokens"])}
-    results: dict = {"conditioning": {}, "lm": lc["model"], "bundle": bundle_meta.get("meta", {})}
+    reports: dict = {}
     history: list[dict] = []
-    model = builder = None
-    for kind in lc["conditioning"]:
-        torch.manual_seed(seed)
-        cond = ConditioningSettings(
-            kind=kind,
-            tokens_per_modality=int(lc["tokens_per_modality"]),
-            adapter_layers=int(lc["adapter_layers"]),
-            queries_per_task=int(lc["queries_per_task"]),
-            names=feats.names,
-            tasks=tasks,
-            feature_dim=feats.dim,
-        )
-        lm = replace(base, model=copy.deepcopy(base.model))
-        model = SensorLM(lm, lora_settings(lc), cond)
-        builder = SequenceBuilder(
-            base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind
-        )
+    models: dict = {}  # kind -> (model, builder); they share the base, so keeping them is cheap
+    kinds = [*lc["conditioning"], *(["names"] if "text_lora" in controls else [])]
+    for kind in kinds:
+        model, builder = build_model(base, lc, kind, feats, tasks, seed)
         t1 = time.time()
         hist = tune(
-            model, builder, examples, feats, tune_settings(lc, seed), out_dir / f"checkpoint-{kind}",
+            model, builder, qs.train, feats, tune_settings(lc, seed), out_dir / f"checkpoint-{kind}",
             resume=bool(lc["resume"]), device=device, log=lambda s, loss, k=kind: console.print(f"  {k} step {s}: loss {loss:.3f}"),
         )  # fmt: skip
         tune_s = time.time() - t1
@@ -146,65 +147,114 @@ def run_stage(cfg: dict, out_dir: Path) -> Path:
             continue
         history += [{"round": h["step"], "loss": h["loss"], "conditioning": kind} for h in hist]
         t2 = time.time()
-        report = generation_accuracy(model, builder, feats, tuned_evals, ds.meta, **gen)
-        report |= {
+        args = (model, builder, feats)
+        report = {
+            "val": {s: score(s, *args, val_q, meta, **gen) for s in scorings},
+            "test": {s: score(s, *args, test_q, meta, **gen) for s in scorings},
             "tune_s": round(tune_s, 1),
             "eval_s": round(time.time() - t2, 1),
             "steps": len(hist) and hist[-1]["step"],
         }
-        fs = (lc["fewshot"] or {}).get("task")
-        if fs and kind == "prefix":
+        if model.adapter is not None:
+            report["gates_tanh"] = torch.tanh(model.adapter.gates.detach()).cpu().tolist()
+        if fewshot and kind == "prefix":
             report["fewshot"] = _fewshot(
-                model, builder, feats, ds.meta, train, evals[fs], int(lc["fewshot"]["k"]), seed, gen
-            )
-        results["conditioning"][kind] = report
-        console.print(
-            f"  {kind}: generation accuracy {report['accuracy']:.3f} {report['by_task']} (tuned {tune_s:.0f}s)"
-        )
+                model, builder, feats, meta, data.train, qs.fit_rows, qs.test[fewshot],
+                int(lc["fewshot"]["k"]), seed, gen,
+            )  # fmt: skip
+        reports[kind] = report
+        figures = {s: round(report["val"][s]["accuracy"], 3) for s in scorings}
+        console.print(f"  {kind}: validation accuracy {figures} (tuned {tune_s:.0f}s)")
+        models[kind] = (model, builder)
     path = out_dir / "results.json"
     if rank != 0:
         return path
-    text_builder = SequenceBuilder(
-        base.tokenizer, feats.names, tasks, 1, "text", describe=text_description(test, offset)
-    )
-    if model is not None:
-        results["text_only"] = generation_accuracy(
-            model,
-            text_builder,
-            feats,
-            with_options(tuned_evals, ds.meta),
-            ds.meta,
-            sensors=False,
-            **gen,
-        )
-    results["head"] = head_accuracy(feats, tuned_evals)
-    best = max(results["conditioning"].items(), key=lambda kv: kv[1]["accuracy"])
+    val_figures = {k: reports[k]["val"] for k in lc["conditioning"]}
+    kind, method = choose_on_validation(val_figures)
+    model, builder = models[kind]
+    chosen = reports[kind]
+    results: dict = {
+        "conditioning": reports,
+        "lm": lc["model"],
+        "bundle": bundle_meta.get("meta", {}),
+        "best": kind,
+        "scoring": method,
+        "questions": qs.rows,
+        "head": head_accuracy(feats, test_q),
+        "controls": _controls(controls, reports, model, builder, feats, data, qs, test_q, method, seed, gen),
+    }  # fmt: skip
+    selection = {
+        "conditioning": kind,
+        "scoring": method,
+        "chosen_on": "val",
+        "candidates": {f"{k}/{s}": reports[k]["val"][s]["accuracy"] for k in lc["conditioning"] for s in scorings},
+        "val_rows": qs.rows["val"],
+        "not_selected": "step count (fixed: llm.steps)",
+    }  # fmt: skip
+    val_best, test_best = chosen["val"][method], chosen["test"][method]
     doc = {
         "method": "iotlm",
-        "dataset": ds.meta.name,
+        "dataset": meta.name,
         "seed": seed,
-        "num_nodes": len(bundle_meta.get("meta", {}).get("plan", {}) or {}),
+        "num_nodes": data.source.get("nodes", 0),
         "rounds": int(lc["steps"]),
         "plan": {},
-        "test": {"accuracy": best[1]["accuracy"], "accuracy_by_modality": {}, "accuracy_by_node": {},
-                 "by_task": {t: {"accuracy": a} for t, a in best[1]["by_task"].items()}},
+        "data": data.source,
+        "selection": selection,
+        "val": {"accuracy": val_best["accuracy"], "by_task": {t: {"accuracy": a} for t, a in val_best["by_task"].items()}},
+        "test": {"accuracy": test_best["accuracy"], "accuracy_by_modality": {}, "accuracy_by_node": {},
+                 "by_task": {t: {"accuracy": a} for t, a in test_best["by_task"].items()}},
         "history": history,
-        "comm": {"bytes_up_per_node_round": 0, "bytes_down_per_node_round": 0},
+        "comm": {"bytes_up_per_node_round": _mean_upload(data.source), "bytes_down_per_node_round": 0},
         "wall_s": round(time.time() - t0, 1),
-        "llm": results | {"best": best[0]},
+        "llm": results,
         "config": cfg,
     }  # fmt: skip
     atomic_write_text(path, json.dumps(doc, indent=2))
     _log_mlflow(cfg, doc, path)
-    _print_summary(results)
+    _print_summary(doc)
     return path
 
 
-def _fewshot(model, builder, feats, meta, train, evals, k: int, seed: int, gen: dict) -> dict:
+def choose_on_validation(val: dict[str, dict[str, dict]]) -> tuple[str, str]:
+    """(conditioning, scoring) with the best validation accuracy; ties go to the first
+    listed.  It is given validation figures only, so no test figure can steer it."""
+    candidates = [(k, s, r["accuracy"]) for k, by in val.items() for s, r in by.items()]
+    if not candidates:
+        raise ValueError("llm.conditioning: give at least one of prefix, adapter")
+    best = max(range(len(candidates)), key=lambda i: (candidates[i][2], -i))
+    return candidates[best][0], candidates[best][1]
+
+
+def _mean_upload(source: dict) -> int:
+    sizes = source.get("upload_bytes") or {}
+    per_node = [sum(v) for v in zip(*sizes.values(), strict=True)] if sizes else []
+    return int(np.mean(per_node)) if per_node else 0
+
+
+def _controls(names, reports, model, builder, feats, data, qs, test_q, method, seed, gen) -> dict:
+    """The controls on the test questions, scored like the chosen conditioning."""
+    out: dict = {}
+    if "head" in names:
+        out["head"] = head_accuracy(feats, test_q)
+    if "majority" in names:
+        out["majority"] = majority_accuracy(data.train, qs.fit_rows, test_q)
+    if "text_lora" in names:
+        out["text_lora"] = reports["names"]["test"][method]
+    if "shuffled_sensors" in names:
+        shuffled = shuffled_sensors(feats, qs.test_rows, seed)
+        out["shuffled_sensors"] = score(method, model, builder, shuffled, test_q, data.meta, **gen)
+    if "train_templates" in names:
+        same_rows = [ex for t in builder.tasks for ex in qs.test_train_templates[t]]
+        out["train_templates"] = score(method, model, builder, feats, same_rows, data.meta, **gen)
+    return out
+
+
+def _fewshot(model, builder, feats, meta, train, rows, evals, k: int, seed: int, gen: dict) -> dict:
     """Task held out from tuning: k answered in-context examples (with their own sensor
-    tokens) before each question, against the same questions with no examples."""
+    tokens, from the fit rows) before each question, against the same questions with none."""
     task = evals[0].task
-    pool = task_examples(meta, train, task, templates="train", seed=seed)
+    pool = task_examples(meta, train, task, templates="train", seed=seed, indices=rows)
     rng = np.random.default_rng(seed + 1)
     pick = lambda ex: [pool[j] for j in rng.choice(len(pool), k, replace=False)]  # noqa: E731
     return {
@@ -232,25 +282,41 @@ def _log_mlflow(cfg: dict, doc: dict, path: Path) -> None:
         for h in doc["history"]:
             mlflow.log_metric(f"loss.{h['conditioning']}", h["loss"], step=h["round"])
         llm = doc["llm"]
-        metrics = {f"gen_accuracy.{k}": r["accuracy"] for k, r in llm["conditioning"].items()}
-        metrics["head_accuracy"] = llm["head"]["accuracy"]
-        if "text_only" in llm:
-            metrics["text_only_accuracy"] = llm["text_only"]["accuracy"]
+        metrics = {
+            f"{part}_accuracy.{k}.{s}": r["accuracy"]
+            for k, rep in llm["conditioning"].items()
+            for part in ("val", "test")
+            for s, r in rep[part].items()
+        }
+        metrics |= {f"control.{k}": r["accuracy"] for k, r in llm["controls"].items()}
+        metrics |= {
+            "val_accuracy": doc["val"]["accuracy"],
+            "test_accuracy": doc["test"]["accuracy"],
+        }
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(path))
 
 
-def _print_summary(results: dict) -> None:
+def _print_summary(doc: dict) -> None:
     from rich.table import Table
 
-    table = Table(title="IoT-LM stage: accuracy on held-out question templates")
-    table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    table.add_column("per task")
-    rows = [(f"LM + {k}", r) for k, r in results["conditioning"].items()]
-    rows += [("LM, text-only prompt", results["text_only"])] if "text_only" in results else []
-    rows += [("federated classifier head", results["head"])]
-    for name, r in rows:
+    llm, sel = doc["llm"], doc["selection"]
+    table = Table(
+        title=f"IoT-LM stage (data: {doc['data']['data']}); chosen on validation: "
+        f"{sel['conditioning']} scored by {sel['scoring']}"
+    )
+    for col in ("model", "val", "test", "test per task"):
+        table.add_column(col, justify="left" if col in ("model", "test per task") else "right")
+    for kind, rep in llm["conditioning"].items():
+        for s, r in rep["test"].items():
+            name = "LoRA text-only control" if kind == "names" else f"LM + {kind}"
+            per = ", ".join(f"{t} {a:.3f}" for t, a in r["by_task"].items())
+            table.add_row(
+                f"{name} ({s})", f"{rep['val'][s]['accuracy']:.3f}", f"{r['accuracy']:.3f}", per
+            )
+    for name, r in llm["controls"].items():
+        if name == "text_lora":
+            continue
         per = ", ".join(f"{t} {a:.3f}" for t, a in r["by_task"].items())
-        table.add_row(name, f"{r['accuracy']:.3f}", per)
+        table.add_row(f"control: {name}", "", f"{r['accuracy']:.3f}", per)
     console.print(table)

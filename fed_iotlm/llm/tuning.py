@@ -61,6 +61,7 @@ def tune(
     rank, size = world()
     device = torch.device(device)
     model.to(device)
+    model.activate()  # its own LoRA adapter trainable, any other on a shared base frozen
     feats = feats.to(device)
     if settings.grad_checkpointing:
         model.peft.get_base_model().gradient_checkpointing_enable(
@@ -121,7 +122,14 @@ def save_checkpoint(
     ckpt_dir = Path(ckpt_dir)
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.peft.save_pretrained(str(tmp / "lora"))
+    from peft import get_peft_model_state_dict
+
+    lora = get_peft_model_state_dict(model.peft, adapter_name=model.adapter_name)
+    (tmp / "lora").mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in lora.items()}, str(tmp / "lora/adapter_model.safetensors")
+    )
+    model.peft.peft_config[model.adapter_name].save_pretrained(str(tmp / "lora"))
     save_file(
         {k: v.contiguous() for k, v in model.sensor_state().items()},
         str(tmp / "sensor.safetensors"),
@@ -154,7 +162,9 @@ def load_weights(model: SensorLM, ckpt_dir: Path) -> None:
         if not (ckpt_dir / name).is_file():
             raise FileNotFoundError(f"{ckpt_dir}: not a tuning checkpoint (missing {name})")
     set_peft_model_state_dict(
-        model.peft, load_file(str(ckpt_dir / "lora/adapter_model.safetensors"))
+        model.peft,
+        load_file(str(ckpt_dir / "lora/adapter_model.safetensors")),
+        adapter_name=model.adapter_name,
     )
     model.load_sensor_state(load_file(str(ckpt_dir / "sensor.safetensors")))
 
