@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fed_iotlm.data.dataset import Split
 from fed_iotlm.data.preprocess import standardize_own
-from fed_iotlm.federation.bundle import load_bundle
+from fed_iotlm.federation.bundle import bundle_standardizer, load_bundle
 
 from .features import FUSED, sensor_features
 from .instructions import Example, Turn
@@ -40,7 +40,9 @@ class Assistant:
             raise ValueError(f"{results}: not an IoT-LM stage run (no 'llm' section)")
         lc = doc["config"]["llm"]
         self.kind = conditioning or doc["llm"]["best"]
-        self.encoder, _ = load_bundle(Path(lc["bundle"]))
+        self.encoder, bundle_doc = load_bundle(Path(lc["bundle"]))
+        # the federation's pooled training statistics, if the bundle carries them
+        self.scaler = bundle_standardizer(bundle_doc)
         self.use_fused = bool(lc["use_fused"])
         names = [m for m in self.encoder.modality_names] + ([FUSED] if self.use_fused else [])
         tasks = [t for t in self.encoder.head if t != (lc.get("fewshot") or {}).get("task")]
@@ -66,7 +68,12 @@ class Assistant:
     def ask(self, split: Split, index: int, question: str, standardized: bool = False) -> Answer:
         if not 0 <= index < len(split):
             raise IndexError(f"--index {index}: the split has {len(split)} samples")
-        data = split if standardized else standardize_own(split)
+        if standardized:
+            data = split
+        elif self.scaler is not None:  # what the encoders were trained on
+            data = self.scaler.transform(split)
+        else:  # an older bundle without statistics: the data's own (said in the docs)
+            data = standardize_own(split)
         feats = sensor_features(self.encoder, data, use_fused=self.use_fused)
         present = tuple(
             m for m in self.encoder.modality_names if m in data.mask and data.mask[m][index]

@@ -154,14 +154,14 @@ def _bundle_data(task: LoraTask) -> TaskData:
     """The central stage's recipe (recipe.py, the same function stage.py calls): rows from
     ``llm.data`` (by default tokens uploaded by the nodes), training instructions from the
     fit rows, the held-out-template test questions."""
-    from fed_iotlm.federation.bundle import load_bundle
+    from fed_iotlm.federation.bundle import bundle_standardizer, load_bundle
 
     from .evaluation import head_accuracy
     from .recipe import stage_data, stage_questions
 
     cfg = json.loads(task.cfg_json)
-    encoder, _ = load_bundle(Path(cfg["llm"]["bundle"]))
-    data = stage_data(cfg, encoder)
+    encoder, bundle_meta = load_bundle(Path(cfg["llm"]["bundle"]))
+    data = stage_data(cfg, encoder, bundle_standardizer(bundle_meta))
     tasks = list(data.meta.tasks)
     qs = stage_questions(data, cfg["llm"], task.seed, tasks)
     evals = [ex for t in tasks for ex in qs.test[t]]

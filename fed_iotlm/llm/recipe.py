@@ -80,13 +80,15 @@ def data_source(lc: dict) -> str:
     return source
 
 
-def stage_data(cfg: dict, encoder: MultisensoryModel) -> StageData:
-    """The rows the central stage learns and is evaluated on, from ``llm.data``."""
+def stage_data(cfg: dict, encoder: MultisensoryModel, scaler=None) -> StageData:
+    """The rows the central stage learns and is evaluated on, from ``llm.data``.
+    ``scaler``: the pooled input statistics the bundle carries (what its encoders were
+    trained on); without it each data source falls back to its own statistics."""
     lc, seed = cfg["llm"], int(cfg["seed"])
     source = data_source(lc)
     fused = bool(lc["use_fused"])
     if source == "nodes":
-        return _from_nodes(cfg, encoder, fused)
+        return _from_nodes(cfg, encoder, fused, scaler)
     from fed_iotlm.data.federation import build_layout, load_experiment_dataset
     from fed_iotlm.data.preprocess import standardize_own
 
@@ -105,14 +107,17 @@ def stage_data(cfg: dict, encoder: MultisensoryModel) -> StageData:
     missing = [t for t in encoder.head if t not in ds.meta.tasks]
     if missing:
         raise ValueError(f"llm.data={source}: the data lacks the bundle's tasks {missing}")
-    train, test = standardize_own(ds.train), standardize_own(ds.test)
+    if scaler is not None:
+        train, test = scaler.transform(ds.train), scaler.transform(ds.test)
+    else:  # a bundle without statistics: the data's own (transductive for test)
+        train, test = standardize_own(ds.train), standardize_own(ds.test)
     a = sensor_features(encoder, train, use_fused=fused)
     b = sensor_features(encoder, test, use_fused=fused)
     info = {"data": source, "note": note, "raw_samples_at_centre": len(train) + len(test)}
     return StageData(ds.meta, _concat(a, b), _labels_only(train), _labels_only(test), info)
 
 
-def _from_nodes(cfg: dict, encoder: MultisensoryModel, fused: bool) -> StageData:
+def _from_nodes(cfg: dict, encoder: MultisensoryModel, fused: bool, scaler=None) -> StageData:
     from fed_iotlm.data.federation import build_layout
 
     lc = cfg["llm"]
@@ -123,7 +128,7 @@ def _from_nodes(cfg: dict, encoder: MultisensoryModel, fused: bool) -> StageData
     parts = {}
     records = {}
     for part in ("train", "test"):
-        records[part] = node_uploads(layout, encoder, privacy, part)
+        records[part] = node_uploads(layout, encoder, privacy, part, scaler)
         rows = merge_rows([unpack_upload(r) for r in records[part]], mods, dim)
         parts[part] = (features_from_rows(encoder, rows, use_fused=fused), token_split(rows))
     info = {

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fed_iotlm.atomic import atomic_write_text
-from fed_iotlm.federation.bundle import load_bundle
+from fed_iotlm.federation.bundle import bundle_standardizer, load_bundle
 from fed_iotlm.tracking import console
 
 from .evaluation import (
@@ -112,7 +112,8 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
             "llm.bundle: give the model bundle of a federated run (its output_dir/bundle)"
         )
     encoder, bundle_meta = load_bundle(Path(lc["bundle"]))
-    data = stage_data(cfg, encoder) if data is None else data
+    scaler = bundle_standardizer(bundle_meta)  # the statistics the encoders trained on
+    data = stage_data(cfg, encoder, scaler) if data is None else data
     meta, feats = data.meta, data.feats.to(device)
     fewshot = (lc.get("fewshot") or {}).get("task")
     tasks = [t for t in meta.tasks if t != fewshot]

@@ -104,14 +104,18 @@ def upload_bytes(record: ArrayRecord) -> int:
     return int(sum(len(arr.data) for arr in record.values()))
 
 
-def node_uploads(layout, encoder: MultisensoryModel, privacy: PrivacyConfig, part: str) -> list:
+def node_uploads(
+    layout, encoder: MultisensoryModel, privacy: PrivacyConfig, part: str, scaler=None
+) -> list:
     """Every node's upload of its ``part`` ("train" or "test"), computed in-process from
-    the federation layout (simulation).  Node n's noise seed is ``layout.seed·1000 + n``."""
+    the federation layout (simulation).  Node n's noise seed is ``layout.seed·1000 + n``.
+    ``scaler``: the federation's pooled input statistics the bundle's encoders were
+    trained with (None: each node's own training statistics)."""
     if part not in ("train", "test"):
         raise ValueError(f"part={part!r}: choose train or test")
     out = []
     for node in range(layout.num_nodes):
-        train, test = layout.node_data(node)
+        train, test = layout.node_data(node, scaler)
         rows = encode_split(encoder, train if part == "train" else test)
         seed = layout.seed * 1000 + node + (0 if part == "train" else 500)
         out.append(pack_upload(rows, privacy, seed))
