@@ -49,7 +49,7 @@ def test_study_plan_covers_clean_fedavg_and_each_rule_under_each_attack(tmp_path
         cfg = compose(["experiment=default", *overrides])  # every override is a valid key
         assert cfg["strategy"]["aggregation"] == rule
         assert cfg["attack"]["kind"] == attack
-        assert cfg["attack"]["fraction"] == (0.0 if attack == "none" else 0.2)
+        assert cfg["attack"]["fraction"] == (0.0 if attack == "none" else 0.25)  # 2 of 8
         assert cfg["partition"]["num_nodes"] == 8
     fake = {"accuracy": 0.5}
     table = {"none": {"mean": [fake, fake]}, "scale": {"median": [fake], "krum": [fake]}}
