@@ -58,5 +58,5 @@ def test_study_plan_covers_clean_fedavg_and_each_rule_under_each_attack(tmp_path
     write_report(table, doc, tmp_path, seeds=2, extra=["rounds=3"], command=command)
     text = doc.read_text()
     assert "| no attack | 0.500 ± 0.000 |  |  |" in text
-    assert "| 20% scaled ×10 |  | 0.500 ± 0.000 | 0.500 ± 0.000 |" in text
+    assert "| 25% scaled ×10 |  | 0.500 ± 0.000 | 0.500 ± 0.000 |" in text
     assert f"Reproduce: `{command}`" in text and "extra overrides `rounds=3`" in text
