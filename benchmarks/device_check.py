@@ -33,6 +33,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 try:
@@ -120,12 +121,12 @@ def time_training(cfg: dict, device: str, threads: int, samples: int, epochs: in
     tcfg: TrainConfig = train_config(cfg)
     torch.manual_seed(int(cfg["seed"]))
     warm = place.model(MultisensoryModel(model_spec(cfg)))
-    train_local(warm, few, TrainConfig(**{**tcfg.__dict__, "epochs": 1}), seed=1)  # warm-up
+    train_local(warm, few, replace(tcfg, epochs=1, steps=None), seed=1)  # warm-up
     torch.manual_seed(int(cfg["seed"]))  # the same initial weights on every side
     model = place.model(MultisensoryModel(model_spec(cfg)))
     _sync()
     t0 = time.perf_counter()
-    stats = train_local(model, train, TrainConfig(**{**tcfg.__dict__, "epochs": epochs}), seed=2)
+    stats = train_local(model, train, replace(tcfg, epochs=epochs, steps=None), seed=2)
     _sync()
     dt = time.perf_counter() - t0
     return {

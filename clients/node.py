@@ -19,7 +19,7 @@ from fed_iotlm.data.preprocess import Standardizer
 from fed_iotlm.experiment import model_spec, train_config
 from fed_iotlm.federation.adapter_sync import adapter_counts, attach_sync_adapters, sync_config
 from fed_iotlm.federation.groups import keys_by_group, node_groups
-from fed_iotlm.models.device import Placement, train_placement
+from fed_iotlm.models.device import placement_of, train_placement
 from fed_iotlm.models.multisensory import ModelSpec, MultisensoryModel
 from fed_iotlm.models.training import SplitTensors, TrainConfig
 from fed_iotlm.personal import personalise_node
@@ -52,7 +52,6 @@ class NodeRuntime:
     # above use the node's own training statistics until the server sends those)
     raw: NodeSplits | None = None
     val: SplitTensors | None = None
-    place: Placement | None = None  # where its tensors live (train.device)
     _views: dict[str, NodeRuntime] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -67,11 +66,13 @@ class NodeRuntime:
             if self.raw is None:
                 raise RuntimeError(f"node {self.node} keeps no unstandardised data")
             out = self.raw.standardized(scaler)
-            tensors = [SplitTensors.from_split(s) for s in (out.train, out.val, out.test)]
-            if self.place is not None:
-                tensors = [t.placed(self.place) for t in tensors]
+            place = placement_of(self.model)  # where train.device put the model
             self._views[digest] = replace(
-                self, train=tensors[0], val=tensors[1], test=tensors[2], _views={}
+                self,
+                train=SplitTensors.from_split(out.train).placed(place),
+                val=SplitTensors.from_split(out.val).placed(place),
+                test=SplitTensors.from_split(out.test).placed(place),
+                _views={},
             )
         return self._views[digest]
 
@@ -159,5 +160,4 @@ def _runtime(
         personal_init=personal_init,
         raw=raw,
         val=SplitTensors.from_split(own.val).placed(place),
-        place=place,
     )

@@ -39,13 +39,16 @@ def ray_gpu_share() -> list | None:
     A simulated node is a Ray actor; an actor without ``num_gpus`` must not wander onto
     a GPU others were given, whatever ``CUDA_VISIBLE_DEVICES`` shows."""
     ray = sys.modules.get("ray")  # never import Ray just to ask
-    if ray is None or not ray.is_initialized():
-        return None
     try:
+        if ray is None or not ray.is_initialized():
+            return None
         if ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
             return None  # the driver (server process) is not a node
         return list(ray.get_gpu_ids())
-    except Exception:  # noqa: BLE001  (an older or partial Ray: treat as no worker)
+    except Exception:  # noqa: BLE001
+        # Ray half-imported by another thread (the simulation engine starting it while
+        # the ServerApp thread asks), or an older Ray: either way not a Ray worker,
+        # whose Ray is imported in full before any node code runs.
         return None
 
 
