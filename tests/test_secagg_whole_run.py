@@ -127,7 +127,10 @@ def _run(quick_cfg, tmp_path: Path, *overrides: str):
         grids.append(RecordingGrid(grid))
         return grids[-1]
 
-    cfg = quick_cfg("secagg.enabled=true", "mlflow.enabled=false", "train.epochs=1", *overrides)
+    cfg = quick_cfg(
+        "secagg.enabled=true", "normalization=per_site", "mlflow.enabled=false", "train.epochs=1",
+        *overrides,
+    )  # fmt: skip
     res = json.loads(run_experiment(cfg, tmp_path / "run", None, hook).read_text())
     model, _ = load_bundle(tmp_path / "run" / "bundle")
     return grids[0], res, state_to_numpy(model)

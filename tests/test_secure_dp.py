@@ -84,7 +84,8 @@ def test_secagg_with_distributed_dp_runs_and_accounts(quick_cfg, tmp_path):
     from simulations.run import run_experiment
 
     cfg = quick_cfg(
-        "secagg.enabled=true", "secagg.clipping_range=4.0", "dp.enabled=true",
+        "secagg.enabled=true", "normalization=per_site", "secagg.clipping_range=4.0",
+        "dp.enabled=true",
         "dp.mode=distributed", "dp.noise_multiplier=0.5", "dp.clipping_norm=1.0",
         "partition.plan=[[imu,audio],[imu,depth],[audio,depth]]",
         "rounds=2", "train.epochs=1", "mlflow.enabled=false",
