@@ -61,6 +61,7 @@ from .secure import (
     train_config,
 )
 from .site import partition_id, site_config
+from .statistics import standardized_for, stats_reply
 
 
 def _settings(context: Context, cfg: dict | None) -> dict:
@@ -86,7 +87,7 @@ def _load_global_model(
 ) -> tuple[NodeRuntime, dict[str, np.ndarray]]:
     """:func:`_node_with_global_model` and the arrays as received, by key."""
     torch.set_num_threads(1)
-    node = _node_for(context, cfg)
+    node = standardized_for(msg, _node_for(context, cfg), _settings(context, cfg))
     shared = without_personal(state_to_numpy(node.model), node.personal_keys)
     received = received_state(msg, shared)
     load_into(node.model, received)
@@ -176,6 +177,10 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
     @app.query("identify")
     def identify(msg: Message, context: Context) -> Message:
         return identify_reply(msg, _node_for(context, cfg))
+
+    @app.query("stats")
+    def stats(msg: Message, context: Context) -> Message:
+        return stats_reply(msg, _node_for(context, cfg))
 
     @app.query("embed")
     def embed(msg: Message, context: Context) -> Message:

@@ -8,14 +8,14 @@ Both build the same model from the run config, so they can be federated together
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-from fed_iotlm.data.dataset import Split
-from fed_iotlm.data.federation import build_layout
+from fed_iotlm.data.federation import NodeSplits, build_layout
+from fed_iotlm.data.preprocess import Standardizer
 from fed_iotlm.experiment import model_spec, train_config
 from fed_iotlm.federation.adapter_sync import adapter_counts, attach_sync_adapters, sync_config
 from fed_iotlm.federation.groups import keys_by_group, node_groups
@@ -46,10 +46,33 @@ class NodeRuntime:
     # adapters' identity initialisation a node starts from
     personal_keys: frozenset[str] = frozenset()
     personal_init: dict[str, np.ndarray] = field(default_factory=dict)
+    # the node's featurized, unstandardised data: what the statistics round sums, and
+    # what the federation's pooled statistics standardise (``train``/``val``/``test``
+    # above use the node's own training statistics until the server sends those)
+    raw: NodeSplits | None = None
+    val: SplitTensors | None = None
+    _views: dict[str, NodeRuntime] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_train(self) -> int:
         return len(self.train)
+
+    def standardized(self, scaler: Standardizer, digest: str) -> NodeRuntime:
+        """This node with its tensors standardised by ``scaler`` (the federation's pooled
+        statistics, identified by ``digest``); built once per statistics, the same
+        model object shared, so the received arrays load into one model."""
+        if digest not in self._views:
+            if self.raw is None:
+                raise RuntimeError(f"node {self.node} keeps no unstandardised data")
+            out = self.raw.standardized(scaler)
+            self._views[digest] = replace(
+                self,
+                train=SplitTensors.from_split(out.train),
+                val=SplitTensors.from_split(out.val),
+                test=SplitTensors.from_split(out.test),
+                _views={},
+            )
+        return self._views[digest]
 
 
 def get_node(cfg: dict, node: int) -> NodeRuntime:
@@ -71,8 +94,7 @@ def _node_cached(cfg_json: str, node: int) -> NodeRuntime:
             f"node {node} is outside the federation of {layout.num_nodes} nodes: set "
             "partition.num_nodes to the number of SuperNodes (options.num-supernodes)"
         )
-    train, test = layout.node_data(node)
-    return _runtime(cfg, node, train, test, layout.num_nodes, source="partition")
+    return _runtime(cfg, node, layout.node_raw(node), layout.num_nodes, source="partition")
 
 
 @lru_cache(maxsize=8)
@@ -86,21 +108,22 @@ def _site_cached(cfg_json: str, site: SiteConfig) -> NodeRuntime:
             "partition.num_nodes in the run config to the number of sites"
         )
     spec = federation_spec(cfg)  # not model_spec: no partitioning in every ClientApp process
-    train, test = load_site(site, spec)
-    return _runtime(cfg, site.partition_id, train, test, num_nodes, source="site", spec=spec)
+    splits = load_site(site, spec, float(cfg["partition"].get("val_fraction", 0.1)))
+    return _runtime(cfg, site.partition_id, splits, num_nodes, source="site", spec=spec)
 
 
 def _runtime(
     cfg: dict,
     node: int,
-    train: Split,
-    test: Split,
+    raw: NodeSplits,
     num_nodes: int,
     *,
     source: str,
     spec: ModelSpec | None = None,
 ) -> NodeRuntime:
-    """Model and parameter groups of a node holding ``train`` (simulated or deployed)."""
+    """Model and parameter groups of a node holding ``raw`` (simulated or deployed)."""
+    own = raw.standardized()  # own statistics until the server's pooled ones arrive
+    train = own.train
     torch.manual_seed(int(cfg["seed"]))
     model = MultisensoryModel(spec or model_spec(cfg))
     labelled = {t: float((v >= 0).sum()) for t, v in train.y.items()}
@@ -122,7 +145,7 @@ def _runtime(
         node=node,
         modalities=list(train.x),
         train=SplitTensors.from_split(train),
-        test=SplitTensors.from_split(test),
+        test=SplitTensors.from_split(own.test),
         model=model,
         group_counts=counts,
         train_cfg=train_config(cfg),
@@ -132,4 +155,6 @@ def _runtime(
         source=source,
         personal_keys=personal_keys,
         personal_init=personal_init,
+        raw=raw,
+        val=SplitTensors.from_split(own.val),
     )

@@ -28,8 +28,14 @@ import numpy as np
 
 from fed_iotlm.data.dataset import Split
 from fed_iotlm.data.exchange import load_dataset
-from fed_iotlm.data.federation import load_experiment_dataset, parse_plan, select_modalities
-from fed_iotlm.data.preprocess import Standardizer, featurize_dataset
+from fed_iotlm.data.federation import (
+    NodeSplits,
+    load_experiment_dataset,
+    parse_plan,
+    select_modalities,
+)
+from fed_iotlm.data.preprocess import featurize_dataset
+from fed_iotlm.data.validation import stratified_holdout
 from fed_iotlm.models.multisensory import ModelSpec
 
 DATA_DIR = "data-dir"
@@ -115,9 +121,10 @@ def federation_spec(cfg: dict) -> ModelSpec:
     return spec_for_dataset(cfg, load_experiment_dataset(cfg["data"], int(cfg["seed"])))
 
 
-def load_site(site: SiteConfig, spec: ModelSpec) -> tuple[Split, Split]:
-    """The site's (train, test), featurized and standardised with its own training
-    statistics exactly as a simulated node's share is (same model inputs either way).
+def load_site(site: SiteConfig, spec: ModelSpec, val_fraction: float = 0.1) -> NodeSplits:
+    """The site's (train, val, test), featurized but not yet standardised, exactly as a
+    simulated node's share is (same model inputs either way): its ``val.npz`` if the
+    directory has one, else a seeded stratified ``val_fraction`` of its training data.
 
     Every way the directory can fail to fit the federation's model is reported with the
     node-config key to fix, because the person reading the error runs the SuperNode.
@@ -144,8 +151,12 @@ def load_site(site: SiteConfig, spec: ModelSpec) -> tuple[Split, Split]:
     train, test = _only_observed(ds.train), _only_observed(ds.test)
     if len(train) == 0:
         raise SiteConfigError(f"data-dir={site.data_dir!r}: no training sample has {mods}")
-    scaler = Standardizer.fit(train)
-    return scaler.transform(train), scaler.transform(test)
+    if ds.val is not None:
+        return NodeSplits(train, _only_observed(ds.val), test)
+    first_task = next(iter(train.y))
+    held = stratified_holdout(train.y[first_task], val_fraction, site.partition_id)
+    keep = np.setdiff1d(np.arange(len(train)), held)
+    return NodeSplits(train.subset(keep), train.subset(held), test)
 
 
 def _check_fits(site: SiteConfig, ds, spec: ModelSpec, mods: list[str]) -> None:

@@ -1,22 +1,28 @@
 """Non-federated reference points in the same harness: local-only and centralized.
 
-Both spend the same optimisation budget as a federated run (``rounds`` × ``epochs``
-passes over the data a model sees) and report through the same :class:`RunRecorder`.
+Both spend the same optimisation budget per round as a federated node (``train.steps``
+optimiser steps, or ``epochs`` passes over the data a model sees) and report through
+the same :class:`RunRecorder`, validation beside test.  Inputs are standardised with
+training statistics only: a local node with its own, the centralized model with the
+pooled training data's (the same statistics the federation's statistics round
+computes); a reference set never with its own unless ``normalization=per_site``.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fed_iotlm.data.federation import build_layout, hide_labels
-from fed_iotlm.data.preprocess import standardize_own
+from fed_iotlm.data.preprocess import Standardizer
+from fed_iotlm.data.reference import ReferenceSets, reference_sets
 from fed_iotlm.evaluation import mean_reports, test_report
 from fed_iotlm.experiment import model_spec, plan_by_node, train_config
-from fed_iotlm.federation.bundle import save_bundle
+from fed_iotlm.federation.bundle import save_bundle, statistics_meta
+from fed_iotlm.federation.normalization import normalization_mode
 from fed_iotlm.federation.records import state_to_numpy
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import (
@@ -26,43 +32,84 @@ from fed_iotlm.models.training import (
     mean_loss,
     train_local,
 )
+from fed_iotlm.protocol import protocol_record
 from fed_iotlm.tracking import RunRecorder
+
+
+@dataclass
+class _LocalNode:
+    """One node of the local-only baseline: its model, data and its view of the
+    reference sets (standardised with ITS training statistics: it knows no others)."""
+
+    model: MultisensoryModel
+    train: SplitTensors
+    own_test: SplitTensors
+    val: SplitTensors
+    test: SplitTensors
 
 
 def run_local_only(cfg: dict, out_dir: Path) -> Path:
     """Each node trains alone on its own modalities; figures are means over nodes."""
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
-    test = SplitTensors.from_split(standardize_own(layout.dataset.test))
+    per_site = normalization_mode(cfg) == "per_site"
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
     nodes = []
     for i in range(layout.num_nodes):
         torch.manual_seed(int(cfg["seed"]) + i)
-        train, own_test = layout.node_data(i)
+        raw = layout.node_raw(i)
+        scaler = Standardizer.fit(raw.train)
+        own = raw.standardized(scaler)
+        refs = reference_sets(layout, None if per_site else scaler, normalization_mode(cfg))
         nodes.append(
-            (
+            _LocalNode(
                 MultisensoryModel(spec),
-                SplitTensors.from_split(train),
-                SplitTensors.from_split(own_test),
+                *(SplitTensors.from_split(s) for s in (own.train, own.test, refs.val, refs.test)),
             )
         )
+    spent = []
     for rnd in range(1, int(cfg["rounds"]) + 1):
-        accs, losses = [], []
-        for i, (model, train, _) in enumerate(nodes):
-            train_local(model, train, tcfg, seed=rnd * 10_007 + i)
-            per_task = evaluate(model, test, layout.plan[i])
+        accs, losses, vals = [], [], []
+        for i, node in enumerate(nodes):
+            spent.append(train_local(node.model, node.train, tcfg, seed=rnd * 10_007 + i))
+            per_task = evaluate(node.model, node.test, layout.plan[i])
             accs.append(mean_accuracy(per_task))
             losses.append(mean_loss(per_task))
-        recorder.log_round(rnd, float(np.mean(accs)), float(np.mean(losses)))
-    reports = [test_report(m, test, layout.plan[i]) for i, (m, _, _) in enumerate(nodes)]
-    by_node = {str(i): mean_accuracy(evaluate(m, t)) for i, (m, _, t) in enumerate(nodes)}
-    model_bytes = sum(v.nbytes for v in state_to_numpy(nodes[0][0]).values())
+            vals.append(mean_accuracy(evaluate(node.model, node.val, layout.plan[i])))
+        recorder.log_round(
+            rnd, float(np.mean(accs)), float(np.mean(losses)), val_accuracy=float(np.mean(vals))
+        )
+    report = mean_reports(
+        [test_report(n.model, n.test, layout.plan[i]) for i, n in enumerate(nodes)]
+    )
+    val = mean_reports([test_report(n.model, n.val, layout.plan[i]) for i, n in enumerate(nodes)])
+    by_node = {str(i): mean_accuracy(evaluate(n.model, n.own_test)) for i, n in enumerate(nodes)}
+    model_bytes = sum(v.nbytes for v in state_to_numpy(nodes[0].model).values())
+    recorder.extra.update(protocol_record(cfg, layout, [], budget=_budget(spent)))
     return recorder.finish(
-        mean_reports(reports),
+        report,
         by_node,
         {"bytes_up_per_node_round": 0, "bytes_down_per_node_round": 0, "model_bytes": model_bytes},
+        val=val,
     )
+
+
+def _budget(spent: list[dict]) -> dict:
+    """Mean steps/examples per training call (per node per round) of a baseline."""
+    return {
+        "steps_per_node_round": float(np.mean([s["steps"] for s in spent])) if spent else None,
+        "examples_per_node_round": float(np.mean([s["examples"] for s in spent]))
+        if spent
+        else None,
+    }
+
+
+def pooled_reference(cfg: dict, layout) -> tuple[Standardizer, ReferenceSets]:
+    """The pooled training statistics (what the statistics round computes) and the
+    reference sets standardised as ``normalization`` says."""
+    scaler = layout.training_sums().standardizer()
+    return scaler, reference_sets(layout, scaler, normalization_mode(cfg))
 
 
 def run_centralized(cfg: dict, out_dir: Path) -> Path:
@@ -73,25 +120,33 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
     model = MultisensoryModel(spec)
     pooled = layout.dataset.train.subset(np.concatenate(layout.train_parts))
     pooled = hide_labels(pooled, layout.label_fraction, int(cfg["seed"]))
-    train = SplitTensors.from_split(standardize_own(pooled))
-    test = SplitTensors.from_split(standardize_own(layout.dataset.test))
+    scaler, refs = pooled_reference(cfg, layout)
+    train = SplitTensors.from_split(scaler.transform(pooled))
+    test, val = SplitTensors.from_split(refs.test), SplitTensors.from_split(refs.val)
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
+    spent = []
     for rnd in range(1, int(cfg["rounds"]) + 1):
-        train_local(model, train, tcfg, seed=rnd)
+        spent.append(train_local(model, train, tcfg, seed=rnd))
         per_task = evaluate(model, test)
-        recorder.log_round(rnd, mean_accuracy(per_task), mean_loss(per_task))
+        val_acc = mean_accuracy(evaluate(model, val))
+        recorder.log_round(rnd, mean_accuracy(per_task), mean_loss(per_task), val_accuracy=val_acc)
     by_node = {}
     for i in range(layout.num_nodes):
-        _, own_test = layout.node_data(i)
+        _, own_test = layout.node_data(i, scaler)
         by_node[str(i)] = mean_accuracy(evaluate(model, SplitTensors.from_split(own_test)))
     state = state_to_numpy(model)
     save_bundle(
         out_dir / "bundle",
         state,
         spec,
-        {"method": "centralized", "dataset": layout.dataset.meta.name},
+        {
+            "method": "centralized",
+            "dataset": layout.dataset.meta.name,
+            **statistics_meta(scaler),
+        },
     )
+    recorder.extra.update(protocol_record(cfg, layout, [], budget=_budget(spent)))
     return recorder.finish(
         test_report(model, test),
         by_node,
@@ -100,6 +155,7 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
             "bytes_down_per_node_round": 0,
             "model_bytes": sum(v.nbytes for v in state.values()),
         },
+        val=test_report(model, val),
     )
 
 
@@ -119,9 +175,10 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
     shared = shared_modality(cfg)
     torch.manual_seed(int(cfg["seed"]))
     model = MultisensoryModel(spec)
-    nodes = [layout.node_data(i) for i in range(layout.num_nodes)]
+    scaler, refs = pooled_reference(cfg, layout)
+    nodes = [layout.node_data(i, scaler) for i in range(layout.num_nodes)]
     trains = [SplitTensors.from_split(tr) for tr, _ in nodes]
-    test = SplitTensors.from_split(standardize_own(layout.dataset.test))
+    test, val = SplitTensors.from_split(refs.test), SplitTensors.from_split(refs.val)
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
     ssl_cfg = replace(tcfg, epochs=int(b["pretrain_epochs"]))
@@ -149,13 +206,16 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
         sources = [BoundData(d, partners[i]) for i, d in enumerate(trains)]
         train_bound(sources, model, tcfg, bcfg, seed=rnd * 10_007)
         per_task = evaluate(model, test)
-        recorder.log_round(rnd, mean_accuracy(per_task), mean_loss(per_task))
+        val_acc = mean_accuracy(evaluate(model, val))
+        recorder.log_round(rnd, mean_accuracy(per_task), mean_loss(per_task), val_accuracy=val_acc)
     by_node = {
         str(i): mean_accuracy(evaluate(model, SplitTensors.from_split(te)))
         for i, (_, te) in enumerate(nodes)
     }
+    recorder.extra.update(protocol_record(cfg, layout, []))
     return recorder.finish(
         test_report(model, test),
         by_node,
         {"bytes_up_per_node_round": 0, "bytes_down_per_node_round": 0},
+        val=test_report(model, val),
     )

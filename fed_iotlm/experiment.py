@@ -71,6 +71,7 @@ def train_config(cfg: dict) -> TrainConfig:
         lr=float(t["lr"]),
         weight_decay=float(t.get("weight_decay", 0.0)),
         task_weights=dict(t.get("task_weights") or {}) or None,
+        steps=None if t.get("steps") is None else int(t["steps"]),
     )
 
 

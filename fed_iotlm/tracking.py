@@ -71,8 +71,19 @@ class RunRecorder:
             )
 
     # -- outputs ------------------------------------------------------------------------
-    def finish(self, test: dict, accuracy_by_node: dict[str, float], comm: dict) -> Path:
-        """Write results.json, the plot, log artifacts, print the table; return the path."""
+    def finish(
+        self,
+        test: dict,
+        accuracy_by_node: dict[str, float],
+        comm: dict,
+        val: dict | None = None,
+    ) -> Path:
+        """Write results.json, the plot, log artifacts, print the table; return the path.
+
+        ``val`` is the same report on the validation reference set: what every choice
+        was made on (``choices`` in ``extra`` says which); test never feeds back."""
+        if val is not None:
+            self.extra["val"] = val
         results = {
             "method": self.cfg["method"],
             "dataset": self.dataset,
@@ -98,6 +109,7 @@ class RunRecorder:
                     **{
                         f"test_{k}": test[k] for k in ("f1_macro", "balanced_accuracy") if k in test
                     },
+                    **({"val_accuracy": val["accuracy"]} if val is not None else {}),
                     **{f"test_accuracy.{m}": v for m, v in test["accuracy_by_modality"].items()},
                     **{f"node_accuracy.{n}": v for n, v in accuracy_by_node.items()},
                 }
@@ -123,6 +135,8 @@ class RunRecorder:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         rounds = [h["round"] for h in self.history]
         ax.plot(rounds, [h["accuracy"] for h in self.history], marker="o", label="test accuracy")
+        if all("val_accuracy" in h for h in self.history):
+            ax.plot(rounds, [h["val_accuracy"] for h in self.history], marker=".", label="val")
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy (mean over tasks)")
         ax.set_ylim(0, 1)

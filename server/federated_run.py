@@ -14,12 +14,13 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fed_iotlm.data.federation import build_layout
-from fed_iotlm.data.preprocess import standardize_own
+from fed_iotlm.data.reference import reference_sets
 from fed_iotlm.diagnostics import diagnostics_config, run_diagnostics
 from fed_iotlm.evaluation import test_report
 from fed_iotlm.experiment import check_method, model_spec
 from fed_iotlm.federation.adapter_sync import sync_meta, sync_model
-from fed_iotlm.federation.bundle import save_bundle
+from fed_iotlm.federation.bundle import save_bundle, statistics_meta
+from fed_iotlm.federation.normalization import norm_record, normalization_mode
 from fed_iotlm.federation.privacy import attach_privacy, privacy_report
 from fed_iotlm.federation.records import (
     load_into,
@@ -31,6 +32,7 @@ from fed_iotlm.federation.records import (
 from fed_iotlm.federation.secure import check_composable
 from fed_iotlm.federation.strategy import ModalityAwareFedAvg, build_strategy
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
+from fed_iotlm.protocol import protocol_record
 from fed_iotlm.tracking import RunRecorder
 
 from .chunked import send_and_receive_chunked
@@ -40,6 +42,7 @@ from .participation import RoundOutcome, round_timeout_s
 from .resume import PRETRAIN, TRAIN, ServerCheckpointer
 from .rounds import identify_nodes, run_rounds
 from .secure_rounds import SecureRounds
+from .statistics import StatisticsGrid, statistics_round
 
 
 def default_out_dir(cfg: dict) -> Path:
@@ -55,12 +58,15 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     layout = build_layout(cfg)
     spec = model_spec(cfg)
     model = sync_model(cfg, spec)  # sync.mode=adapters: frozen encoders + adapters
-    test = SplitTensors.from_split(standardize_own(layout.dataset.test))
     initial = numpy_to_record(state_to_numpy(model))
     wait_s = float(cfg["strategy"].get("wait_for_nodes_s") or 120)
     round_timeout = round_timeout_s(cfg["strategy"])
     wait_for_nodes(grid, layout.num_nodes, wait_s)
     roster = identify_nodes(grid, layout.num_nodes)  # deployed sites report their own plan
+    # input statistics from the nodes' training data; every later message carries them
+    grid, scaler = pooled_statistics(grid, cfg, roster.node_ids.values(), round_timeout)
+    refs = reference_sets(layout, scaler, normalization_mode(cfg))
+    test, val = SplitTensors.from_split(refs.test), SplitTensors.from_split(refs.val)
     # sites that die and come back (maybe under a new node id) are picked up per round
     live = LiveRoster(roster, layout.num_nodes, identify_timeout_s=round_timeout, wait_s=wait_s)
     outcomes: dict[int, RoundOutcome] = {}  # who answered each round (server/participation.py)
@@ -80,7 +86,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         if rnd == 0:
             return None
         load_into(model, record_to_numpy(arrays))
-        per_task = evaluate(model, test)
+        per_task, val_task = evaluate(model, test), evaluate(model, val)
         acc, loss = mean_accuracy(per_task), mean_loss(per_task)
         # screening and robust-aggregation counts of the round (modality-aware strategies)
         stats = strategy.round_metrics(rnd) if isinstance(strategy, ModalityAwareFedAvg) else {}
@@ -91,6 +97,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
                 faults[str(rnd)] = outcomes[rnd].report()
         if secure_rounds is not None:
             stats = {**stats, **secure_rounds.round_metrics(rnd)}
+        stats.update(val_accuracy=mean_accuracy(val_task), val_loss=mean_loss(val_task))
         recorder.log_round(rnd, acc, loss, **stats)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
@@ -149,6 +156,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             "dataset": layout.dataset.meta.name,
             "rounds": int(cfg["rounds"]),
             **sync_meta(cfg),
+            **statistics_meta(scaler),
         },
     )
     if diagnostics_config(cfg).enabled:  # domain-shift diagnostics (off by default)
@@ -163,7 +171,23 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         recorder.extra["robustness"] = strategy.robustness_report()
     if (privacy := privacy_report(strategy)) is not None:
         recorder.extra["privacy"] = privacy
-    return recorder.finish(report, node_accuracy, comm)
+    recorder.extra.update(protocol_record(cfg, layout, recorder.history))
+    return recorder.finish(report, node_accuracy, comm, val=test_report(model, val))
+
+
+def pooled_statistics(grid: Grid, cfg: dict, node_ids, timeout: float):
+    """``normalization=federated``: the statistics round, and a Grid that attaches its
+    result to every later message; ``per_site``: the Grid as it is, no statistics."""
+    if normalization_mode(cfg) != "federated":
+        return grid, None
+    if cfg.get("secagg", {}).get("enabled"):
+        raise ValueError(
+            "secagg.enabled with normalization=federated: the statistics round does not run "
+            "under SecAgg+ yet (its per-node sums would travel in the clear); set "
+            "normalization=per_site"
+        )
+    scaler = statistics_round(grid, node_ids, timeout).standardizer()
+    return StatisticsGrid(grid, norm_record(scaler)), scaler
 
 
 def seed_everything(seed: int) -> None:

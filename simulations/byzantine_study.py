@@ -1,7 +1,7 @@
 """Byzantine study: ``python -m simulations.byzantine_study [--seeds 2]``.
 
 On the default federation (``configs/experiment/default.yaml``: 8 nodes, 4 modalities)
-it runs clean modality-aware FedAvg, then, with 20 % of the nodes attacking (partition
+it runs clean modality-aware FedAvg, then, with 2 of the 8 nodes (25 %) attacking (partition
 ids 0 and 1, scaled ×10 or sign-flipped ×10 updates, :mod:`fed_iotlm.federation.attacks`),
 each aggregation rule: ``mean``, ``median``, ``trimmed_mean`` and ``krum``
 (:mod:`fed_iotlm.federation.robust`).  Every run is a subprocess and is resumable
@@ -24,7 +24,7 @@ from simulations.study_runner import REPO, fmt_mean_std, point_key, run_one
 
 RULES = ("mean", "median", "trimmed_mean", "krum")
 ATTACKS = ("scale", "sign_flip")
-FRACTION = 0.2  # 2 of the default experiment's 8 nodes
+FRACTION = 0.25  # 2 of the default experiment's 8 nodes (attack.fraction rounds to a count)
 SCALE = 10.0
 # per rule, the parameters used here: trim one holder of 4 (an encoder) and two of 8 per
 # side; Krum tolerates the 2 attackers

@@ -36,6 +36,8 @@ SHIFTED = (0, 1, 2)  # node ids the experiment rotates (shift.0.sites)
 # method -> overrides; "personal" is the federated method with site adapters on
 METHODS: dict[str, list[str]] = {
     "federated": ["method=federated"],
+    # the same global model with per-site test-time standardisation (transductive; named)
+    "federated_tta": ["method=federated", "normalization=per_site"],
     "personal": ["method=federated", "personal.enabled=true"],
     "local": ["method=local", "diagnostics.enabled=false"],
 }
@@ -123,7 +125,10 @@ Methods: `federated` (one global model, modality-aware FedAvg); `personal` (the 
 federation, each node also trains rank-4 site adapters — a low-rank residual map on each
 encoder's input channels and a bottleneck on its token — for 1 epoch at 10x the learning
 rate before each round's local training, and keeps them: they are never uploaded;
-`personal.enabled=true`); `local` (each node alone). Accuracy: each node on its own test
+`personal.enabled=true`); `federated_tta` (the same global model, but every node
+standardises with its own statistics instead of the federation's pooled ones:
+`normalization=per_site`, a named test-time adaptation that cancels a site's gain/offset
+by looking at its data); `local` (each node alone). Accuracy: each node on its own test
 data (mean over the two tasks), averaged over the shifted nodes (others in brackets);
 mean ± std over seeds. `personal` spends one extra (adapter-only) epoch per round.
 """

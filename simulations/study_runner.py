@@ -2,7 +2,10 @@
 
 Each run is ``python -m simulations.run`` in its own process so that every federation
 gets a fresh Ray; a run whose results.json exists is not repeated, so an interrupted
-study resumes where it stopped.
+study resumes where it stopped.  The cache is keyed on the code version as well as the
+overrides (commit, and a hash of the uncommitted diff when the tree is dirty), so rows
+computed by different code never sit side by side; :func:`one_code_version` refuses a
+table that would mix them anyway (results copied in by hand).
 """
 
 from __future__ import annotations
@@ -15,12 +18,42 @@ from pathlib import Path
 
 import numpy as np
 
+from fed_iotlm.protocol import code_version
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def point_key(overrides: list[str]) -> str:
-    """Run folder of a point: the same overrides in two sweeps share their runs."""
-    return hashlib.sha1(" ".join(sorted(overrides)).encode()).hexdigest()[:12]
+def point_key(overrides: list[str], version: str | None = None) -> str:
+    """Run folder of a point: the same overrides under the same code version share
+    their runs (``version`` defaults to this checkout's, :func:`code_key`)."""
+    key = f"{version if version is not None else code_key()}|{' '.join(sorted(overrides))}"
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def code_key() -> str:
+    """The commit, plus a hash of the uncommitted diff when the tree is dirty."""
+    version = code_version()
+    if not version["dirty"]:
+        return str(version["commit"])
+    diff = subprocess.run(
+        ["git", "-C", str(REPO), "diff", "HEAD"], capture_output=True, check=False
+    ).stdout
+    return f"{version['commit']}+{hashlib.sha1(diff).hexdigest()[:12]}"
+
+
+def one_code_version(results: list[dict]) -> str:
+    """The code version every result in a table came from, or a clear refusal."""
+    versions = {
+        (r.get("code_version") or {}).get("commit", "unknown")
+        + ("+dirty" if (r.get("code_version") or {}).get("dirty") else "")
+        for r in results
+    }
+    if len(versions) != 1:
+        raise ValueError(
+            f"a table would mix results of {len(versions)} code versions {sorted(versions)}; "
+            "re-run the study at one version"
+        )
+    return versions.pop()
 
 
 def run_one(out: Path, overrides: list[str], *, experiment: str, mlflow_experiment: str) -> dict:
@@ -39,3 +72,20 @@ def run_one(out: Path, overrides: list[str], *, experiment: str, mlflow_experime
 def fmt_mean_std(values: list[float]) -> str:
     """``mean ± std`` (population std, as over seeds) to three decimals."""
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % interval (Student t over seeds; 0 for one)."""
+    from scipy.stats import t as student_t
+
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        return float(v.mean()), 0.0
+    half = student_t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
+    return float(v.mean()), float(half)
+
+
+def fmt_mean_ci(values: list[float]) -> str:
+    """``mean ± std [lo, hi]``: spread over seeds and the 95 % interval of the mean."""
+    mean, half = mean_ci95(values)
+    return f"{fmt_mean_std(values)} [{mean - half:.3f}, {mean + half:.3f}]"

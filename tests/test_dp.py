@@ -77,8 +77,10 @@ def test_clip_update_bounds_the_joint_norm_of_the_groups_sent():
         clip_update({"enc.thermal.w": np.zeros(2, np.float32)}, received, 0.5)
 
 
-def _train_message(arrays: dict, config: dict) -> Message:
+def _train_message(arrays: dict, config: dict, norm=None) -> Message:
     content = RecordDict({"arrays": numpy_to_record(arrays), "config": ConfigRecord(config)})
+    if norm is not None:  # the pooled statistics the server attaches to every message
+        content["norm"] = norm
     metadata = Metadata(
         run_id=1,
         message_id="m1",
@@ -104,14 +106,18 @@ def test_the_client_app_sends_an_update_clipped_relative_to_what_it_received(qui
     from fed_iotlm.experiment import model_spec
     from fed_iotlm.federation.records import state_to_numpy
     from fed_iotlm.models.multisensory import MultisensoryModel
+    from tests.server_side import pooled_norm
 
     cfg = quick_cfg("train.epochs=1")
     received = state_to_numpy(MultisensoryModel(model_spec(cfg)))
+    norm = pooled_norm(cfg)
     app = make_client_app(cfg)
     plain = record_to_numpy(
-        app(_train_message(received, {"server-round": 1}), _context()).content["arrays"]
+        app(_train_message(received, {"server-round": 1}, norm), _context()).content["arrays"]
     )
-    reply = app(_train_message(received, {"server-round": 1, KEY_CLIPPING_NORM: 0.05}), _context())
+    reply = app(
+        _train_message(received, {"server-round": 1, KEY_CLIPPING_NORM: 0.05}, norm), _context()
+    )
     sent = record_to_numpy(reply.content["arrays"])
     assert set(sent) == set(plain) and set(sent) < set(received)  # only node 0's groups
     assert not any(k.startswith(("enc.depth", "enc.thermal")) for k in sent)

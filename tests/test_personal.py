@@ -30,11 +30,12 @@ from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import SplitTensors
 from fed_iotlm.personal import STATE_KEY, PersonalConfig, attach_personal
 from tests.client_mods import train_keys_recorder
+from tests.server_side import pooled_norm
 
 # ----------------------------------------------------------------- an in-process federation
 
 
-def _message(kind: str, arrays: dict, rnd: int, node: int) -> Message:
+def _message(kind: str, arrays: dict, rnd: int, node: int, cfg: dict) -> Message:
     meta = Metadata(
         run_id=1,
         message_id=uuid.uuid4().hex,
@@ -47,7 +48,11 @@ def _message(kind: str, arrays: dict, rnd: int, node: int) -> Message:
         message_type=kind,
     )
     content = RecordDict(
-        {"arrays": numpy_to_record(arrays), "config": ConfigRecord({"server-round": rnd})}
+        {
+            "arrays": numpy_to_record(arrays),
+            "config": ConfigRecord({"server-round": rnd}),
+            "norm": pooled_norm(cfg),  # what the server attaches after its statistics round
+        }
     )
     return Message(content, metadata=meta)
 
@@ -74,7 +79,7 @@ def federate(cfg: dict) -> dict:
     for rnd in range(1, int(cfg["rounds"]) + 1):
         updates = []
         for k in range(n):
-            reply = app(_message("train", state, rnd, k), contexts[k])
+            reply = app(_message("train", state, rnd, k, cfg), contexts[k])
             assert not reply.has_error(), reply.error
             arrays = record_to_numpy(reply.content["arrays"])
             uploaded.append(set(arrays))
@@ -82,7 +87,7 @@ def federate(cfg: dict) -> dict:
         state = aggregate_groups(state, updates).state
     accuracy = {}
     for k in range(n):
-        reply = app(_message("evaluate", state, 0, k), contexts[k])
+        reply = app(_message("evaluate", state, 0, k, cfg), contexts[k])
         accuracy[k] = float(reply.content["metrics"]["accuracy"])
     return {"accuracy": accuracy, "state": state, "contexts": contexts, "uploaded": uploaded}
 
@@ -154,7 +159,7 @@ def test_adapters_stay_on_the_node_and_persist_across_rounds(quick_cfg):
             if k in node.personal_keys:
                 p.zero_()
     app = make_client_app(cfg)
-    app(_message("evaluate", run["state"], 0, 0), run["contexts"][0])
+    app(_message("evaluate", run["state"], 0, 0, cfg), run["contexts"][0])
     own = node.model.state_dict()
     for k, v in stored.items():
         np.testing.assert_array_equal(own[k].numpy(), v)
@@ -162,7 +167,7 @@ def test_adapters_stay_on_the_node_and_persist_across_rounds(quick_cfg):
     fresh = Context(
         run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
     )
-    app(_message("evaluate", run["state"], 0, 0), fresh)
+    app(_message("evaluate", run["state"], 0, 0, cfg), fresh)
     for k, v in node.personal_init.items():
         np.testing.assert_array_equal(node.model.state_dict()[k].numpy(), v)
 

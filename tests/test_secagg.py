@@ -151,7 +151,9 @@ def test_secure_aggregate_equals_plaintext_and_server_sees_no_update(quick_cfg, 
         observed.append(_ObservedGrid(grid))
         return observed[0]
 
-    cfg = quick_cfg("secagg.enabled=true", "rounds=1", "mlflow.enabled=false")
+    cfg = quick_cfg(
+        "secagg.enabled=true", "normalization=per_site", "rounds=1", "mlflow.enabled=false"
+    )
     res_path = run_experiment(cfg, tmp_path / "run", [_plaintext_recorder(capture)], hook)
     entries = [pickle.loads(p.read_bytes()) for p in capture.iterdir()]
     assert sorted(e["partition"] for e in entries) == [0, 1, 2]

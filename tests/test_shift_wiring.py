@@ -43,8 +43,8 @@ def test_default_is_no_shift_and_data_are_bit_identical(quick_cfg):
         for t in want.y:
             assert _same(got.y[t], want.y[t])
     parts = partition_indices(3, "iid", 0, labels=expected.train.y["activity"], natural_ids=None)
-    for a, b in zip(layout.train_parts, parts, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for a, v, b in zip(layout.train_parts, layout.val_parts, parts, strict=True):
+        np.testing.assert_array_equal(np.sort(np.concatenate([a, v])), b)  # + carved val share
     # a config from before the shift feature (no shift keys at all) is the same layout
     old = {k: v for k, v in cfg.items() if k not in ("shift", "shift_unit")}
     assert build_layout(old) is layout

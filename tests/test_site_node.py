@@ -37,7 +37,7 @@ def test_exported_site_trains_on_exactly_its_simulated_share(sites):
         site = get_site_node(cfg, site_config({"partition-id": s.partition_id, "data-dir": s.path}))
         assert site.source == "site" and sim.source == "partition"
         assert site.modalities == sim.modalities == s.modalities
-        for split in ("train", "test"):
+        for split in ("train", "val", "test"):
             a, b = getattr(sim, split), getattr(site, split)
             assert _same(a.x, b.x) and _same(a.mask, b.mask) and _same(a.y, b.y)
         assert site.group_counts == sim.group_counts

@@ -87,8 +87,19 @@ class Split:
 
 @dataclass
 class MultisensoryDataset:
-    """A dataset in memory: its meta plus a train and a test split."""
+    """A dataset in memory: its meta plus a train and a test split, and optionally a
+    validation split (``val.npz``).  Without one, the federation carves a validation
+    share from each node's training data (:mod:`fed_iotlm.data.validation`), so every
+    choice a run makes can be made without looking at test."""
 
     meta: DatasetMeta
     train: Split
     test: Split
+    val: Split | None = None
+
+    def splits(self) -> dict[str, Split]:
+        """The splits present, by name (``val`` only when the dataset has one)."""
+        out = {"train": self.train, "test": self.test}
+        if self.val is not None:
+            out["val"] = self.val
+        return out

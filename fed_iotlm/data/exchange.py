@@ -1,4 +1,5 @@
-"""Read and write the exchange format: ``meta.json`` + ``train.npz`` + ``test.npz``.
+"""Read and write the exchange format: ``meta.json`` + ``train.npz`` + ``test.npz``
+(+ an optional ``val.npz`` with the same keys).
 
 The exchange format is how users bring their own data, so the loader is the one place
 where malformed input is caught.  Everything downstream assumes a :class:`Split` is
@@ -32,7 +33,10 @@ from .modalities import ModalitySpec, TaskSpec, UnknownKindError, check_kind
 
 META_FILE = "meta.json"
 SPLITS: tuple[str, ...] = ("train", "test")
-DATASET_FILES: frozenset[str] = frozenset({META_FILE, *(f"{s}.npz" for s in SPLITS)})
+OPTIONAL_SPLITS: tuple[str, ...] = ("val",)  # read when present, written when the dataset has it
+DATASET_FILES: frozenset[str] = frozenset(
+    {META_FILE, *(f"{s}.npz" for s in SPLITS + OPTIONAL_SPLITS)}
+)
 
 # kind -> the layout of x.<m> as the user should picture it, for error messages
 X_LAYOUT: dict[str, str] = {
@@ -416,7 +420,8 @@ def _check_every_sample_present(path: Path, split: Split, n: int) -> None:
 
 
 def load_dataset(directory: str | os.PathLike[str]) -> MultisensoryDataset:
-    """Load and validate a whole dataset directory (meta, train and test)."""
+    """Load and validate a whole dataset directory (meta, train, test and, when the
+    directory has one, val)."""
     root = Path(directory)
     if not root.is_dir():
         raise _fail(root, "dataset directory not found")
@@ -425,6 +430,7 @@ def load_dataset(directory: str | os.PathLike[str]) -> MultisensoryDataset:
         meta=meta,
         train=load_split(root, meta, "train"),
         test=load_split(root, meta, "test"),
+        val=load_split(root, meta, "val") if (root / "val.npz").is_file() else None,
     )
 
 
@@ -440,7 +446,7 @@ def save_dataset(ds: MultisensoryDataset, directory: str | os.PathLike[str]) -> 
     """
     target = Path(directory).absolute()
     _check_replaceable(target)
-    arrays = {s: _split_arrays(ds.meta, getattr(ds, s), s) for s in SPLITS}
+    arrays = {s: _split_arrays(ds.meta, split, s) for s, split in ds.splits().items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(target, "tmp")
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would survive the rename
@@ -448,7 +454,7 @@ def save_dataset(ds: MultisensoryDataset, directory: str | os.PathLike[str]) -> 
         (tmp / META_FILE).write_text(
             json.dumps(ds.meta.to_json(), indent=2) + "\n", encoding="utf-8"
         )
-        for s in SPLITS:
+        for s in arrays:
             with open(tmp / f"{s}.npz", "wb") as fh:
                 np.savez(fh, **arrays[s])
         _swap_into_place(tmp, target)

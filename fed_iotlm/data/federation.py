@@ -36,9 +36,10 @@ import numpy as np
 from .dataset import MultisensoryDataset, Split
 from .exchange import load_dataset
 from .partition import modality_plan, partition_indices
-from .preprocess import Standardizer, featurize_dataset
+from .preprocess import ChannelSums, Standardizer, featurize_dataset
 from .shift import apply_shifts, parse_shift_config, site_ids_from_parts
 from .synthetic import SyntheticConfig, make_synthetic
+from .validation import DEFAULT_VAL_FRACTION, carve_validation, check_val_fraction
 
 SHIFT_UNITS = ("node", "site")
 
@@ -93,19 +94,38 @@ def select_modalities(ds: MultisensoryDataset, keep: list[str]) -> MultisensoryD
     if unknown:
         raise ValueError(f"data.modalities names {unknown}, not in {list(ds.meta.modalities)}")
     meta = replace(ds.meta, modalities={m: ds.meta.modalities[m] for m in keep})
-    splits = []
-    for split in (ds.train, ds.test):
+    splits = {}
+    for name, split in ds.splits().items():
         sub = split.keep_modalities(keep)
         present = sub.present_any()
         if not present.any():
-            raise ValueError(f"data.modalities={keep}: no sample has any of them")
-        splits.append(sub if present.all() else sub.subset(np.nonzero(present)[0]))
-    return MultisensoryDataset(meta, splits[0], splits[1])
+            raise ValueError(f"data.modalities={keep}: no {name} sample has any of them")
+        splits[name] = sub if present.all() else sub.subset(np.nonzero(present)[0])
+    return MultisensoryDataset(meta, splits["train"], splits["test"], splits.get("val"))
+
+
+@dataclass
+class NodeSplits:
+    """One node's featurized, NOT yet standardised data: what it holds at its site."""
+
+    train: Split  # labels hidden beyond ``label_fraction``
+    val: Split  # the node's validation share (labelled, never trained on)
+    test: Split
+
+    def standardized(self, scaler: Standardizer | None = None) -> NodeSplits:
+        """Every split standardised with ``scaler`` (default: the node's own training
+        statistics, ``normalization=per_site``)."""
+        scaler = scaler or Standardizer.fit(self.train)
+        return NodeSplits(*(scaler.transform(s) for s in (self.train, self.val, self.test)))
 
 
 @dataclass
 class FederationLayout:
-    """Dataset plus, per node, its modalities and its train/test sample indices."""
+    """Dataset plus, per node, its modalities and its train/val/test sample indices.
+
+    ``val_parts`` index ``dataset.val`` when the dataset brought a ``val.npz``
+    (``val_source == "val"``), else ``dataset.train``: the shares carved from each
+    node's training data (``val_source == "train"``), never in ``train_parts``."""
 
     dataset: MultisensoryDataset
     plan: list[list[str]]
@@ -118,21 +138,53 @@ class FederationLayout:
     test_sites: np.ndarray | None = None
     shift: list = field(default_factory=list)  # the shift config (plain entries)
     shift_unit: str = "node"
+    val_parts: list[np.ndarray] = field(default_factory=list)
+    val_source: str = "train"
+    val_sites: np.ndarray | None = None
 
     @property
     def num_nodes(self) -> int:
         return len(self.plan)
 
-    def node_data(self, node: int) -> tuple[Split, Split]:
-        """Node ``node``'s (train, test) with only its modalities, standardised with its
-        own training statistics, and training labels hidden beyond ``label_fraction``."""
+    @property
+    def val_pool(self) -> Split:
+        """The split ``val_parts`` index into."""
+        return self.dataset.train if self.val_source == "train" else self.dataset.val
+
+    def val_split(self) -> Split:
+        """The global validation reference set: every node's validation share, with all
+        modalities (the counterpart of ``dataset.test``), unstandardised."""
+        return self.val_pool.subset(np.concatenate(self.val_parts))
+
+    def val_split_sites(self) -> np.ndarray | None:
+        """The site of each sample of :meth:`val_split` (per-site test-time adaptation)."""
+        sites = self.train_sites if self.val_source == "train" else self.val_sites
+        return None if sites is None else sites[np.concatenate(self.val_parts)]
+
+    def node_raw(self, node: int) -> NodeSplits:
+        """Node ``node``'s (train, val, test) with only its modalities, featurized but not
+        standardised, and training labels hidden beyond ``label_fraction``."""
         mods = self.plan[node]
         train = self.dataset.train.subset(self.train_parts[node]).keep_modalities(mods)
+        val = self.val_pool.subset(self.val_parts[node]).keep_modalities(mods)
         test = self.dataset.test.subset(self.test_parts[node]).keep_modalities(mods)
-        train, test = _only_observed(train), _only_observed(test)
+        train, val, test = _only_observed(train), _only_observed(val), _only_observed(test)
         train = hide_labels(train, self.label_fraction, self.seed * 1000 + node)
-        scaler = Standardizer.fit(train)
-        return scaler.transform(train), scaler.transform(test)
+        return NodeSplits(train, val, test)
+
+    def node_data(self, node: int, scaler: Standardizer | None = None) -> tuple[Split, Split]:
+        """Node ``node``'s standardised (train, test): with ``scaler`` (the federation's
+        pooled statistics) or, by default, its own training statistics."""
+        out = self.node_raw(node).standardized(scaler)
+        return out.train, out.test
+
+    def training_sums(self) -> ChannelSums:
+        """Σ over nodes of their training data's per-channel sums: exactly what the
+        statistics round computes over the wire, for runs without a Grid (baselines)."""
+        total = ChannelSums({}, {}, {})
+        for node in range(self.num_nodes):
+            total = total + ChannelSums.of(self.node_raw(node).train)
+        return total
 
 
 def _only_observed(split: Split) -> Split:
@@ -204,32 +256,48 @@ def _layout_cached(key: str) -> FederationLayout:
     )
     # shifts change inputs only (labels, sites and sample order stay), so partitioning
     # the raw dataset gives the same parts as partitioning the featurized one
-    parts = [_partition(split, part, num_nodes, seed, raw) for split in (raw.train, raw.test)]
+    splits = raw.splits()  # train, test (, val)
+    parts = {name: _partition(split, part, num_nodes, seed, raw) for name, split in splits.items()}
+    val_fraction = check_val_fraction(part.get("val_fraction", DEFAULT_VAL_FRACTION))
+    if raw.val is None:  # each node holds back a stratified share of its training data
+        by = part.get("label_task") or next(iter(raw.meta.tasks))
+        parts["train"], parts["val"] = carve_validation(
+            parts["train"], raw.train.y[by], val_fraction, seed
+        )
     unit, entries = cfg["shift_unit"], cfg["shift"]
-    sites = [
-        _site_ids(split, p, unit) for split, p in zip((raw.train, raw.test), parts, strict=True)
-    ]
-    if entries:
-        if unit == "site" and any(s is None for s in sites):
-            raise ValueError("shift_unit=site needs a 'site' array in the dataset; use node")
-        shifted = [
-            apply_shifts(split, s, entries, seed, specs=raw.meta.modalities)
-            for split, s in zip((raw.train, raw.test), sites, strict=True)
+    # a carved share is still part of the training split and of its node's site
+    site_parts = dict(parts)
+    if raw.val is None:
+        site_parts["train"] = [
+            np.concatenate([t, v]) for t, v in zip(parts["train"], parts["val"], strict=True)
         ]
-        ds = featurize_dataset(MultisensoryDataset(raw.meta, shifted[0], shifted[1]))
+    sites = {name: _site_ids(split, site_parts[name], unit) for name, split in splits.items()}
+    if entries:
+        if unit == "site" and any(s is None for s in sites.values()):
+            raise ValueError("shift_unit=site needs a 'site' array in the dataset; use node")
+        shifted = {
+            name: apply_shifts(split, sites[name], entries, seed, specs=raw.meta.modalities)
+            for name, split in splits.items()
+        }
+        ds = featurize_dataset(
+            MultisensoryDataset(raw.meta, shifted["train"], shifted["test"], shifted.get("val"))
+        )
     else:  # exactly the pre-shift code path: bit-identical data
         ds = load_experiment_dataset(cfg["data"], seed)
     return FederationLayout(
         ds,
         plan,
-        parts[0],
-        parts[1],
+        parts["train"],
+        parts["test"],
         float(part.get("label_fraction", 1.0)),
         seed,
-        train_sites=sites[0],
-        test_sites=sites[1],
+        train_sites=sites["train"],
+        test_sites=sites["test"],
         shift=entries,
         shift_unit=unit,
+        val_parts=parts["val"],
+        val_source="train" if raw.val is None else "val",
+        val_sites=sites.get("val"),
     )
 
 

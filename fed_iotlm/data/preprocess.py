@@ -4,10 +4,15 @@ Two steps, deliberately separated:
 
 * :func:`featurize` is stateless (audio waveform -> log-mel sequence); it can run
   anywhere, once, because it learns nothing from the data.
-* :class:`Standardizer` learns per-channel statistics.  Each node fits it on *its own*
-  training data only, so no statistic of another node's data ever reaches it.  An
-  evaluation set is treated the same way as a new site: it standardises with its own
-  statistics.
+* :class:`Standardizer` learns per-channel statistics from TRAINING data only.  By
+  default (``normalization=federated``) they are the federation's pooled statistics:
+  each node sends per-channel sums, sums of squares and counts (:class:`ChannelSums`,
+  summed over the nodes that hold a modality like any parameter group, so secure
+  aggregation could compute them), and every node, a new site and the global
+  validation/test reference sets use the result.  No evaluation set is ever
+  standardised with its own statistics unless asked: ``normalization=per_site`` is a
+  named test-time adaptation (each node its own training statistics, each site of a
+  reference set its own statistics; transductive), off by default.
 """
 
 from __future__ import annotations
@@ -100,10 +105,13 @@ def featurize_split(split: Split, specs: dict[str, ModalitySpec]) -> Split:
 
 
 def featurize_dataset(ds: MultisensoryDataset) -> MultisensoryDataset:
-    """Featurize both splits of a dataset (stateless, so it may run before partitioning)."""
+    """Featurize every split of a dataset (stateless, so it may run before partitioning)."""
     specs = ds.meta.modalities
     return MultisensoryDataset(
-        ds.meta, featurize_split(ds.train, specs), featurize_split(ds.test, specs)
+        ds.meta,
+        featurize_split(ds.train, specs),
+        featurize_split(ds.test, specs),
+        None if ds.val is None else featurize_split(ds.val, specs),
     )
 
 
@@ -145,13 +153,122 @@ class Standardizer:
         return cls(mean, std)
 
     def transform(self, split: Split) -> Split:
+        """``split`` standardised; a modality no statistics cover (held by no training
+        node) is left on its raw scale rather than refused: its encoder never trained."""
         x = {}
         for m, arr in split.x.items():
+            if m not in self.mean:
+                x[m] = np.where(_expand(split.mask[m], arr.ndim), arr, 0.0).astype(np.float32)
+                continue
             z = (arr - self.mean[m]) / self.std[m]
             x[m] = np.where(_expand(split.mask[m], arr.ndim), z, 0.0).astype(np.float32)
         return replace(split, x=x)
 
 
 def standardize_own(split: Split) -> Split:
-    """Standardise a split with statistics fitted on itself (a node's or a site's rule)."""
+    """Standardise a split with statistics fitted on itself: transductive, so only for
+    the named test-time adaptation (:func:`standardize_per_site`) and data with no
+    training statistics at all (a question about one sample in ``fed-iotlm ask``)."""
     return Standardizer.fit(split).transform(split)
+
+
+def standardize_per_site(split: Split, sites: np.ndarray | None) -> Split:
+    """Test-time adaptation ``normalization=per_site``: every site's samples are
+    standardised with that site's own statistics (the whole split if ``sites`` is None).
+    It cancels a site's gain/offset shift by looking at its test data; reported as such."""
+    if sites is None:
+        return standardize_own(split)
+    out = {m: np.zeros_like(v, dtype=np.float32) for m, v in split.x.items()}
+    for site in np.unique(sites):
+        idx = np.flatnonzero(sites == site)
+        part = standardize_own(split.subset(idx))
+        for m in out:
+            out[m][idx] = part.x[m]
+    return replace(split, x=out)
+
+
+@dataclass
+class ChannelSums:
+    """Per-channel sum, sum of squares and count of one or more nodes' training data.
+
+    What a node sends in the statistics round: additive, so the server (or secure
+    aggregation) only ever needs the sum over the nodes that hold a modality.  float64,
+    so sums over many nodes do not lose the variance to cancellation."""
+
+    total: dict[str, np.ndarray]
+    squares: dict[str, np.ndarray]
+    count: dict[str, float]
+
+    @classmethod
+    def of(cls, split: Split) -> ChannelSums:
+        total, squares, count = {}, {}, {}
+        for m, arr in split.x.items():
+            present = arr[split.mask[m]].astype(np.float64)
+            if present.shape[0] == 0:
+                continue  # a node without this modality sends nothing for it
+            axes = _channel_axes(arr.ndim)
+            total[m] = present.sum(axis=axes, keepdims=True)
+            squares[m] = np.square(present).sum(axis=axes, keepdims=True)
+            count[m] = float(present.size / total[m].size)
+        return cls(total, squares, count)
+
+    def __add__(self, other: ChannelSums) -> ChannelSums:
+        total, squares, count = dict(self.total), dict(self.squares), dict(self.count)
+        for m in other.total:
+            if m in total:
+                total[m] = total[m] + other.total[m]
+                squares[m] = squares[m] + other.squares[m]
+                count[m] = count[m] + other.count[m]
+            else:
+                total[m], squares[m], count[m] = other.total[m], other.squares[m], other.count[m]
+        return ChannelSums(total, squares, count)
+
+    def standardizer(self, eps: float = 1e-6) -> Standardizer:
+        """Mean and std per channel of the pooled data these sums describe."""
+        mean, std = {}, {}
+        for m, n in self.count.items():
+            mu = self.total[m] / n
+            var = np.maximum(self.squares[m] / n - np.square(mu), 0.0)
+            mean[m] = mu.astype(np.float32)
+            std[m] = np.maximum(np.sqrt(var), eps).astype(np.float32)
+        return Standardizer(mean, std)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat arrays for the wire: ``sum.<m>``, ``sumsq.<m>``, ``count.<m>``."""
+        out: dict[str, np.ndarray] = {}
+        for m in self.total:
+            out[f"sum.{m}"] = self.total[m]
+            out[f"sumsq.{m}"] = self.squares[m]
+            out[f"count.{m}"] = np.array([self.count[m]], dtype=np.float64)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ChannelSums:
+        """Inverse of :meth:`to_arrays`; a reply missing a key is named in the error."""
+        total, squares, count = {}, {}, {}
+        for key, value in arrays.items():
+            kind, _, m = key.partition(".")
+            if kind != "sum":
+                continue
+            for need in (f"sumsq.{m}", f"count.{m}"):
+                if need not in arrays:
+                    raise ValueError(f"statistics reply has {key} but no {need}")
+            total[m] = np.asarray(value, dtype=np.float64)
+            squares[m] = np.asarray(arrays[f"sumsq.{m}"], dtype=np.float64)
+            count[m] = float(np.asarray(arrays[f"count.{m}"]).reshape(-1)[0])
+        return cls(total, squares, count)
+
+
+def standardizer_to_arrays(scaler: Standardizer) -> dict[str, np.ndarray]:
+    """``mean.<m>``/``std.<m>`` arrays: how the pooled statistics travel to the nodes."""
+    out = {f"mean.{m}": v for m, v in scaler.mean.items()}
+    out.update({f"std.{m}": v for m, v in scaler.std.items()})
+    return out
+
+
+def standardizer_from_arrays(arrays: dict[str, np.ndarray]) -> Standardizer:
+    mean = {k[5:]: np.asarray(v, np.float32) for k, v in arrays.items() if k.startswith("mean.")}
+    std = {k[4:]: np.asarray(v, np.float32) for k, v in arrays.items() if k.startswith("std.")}
+    if set(mean) != set(std):
+        raise ValueError(f"normalisation arrays: means for {sorted(mean)}, stds for {sorted(std)}")
+    return Standardizer(mean, std)

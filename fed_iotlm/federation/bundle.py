@@ -12,6 +12,11 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from fed_iotlm.atomic import atomic_write
+from fed_iotlm.data.preprocess import (
+    Standardizer,
+    standardizer_from_arrays,
+    standardizer_to_arrays,
+)
 from fed_iotlm.models.multisensory import ModelSpec, MultisensoryModel
 
 from .records import load_into
@@ -51,3 +56,22 @@ def load_bundle(directory: Path) -> tuple[MultisensoryModel, dict]:
         attach_sync_adapters(model, SyncConfig(**fields), int(seed))
     load_into(model, load_file(str(directory / WEIGHTS)))
     return model, doc
+
+
+def statistics_meta(scaler: Standardizer | None) -> dict:
+    """The pooled input statistics the bundle's encoders were trained on, for its
+    ``model.json``: whoever uses the bundle (the LM stage, ``fed-iotlm ask``, a new
+    site) standardises its inputs with these rather than with their own data's."""
+    if scaler is None:
+        return {}
+    arrays = standardizer_to_arrays(scaler)
+    return {"input_statistics": {k: np.asarray(v).tolist() for k, v in arrays.items()}}
+
+
+def bundle_standardizer(doc: dict) -> Standardizer | None:
+    """The statistics :func:`statistics_meta` stored (None for bundles without them:
+    ``normalization=per_site`` runs and bundles from before they were recorded)."""
+    stats = doc.get("input_statistics")
+    if not stats:
+        return None
+    return standardizer_from_arrays({k: np.asarray(v, np.float32) for k, v in stats.items()})

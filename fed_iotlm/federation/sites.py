@@ -74,8 +74,11 @@ def export_sites(cfg: dict, out_dir: Path, *, force: bool = False) -> list[SiteE
         mods = list(layout.plan[i])
         train = _observed(raw.train.subset(layout.train_parts[i]).keep_modalities(mods))
         test = _observed(raw.test.subset(layout.test_parts[i]).keep_modalities(mods))
+        pool = raw.train if layout.val_source == "train" else raw.val
+        val = _observed(pool.subset(layout.val_parts[i]).keep_modalities(mods))
         train = hide_labels(train, layout.label_fraction, layout.seed * 1000 + i)
         meta = replace(raw.meta, modalities={m: raw.meta.modalities[m] for m in mods})
-        save_dataset(MultisensoryDataset(meta, train, test), target)
+        # the node's validation share goes along, so the site validates on what it did
+        save_dataset(MultisensoryDataset(meta, train, test, val), target)
         written.append(SiteExport(target, i, mods, len(train), len(test)))
     return written

@@ -102,7 +102,7 @@ class ModalityAwareFedAvg(FedAvg):
         self.rejections[server_round] = [r.reason for r in screened.rejected]
         for r in screened.rejected:
             log(WARNING, "aggregate_train: round %s: dropped %s", server_round, r.reason)
-        stats = screened.metrics()
+        stats = {**screened.metrics(), **budget_metrics(valid)}
         self.round_stats[server_round] = stats
         if not screened.accepted:
             log(WARNING, "aggregate_train: every update was rejected; the model stays as it was")
@@ -283,3 +283,17 @@ def build_strategy(method: str, cfg: dict, num_nodes: int) -> FedAvg:
             "flwr's plain FedAvg baseline"
         )
     return strategy
+
+
+def budget_metrics(replies: list[Message]) -> dict[str, float]:
+    """Mean optimiser steps and examples per answering node this round (what the nodes
+    report), so results.json shows each method's training budget."""
+    steps, seen = [], []
+    for msg in replies:
+        metrics = _metric_record(msg)
+        if "steps" in metrics:
+            steps.append(float(metrics["steps"]))
+            seen.append(float(metrics.get("examples", 0.0)))
+    if not steps:
+        return {}
+    return {"steps_per_node": float(np.mean(steps)), "examples_per_node": float(np.mean(seen))}

@@ -6,7 +6,7 @@ free of DataLoader overhead on the small models this runs on 2 CPU cores.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
     task_weights: dict[str, float] | None = None
+    steps: int | None = None  # optimiser steps per node per round; None = epochs over the data
 
 
 def train_local(
@@ -66,36 +67,68 @@ def train_local(
     *,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Train ``model`` in place on labelled samples; returns mean loss and labelled counts.
+    """Train ``model`` in place on labelled samples; returns mean loss, labelled count,
+    and the budget spent (``steps``, ``examples``) so equal budgets can be checked.
 
-    With ``proximal_mu > 0`` the FedProx term (mu/2)·||w - w_start||² keeps the node
-    close to the global model it received.
+    ``cfg.steps`` fixes the optimiser steps per call whatever the node holds (a node
+    with 20 labels and one with 2000 then get the same budget); otherwise ``epochs``
+    passes over the labelled samples.  With ``proximal_mu > 0`` the FedProx term
+    (mu/2)·||w - w_start||² keeps the node close to the global model it received.
     """
     labelled = torch.zeros(len(data), dtype=torch.bool)
     for y in data.y.values():
         labelled |= y.cpu() >= 0
     index = torch.nonzero(labelled).squeeze(1)
     if index.numel() == 0:
-        return {"train_loss": 0.0, "num_labelled": 0.0}
+        return {"train_loss": 0.0, "num_labelled": 0.0, "steps": 0.0, "examples": 0.0}
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    for _ in range(cfg.epochs):
-        order = index[torch.randperm(index.numel(), generator=gen)]
-        for start in range(0, order.numel(), cfg.batch_size):
-            x, mask, y = data.batch(order[start : start + cfg.batch_size])
-            loss, _ = multitask_loss(model(x, mask), y, cfg.task_weights)
-            if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
-                loss = loss + 0.5 * cfg.proximal_mu * prox
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    return {"train_loss": float(np.mean(losses)), "num_labelled": float(index.numel())}
+    seen = 0
+    for batch in batch_schedule(index, cfg, gen):
+        x, mask, y = data.batch(batch)
+        loss, _ = multitask_loss(model(x, mask), y, cfg.task_weights)
+        if anchor is not None:
+            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+            loss = loss + 0.5 * cfg.proximal_mu * prox
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        seen += int(batch.numel())
+    return {
+        "train_loss": float(np.mean(losses)) if losses else 0.0,
+        "num_labelled": float(index.numel()),
+        "steps": float(len(losses)),
+        "examples": float(seen),
+    }
+
+
+def batch_schedule(
+    index: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """The batches of one local training call: ``cfg.steps`` batches drawn from fresh
+    permutations of ``index`` one after another (a step budget), or ``cfg.epochs``
+    whole passes when no step budget is set."""
+    n = index.numel()
+    if cfg.steps is None:
+        for _ in range(cfg.epochs):
+            order = index[torch.randperm(n, generator=gen)]
+            yield from order.split(cfg.batch_size)
+        return
+    if cfg.steps < 0:
+        raise ValueError(f"train.steps must be >= 0 or null, got {cfg.steps}")
+    done = 0
+    while done < cfg.steps:
+        order = index[torch.randperm(n, generator=gen)]
+        for batch in order.split(cfg.batch_size):
+            if done == cfg.steps:
+                return
+            yield batch
+            done += 1
 
 
 @torch.no_grad()

@@ -1,0 +1,85 @@
+"""What a reader needs before trusting a figure, recorded in every results.json.
+
+* ``protocol``: where validation data came from (a dataset's ``val.npz`` or shares
+  carved from the nodes' training data), how inputs were standardised, and every
+  choice the run made with the split it was made on.  Test is evaluated after the
+  choices and never feeds back.
+* ``budget``: optimiser steps and examples seen per node per round (mean over the
+  nodes that trained), so methods compared side by side can be seen to have had the
+  same budget.
+* ``code_version``: the commit and whether the tree had uncommitted changes; study
+  tables refuse to mix versions.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from fed_iotlm.data.federation import FederationLayout
+from fed_iotlm.federation.normalization import normalization_mode
+
+REPO = Path(__file__).resolve().parents[1]
+
+# what the federation itself chooses: nothing; the model reported is the last round's
+FINAL_MODEL_CHOICE = {"model": "last round (fixed budget, no selection)"}
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict:
+    """``{"commit": sha, "dirty": bool}`` of the checkout this code runs from, or
+    ``{"commit": None, "dirty": None}`` outside a git checkout (an installed wheel)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        status = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def budget_from_history(history: list[dict]) -> dict:
+    """Mean steps and examples per node per round over the rounds that reported them."""
+    steps = [h["steps_per_node"] for h in history if "steps_per_node" in h]
+    seen = [h["examples_per_node"] for h in history if "examples_per_node" in h]
+    return {
+        "steps_per_node_round": float(np.mean(steps)) if steps else None,
+        "examples_per_node_round": float(np.mean(seen)) if seen else None,
+    }
+
+
+def protocol_record(
+    cfg: dict,
+    layout: FederationLayout,
+    history: list[dict],
+    choices: dict | None = None,
+    budget: dict | None = None,
+) -> dict:
+    """The ``protocol``, ``budget`` and ``code_version`` keys of results.json."""
+    train = cfg.get("train", {})
+    return {
+        "protocol": {
+            "normalization": normalization_mode(cfg),
+            "val_source": "val.npz" if layout.val_source == "val" else "carved from node train",
+            "val_fraction": float(cfg["partition"].get("val_fraction", 0.1)),
+            "val_samples": int(sum(len(p) for p in layout.val_parts)),
+            "choices": dict(choices or FINAL_MODEL_CHOICE),
+            "choices_made_on": "val",
+            "test_feeds_back": False,
+        },
+        "budget": {
+            "epochs": train.get("epochs"),
+            "steps": train.get("steps"),
+            "batch_size": train.get("batch_size"),
+            **(budget if budget is not None else budget_from_history(history)),
+        },
+        "code_version": code_version(),
+    }

@@ -1,0 +1,76 @@
+"""The statistics round and the Grid that carries its result to every node.
+
+One ``query.stats`` message per node (a chunk at a time, :mod:`.chunked`); the replies'
+per-channel sums are added up (:class:`~fed_iotlm.data.preprocess.ChannelSums`), which
+is all a secure aggregate would reveal too.  :class:`StatisticsGrid` then attaches the
+pooled mean/std to every message the server sends afterwards (train, evaluate, MMBind
+phases, roll calls of rejoining sites), so a node never needs to remember them: a site
+that restarts gets them with its next message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fed_iotlm.data.preprocess import ChannelSums
+from fed_iotlm.federation.normalization import NORM_KEY, STATS_MESSAGE, sums_from_record
+
+from .chunked import send_and_receive_chunked
+from .membership import LiveNodesGrid
+
+
+def statistics_round(grid: Grid, node_ids: Iterable[int], timeout: float) -> ChannelSums:
+    """Σ over nodes of their training data's per-channel sums; every node must answer
+    (statistics from some sites only would standardise the others' data wrongly)."""
+    ids = list(node_ids)
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord()}),
+            message_type=STATS_MESSAGE,
+            dst_node_id=node_id,
+        )
+        for node_id in ids
+    ]
+    replies = send_and_receive_chunked(grid, messages, timeout=timeout)
+    failed = [r.metadata.src_node_id for r in replies if r.has_error()]
+    if failed or len(replies) < len(ids):
+        raise RuntimeError(
+            f"statistics round: {len(ids) - len(replies)} node(s) did not answer and "
+            f"{len(failed)} failed ({failed}); the pooled input statistics need every node"
+        )
+    total = ChannelSums({}, {}, {})
+    for reply in replies:
+        total = total + sums_from_record(reply.content.array_records["stats"])
+    log(INFO, "statistics round: %s nodes, modalities %s", len(replies), sorted(total.count))
+    return total
+
+
+class StatisticsGrid(LiveNodesGrid):
+    """A Grid that adds the pooled statistics (``norm``) to every message it sends."""
+
+    def __init__(self, inner: Grid, norm: ArrayRecord) -> None:
+        super().__init__(inner, [])
+        self.norm = norm
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def _stamp(self, messages: Iterable[Message]) -> list[Message]:
+        out = list(messages)
+        for msg in out:
+            if NORM_KEY not in msg.content.array_records:
+                msg.content[NORM_KEY] = self.norm
+        return out
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(self._stamp(messages))
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.inner.send_and_receive(self._stamp(messages), timeout=timeout)
