@@ -10,16 +10,14 @@ that succeeds is one that ``data=npz data.path=DST`` will accept.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..dataset import MultisensoryDataset, Split
-from ..exchange import DATASET_FILES, load_dataset, load_split, save_dataset
+from ..exchange import load_dataset, save_dataset
 from ..modalities import KINDS, RAW_SAMPLE_RANK, check_kind
 
 
@@ -67,9 +65,6 @@ class ImportResult:
         return "\n".join(lines)
 
 
-VAL_FILE = "val.npz"
-
-
 def write_checked(
     ds: MultisensoryDataset,
     dst: str | os.PathLike[str],
@@ -79,65 +74,13 @@ def write_checked(
     """Write ``ds`` atomically in the exchange format and load it back validated.
 
     With ``val``, a ``val.npz`` (same keys as ``train.npz``) is written beside the other
-    files inside the same staged directory, so the three splits appear together or not
-    at all: a release that defines its own validation data keeps it, and no run has to
-    carve one out of training data.
+    files by the same atomic writer, so the three splits appear together or not at all:
+    a release that defines its own validation data keeps it, and no run has to carve
+    one out of training data.
     """
-    if val is None:
-        path = save_dataset(ds, dst)
-        return ImportResult(path=path, dataset=load_dataset(path), notes=list(notes))
-    target = Path(dst).absolute()
-    _check_replaceable_with_val(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staged = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    val_staged = target.parent / f".{target.name}.val-{uuid.uuid4().hex}"
-    try:
-        save_dataset(ds, staged)
-        # the val split goes through the same writer (as a train split) so its keys
-        # and missing-value spelling are exactly those of train.npz
-        save_dataset(MultisensoryDataset(ds.meta, val, ds.test), val_staged)
-        os.rename(val_staged / "train.npz", staged / VAL_FILE)
-        _move_into_place(staged, target)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.rmtree(val_staged, ignore_errors=True)
-    loaded = load_dataset(target)
-    return ImportResult(
-        path=target,
-        dataset=loaded,
-        notes=list(notes),
-        val=load_split(target, loaded.meta, "val"),
-    )
-
-
-def _check_replaceable_with_val(target: Path) -> None:
-    """Like the exchange writer's check: replace only a directory of dataset files."""
-    if not target.exists() and not target.is_symlink():
-        return
-    if target.is_symlink() or not target.is_dir():
-        raise ValueError(f"{target}: exists and is not a directory; refusing to replace it")
-    allowed = DATASET_FILES | {VAL_FILE}
-    foreign = sorted(p.name for p in target.iterdir() if p.name not in allowed)
-    if foreign:
-        raise ValueError(
-            f"{target}: holds files that are not part of a dataset {foreign}; "
-            "refusing to replace it"
-        )
-
-
-def _move_into_place(staged: Path, target: Path) -> None:
-    """Rename ``staged`` onto ``target``, an old ``target`` moved aside and restored on failure."""
-    if not target.exists():
-        os.rename(staged, target)
-        return
-    backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-    os.rename(target, backup)
-    try:
-        os.rename(staged, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
+    path = save_dataset(ds if val is None else replace(ds, val=val), dst)
+    loaded = load_dataset(path)
+    return ImportResult(path=path, dataset=loaded, notes=list(notes), val=loaded.val)
 
 
 def parse_assignments(values: Iterable[str] | None, option: str) -> dict[str, str]:
