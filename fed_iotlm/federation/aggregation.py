@@ -80,7 +80,7 @@ def aggregate_groups(
             if acc is None:
                 sums[key] = _first_term(value, n)
             elif acc.dtype == np.float32:
-                sums[key] = _saxpy(value.reshape(-1), acc, a=n)
+                axpy_in_place(acc, value.reshape(-1), n)
             else:
                 acc += value.reshape(-1) * n
         for g, n in node_weight.items():

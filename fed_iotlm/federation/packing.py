@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
@@ -179,7 +179,6 @@ class PackedUpdate:
     counts: Mapping[str, float]
     layout: ModelLayout
     problem: Problem | None = None
-    reordered: tuple[str, ...] = field(default=())
 
     @cached_property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -287,7 +286,3 @@ def _offsets(shapes: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
 
 # a manifest names keys and shapes; the dtype is the buffer's own
 _NO_DTYPE = np.dtype("V1")
-
-
-def groups_in(keys: Iterable[str]) -> set[str]:
-    return {group_of(k) for k in keys}
