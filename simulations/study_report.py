@@ -25,10 +25,15 @@ all modalities present at test.
 Methods: `local` (each node alone, its own modalities; mean over nodes); `fedavg` (naive
 FedAvg over zero-filled inputs); `harmony` (modality-wise FedAvg + late fusion, Harmony's
 first stage); `federated` (modality-wise FedAvg + masked attention fusion, the spine);
-`mmbind` (ours: SSL rounds on IMU, cross-node binding every 4 rounds, weighted contrastive +
-pseudo-pair supervised loss, late fusion); `centralized_mmbind` (the same binding and
-training with embeddings pooled at one place, no federation; batches of all nodes shuffled
-together); `centralized` (all training data pooled with every modality present, late fusion: the
+`ssl_spine` (MMBind's SSL rounds on IMU, then the spine's training with late fusion and no
+binding: what SSL alone gives); `mmbind` (ours: SSL rounds on IMU, cross-node binding every 4
+rounds, weighted contrastive + pseudo-pair supervised loss + contrastive between a node's own
+paired modalities, late fusion); ablations `mmbind_no_pseudo` (`binding.pseudo_weight=0`),
+`mmbind_no_contrastive` (cross-node and own-pair contrastive weights 0),
+`mmbind_rebind_every_round`, `mmbind_label_aware` (`binding.use_labels=true`);
+`centralized_mmbind` (the fair pooled reference: SSL once on the pooled IMU with one
+optimiser, the same matching, partners' raw samples through the live encoders);
+`centralized` (all training data pooled with every modality present, late fusion: the
 complete-data bound). Late fusion is used for `harmony`, `mmbind`, `centralized_mmbind` and
 `centralized`; with 10 % labels it beats the masked attention fusion by a wide margin here
 (`federated` vs `harmony`), so the bound and MMBind get the better head.

@@ -205,6 +205,7 @@ def test_one_index_per_missing_modality_answers_every_receiver(monkeypatch, use_
 
 
 PLAN = "partition.plan=[[imu,audio],[imu,depth],[imu,depth]]"
+LABELS = "partition.label_fraction=0.1"  # most labels hidden from the nodes
 
 
 def test_pair_accuracy_uses_every_true_label_hidden_or_not(quick_cfg):
@@ -212,7 +213,7 @@ def test_pair_accuracy_uses_every_true_label_hidden_or_not(quick_cfg):
     from fed_iotlm.binding.stats import binding_stats, true_train_labels
     from fed_iotlm.data.federation import build_layout
 
-    layout = build_layout(quick_cfg("method=mmbind", "partition.shared=imu", PLAN))
+    layout = build_layout(quick_cfg("method=mmbind", "partition.shared=imu", PLAN, LABELS))
     own, donor = true_train_labels(layout, 0)["activity"], true_train_labels(layout, 1)["activity"]
     assert len(own) == len(layout.node_data(0)[0]) and (own >= 0).all()
     same = np.array([np.nonzero(donor == c)[0][0] for c in own])
@@ -240,9 +241,8 @@ def test_centralized_mmbind_logs_pair_accuracy_and_takes_pooled_budgets(quick_cf
     from fed_iotlm.baselines import run_centralized_mmbind
 
     cfg = quick_cfg(
-        "method=centralized_mmbind", "partition.shared=imu", PLAN, "mlflow.enabled=false",
+        "method=centralized_mmbind", "partition.shared=imu", PLAN, LABELS, "mlflow.enabled=false",
         "rounds=2", "train.steps=3", "binding.pretrain_rounds=2", "binding.rebind_every=1",
-        "data.num_train=300",
     )  # fmt: skip
     res = json.loads(run_centralized_mmbind(cfg, tmp_path).read_text())
     assert set(res["binding"]["pair_accuracy_by_binding"]) == {"1", "2"}
