@@ -41,8 +41,8 @@ def test_permuting_test_labels_changes_no_choice(tmp_path):
     save_bundle(tmp_path / "bundle", state_to_numpy(MultisensoryModel(spec)), spec, {})
     cfg = compose(
         [*data_args, f"llm.bundle={tmp_path / 'bundle'}", f"llm.model={TINY_MODEL}",
-         "llm.steps=3", "llm.batch_size=8", "llm.train_samples=40", "llm.eval_samples=12",
-         "llm.val_samples=12", "llm.max_new_tokens=4", "llm.controls=[majority,head]",
+         "llm.steps=2", "llm.batch_size=4", "llm.train_samples=16", "llm.eval_samples=8",
+         "llm.val_samples=8", "llm.max_new_tokens=3", "llm.controls=[majority,head]",
          "mlflow.enabled=false"]
     )  # fmt: skip
     data = stage_data(cfg, load_bundle(tmp_path / "bundle")[0])
