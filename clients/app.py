@@ -30,6 +30,7 @@ from fed_iotlm.federation.privacy import update_clipping_mod
 from fed_iotlm.federation.records import (
     counts_to_metrics,
     load_into,
+    numpy_to_record,
     packed_record,
     state_to_numpy,
 )
@@ -174,11 +175,10 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
                 "partition-id": float(node.node),
             },
         )
-        return Message(
-            # one buffer per group: the server screens and averages per group
-            RecordDict({"arrays": packed_record(sent), "metrics": metrics}),
-            reply_to=msg,
-        )
+        # one buffer per group: the server screens and averages per group; naive FedAvg
+        # (method=fedavg) runs Flower's own FedAvg, which averages every array by key
+        record = numpy_to_record(sent) if node.sends_all_groups else packed_record(sent)
+        return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=msg)
 
     @app.evaluate()
     def evaluate_node(msg: Message, context: Context) -> Message:
