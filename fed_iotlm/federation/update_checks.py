@@ -132,14 +132,7 @@ def check_update(
                 return reject("non_finite", key, f"{bad} NaN/Inf value(s)")
             sq = _squared_distance(value.astype(np.float64), current[key])
         squares += sq
-    norm = float(np.sqrt(squares))
-    bound = config.max_update_norm
-    if bound is not None and norm > bound:
-        rejection = Rejection(
-            update.node, "norm", None, f"||update - current||₂ = {norm:.4g} > bound {bound:.4g}"
-        )
-        return rejection, norm
-    return None, norm
+    return norm_verdict(update.node, float(squares), config)
 
 
 def check_packed(
@@ -188,14 +181,7 @@ def check_packed(
             if scratch is not None:
                 scratch[group] = wide
         squares += sq
-    norm = math.sqrt(squares)
-    bound = config.max_update_norm
-    if bound is not None and norm > bound:
-        rejection = Rejection(
-            update.node, "norm", None, f"||update - current||₂ = {norm:.4g} > bound {bound:.4g}"
-        )
-        return rejection, norm
-    return None, norm
+    return norm_verdict(update.node, float(squares), config)
 
 
 def update_norm(arrays: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray]) -> float:
@@ -235,3 +221,15 @@ def screen_updates(
         else:
             out.rejected.append(rejection)
     return out
+
+
+def norm_verdict(node: str, squares: float, config: CheckConfig) -> tuple[Rejection | None, float]:
+    """The update's L2 distance from the current model, and a rejection if it exceeds the
+    configured bound: the last check of both the per-key and the packed screen."""
+    norm = math.sqrt(squares)
+    bound = config.max_update_norm
+    if bound is not None and norm > bound:
+        return Rejection(
+            node, "norm", None, f"||update - current||₂ = {norm:.4g} > bound {bound:.4g}"
+        ), norm
+    return None, norm
