@@ -51,6 +51,17 @@ def test_round_trip_keeps_only_the_latest_round(tmp_path):
     assert got.meta["history"] == [{"round": 2, "accuracy": 0.5}]
 
 
+def test_each_section_comes_back_in_the_order_it_was_saved(tmp_path):
+    # safetensors sorts keys; a model's key order decides its packed layout (and so the
+    # order of float sums), so a resumed run needs the saved order, not the sorted one
+    keys = ["head.z", "enc.b", "fusion.a", "enc.a"]
+    arrays = {k: np.full(2, i, np.float32) for i, k in enumerate(keys)}
+    save_checkpoint(tmp_path, Checkpoint(1, TRAIN, {"arrays": arrays}))
+    got = load_checkpoint(tmp_path).sections["arrays"]
+    assert list(got) == keys
+    assert all(np.array_equal(got[k], arrays[k]) for k in keys)
+
+
 def test_a_tensors_file_that_does_not_match_is_refused(tmp_path):
     save_checkpoint(tmp_path, _ckpt(1, 1.0))
     state = json.loads((tmp_path / "state.json").read_text())

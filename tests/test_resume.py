@@ -59,18 +59,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert len({h["loss"] for h in ha}) == ROUNDS, ha
 
 
-# A known regression, found by the full suite after merging the packed uplink and streaming
-# mean (issue 15 branch `package`): bisected on 2026-11-30, that branch alone fails this test
-# (final parameters differ by ~2e-5), every other branch alone passes. strict: the day the
-# resumed run is bit-exact again, this marker fails and must go.
-RESUME_REGRESSION = pytest.mark.xfail(
-    strict=True,
-    reason="resumed runs are no longer bit-exact since the packed streaming aggregation",
-)
-
-
 @pytest.mark.integration
-@RESUME_REGRESSION
 def test_fedadam_resumed_run_ends_like_an_uninterrupted_one(quick_cfg, tmp_path):
     common = ("strategy=fedadam", "mlflow.enabled=false", "train.epochs=1")
     full, parted = tmp_path / "full", tmp_path / "parted"
@@ -95,7 +84,6 @@ def test_fedadam_resumed_run_ends_like_an_uninterrupted_one(quick_cfg, tmp_path)
 
 
 @pytest.mark.integration
-@RESUME_REGRESSION
 def test_mmbind_resume_redelivers_partners_between_bindings(quick_cfg, tmp_path):
     common = (
         "method=mmbind", "partition.shared=imu", "mlflow.enabled=false", "train.epochs=1",

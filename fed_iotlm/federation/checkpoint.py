@@ -99,6 +99,9 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
         "tensors": tensors.name,
         "sha256": _sha256(tensors),
         "sections": sorted(ckpt.sections),
+        # safetensors stores keys sorted; the order they had is part of the state (a
+        # model's key order decides its packed layout, hence its float sums' order)
+        "key_order": {name: list(arrays) for name, arrays in ckpt.sections.items()},
         "meta": ckpt.meta,
     }
     path = directory / STATE_FILE
@@ -128,6 +131,10 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     for flat_key, value in flat.items():
         name, key = flat_key.split(SEP, 1)
         sections[name][key] = value
+    for name, keys in state.get("key_order", {}).items():
+        if set(keys) != set(sections.get(name, {})):
+            raise CheckpointError(f"{path}: section {name!r} does not hold the keys it lists")
+        sections[name] = {key: sections[name][key] for key in keys}
     return Checkpoint(int(state["round"]), str(state["phase"]), sections, state["meta"])
 
 
