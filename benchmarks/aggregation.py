@@ -22,6 +22,10 @@ default one).  Updates reach the aggregator as a *generator*: one node at a time
 * ``strategy`` (``--strategy-nodes``): ``ModalityAwareFedAvg.aggregate_train`` on
   Flower reply Messages, i.e. what the server really runs per round: deserialise each
   ArrayRecord, screen every update (keys, dtypes, NaN/Inf, update norm), aggregate.
+* ``numpy_sum_replies``: the plain sum again, over the reply Messages' own bytes (each
+  array wrapped in place and added): the same distinct memory the real path reads, where
+  ``numpy_sum`` cycles a pool of 4 states that stays in cache; ``strategy_vs_replies`` is
+  the real path's ratio against it.
 * ``robust`` (``--robust-nodes``): median, trimmed mean and Krum of
   :mod:`fed_iotlm.federation.robust`; these stack each group's holders, so their
   memory is O(holders x group) by design.
@@ -263,15 +267,45 @@ def bench_strategy(current: State, pool: list[State], nodes: int, args: argparse
         return strategy.aggregate_train(1, replies)
 
     consumed = nbytes(current) * nodes
-    fns = {"numpy_sum": lambda: run_numpy_sum(current, pool, nodes, False), "strategy": ours}
+    fns = {
+        "numpy_sum": lambda: run_numpy_sum(current, pool, nodes, False),
+        "numpy_sum_replies": lambda: sum_reply_buffers(replies),
+        "strategy": ours,
+    }
     seconds = interleaved(fns, args.repeats)
+    peak = traced_peak(ours)
     return {
         "numpy_sum": side_report(seconds["numpy_sum"], seconds["numpy_sum"], consumed, None),
-        "strategy": side_report(
-            seconds["strategy"], seconds["numpy_sum"], consumed, traced_peak(ours)
+        "numpy_sum_replies": side_report(
+            seconds["numpy_sum_replies"], seconds["numpy_sum"], consumed, None
+        ),
+        "strategy": side_report(seconds["strategy"], seconds["numpy_sum"], consumed, peak),
+        # the same path against a plain sum that reads the same bytes (the replies)
+        "strategy_vs_replies": side_report(
+            seconds["strategy"], seconds["numpy_sum_replies"], consumed, None
         ),
         "replies_mb": round(consumed / 1e6, 2),
     }
+
+
+def sum_reply_buffers(replies: list) -> dict[str, np.ndarray]:
+    """The plain float32 sum of every array in the reply Messages themselves, each
+    wrapped in place (``np.frombuffer`` past its ``.npy`` header) and added with
+    ``np.add``: the least any aggregator of these replies must do, reading the same
+    distinct bytes the real path reads (``numpy_sum`` cycles a cache-resident pool)."""
+    acc: dict[str, np.ndarray] = {}
+    for msg in replies:
+        for key, arr in msg.content["arrays"].items():
+            if key.startswith("__"):  # the manifest, not values
+                continue
+            data = arr.data
+            header = len(data) - int(np.prod(arr.shape)) * 4
+            values = np.frombuffer(data, np.float32, offset=header)
+            if key in acc:
+                np.add(acc[key], values, out=acc[key])
+            else:
+                acc[key] = values.copy()
+    return acc
 
 
 def reply_message(upd: NodeUpdate):
