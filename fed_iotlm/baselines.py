@@ -118,9 +118,15 @@ def pooled_reference(cfg: dict, layout) -> tuple[Standardizer, ReferenceSets]:
 
 
 def run_centralized(cfg: dict, out_dir: Path) -> Path:
-    """Upper bound: all training data pooled with every modality, one model."""
+    """Upper bound: all training data pooled with every modality, one model.
+
+    A round is ``epochs`` passes over the pooled data or, under ``train.steps``, the
+    steps of all nodes together (``steps`` x nodes), as in centralized MMBind: the
+    pooled model sees as many examples per round as the whole federation, so an
+    equal-budget table does not starve the reference it is compared with."""
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
+    tcfg = replace(tcfg, steps=None if tcfg.steps is None else tcfg.steps * layout.num_nodes)
     torch.manual_seed(int(cfg["seed"]))
     place = train_placement(cfg)  # train.device
     model = place.model(MultisensoryModel(spec))
@@ -132,12 +138,14 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
     val = SplitTensors.from_split(refs.val).placed(place)
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
-    spent = []
     for rnd in range(1, int(cfg["rounds"]) + 1):
-        spent.append(train_local(model, train, tcfg, seed=rnd))
+        done = train_local(model, train, tcfg, seed=rnd)
         per_task = evaluate(model, test)
         val_acc = mean_accuracy(evaluate(model, val))
-        recorder.log_round(rnd, mean_accuracy(per_task), mean_loss(per_task), val_accuracy=val_acc)
+        recorder.log_round(
+            rnd, mean_accuracy(per_task), mean_loss(per_task), val_accuracy=val_acc,
+            steps=done["steps"], examples=done["examples"],
+        )  # fmt: skip
     by_node = {}
     for i in range(layout.num_nodes):
         _, own_test = layout.node_data(i, scaler)
@@ -154,7 +162,7 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
             **statistics_meta(scaler),
         },
     )
-    recorder.extra.update(protocol_record(cfg, layout, [], budget=_budget(spent)))
+    recorder.extra.update(protocol_record(cfg, layout, recorder.history))
     return recorder.finish(
         test_report(model, test),
         by_node,

@@ -23,12 +23,17 @@ from fed_iotlm.atomic import atomic_write_text
 from simulations.mmbind_study import incompleteness_plan, plan_override
 from simulations.study_runner import REPO, fmt_mean_ci, one_code_version, point_key, run_one
 
+# row label -> overrides (as in simulations/mmbind_study.py: late fusion for the methods
+# that use it there, so the centralized model gets the better head with scarce labels)
 METHODS: dict[str, list[str]] = {
-    "local": [],
-    "federated": [],
-    "harmony": [],
-    "centralized": [],
+    "local": ["method=local"],
+    "federated": ["method=federated"],
+    "harmony": ["method=harmony"],
+    "ssl_spine": ["method=mmbind", "binding.bind=false", "model.fusion=late"],
+    "mmbind": ["method=mmbind", "model.fusion=late"],
+    "centralized": ["method=centralized", "model.fusion=late"],
 }
+DEFAULT_METHODS = ("local", "federated", "harmony", "centralized")
 
 
 def point(label_fraction: float, extra: list[str]) -> list[str]:
@@ -49,11 +54,16 @@ def lr_override(lr: float) -> list[str]:
 
 
 def run(out: Path, method: str, steps: int, seed: int, base: list[str]) -> dict:
-    """One resumable run at a budget (logged to MLflow experiment ``budget-study``)."""
-    overrides = [f"method={method}", f"seed={seed}", f"train.steps={steps}", *base]
+    """One resumable run at a budget (logged to MLflow experiment ``budget-study``).
+
+    Runs are filed as ``simulations.mmbind_study`` files them (point folder, then
+    ``<method>-seed<n>``), so with ``--out runs/mmbind_study`` a run the MMBind study
+    already made at the same point, budget and code version is reused, not repeated."""
+    point = [*base, f"train.steps={steps}"]
+    overrides = [*METHODS[method], f"seed={seed}", *point]
     t0 = time.time()
     res = run_one(
-        out / point_key(overrides) / f"{method}-seed{seed}",
+        out / point_key(point) / f"{method}-seed{seed}",
         overrides,
         experiment="mmbind_study",
         mlflow_experiment="budget-study",
@@ -69,7 +79,7 @@ def run(out: Path, method: str, steps: int, seed: int, base: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--labels", default="0.1,0.3")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=", ".join(METHODS))
     parser.add_argument("--grid", default="10,40", help="train.steps values to choose from")
     parser.add_argument("--lr-grid", default="", help="train.lr values (default: the config's)")
     parser.add_argument("--seeds", type=int, default=3)
@@ -77,6 +87,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "budget_study")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "budget.md")
     args = parser.parse_args()
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
     grid = [int(s) for s in args.grid.split(",")]
     lrs = [float(v) for v in args.lr_grid.split(",")] if args.lr_grid else [0.0]
     extra = shlex.split(args.extra)
@@ -94,9 +107,24 @@ def main() -> None:
                 run(args.out, method, steps, seed, [*base, *lr_override(lr)])
                 for seed in range(args.seeds)
             ]
-            rows.setdefault(f"{frac:g}", {})[method] = {"steps": steps, "lr": lr, "runs": results}
+            rows.setdefault(f"{frac:g}", {})[method] = {
+                "steps": steps,
+                "lr": lr,
+                "runs": results,
+                "tried": {c: r["val"]["accuracy"] for c, r in tried.items()},
+            }
             write_doc(args.doc, rows, grid, args)
     print(args.doc)
+
+
+def budget_cells(budget: dict) -> str:
+    """Steps and examples per node per round as a run reports them; the centralized
+    model reports them per round for its one pooled model (``train.steps`` x nodes)."""
+    if budget.get("steps_per_node_round") is not None:
+        return f"{budget['steps_per_node_round']:g} | {budget['examples_per_node_round']:g}"
+    if budget.get("steps_per_round") is not None:
+        return f"{budget['steps_per_round']:g} (pooled) | {budget['examples_per_round']:g} (pooled)"
+    return "? | ?"
 
 
 def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
@@ -117,19 +145,24 @@ def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
         + (f" --extra '{args.extra}'" if args.extra else "")
         + "`.",
         "",
-        "| labels | method | steps / round, lr (chosen on val) | val | test "
-        "| steps / node / round | examples / node / round |",
-        "|---|---|---|---|---|---|---|",
+        "| labels | method | val (seed 0) per grid point | steps / round, lr (chosen on val) "
+        "| val | test | steps / node / round | examples / node / round |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for frac, by_method in rows.items():
         for method, row in by_method.items():
             runs = row["runs"]
             budget = runs[0].get("budget", {})
             lines.append(
-                f"| {float(frac):.0%} | {method} | {row['steps']}, {row['lr'] or 'config'} "
+                f"| {float(frac):.0%} | {method} | "
+                + ", ".join(
+                    f"{st}{'@' + str(lr) if lr else ''}: {v:.3f}"
+                    for (st, lr), v in row["tried"].items()
+                )
+                + f" | {row['steps']}, {row['lr'] or 'config'} "
                 f"| {fmt_mean_ci([r['val']['accuracy'] for r in runs])} "
                 f"| {fmt_mean_ci([r['test']['accuracy'] for r in runs])} "
-                f"| {budget.get('steps_per_node_round')} | {budget.get('examples_per_node_round')} |"
+                f"| {budget_cells(budget)} |"
             )
     atomic_write_text(path, "\n".join(lines) + "\n")
     compact = {
@@ -137,6 +170,7 @@ def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
             m: {
                 "steps": row["steps"],
                 "lr": row["lr"],
+                "val_by_grid_point": {f"{st},{lr}": v for (st, lr), v in row["tried"].items()},
                 "val": [r["val"]["accuracy"] for r in row["runs"]],
                 "test": [r["test"]["accuracy"] for r in row["runs"]],
                 "budget": [r.get("budget") for r in row["runs"]],

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
+from fed_iotlm.atomic import atomic_write_text
 from simulations import study_runner
 from simulations.study_report import write_report
 from simulations.study_runner import REPO, point_key
@@ -42,6 +45,9 @@ METHODS: dict[str, list[str]] = {
 DEFAULT_METHODS = (
     "local", "fedavg", "harmony", "federated", "ssl_spine", "mmbind", "centralized_mmbind",
     "centralized",
+)  # fmt: skip
+ABLATIONS = (
+    "mmbind_no_pseudo", "mmbind_no_contrastive", "mmbind_rebind_every_round", "mmbind_label_aware",
 )  # fmt: skip
 FEDERATED = ("fedavg", "harmony", "federated", "ssl_spine")
 NON_SHARED = ("audio", "depth")
@@ -99,6 +105,41 @@ def run_one(out: Path, overrides: list[str]) -> dict:
     )
 
 
+def record(res: dict) -> dict:
+    """What a study table needs of one run's results.json: test and val, the budget,
+    the code version and the pair accuracy at the first binding (if it bound)."""
+    pairs = res.get("binding", {}).get("pair_accuracy_by_binding", {})
+    return {
+        **res["test"],
+        "val": res.get("val", {}).get("accuracy"),
+        "budget": res.get("budget", {}),
+        "code_version": res.get("code_version"),
+        "first_binding_pair_accuracy": pairs[min(pairs, key=int)] if pairs else {},
+    }
+
+
+def run_point(args, extra: list[str], sweep: str, label: str, overrides: list[str],
+              methods: list[str], seeds: int, table: dict) -> None:  # fmt: skip
+    """Every method x seed of one point (resumable), appended to ``table``."""
+    for method in methods:
+        for seed in range(seeds):
+            point = [*overrides, *extra]
+            out = args.out / point_key(point) / f"{method}-seed{seed}"
+            t0 = time.time()
+            res = record(run_one(out, [f"seed={seed}", *METHODS[method], *point]))
+            table.setdefault(sweep, {}).setdefault(label, {}).setdefault(method, []).append(res)
+            print(
+                f"{sweep} | {label} | {method} seed {seed}: test {res['accuracy']:.3f} "
+                f"val {res['val'] if res['val'] is not None else float('nan'):.3f}"
+                + "".join(
+                    f"  pair accuracy@1st binding ({t}) {a:.3f}"
+                    for t, a in res["first_binding_pair_accuracy"].items()
+                )
+                + f" ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sweeps", default="headline")
@@ -106,41 +147,41 @@ def main() -> None:
     parser.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS), help="rows: " + ", ".join(METHODS)
     )
+    parser.add_argument("--ablations", default="", help="ablation rows, run with --ablation-seeds")
+    parser.add_argument("--ablation-seeds", type=int, default=1)
+    parser.add_argument("--extra", default="", help="Hydra overrides added to every run")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "mmbind_study")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "results.md")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite --doc from --out's summary.json"
+    )
     args = parser.parse_args()
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    ablations = [a for a in args.ablations.split(",") if a]
+    unknown = [m for m in [*methods, *ablations] if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
+    extra = shlex.split(args.extra)
+    run_dir = args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out
+    if args.report_only:
+        summary = json.loads((args.out / "summary.json").read_text())
+        write_report(summary["table"], args.doc, run_dir, summary["command"])
+        print(args.doc)
+        return
+    command = "python -m simulations.mmbind_study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     table: dict = {}
     for sweep in args.sweeps.split(","):
         for label, overrides in sweep_points(sweep):
-            for method in methods:
-                for seed in range(args.seeds):
-                    out = args.out / point_key(overrides) / f"{method}-seed{seed}"
-                    t0 = time.time()
-                    res = run_one(out, [f"seed={seed}", *METHODS[method], *overrides])
-                    table.setdefault(sweep, {}).setdefault(label, {}).setdefault(method, []).append(
-                        res["test"]
-                    )
-                    pairs = res.get("binding", {}).get("pair_accuracy_by_binding", {})
-                    first = pairs[min(pairs, key=int)] if pairs else {}
-                    print(
-                        f"{sweep} | {label} | {method} seed {seed}: {res['test']['accuracy']:.3f}"
-                        + "".join(
-                            f"  pair accuracy@1st binding ({t}) {a:.3f}" for t, a in first.items()
-                        )
-                        + f" ({time.time() - t0:.0f}s)",
-                        flush=True,
-                    )
+            run_point(args, extra, sweep, label, overrides, methods, args.seeds, table)
+            if ablations:
+                run_point(args, extra, sweep, label, overrides, ablations, args.ablation_seeds,
+                          table)  # fmt: skip
             # the report is rewritten after each point, so an interrupted study keeps its results
-            (args.out / "summary.json").write_text(json.dumps(table, indent=2))
-            write_report(
-                table,
-                args.doc,
-                args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out,
+            atomic_write_text(
+                args.out / "summary.json",
+                json.dumps({"command": command, "table": table}, indent=1),
             )
+            write_report(table, args.doc, run_dir, command)
     print(args.doc)
 
 

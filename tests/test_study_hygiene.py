@@ -42,3 +42,63 @@ def test_the_budget_is_chosen_on_validation_only():
     assert choose_on_val(runs) == (40, 0.0)  # test says otherwise; it is never read
     tie = {(10, 0.0): {"val": {"accuracy": 0.8}}, (40, 0.0): {"val": {"accuracy": 0.8}}}
     assert choose_on_val(tie) == (10, 0.0)  # ties: the smaller budget
+
+
+def _record(acc: float, commit: str = "abc", pooled: bool = False) -> dict:
+    budget = (
+        {"steps_per_round": 160.0, "examples_per_round": 5120.0}
+        if pooled
+        else {"steps_per_node_round": 20.0, "examples_per_node_round": 640.0}
+    )
+    return {
+        "accuracy": acc,
+        "by_task": {"activity": {"accuracy": acc}, "location": {"accuracy": acc}},
+        "val": acc,
+        "budget": budget,
+        "code_version": {"commit": commit, "dirty": False},
+        "first_binding_pair_accuracy": {"activity": 0.5, "location": 0.8},
+    }
+
+
+def test_the_headline_table_names_its_version_budget_interval_and_pair_accuracy(tmp_path):
+    from simulations.study_report import write_report
+
+    point = {
+        "mmbind": [_record(0.9), _record(0.92), _record(0.94)],
+        "harmony": [_record(0.8)] * 3,
+        "centralized": [_record(0.95, pooled=True)] * 3,
+    }
+    doc = tmp_path / "results.md"
+    write_report({"headline": {"50% missing": point}}, doc, tmp_path, "python -m x")
+    text = doc.read_text()
+    assert "code version `abc`" in text and "`python -m x`" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `mmbind`"))
+    assert "0.920 ± 0.016 [" in row and "| 20 | 640 |" in row and "0.500 ± 0.000" in row
+    assert "160 (pooled)" in text
+    assert "+12.0 points" in text  # mmbind vs the best other federated row (harmony)
+    point["harmony"] = [_record(0.8, commit="def")] * 3
+    with pytest.raises(ValueError, match="code versions"):
+        write_report({"headline": {"50% missing": point}}, doc, tmp_path, "python -m x")
+
+
+def test_the_budget_study_reuses_the_mmbind_studys_runs_at_the_same_point(monkeypatch, tmp_path):
+    import argparse
+
+    from simulations import budget_study, mmbind_study, study_runner
+
+    seen: dict[str, tuple] = {}
+
+    def fake_run_one(study: str):
+        def run(out, overrides, **_):
+            seen[study] = (out, sorted(overrides))
+            return {"test": {"accuracy": 0.5}, "val": {"accuracy": 0.5}}
+
+        return run
+
+    monkeypatch.setattr(budget_study, "run_one", fake_run_one("budget"))
+    monkeypatch.setattr(study_runner, "run_one", fake_run_one("mmbind"))
+    budget_study.run(tmp_path, "mmbind", 20, 1, budget_study.point(0.1, []))
+    (_, headline), = mmbind_study.sweep_points("headline")  # fmt: skip
+    args = argparse.Namespace(out=tmp_path)
+    mmbind_study.run_point(args, ["train.steps=20"], "h", "x", headline, ["mmbind"], 2, {})
+    assert seen["budget"] == seen["mmbind"]  # same folder, same overrides: one run serves both
