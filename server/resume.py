@@ -113,6 +113,11 @@ class ServerCheckpointer:
             records = [RoundRecord.from_json(doc) for doc in ckpt.meta["records"]]
         except (TypeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{self.directory}: unreadable round records: {err}") from err
+        if records and (records[-1].phase, records[-1].round) != (ckpt.phase, ckpt.round):
+            raise CheckpointError(
+                f"{self.directory}: the round records end at {records[-1].phase} round "
+                f"{records[-1].round}, the checkpoint is of {ckpt.phase} round {ckpt.round}"
+            )
         restore_strategy(self.strategy, ckpt.meta["strategy"], ckpt.sections)
         self.partners = {
             name[len(PARTNERS) :]: numpy_to_record(arrays)

@@ -183,6 +183,10 @@ def test_a_checkpoint_without_round_records_is_refused(tmp_path):
     save_checkpoint(tmp_path / "checkpoint", ckpt)
     with pytest.raises(CheckpointError, match="older version"):
         ServerCheckpointer(_cfg(), tmp_path, strategy).restore()
+    ckpt.meta["records"] = [_record(2).to_json()]  # records of another round
+    save_checkpoint(tmp_path / "checkpoint", ckpt)
+    with pytest.raises(CheckpointError, match="records end at train round 2, the checkpoint"):
+        ServerCheckpointer(_cfg(), tmp_path, strategy).restore()
 
 
 @pytest.mark.parametrize(
