@@ -130,7 +130,7 @@ def make_server_app(
     """``num_rounds`` instrumented train rounds; with ``once`` (ours, first run at this N)
     also the roll call before them and, with ``--final-eval``, the final evaluation."""
     from server.federated_run import evaluate_nodes, wait_for_nodes
-    from server.rounds import identify_nodes
+    from server.roster import identify_nodes
 
     app = ServerApp()
 

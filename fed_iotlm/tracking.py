@@ -11,13 +11,16 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from .atomic import atomic_write_text
 from .settings import flatten
+
+if TYPE_CHECKING:
+    from .federation.round_record import RoundRecord
 
 console = Console(highlight=False)
 logger = logging.getLogger(__name__)
@@ -79,6 +82,11 @@ class RunRecorder:
             self._mlflow = None
             if self in _open:
                 _open.remove(self)
+
+    def log_record(self, record: RoundRecord) -> None:
+        """Log a federated run's round from its record (its history row)."""
+        row = record.history_row()
+        self.log_round(row.pop("round"), row.pop("accuracy"), row.pop("loss"), **row)
 
     def log_round(self, rnd: int, accuracy: float, loss: float, **extra: float) -> None:
         row = {"round": rnd, "accuracy": float(accuracy), "loss": float(loss), **extra}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from fed_iotlm.data.federation import build_layout
@@ -16,7 +17,7 @@ from fed_iotlm.data.reference import reference_sets
 from fed_iotlm.diagnostics import diagnostics_config, run_diagnostics
 from fed_iotlm.evaluation import test_report
 from fed_iotlm.experiment import check_method, model_spec
-from fed_iotlm.federation.adapter_sync import sync_meta, sync_model
+from fed_iotlm.federation.adapter_sync import sync_meta
 from fed_iotlm.federation.bundle import save_bundle, statistics_meta
 from fed_iotlm.federation.normalization import norm_record, normalization_mode
 from fed_iotlm.federation.privacy import attach_privacy, dp_config, privacy_report
@@ -27,6 +28,18 @@ from fed_iotlm.federation.records import (
     record_to_numpy,
     state_to_numpy,
 )
+from fed_iotlm.federation.round_record import (
+    PRETRAIN,
+    TRAIN,
+    RoundRecord,
+    communication_totals,
+    history_of,
+    releases_of,
+    results_blocks,
+    robustness_block,
+    withheld_by_round,
+)
+from fed_iotlm.federation.run_model import sync_model
 from fed_iotlm.federation.secure import check_composable
 from fed_iotlm.federation.strategy import ModalityAwareFedAvg, build_strategy
 from fed_iotlm.models.device import train_placement
@@ -34,12 +47,12 @@ from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mea
 from fed_iotlm.protocol import protocol_record
 from fed_iotlm.tracking import RunRecorder
 
-from .membership import LiveNodesGrid, LiveRoster
-from .mmbind import multimodal_rounds, pretrain_rounds
+from .engine import RoundEngine, StrategyStep
+from .mmbind import pretrain_step, rebinder, redeliver_on_resume, secure_pretrain_step
 from .node_evaluation import SERVER, evaluate_on_nodes, evaluation_mode
-from .participation import RoundOutcome, round_timeout_s
-from .resume import PRETRAIN, TRAIN, ServerCheckpointer
-from .rounds import identify_nodes, run_rounds
+from .participation import round_timeout_s
+from .resume import ServerCheckpointer
+from .roster import LiveNodesGrid, LiveRoster, identify_nodes
 from .secure_rounds import SecureRounds
 from .statistics import StatisticsGrid, statistics_round
 
@@ -74,7 +87,6 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         val = SplitTensors.from_split(refs.val).placed(place)
     # sites that die and come back (maybe under a new node id) are picked up per round
     live = LiveRoster(roster, layout.num_nodes, identify_timeout_s=round_timeout, wait_s=wait_s)
-    outcomes: dict[int, RoundOutcome] = {}  # who answered each round (server/participation.py)
     strategy = build_strategy(
         "fedavg" if method == "fedavg" else "federated", cfg["strategy"], layout.num_nodes
     )
@@ -86,79 +98,63 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         else None
     )
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=roster.plan)
-    checkpointer = ServerCheckpointer(cfg, out_dir, strategy, recorder, roster=live)
+    checkpointer = ServerCheckpointer(cfg, out_dir, strategy)
     recorder.start()
 
-    def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if rnd == 0:
-            return None
-        if test is None:  # evaluation=nodes: each node on its own test split, weighted
+    def evaluate_fn(rnd: int, arrays: ArrayRecord) -> dict[str, float]:
+        """The round's evaluation: on the server's reference sets, or (evaluation=nodes)
+        each node on its own test split, weighted."""
+        if test is None:
             live_grid = LiveNodesGrid(grid, live.refresh(grid, rnd))
             scored = evaluate_on_nodes(live_grid, arrays, round_timeout, rnd).weighted()
-            acc, loss = scored["accuracy"], scored["loss"]
-            val_acc = scored.get("val_accuracy", float("nan"))
-        else:
-            load_into(model, record_to_numpy(arrays))
-            per_task, val_task = evaluate(model, test), evaluate(model, val)
-            acc, loss = mean_accuracy(per_task), mean_loss(per_task)
-            val_acc = mean_accuracy(val_task)
-        # screening and robust-aggregation counts of the round (modality-aware strategies)
-        stats = strategy.round_metrics(rnd) if isinstance(strategy, ModalityAwareFedAvg) else {}
-        if rnd in outcomes:
-            stats.update(outcomes[rnd].metrics())
-            if outcomes[rnd].faulty:
-                faults = recorder.extra.setdefault("faults_by_round", {})
-                faults[str(rnd)] = outcomes[rnd].report()
-        if secure_rounds is not None:
-            stats = {**stats, **secure_rounds.round_metrics(rnd)}
-        stats["val_accuracy"] = val_acc
-        if test is None:
-            stats["evaluated_nodes"] = float(scored["nodes"])
-        recorder.log_round(rnd, acc, loss, **stats)
-        return MetricRecord({"accuracy": acc, "loss": loss})
+            return {
+                "accuracy": scored["accuracy"],
+                "loss": scored["loss"],
+                "val_accuracy": scored.get("val_accuracy", float("nan")),
+                "evaluated_nodes": float(scored["nodes"]),
+            }
+        load_into(model, record_to_numpy(arrays))
+        per_task, val_task = evaluate(model, test), evaluate(model, val)
+        return {
+            "accuracy": mean_accuracy(per_task),
+            "loss": mean_loss(per_task),
+            "val_accuracy": mean_accuracy(val_task),
+        }
 
     resumed = checkpointer.restore()  # resume=true: the state after the last saved round
     arrays = resumed.arrays if resumed else initial
+    records: list[RoundRecord] = resumed.records if resumed else []  # the run's rounds
+    recorder.history = history_of(records)
+
+    def on_record(record: RoundRecord) -> None:
+        if record.phase == TRAIN:
+            recorder.log_record(record)
+        checkpointer.save(records)
+
     first = resumed.next_round(TRAIN, int(cfg["rounds"])) if resumed else 1
+    train_step = secure_rounds or StrategyStep(
+        grid, strategy, round_timeout, roster=None if method == "mmbind" else live
+    )
+    engine = RoundEngine(
+        TRAIN, train_step, records, evaluate=evaluate_fn, on_record=on_record, roster=live
+    )
     if method == "mmbind":
         pretrain = int(cfg["binding"]["pretrain_rounds"])
-        arrays = pretrain_rounds(
-            grid,
-            arrays,
-            pretrain,
-            first=resumed.next_round(PRETRAIN, pretrain) if resumed else 1,
-            on_round=lambda rnd, a: checkpointer.save(PRETRAIN, rnd, a),
-            secure_round=(
-                SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes, phase="pretrain")
-                if secure.enabled
-                else None
-            ),
+        step = (
+            secure_pretrain_step(
+                SecureRounds(grid, secure, cfg["strategy"], layout.num_nodes, phase="pretrain"),
+                pretrain,
+            )
+            if secure.enabled
+            else pretrain_step(grid, pretrain)
         )
-        arrays = multimodal_rounds(
-            grid, strategy, arrays, cfg, evaluate_fn, recorder,
-            None if roster.deployed else layout,  # sites' data: no ground truth here
-            first=first,
-            on_round=lambda rnd, a: checkpointer.save(TRAIN, rnd, a),
-            partners=checkpointer.partners,
-            node_ids=roster.node_ids,
-            train_round=secure_rounds,
-            timeout=round_timeout,
-            outcomes=outcomes,
-        )  # fmt: skip
-    else:
-        arrays = run_rounds(
-            grid,
-            strategy,
-            arrays,
-            first=first,
-            last=int(cfg["rounds"]),
-            evaluate_fn=evaluate_fn,
-            on_round=lambda rnd, a: checkpointer.save(TRAIN, rnd, a),
-            train_round=secure_rounds,
-            timeout=round_timeout,
-            roster=live,
-            outcomes=outcomes,
-        )
+        arrays = RoundEngine(
+            PRETRAIN, step, records, on_record=on_record, label="SHARED-MODALITY ROUND"
+        ).run(arrays, resumed.next_round(PRETRAIN, pretrain) if resumed else 1, pretrain)
+        sites = None if roster.deployed else layout  # sites' data: no ground truth here
+        redeliver_on_resume(grid, cfg, first, checkpointer.partners, roster.node_ids)
+        engine.before_round = rebinder(grid, cfg, sites, checkpointer.partners)
+    arrays = engine.run(arrays, first, int(cfg["rounds"]))
     final = record_to_numpy(arrays)
     load_into(model, final)
     final_grid = LiveNodesGrid(grid, live.refresh(grid))  # one live node per partition
@@ -171,7 +167,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         report[f"{key}_by_node"] = node_scores.metric_by_node(key)
     val_report = node_scores.weighted_val() if test is None else test_report(model, val)
     recorder.extra["evaluation"] = where
-    comm = communication(strategy, initial, int(cfg["rounds"]), layout.num_nodes)
+    comm = communication(strategy, initial, records)
     save_bundle(
         out_dir / "bundle",
         final,
@@ -188,21 +184,23 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         recorder.extra["diagnostics"] = run_diagnostics(
             cfg, layout, spec, before=record_to_numpy(initial), after=final, scaler=scaler
         )
-    if live.rejoined:
-        recorder.extra["rejoined"] = live.rejoined
-    holders = getattr(strategy, "round_holders", {})
-    recorder.extra["holders_by_round"] = {str(r): h for r, h in holders.items()}
+    # every per-round block of results.json comes from the round records
+    recorder.extra.update(results_blocks(records, binding=method == "mmbind"))
+    if late := live.take_rejoins():  # sites that rejoined for the final evaluation
+        recorder.extra["rejoined"] = [*recorder.extra.get("rejoined", []), *late]
     if isinstance(strategy, ModalityAwareFedAvg):
-        recorder.extra["robustness"] = strategy.robustness_report()
+        recorder.extra["robustness"] = robustness_block(
+            records, asdict(strategy.robust), asdict(strategy.checks)
+        )
     if secure_rounds is not None:  # what SecAgg+ hid, and what it did not release
         recorder.extra["secagg"] = {
             "plan": "hidden: nodes report liveness only",
             "min_holders": int(secure.min_holders),
-            "withheld_by_round": {str(r): g for r, g in secure_rounds.withheld.items()},
+            "withheld_by_round": withheld_by_round(records),
         }
-    if secure_rounds is not None and (privacy := secure_rounds.privacy_report()) is not None:
+    if secure_rounds is not None and (privacy := secure_rounds.privacy_report(records)):
         recorder.extra["privacy"] = privacy
-    if (privacy := privacy_report(strategy)) is not None:
+    if (privacy := privacy_report(strategy, releases_of(records))) is not None:
         recorder.extra["privacy"] = privacy
     recorder.extra.update(protocol_record(cfg, layout, recorder.history))
     return recorder.finish(report, node_accuracy, comm, val=val_report)
@@ -261,11 +259,12 @@ def evaluate_nodes(grid: Grid, arrays: ArrayRecord, timeout: float = 3600) -> di
     return evaluate_on_nodes(grid, arrays, timeout).accuracy_by_node()
 
 
-def communication(strategy, initial: ArrayRecord, rounds: int, num_nodes: int) -> dict:
-    """Payload bytes per node per round, measured where the strategy saw the messages."""
+def communication(strategy, initial: ArrayRecord, records: list[RoundRecord]) -> dict:
+    """Payload bytes per node per round, as the round records measured them (the
+    modality-aware strategies' plaintext rounds; else the full model each way)."""
     full = record_nbytes(initial)
-    if isinstance(strategy, ModalityAwareFedAvg) and strategy.comm["messages_up"]:
-        c = strategy.comm
+    c = communication_totals(records)
+    if isinstance(strategy, ModalityAwareFedAvg) and c["messages_up"]:
         return {
             "bytes_up_per_node_round": int(c["bytes_up"] / c["messages_up"]),
             "bytes_down_per_node_round": int(c["bytes_down"] / max(c["messages_down"], 1)),

@@ -10,18 +10,20 @@ e. multimodal rounds through the configured strategy; b-d repeat every
    ``binding.rebind_every`` rounds as the encoders improve (``binding.bind=false``:
    never, which is SSL pretraining + the spine, the baseline that isolates binding).
 
-In simulation each binding's same-class pair accuracy goes to results.json as
-``binding.pair_accuracy_by_binding`` (binding round -> task -> share).
+Phases a and e run on the round engine (:mod:`server.engine`): :func:`pretrain_step` is
+phase a's step, :func:`rebinder` phase e's ``before_round``.  Each binding's statistics
+go into the record of the round it preceded; in simulation its same-class pair
+accuracy reaches results.json as ``binding.pair_accuracy_by_binding`` (binding round ->
+task -> share).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
 from fed_iotlm.binding.matching import match_nodes
 from fed_iotlm.binding.messages import pack_partners, unpack_upload
@@ -30,10 +32,10 @@ from fed_iotlm.data.federation import FederationLayout
 from fed_iotlm.experiment import match_config
 from fed_iotlm.federation.aggregation import NodeUpdate, aggregate_groups
 from fed_iotlm.federation.records import metrics_to_counts, numpy_to_record, record_to_numpy
-from fed_iotlm.tracking import RunRecorder, console
+from fed_iotlm.federation.round_record import RoundRecord, StepResult
+from fed_iotlm.tracking import console
 
-from .participation import RoundOutcome
-from .rounds import run_rounds
+from .secure_rounds import SecureRounds
 
 
 def _send(grid: Grid, node_ids: list[int], message_type: str, content: dict[int, RecordDict]):
@@ -47,28 +49,12 @@ def _send(grid: Grid, node_ids: list[int], message_type: str, content: dict[int,
     return replies
 
 
-def pretrain_rounds(
-    grid: Grid,
-    arrays: ArrayRecord,
-    rounds: int,
-    *,
-    first: int = 1,
-    on_round: Callable[[int, ArrayRecord], None] | None = None,
-    secure_round: Callable[[int, ArrayRecord], ArrayRecord | None] | None = None,
-) -> ArrayRecord:
-    """Phase a: federated autoencoder rounds on the shared modality (``first``..``rounds``;
-    ``on_round``, the checkpoint, after each).  ``secure_round`` (SecAgg+, a
-    :class:`server.secure_rounds.SecureRounds` of phase ``pretrain``) sums the shared
-    encoder and decoder instead, so no node's update or count reaches the server."""
-    node_ids = list(grid.get_node_ids())
-    state = record_to_numpy(arrays)
-    for rnd in range(first, rounds + 1):
-        if secure_round is not None:
-            arrays = secure_round(rnd, arrays) or arrays
-            console.print(f"[bold]shared-modality round {rnd}/{rounds}[/bold]  (SecAgg+)")
-            if on_round is not None:
-                on_round(rnd, arrays)
-            continue
+def pretrain_step(grid: Grid, rounds: int):
+    """Phase a as a round engine step (:mod:`server.engine`): nodes holding the shared
+    modality train its autoencoder, averaged per group over exactly those nodes."""
+
+    def step(rnd: int, arrays: ArrayRecord, records: Sequence[RoundRecord]) -> StepResult:
+        node_ids = list(grid.get_node_ids())
         content = {
             n: RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
             for n in node_ids
@@ -83,15 +69,31 @@ def pretrain_rounds(
                 pid = str(int(metrics["partition-id"]))
                 updates.append(NodeUpdate(pid, record_to_numpy(r.content["arrays"]), counts))
         updates.sort(key=lambda u: int(u.node))  # reply order varies; the sums must not
-        state = aggregate_groups(state, updates).state
-        arrays = numpy_to_record(state)
+        result = aggregate_groups(record_to_numpy(arrays), updates)
+        loss = float(np.mean(losses)) if losses else float("nan")
         console.print(
             f"[bold]shared-modality round {rnd}/{rounds}[/bold]  SSL loss "
-            f"{np.mean(losses) if losses else float('nan'):.3f}  ({len(updates)} nodes)"
+            f"{loss:.3f}  ({len(updates)} nodes)"
         )
-        if on_round is not None:
-            on_round(rnd, arrays)
-    return arrays
+        return StepResult(
+            numpy_to_record(result.state),
+            holders=result.holders,
+            metrics={"pretrain_loss": loss, "nodes": float(len(updates))},
+        )
+
+    return step
+
+
+def secure_pretrain_step(secure: SecureRounds, rounds: int):
+    """Phase a under SecAgg+: the shared encoder and decoder are summed, so no node's
+    update or count reaches the server (``secure`` is of phase ``pretrain``)."""
+
+    def step(rnd: int, arrays: ArrayRecord, records: Sequence[RoundRecord]) -> StepResult:
+        result = secure(rnd, arrays, records)
+        console.print(f"[bold]shared-modality round {rnd}/{rounds}[/bold]  (SecAgg+)")
+        return result
+
+    return step
 
 
 def bind(
@@ -136,49 +138,41 @@ def bind(
     return stats
 
 
-def multimodal_rounds(
+def rebinder(
     grid: Grid,
-    strategy: FedAvg,
-    arrays: ArrayRecord,
     cfg: dict,
-    evaluate_fn: Callable[[int, ArrayRecord], object],
-    recorder: RunRecorder,
     layout: FederationLayout | None,
-    *,
-    first: int = 1,
-    on_round: Callable[[int, ArrayRecord], None] | None = None,
     partners: dict[str, ArrayRecord] | None = None,
-    node_ids: dict[int, int] | None = None,
-    train_round: Callable[[int, ArrayRecord], ArrayRecord | None] | None = None,
-    timeout: float = 3600.0,
-    outcomes: dict[int, RoundOutcome] | None = None,
-) -> ArrayRecord:
-    """Phase e with re-binding every K rounds; the strategy aggregates as in the spine.
-
-    A resumed run (``first`` > 1) between two bindings first gives every node back the
-    partners of the last binding (``partners``, by partition id; ``node_ids`` maps
-    partition ids to this run's Flower node ids), which the node kept in its state.
-    ``timeout`` and ``outcomes``: the round deadline and its record (:func:`run_rounds`);
-    the binding phases still need every node to answer."""
+):
+    """Phase e's ``before_round`` for the round engine: phases b-d every
+    ``binding.rebind_every`` rounds as the encoders improve (``binding.bind=false``:
+    never, which is SSL pretraining + the spine, the baseline that isolates binding).
+    It returns the binding's statistics, which go into that round's record."""
     every = max(1, int(cfg["binding"]["rebind_every"]))
-    binds = bool(cfg["binding"].get("bind", True))  # false: SSL + the spine, no binding
-    binding_log = recorder.extra.setdefault("binding", {})
-    if binds and first > 1 and (first - 1) % every != 0 and partners:
-        redeliver(grid, partners, node_ids or {})
+    binds = bool(cfg["binding"].get("bind", True))
 
-    def rebind(rnd: int, arrays: ArrayRecord) -> None:
+    def before_round(rnd: int, arrays: ArrayRecord) -> dict | None:
         if binds and (rnd - 1) % every == 0:
-            binding_log[str(rnd)] = stats = bind(grid, arrays, cfg, rnd, layout, partners)
-            if "pair_accuracy" in stats:  # simulation only: the truth is known
-                by_binding = binding_log.setdefault("pair_accuracy_by_binding", {})
-                by_binding[str(rnd)] = stats["pair_accuracy"]
+            return bind(grid, arrays, cfg, rnd, layout, partners)
+        return None
 
-    return run_rounds(
-        grid, strategy, arrays, first=first, last=int(cfg["rounds"]),
-        evaluate_fn=evaluate_fn, on_round=on_round, before_round=rebind,
-        train_round=train_round,
-        timeout=timeout, outcomes=outcomes,
-    )  # fmt: skip
+    return before_round
+
+
+def redeliver_on_resume(
+    grid: Grid,
+    cfg: dict,
+    first: int,
+    partners: dict[str, ArrayRecord],
+    node_ids: dict[int, int],
+) -> None:
+    """A resumed run (``first`` > 1) between two bindings first gives every node back
+    the partners of the last binding (``partners``, by partition id; ``node_ids`` maps
+    partition ids to this run's Flower node ids), which the node kept in its state."""
+    every = max(1, int(cfg["binding"]["rebind_every"]))
+    binds = bool(cfg["binding"].get("bind", True))
+    if binds and first > 1 and (first - 1) % every != 0 and partners:
+        redeliver(grid, partners, node_ids)
 
 
 def redeliver(grid: Grid, partners: dict[str, ArrayRecord], node_ids: dict[int, int]) -> None:

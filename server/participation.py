@@ -22,6 +22,8 @@ from logging import WARNING
 from flwr.app import Message
 from flwr.common import log
 
+from fed_iotlm.federation.round_record import Participation
+
 DEFAULT_ROUND_TIMEOUT_S = 600.0
 
 
@@ -67,7 +69,13 @@ class RoundOutcome:
 
     def report(self) -> dict:
         """The reasons, for results.json's ``faults_by_round``."""
-        return {"failed": self.failed, "missing": self.missing, "skipped": self.skipped}
+        return self.summary().report()
+
+    def summary(self) -> Participation:
+        """The frozen part the round's record keeps (counts and reasons, no messages)."""
+        return Participation(
+            self.sent, len(self.answered), tuple(self.failed), tuple(self.missing), self.skipped
+        )
 
 
 def sort_replies(

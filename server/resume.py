@@ -1,11 +1,12 @@
 """The ServerApp's checkpoint after each round, and ``resume=true``.
 
 What a round leaves that the next one depends on: the global parameters, the
-strategy's state (FedAdam's moments, the per-round bookkeeping results.json reports),
-MMBind's last binding (the partners each node was sent and keeps in its state), the
-recorder's history, the server's RNG states (node sampling draws from Python's), and
-the roster's record of sites that rejoined (results.json reports every rejoin of the
-run, before a crash too).
+server optimiser's state (FedAdam's moments), MMBind's last binding (the partners each
+node was sent and keeps in its state), the server's RNG states (node sampling draws
+from Python's), and the run's round records (:mod:`fed_iotlm.federation.round_record`:
+the history, the holders, rejections, DP releases, rejoins ... that results.json
+reports for every round of the run, before a crash too; the DP accountant composes
+over them).
 All of it is saved after every round (:mod:`fed_iotlm.federation.checkpoint`), and a
 run started with ``resume=true`` and the same config continues after the last saved
 round.  Clients need nothing saved: they seed local training from
@@ -15,9 +16,8 @@ rounds train exactly as the uninterrupted ones would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord
 
@@ -33,13 +33,11 @@ from fed_iotlm.federation.checkpoint import (
     save_checkpoint,
 )
 from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
+from fed_iotlm.federation.round_record import PRETRAIN, TRAIN, RoundRecord
 from fed_iotlm.federation.strategy_state import capture_strategy, restore_strategy
-from fed_iotlm.tracking import RunRecorder, console
+from fed_iotlm.tracking import console
 
-if TYPE_CHECKING:
-    from .membership import LiveRoster
-
-PRETRAIN, TRAIN = "pretrain", "train"
+__all__ = ["PRETRAIN", "TRAIN", "ResumePoint", "ServerCheckpointer"]
 PARTNERS = "partners."
 
 
@@ -51,6 +49,7 @@ class ResumePoint:
     round: int
     arrays: ArrayRecord
     partners: dict[str, ArrayRecord] = field(default_factory=dict)
+    records: list[RoundRecord] = field(default_factory=list)
 
     def next_round(self, phase: str, total: int) -> int:
         """First round of ``phase`` (of ``total``) still to run."""
@@ -64,23 +63,20 @@ class ResumePoint:
 class ServerCheckpointer:
     """Saves after every round into ``out_dir/checkpoint``; restores on ``resume=true``."""
 
-    def __init__(
-        self,
-        cfg: dict,
-        out_dir: Path,
-        strategy: object,
-        recorder: RunRecorder,
-        roster: LiveRoster | None = None,
-    ) -> None:
+    def __init__(self, cfg: dict, out_dir: Path, strategy: object) -> None:
         self.cfg = cfg
-        self.roster = roster  # its ``rejoined`` list is saved and restored
         self.directory = checkpoint_dir(out_dir)
-        self.strategy = strategy
-        self.recorder = recorder
+        self.strategy = strategy  # its server-optimiser state (FedAdam's moments)
         # MMBind: partition id -> the partners record that node was last sent (train.bind)
         self.partners: dict[str, ArrayRecord] = {}
 
-    def save(self, phase: str, rnd: int, arrays: ArrayRecord) -> None:
+    def save(self, records: list[RoundRecord]) -> None:
+        """The state after the last of ``records`` (the run's rounds so far, whose last
+        one carries the global model)."""
+        last = records[-1]
+        if last.arrays is None:
+            raise ValueError(f"{last.phase} round {last.round}: its record holds no model")
+        phase, rnd, arrays = last.phase, last.round, last.arrays
         strategy_meta, sections = capture_strategy(self.strategy)
         rng_meta, rng_arrays = capture_rng()
         sections["arrays"] = record_to_numpy(arrays)
@@ -92,9 +88,7 @@ class ServerCheckpointer:
             "config": resumable_config(self.cfg),
             "strategy": strategy_meta,
             "rng": rng_meta,
-            "history": self.recorder.history,
-            "extra": self.recorder.extra,
-            "rejoined": list(self.roster.rejoined) if self.roster is not None else [],
+            "records": [r.to_json() for r in records],
         }
         save_checkpoint(self.directory, Checkpoint(rnd, phase, sections, meta))
 
@@ -110,11 +104,21 @@ class ServerCheckpointer:
             console.print(f"resume=true, but {self.directory} holds no checkpoint: round 1")
             return None
         self._check(ckpt)
+        if "records" not in ckpt.meta:
+            raise CheckpointError(
+                f"{self.directory}: written by an older version (no round records); "
+                "start afresh with resume=false"
+            )
+        try:
+            records = [RoundRecord.from_json(doc) for doc in ckpt.meta["records"]]
+        except (TypeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{self.directory}: unreadable round records: {err}") from err
+        if records and (records[-1].phase, records[-1].round) != (ckpt.phase, ckpt.round):
+            raise CheckpointError(
+                f"{self.directory}: the round records end at {records[-1].phase} round "
+                f"{records[-1].round}, the checkpoint is of {ckpt.phase} round {ckpt.round}"
+            )
         restore_strategy(self.strategy, ckpt.meta["strategy"], ckpt.sections)
-        self.recorder.history = list(ckpt.meta["history"])
-        self.recorder.extra.update(ckpt.meta["extra"])
-        if self.roster is not None:  # rejoins before the crash, then this run's own
-            self.roster.rejoined[:0] = list(ckpt.meta.get("rejoined", []))
         self.partners = {
             name[len(PARTNERS) :]: numpy_to_record(arrays)
             for name, arrays in ckpt.sections.items()
@@ -122,9 +126,10 @@ class ServerCheckpointer:
         }
         restore_rng(ckpt.meta["rng"], ckpt.sections["rng"])
         console.print(f"[bold]resuming[/bold] after {ckpt.phase} round {ckpt.round}")
-        return ResumePoint(
-            ckpt.phase, ckpt.round, numpy_to_record(ckpt.sections["arrays"]), self.partners
-        )
+        arrays = numpy_to_record(ckpt.sections["arrays"])
+        if records:  # the last record holds the model, as it did when it was made
+            records[-1] = replace(records[-1], arrays=arrays)
+        return ResumePoint(ckpt.phase, ckpt.round, arrays, self.partners, records)
 
     def _check(self, ckpt: Checkpoint) -> None:
         where = self.directory

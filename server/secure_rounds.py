@@ -12,12 +12,14 @@ Each round is two SecAgg+ sums: a census of holder flags (no model goes down, no
 comes up), then the round itself, in which nodes submit only the groups the census
 found held by at least ``secagg.min_holders`` nodes.  ``phase`` says which local step
 the nodes run: ``train`` (the multimodal round) or ``pretrain`` (MMBind's shared-modality
-round).  Per round, :meth:`SecureRounds.round_metrics` says how many nodes were summed
-and :attr:`SecureRounds.withheld` which groups were not released.
+round).  Each round returns a :class:`~fed_iotlm.federation.round_record.StepResult`:
+how many nodes were summed (``stats``), which groups were not released (``withheld``)
+and, under ``dp.mode=distributed``, the release the accountant composes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from logging import INFO, WARNING
 
 import numpy as np
@@ -44,6 +46,7 @@ from flwr.serverapp import Grid
 from fed_iotlm.federation.groups import group_of
 from fed_iotlm.federation.privacy import CentralPrivacy, DPConfig
 from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
+from fed_iotlm.federation.round_record import RoundRecord, StepResult, releases_of
 from fed_iotlm.federation.secure import PUBLIC_WEIGHT, SecureSettings, SumLayout
 from fed_iotlm.federation.secure_dp import round_config
 
@@ -87,7 +90,7 @@ class _SumCollector(Strategy):
 
 
 class SecureRounds:
-    """``train_round`` for :func:`server.rounds.run_rounds` with SecAgg+ aggregation."""
+    """The round engine's step (:mod:`server.engine`) with SecAgg+ aggregation."""
 
     def __init__(
         self,
@@ -101,7 +104,6 @@ class SecureRounds:
         self.grid, self.settings, self.phase = grid, settings, phase
         # dp.mode=distributed: nodes clip and add their noise share (secure_dp.py)
         self.privacy = CentralPrivacy(dp, num_nodes) if dp is not None and dp.enabled else None
-        self.releases: dict[int, dict[str, float]] = {}  # round -> sigma, q (the accountant)
         if num_nodes > settings.max_nodes():
             raise ValueError(
                 f"secagg: {num_nodes} nodes overflow modulus_range/quantization_range "
@@ -124,33 +126,33 @@ class SecureRounds:
             timeout=float(settings.timeout_s),
         )
         self.base_config = dict(fit_config)
-        self.stats: dict[int, dict[str, float]] = {}
-        self.withheld: dict[int, list[str]] = {}  # round -> groups not released
 
-    def __call__(self, rnd: int, arrays: ArrayRecord) -> ArrayRecord | None:
+    def __call__(
+        self, rnd: int, arrays: ArrayRecord, records: Sequence[RoundRecord] = ()
+    ) -> StepResult:
         current = record_to_numpy(arrays)
         layout = SumLayout.of(current)
         minimum = int(self.settings.min_holders)
         census = self._sum(rnd, [], {"phase": "census", "census-of": self.phase})
         if census is None:
-            return self._skip(rnd, "the census of holders got no sum")
+            return self._skip(rnd, "the census of holders got no sum", [])
         holders = layout.holders(census)
         release = [g for g in layout.groups if holders[g] >= minimum]
-        self.withheld[rnd] = [g for g in layout.groups if 0 < holders[g] < minimum]
-        if self.withheld[rnd]:
+        few = [g for g in layout.groups if 0 < holders[g] < minimum]
+        if few:
             log(
                 WARNING,
                 "round %s: %s held by fewer than secagg.min_holders=%s nodes: not released",
-                rnd, ", ".join(self.withheld[rnd]), minimum,
+                rnd, ", ".join(few), minimum,
             )  # fmt: skip
         if not release:
-            return self._skip(rnd, "no group has enough holders")
+            return self._skip(rnd, "no group has enough holders", few)
         config = {"phase": self.phase, "release": ",".join(release)}
         if self.privacy is not None:
             config.update(round_config(self.privacy.config, {g: holders[g] for g in release}))
         sums = self._sum(rnd, list(current.values()), config)
         if sums is None:
-            return self._skip(rnd, "the round got no sum")
+            return self._skip(rnd, "the round got no sum", few)
         decoded = layout.decode(sums, current, float(self.settings.max_count), minimum)
         state, withheld = decoded.state, set(decoded.withheld)
         if self.privacy is not None:  # fewer holders than counted: the sum lacks noise
@@ -158,22 +160,30 @@ class SecureRounds:
             state = {k: current[k] if group_of(k) in short else v for k, v in state.items()}
             withheld |= short
         if withheld:  # a holder dropped out between the census and the round
-            self.withheld[rnd] = sorted({*self.withheld[rnd], *withheld})
-        self.stats[rnd] = {
+            few = sorted({*few, *withheld})
+        stats = {
             "secagg.nodes": float(self.collector.nodes),
             "secagg.failures": float(self.collector.failures),
-            "secagg.withheld_groups": float(len(self.withheld[rnd])),
+            "secagg.withheld_groups": float(len(few)),
         }
+        dp_release = None
         if self.privacy is None:
-            self.stats[rnd].update({f"secagg.count.{g}": c for g, c in decoded.counts.items()})
+            stats.update({f"secagg.count.{g}": c for g, c in decoded.counts.items()})
         else:
-            self.stats[rnd].update(self.privacy.account(rnd, self.collector.nodes, self.releases))
+            releases = releases_of(records, self.phase)
+            stats.update(self.privacy.account(rnd, self.collector.nodes, releases))
+            dp_release = dict(releases[rnd])
         log(INFO, "round %s: SecAgg+ summed %s nodes", rnd, self.collector.nodes)
-        return numpy_to_record(state)
+        return StepResult(
+            numpy_to_record(state), stats=stats, dp_release=dp_release, withheld=tuple(few)
+        )
 
-    def privacy_report(self) -> dict | None:
-        """results.json's ``privacy`` block (dp.mode=distributed), else None."""
-        return None if self.privacy is None else self.privacy.report(self.releases)
+    def privacy_report(self, records: Sequence[RoundRecord]) -> dict | None:
+        """results.json's ``privacy`` block (dp.mode=distributed) from the run's round
+        records, else None."""
+        if self.privacy is None:
+            return None
+        return self.privacy.report(releases_of(records, self.phase))
 
     def _sum(self, rnd: int, arrays: list[np.ndarray], config: dict) -> list[np.ndarray] | None:
         """One SecAgg+ run: every sampled node's vector summed (None if it failed)."""
@@ -184,17 +194,14 @@ class SecureRounds:
             return None
         return [m.astype(np.float64) * self.collector.nodes for m in self.collector.mean]
 
-    def _skip(self, rnd: int, why: str) -> None:
+    def _skip(self, rnd: int, why: str, withheld: list[str]) -> StepResult:
         log(WARNING, "round %s: %s; keeping the model", rnd, why)
-        self.withheld.setdefault(rnd, [])
-        self.stats[rnd] = {
+        stats = {
             "secagg.nodes": 0.0,
             "secagg.failures": float(self.collector.failures),
-            "secagg.withheld_groups": float(len(self.withheld[rnd])),
+            "secagg.withheld_groups": float(len(withheld)),
         }
-
-    def round_metrics(self, rnd: int) -> dict[str, float]:
-        return self.stats.get(rnd, {})
+        return StepResult(None, stats=stats, withheld=tuple(withheld))
 
     def _legacy_context(self, rnd: int, arrays: list[np.ndarray]) -> LegacyContext:
         """A fresh legacy context per sum: the nodes now connected, what goes down."""

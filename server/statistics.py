@@ -21,7 +21,7 @@ from fed_iotlm.data.preprocess import ChannelSums
 from fed_iotlm.federation.normalization import NORM_KEY, STATS_MESSAGE, sums_from_record
 
 from .chunked import send_and_receive_chunked
-from .membership import LiveNodesGrid
+from .roster import LiveNodesGrid
 
 
 def statistics_round(grid: Grid, node_ids: Iterable[int], timeout: float) -> ChannelSums:

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from fed_iotlm.experiment import model_spec
-from fed_iotlm.federation.adapter_sync import adapter_counts, sync_config, sync_model
+from fed_iotlm.federation.adapter_sync import adapter_counts, sync_config
 from fed_iotlm.federation.bundle import load_bundle
 from fed_iotlm.federation.groups import group_of
 from fed_iotlm.federation.records import state_to_numpy
+from fed_iotlm.federation.run_model import sync_model
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.settings import compose
 from tests.client_mods import train_keys_recorder

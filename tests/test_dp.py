@@ -20,6 +20,7 @@ from fed_iotlm.federation.privacy import (
     clip_update,
     epsilon_after,
     noise_std,
+    privacy_report,
     update_clipping_mod,
 )
 from fed_iotlm.federation.records import (
@@ -28,8 +29,10 @@ from fed_iotlm.federation.records import (
     numpy_to_record,
     record_to_numpy,
 )
+from fed_iotlm.federation.round_record import RoundRecord, facts_of, releases_of
 from fed_iotlm.federation.strategy import build_strategy
 from fed_iotlm.federation.update_checks import update_norm
+from server.engine import account_release
 
 RNG = np.random.default_rng(0)
 CURRENT = {
@@ -48,7 +51,6 @@ def _strategy(num_nodes: int, current: dict, **dp):
     strategy = build_strategy("federated", {"name": "fedavg"}, num_nodes=num_nodes)
     attach_privacy(strategy, _run_cfg(**dp), num_nodes)
     strategy._current = dict(current)
-    strategy._sampled = num_nodes  # configure_train sent to every node
     return strategy
 
 
@@ -171,7 +173,10 @@ def test_noise_multiplier_zero_gives_the_plain_aggregate_with_equal_weights():
     b, metrics = dp.aggregate_train(1, [node_reply(i, u, counts) for i, u in enumerate(ups)])
     for k, v in record_to_numpy(a).items():
         np.testing.assert_allclose(record_to_numpy(b)[k], v, rtol=1e-6, atol=1e-7)
-    assert "dp.epsilon" not in metrics  # sigma = 0: no finite epsilon to report
+    assert facts_of(metrics).released  # the engine accounts for it
+    stats, release = account_release(dp.privacy, 1, 3, [])
+    assert "dp.epsilon" not in stats  # sigma = 0: no finite epsilon to report
+    assert release == {"sigma": 0.0, "q": 1.0}
     # unequal sample counts: DP averages each group with equal weights, not by count
     uneven = [{**counts, "fusion": n} for n in (1, 10, 100)]
     c, _ = dp.aggregate_train(2, [node_reply(i, u, uneven[i]) for i, u in enumerate(ups)])
@@ -203,7 +208,9 @@ def test_central_noise_on_each_group_is_sigma_c_over_its_holders():
         assert abs(np.mean(out[key])) < 0.05 * sigma * clip / holders
         assert noise_std(sigma, clip, holders) == sigma * clip / holders
     np.testing.assert_array_equal(out["enc.depth.w"], current["enc.depth.w"])
-    assert metrics["dp.epsilon"] == pytest.approx(epsilon_after([(sigma, 1.0)], 1e-5))
+    assert facts_of(metrics).released
+    stats, _ = account_release(strategy.privacy, 1, 4, [])  # what the engine adds
+    assert stats["dp.epsilon"] == pytest.approx(epsilon_after([(sigma, 1.0)], 1e-5))
     # seeded (tests only): the same round draws the same noise, another round other noise
     again = _strategy(4, current, noise_multiplier=sigma, clipping_norm=clip, seed=7)
     np.testing.assert_array_equal(
@@ -304,17 +311,20 @@ def test_simulation_reports_epsilon_per_round_in_results_and_mlflow(quick_cfg, t
     assert {m.step: m.value for m in logged} == pytest.approx(expected)
 
 
-def test_a_resumed_strategy_keeps_composing_where_it_stopped():
-    from fed_iotlm.federation.strategy_state import capture_strategy, restore_strategy
-
+def test_a_resumed_run_keeps_composing_where_it_stopped():
+    """The accountant composes over the round records, which a checkpoint carries as
+    JSON: a resumed run's next release counts the ones before the crash."""
     replies = [node_reply(i, dict(CURRENT), {"enc.imu": 5, "fusion": 5}) for i in range(2)]
     first = _strategy(4, CURRENT, noise_multiplier=1.0)
-    first._sampled = 2  # two of four nodes: q = 0.5
-    first.aggregate_train(1, replies)
-    meta, sections = capture_strategy(first)
-    resumed = _strategy(4, CURRENT, noise_multiplier=1.0)
-    restore_strategy(resumed, json.loads(json.dumps(meta)), sections)
-    resumed._sampled = 2
-    _, metrics = resumed.aggregate_train(2, replies)
-    assert metrics["dp.epsilon"] == pytest.approx(epsilon_after([(1.0, 0.5)] * 2, 1e-5))
-    assert list(resumed.privacy.report(resumed.round_privacy)["epsilon_by_round"]) == ["1", "2"]
+    _, metrics = first.aggregate_train(1, replies)
+    assert facts_of(metrics).released
+    stats, release = account_release(first.privacy, 1, 2, [])  # two of four nodes: q = 0.5
+    saved = [RoundRecord("train", 1, stats=stats, dp_release=release).to_json()]
+    records = [RoundRecord.from_json(d) for d in json.loads(json.dumps(saved))]
+    resumed = _strategy(4, CURRENT, noise_multiplier=1.0)  # built afresh: it keeps nothing
+    resumed.aggregate_train(2, replies)
+    stats, release = account_release(resumed.privacy, 2, 2, records)
+    assert stats["dp.epsilon"] == pytest.approx(epsilon_after([(1.0, 0.5)] * 2, 1e-5))
+    records.append(RoundRecord("train", 2, stats=stats, dp_release=release))
+    report = privacy_report(resumed, releases_of(records))
+    assert list(report["epsilon_by_round"]) == ["1", "2"]

@@ -19,6 +19,7 @@ from fed_iotlm.federation.records import (
     record_to_numpy,
     to_array,
 )
+from fed_iotlm.federation.round_record import facts_of
 from fed_iotlm.federation.strategy import build_strategy
 from fed_iotlm.federation.update_checks import CheckConfig, screen_updates
 from tests.test_update_checks import BAD, COUNTS, CURRENT, GOOD
@@ -79,7 +80,7 @@ def test_strategy_on_packed_replies_equals_the_per_key_mean():
         for key in MODEL:
             np.testing.assert_allclose(got[key], expected.state[key], rtol=1e-5, atol=1e-6)
             assert got[key].dtype == np.float32
-        assert strategy.round_holders[1] == expected.holders
+        assert facts_of(metrics).holders == expected.holders
         assert metrics["accepted_updates"] == 3.0
 
 
@@ -95,7 +96,7 @@ def test_packed_updates_are_rejected_like_per_key_ones(kind):
     replies = [node_reply(0, GOOD, COUNTS), node_reply(1, arrays, counts)]
     assert all(is_packed(r.content["arrays"]) for r in replies)
     _, metrics = strategy.aggregate_train(1, replies)
-    (reason,) = strategy.rejections[1]
+    (reason,) = facts_of(metrics).rejections
     assert reason == per_key[0].reason
     assert detail in reason
     assert metrics["accepted_updates"] == 1.0 and metrics[f"rejected.{kind}"] == 1.0

@@ -164,8 +164,8 @@ def _initial_state(quick_cfg) -> dict[str, np.ndarray]:
     """The model a run starts from (seeded as the ServerApp seeds it)."""
     from fed_iotlm.data.federation import build_layout
     from fed_iotlm.experiment import model_spec
-    from fed_iotlm.federation.adapter_sync import sync_model
     from fed_iotlm.federation.records import state_to_numpy
+    from fed_iotlm.federation.run_model import sync_model
     from server.federated_run import seed_everything
 
     cfg = quick_cfg()

@@ -10,6 +10,7 @@ from fed_iotlm.federation.records import (
     node_reply,
     record_to_numpy,
 )
+from fed_iotlm.federation.round_record import RoundRecord, facts_of, robustness_block
 from fed_iotlm.federation.strategy import ModalityAwareFedAdam, build_strategy
 from fed_iotlm.federation.update_checks import CheckConfig, check_config, screen_updates
 
@@ -78,9 +79,15 @@ def test_strategy_drops_bad_update_aggregates_the_rest_and_reports_it():
     state = record_to_numpy(arrays)
     np.testing.assert_array_equal(state["fusion.q"], GOOD["fusion.q"])  # the good one alone
     assert metrics["rejected_updates"] == 1 and metrics["rejected.non_finite"] == 1
-    assert strategy.round_metrics(1)["accepted_updates"] == 1
-    assert "node 1 rejected (non_finite) at 'fusion.q'" in strategy.rejections[1][0]
-    assert strategy.robustness_report()["rejections_by_round"] == {"1": strategy.rejections[1]}
+    facts = facts_of(metrics)
+    assert facts.stats["accepted_updates"] == 1 and facts.holders == {
+        "enc.imu": ["0"],
+        "fusion": ["0"],
+    }
+    assert "node 1 rejected (non_finite) at 'fusion.q'" in facts.rejections[0]
+    record = RoundRecord("train", 1, rejections=facts.rejections)
+    report = robustness_block([record], {}, {})
+    assert report["rejections_by_round"] == {"1": list(facts.rejections)}
 
 
 def test_all_rejected_keeps_state_and_still_counts():

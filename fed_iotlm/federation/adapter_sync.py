@@ -23,12 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from fed_iotlm.models.multisensory import ModelSpec, MultisensoryModel
+from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.personal import KINDS, attach_adapter, attach_lora
 
 PREFIX = "adapter"  # state-dict prefix, and group name prefix (``adapter.<m>``)
@@ -107,27 +106,6 @@ def adapter_counts(counts: Mapping[str, float]) -> dict[str, float]:
         (f"{PREFIX}.{g[len('enc.') :]}" if g.startswith("enc.") else g): n
         for g, n in counts.items()
     }
-
-
-def sync_model(cfg: Mapping, spec: ModelSpec) -> MultisensoryModel:
-    """The model of a run: plain in ``full`` mode; in ``adapters`` mode loaded from
-    ``sync.bundle`` (if given) and carrying frozen encoders with federated adapters.
-    The server builds its global model with it; nodes call :func:`attach_sync_adapters`
-    (their weights come from the server each round)."""
-    model = MultisensoryModel(spec)
-    scfg = sync_config(cfg)
-    if not scfg.adapters:
-        return model
-    if scfg.bundle:
-        from .bundle import load_bundle  # bundle imports this module
-
-        loaded, _ = load_bundle(Path(scfg.bundle))
-        try:
-            model.load_state_dict(loaded.state_dict())  # strict: same architecture only
-        except RuntimeError as err:
-            raise ValueError(f"sync.bundle={scfg.bundle}: not this run's model: {err}") from err
-    attach_sync_adapters(model, scfg, int(cfg["seed"]))
-    return model
 
 
 def sync_meta(cfg: Mapping) -> dict:

@@ -19,6 +19,7 @@ from fed_iotlm.data.preprocess import (
 )
 from fed_iotlm.models.multisensory import ModelSpec, MultisensoryModel
 
+from .adapter_sync import SyncConfig, attach_sync_adapters
 from .records import load_into
 
 WEIGHTS = "model.safetensors"
@@ -49,8 +50,6 @@ def load_bundle(directory: Path) -> tuple[MultisensoryModel, dict]:
     doc = json.loads((directory / META).read_text())
     model = MultisensoryModel(ModelSpec(**doc["spec"]))
     if doc.get("sync"):  # sync.mode=adapters: frozen encoders + the federated adapters
-        from .adapter_sync import SyncConfig, attach_sync_adapters
-
         seed = doc["sync"].get("seed", 0)
         fields = {k: v for k, v in doc["sync"].items() if k != "seed"}
         attach_sync_adapters(model, SyncConfig(**fields), int(seed))

@@ -261,8 +261,8 @@ def epsilon_after(releases: Iterable[tuple[float, float]], delta: float) -> floa
 class CentralPrivacy:
     """The server's part: the train config nodes need, equal weights, the per-group
     noise and the accounting.  ``releases`` maps each round whose average was released
-    to its ``{"sigma", "q"}``; the strategy checkpoints it, so a resumed run keeps
-    composing where it stopped."""
+    to its ``{"sigma", "q"}``; the round records carry it (and the checkpoint them), so a
+    resumed run keeps composing where it stopped."""
 
     def __init__(self, config: DPConfig, num_nodes: int) -> None:
         if num_nodes < 1:
@@ -360,9 +360,10 @@ def attach_privacy(strategy: object, cfg: Mapping, num_nodes: int) -> None:
     strategy.privacy = CentralPrivacy(dp, num_nodes)
 
 
-def privacy_report(strategy: object) -> dict | None:
-    """results.json's ``privacy`` block of ``strategy``'s run; None when DP is off."""
+def privacy_report(strategy: object, releases: Mapping[int, Mapping[str, float]]) -> dict | None:
+    """results.json's ``privacy`` block of ``strategy``'s run, from its ``releases``
+    (round -> sigma, q: the round records'); None when DP is off."""
     privacy = getattr(strategy, "privacy", None)
     if privacy is None:
         return None
-    return privacy.report(getattr(strategy, "round_privacy", {}))
+    return privacy.report(releases)

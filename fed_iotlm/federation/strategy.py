@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -37,6 +36,7 @@ from .records import (
     record_to_numpy,
 )
 from .robust import RobustConfig, aggregate_robust, robust_config
+from .round_record import AggregateFacts, FactsMetricRecord, facts_of
 from .streaming_mean import screen_and_mean
 from .update_checks import CheckConfig, check_config, screen_updates
 
@@ -46,12 +46,15 @@ logger = logging.getLogger(__name__)
 class ModalityAwareFedAvg(FedAvg):
     """FedAvg in which each parameter group is averaged only over the nodes that sent it.
 
-    After every round ``round_holders[round]`` maps each group to the node ids that
-    held it (the integration tests and the logs read it), ``round_stats[round]`` holds
-    the screening/robustness metrics, ``rejections[round]`` the reasons, and ``comm``
-    accumulates the payload bytes sent down and up.  ``robust``, ``checks`` and
-    ``privacy`` are set after construction (flwr's FedProx/FedAdam constructors take no
-    extra arguments); ``round_privacy[round]`` holds each DP release's sigma and q.
+    It keeps no per-round bookkeeping: ``aggregate_train`` returns what it learnt about
+    the round (holders per group, screening and robust stats, rejections, Krum's
+    selections, whether a DP average was released, bytes read) as the
+    :class:`~fed_iotlm.federation.round_record.AggregateFacts` riding on its metrics,
+    and the round engine (:mod:`server.engine`) puts them into the round's record.
+    ``_current`` is the configure-to-aggregate handoff of the round in progress (as
+    flwr's FedAdam keeps ``current_arrays``).  ``robust``, ``checks`` and ``privacy``
+    (configuration, no state) are set after construction: flwr's FedProx/FedAdam
+    constructors take no extra arguments.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -60,14 +63,7 @@ class ModalityAwareFedAvg(FedAvg):
         self._current: dict[str, np.ndarray] | None = None
         self.robust = RobustConfig()
         self.checks = CheckConfig()
-        self.round_holders: dict[int, dict[str, list[str]]] = {}
-        self.round_selected: dict[int, dict[str, list[str]]] = {}
-        self.round_stats: dict[int, dict[str, float]] = {}
-        self.rejections: dict[int, list[str]] = {}
-        self.comm = {"bytes_down": 0, "bytes_up": 0, "messages_down": 0, "messages_up": 0}
         self.privacy: CentralPrivacy | None = None
-        self.round_privacy: dict[int, dict[str, float]] = {}
-        self._sampled = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -76,15 +72,13 @@ class ModalityAwareFedAvg(FedAvg):
         if self.privacy is not None:  # the clipping norm (and local noise) for the nodes
             for key, value in self.privacy.train_config().items():
                 config[key] = value
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._sampled = len(messages)
-        self.comm["bytes_down"] += record_nbytes(arrays) * len(messages)
-        self.comm["messages_down"] += len(messages)
-        return messages
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's modality-aware aggregate, and its train metrics carrying the
+        round's :class:`AggregateFacts` (``facts_of(metrics)``)."""
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid or self._current is None:
             return None, None
@@ -95,10 +89,10 @@ class ModalityAwareFedAvg(FedAvg):
             layout = None
         current_buffers = None if layout is None else layout.pack(self._current)  # per round
         updates = []
+        bytes_up = 0
         for msg in valid:
             record = msg.content[self.arrayrecord_key]
-            self.comm["bytes_up"] += record_nbytes(record)
-            self.comm["messages_up"] += 1
+            bytes_up += record_nbytes(record)
             metrics = _metric_record(msg)
             # one flat, read-only buffer per group, no copy (nodes send packed groups)
             node = str(int(metrics.get("partition-id", msg.metadata.src_node_id)))
@@ -117,26 +111,22 @@ class ModalityAwareFedAvg(FedAvg):
             )
         else:
             screened = screen_updates(self._current, updates, self.checks, current_buffers)
-        self.rejections[server_round] = [r.reason for r in screened.rejected]
-        for r in screened.rejected:
-            logger.warning("aggregate_train: round %s: dropped %s", server_round, r.reason)
+        rejections = tuple(r.reason for r in screened.rejected)
+        for reason in rejections:
+            logger.warning("aggregate_train: round %s: dropped %s", server_round, reason)
         stats = {**screened.metrics(), **budget_metrics(valid)}
-        self.round_stats[server_round] = stats
         if not screened.accepted:
             logger.warning("aggregate_train: every update was rejected; the model stays as it was")
-            self.round_holders[server_round] = {}
-            return None, MetricRecord(stats)
+            facts = AggregateFacts({}, stats, rejections, bytes_up=bytes_up, messages_up=len(valid))
+            return None, FactsMetricRecord(stats, facts)
         if result is None:  # robust rules stack each group's holders (per-key views)
             accepted_updates = screened.accepted
             if self.privacy is not None:  # DP: every holder weighs the same in its groups
                 accepted_updates = uniform_weights(accepted_updates)
             result = aggregate_robust(self._current, accepted_updates, self.robust)
-        if self.privacy is not None:
+        if self.privacy is not None:  # the engine accounts for the release (its records)
             result.state = self.privacy.release(server_round, result.state, result.holders)
-            stats.update(self.privacy.account(server_round, self._sampled, self.round_privacy))
-        self.round_holders[server_round] = result.holders
         if result.selected:
-            self.round_selected[server_round] = result.selected
             stats["krum_excluded"] = float(
                 sum(len(result.holders[g]) - len(sel) for g, sel in result.selected.items())
             )
@@ -148,24 +138,16 @@ class ModalityAwareFedAvg(FedAvg):
             [m.content for m, u in zip(valid, updates, strict=True) if id(u) in accepted],
             self.weighted_by_key,
         )
-        for key, value in stats.items():
-            metrics[key] = value
-        return numpy_to_record(result.state), metrics
-
-    def round_metrics(self, server_round: int) -> dict[str, float]:
-        """Screening/robustness metrics of a round (empty before it was aggregated)."""
-        return dict(self.round_stats.get(server_round, {}))
-
-    def robustness_report(self) -> dict:
-        """What results.json records about checks and robust aggregation."""
-        out: dict = {
-            "aggregation": asdict(self.robust),
-            "checks": asdict(self.checks),
-            "rejections_by_round": {str(r): v for r, v in self.rejections.items() if v},
-        }
-        if self.round_selected:
-            out["selected_by_round"] = {str(r): v for r, v in self.round_selected.items()}
-        return out
+        facts = AggregateFacts(
+            holders=result.holders,
+            stats=stats,
+            rejections=rejections,
+            selected=dict(result.selected or {}),
+            released=self.privacy is not None,
+            bytes_up=bytes_up,
+            messages_up=len(valid),
+        )
+        return numpy_to_record(result.state), FactsMetricRecord({**metrics, **stats}, facts)
 
 
 def _uniform_counts(update: PackedUpdate) -> dict[str, float]:
@@ -262,9 +244,10 @@ class ModalityAwareFedAdam(FedAdam, ModalityAwareFedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         previous = self._current
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None or previous is None:
+        facts = facts_of(metrics)
+        if arrays is None or previous is None or facts is None:
             return arrays, metrics
-        held = set(self.round_holders.get(server_round, {}))
+        held = set(facts.holders)
         state = record_to_numpy(arrays)
         for key, value in previous.items():
             if group_of(key) not in held:

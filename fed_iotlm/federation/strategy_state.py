@@ -1,10 +1,11 @@
 """A strategy's state across rounds, as checkpoint sections and JSON.
 
 flwr's strategies are plain objects: FedAdam/FedYogi/FedAdagrad keep the server
-optimiser's moments in ``m_t``/``v_t`` between rounds, and the modality-aware ones keep
-per-round bookkeeping that ends up in results.json.  Resuming from round k must give
+optimiser's moments in ``m_t``/``v_t`` between rounds.  Resuming from round k must give
 the strategy exactly what it had after round k, or round k+1 would aggregate
-differently (Adam with zeroed moments is a different optimiser).
+differently (Adam with zeroed moments is a different optimiser).  That optimiser state
+is all a strategy carries across rounds: what each round did is in the run's round
+records (:mod:`.round_record`), which the checkpoint saves on its own.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import numpy as np
 # server-optimiser state: dicts of arrays keyed like the model (FedOpt family) or lists
 # of arrays (FedAvgM); None before the first round
 OPTIMISER_ATTRS = ("m_t", "v_t", "momentum_vector")
-# ModalityAwareFedAvg's per-round records, {round: ...}
-ROUND_ATTRS = ("round_holders", "round_selected", "round_stats", "rejections", "round_privacy")
 PREFIX = "optimizer."
 
 
@@ -34,11 +33,6 @@ def capture_strategy(strategy: object) -> tuple[dict[str, Any], dict[str, dict[s
             meta["optimizer_lists"].append(attr)
         elif value is not None:
             raise TypeError(f"{type(strategy).__name__}.{attr}: cannot checkpoint {type(value)}")
-    for attr in ROUND_ATTRS:
-        if hasattr(strategy, attr):
-            meta[attr] = {str(r): v for r, v in getattr(strategy, attr).items()}
-    if hasattr(strategy, "comm"):
-        meta["comm"] = dict(strategy.comm)
     return meta, sections
 
 
@@ -56,8 +50,3 @@ def restore_strategy(
                 setattr(strategy, attr, [arrays[k] for k in sorted(arrays)])
             else:
                 setattr(strategy, attr, dict(arrays))
-    for attr in ROUND_ATTRS:
-        if hasattr(strategy, attr) and attr in meta:
-            setattr(strategy, attr, {int(r): v for r, v in meta[attr].items()})
-    if hasattr(strategy, "comm") and "comm" in meta:
-        strategy.comm = {k: int(v) for k, v in meta["comm"].items()}

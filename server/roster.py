@@ -1,6 +1,7 @@
-"""The live roster: which Flower node serves each partition id, kept current per round.
+"""Who serves each partition id: the roll call before round 1 and the live roster.
 
-The roll call before round 1 (:func:`server.rounds.identify_nodes`) maps partition
+The roll call before round 1 (:func:`identify_nodes`, ``query.identify``, a chunk of
+nodes at a time: :mod:`.chunked`) maps partition
 ids to Flower node ids.  A site that crashes and is restarted keeps its
 ``--node-config partition-id`` but may come back under a *new* node id (a SuperNode
 without a registered key draws a fresh key, hence a fresh id, at every start), while
@@ -16,13 +17,97 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from .rounds import Roster, ask_identities
+from .chunked import send_and_receive_chunked
+
+IDENTIFY = "query.identify"
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Who answered the roll call: partition id -> Flower node id, modalities, source."""
+
+    node_ids: dict[int, int]
+    modalities: dict[int, list[str]]
+    sources: dict[int, str]
+
+    @property
+    def plan(self) -> dict[str, list[str]]:
+        """``{"0": ["imu", "audio"], ...}`` as results.json records it."""
+        return {str(p): self.modalities[p] for p in sorted(self.modalities)}
+
+    @property
+    def deployed(self) -> bool:
+        """Some node reads its own data directory (the server's layout is not its data)."""
+        return any(s == "site" for s in self.sources.values())
+
+
+def ask_identities(
+    grid: Grid, node_ids: list[int], timeout: float
+) -> tuple[dict[int, tuple[int, list[str], str]], dict[int, str]]:
+    """``query.identify`` to ``node_ids``: node id -> (partition id, modalities, source)
+    for those that answered, node id -> reason for those that failed or stayed silent."""
+    messages = [
+        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type=IDENTIFY)
+        for n in node_ids
+    ]
+    identities: dict[int, tuple[int, list[str], str]] = {}
+    errors: dict[int, str] = {}
+    for r, sent in _pair_replies(
+        messages, send_and_receive_chunked(grid, messages, timeout=timeout)
+    ):
+        node = sent.metadata.dst_node_id
+        if r is None:
+            errors[node] = f"no answer to the roll call in {timeout:.0f}s"
+        elif r.has_error():
+            errors[node] = r.error.reason
+        else:
+            identity = r.content["identity"]
+            identities[node] = (
+                int(identity["partition-id"]),
+                list(identity.get("modalities", [])),  # none under SecAgg+: liveness only
+                str(identity["source"]),
+            )
+    return identities, errors
+
+
+def _pair_replies(sent: list[Message], replies: Iterable[Message]):
+    by_id = {r.metadata.reply_to_message_id: r for r in replies}
+    return [(by_id.get(m.metadata.message_id), m) for m in sent]
+
+
+def identify_nodes(grid: Grid, expected: int, timeout: float = 900.0) -> Roster:
+    """Every connected node's identity; a node that cannot serve the run fails it here,
+    with that node's own error (e.g. an unusable ``data-dir``), before any round."""
+    node_ids = list(grid.get_node_ids())
+    identities, errors = ask_identities(grid, node_ids, timeout)
+    if errors:
+        raise RuntimeError(
+            "SuperNode(s) cannot join the run:\n  "
+            + "\n  ".join(f"node {n}: {reason}" for n, reason in errors.items())
+        )
+    ids: dict[int, int] = {}
+    mods: dict[int, list[str]] = {}
+    sources: dict[int, str] = {}
+    for node_id, (pid, modalities, source) in identities.items():
+        if pid in ids:
+            raise RuntimeError(
+                f"SuperNodes {ids[pid]} and {node_id} both have partition-id "
+                f"{pid}: give each SuperNode a distinct --node-config partition-id"
+            )
+        ids[pid] = node_id
+        mods[pid] = modalities
+        sources[pid] = source
+    missing = sorted(set(range(expected)) - set(ids))
+    if missing:
+        raise RuntimeError(f"no SuperNode has partition-id {missing} (expected 0..{expected - 1})")
+    return Roster(ids, mods, sources)
 
 
 class LiveNodesGrid(Grid):
@@ -74,7 +159,9 @@ class LiveRoster:
         self.expected = expected
         self.identify_timeout_s = identify_timeout_s
         self.wait_s = wait_s
-        self.rejoined: list[dict] = []  # what results.json records about rejoining sites
+        # rejoins since the round engine last asked (take_rejoins): each lands in the
+        # record of the round it happened in, never accumulates here
+        self._rejoins: list[dict] = []
 
     @property
     def partition_of(self) -> dict[int, int]:
@@ -112,8 +199,14 @@ class LiveRoster:
                     rnd, pid, mods, self.modalities.get(pid),
                 )  # fmt: skip
             self.node_ids[pid], self.modalities[pid] = node_id, mods
-            self.rejoined.append({"round": rnd, "partition": pid, "node": node_id, "was": old})
+            self._rejoins.append({"round": rnd, "partition": pid, "node": node_id, "was": old})
             log(INFO, "round %s: partition %s rejoined as node %s (was %s)", rnd, pid, node_id, old)
+
+    def take_rejoins(self) -> list[dict]:
+        """The rejoins since the last call (``{"round", "partition", "node", "was"}``),
+        handed over: the round engine puts them into that round's record."""
+        taken, self._rejoins = self._rejoins, []
+        return taken
 
     def live_grid(self, grid: Grid, minimum: int, rnd: int = 0) -> LiveNodesGrid:
         """A Grid listing one live node per partition, once at least ``minimum`` are
