@@ -102,7 +102,7 @@ def test_every_method_runs_and_reports(federation):
     assert rel["ffa"] < 1e-5 and rel["fedex"] < 1e-5  # exact by construction
     for r in doc["methods"].values():  # normalised by the round's own update, not the adapter
         x = r["rounds"][-1]
-        assert 0 < x["update_norm"] and x["rel_error"] == pytest.approx(
+        assert x["update_norm"] > 0 and x["rel_error"] == pytest.approx(
             x["agg_error"] / x["update_norm"]
         )
         assert x["dense_error"] is None  # dense diagnostics are off by default
