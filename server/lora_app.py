@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -86,6 +87,11 @@ def _train_message(
     )
 
 
+def _lora_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the LoRA factors and residual in a payload (the projector state excluded)."""
+    return sum(a.nbytes for k, a in arrays.items() if not k.startswith("sensor|"))
+
+
 def _evaluate(task: LoraTask, data: TaskData, state: LoraServerState) -> dict:
     """Generation accuracy of the global model; FlexLoRA also of each rank's truncation."""
     gen = {"batch_size": task.eval_batch, "max_new_tokens": task.max_new_tokens}
@@ -127,19 +133,20 @@ def run_method(
         task.seed,
         fs.dense_diagnostics,
     )
-    down = up = 0  # payload bytes, summed over sites and rounds
+    down = up = lora_down = lora_up = 0  # payload bytes, summed over sites and rounds
     for rnd in range(1, fs.rounds + 1):
         messages = [_train_message(node, state, pid, rnd, fs) for node, pid in sites.items()]
         down += sum(record_nbytes(m.content["arrays"]) for m in messages)
+        lora_down += sum(_lora_nbytes(record_to_numpy(m.content["arrays"])) for m in messages)
         updates: dict[int, SiteUpdate] = {}
         for reply in _send(grid, messages, timeout_s):
             up += record_nbytes(reply.content["arrays"])
             metrics = reply.content["metrics"]
             pid = sites[reply.metadata.src_node_id]
             shared_a = state.factors[pid] if state.a_seed is not None else None  # FFA: B only
-            factors, sensor, _ = unpack(
-                record_to_numpy(reply.content["arrays"]), task.lora_alpha, shared_a
-            )
+            arrays = record_to_numpy(reply.content["arrays"])
+            lora_up += _lora_nbytes(arrays)
+            factors, sensor, _ = unpack(arrays, task.lora_alpha, shared_a)
             updates[pid] = SiteUpdate(
                 factors, sensor, int(metrics["num-examples"]), float(metrics["loss"])
             )
@@ -164,6 +171,8 @@ def run_method(
         "comm": {  # FedEx adds its stacked residual factors down; FFA moves B only
             "bytes_down_per_site_round": down // (fs.rounds * len(sites)),
             "bytes_up_per_site_round": up // (fs.rounds * len(sites)),
+            "lora_bytes_down_per_site_round": lora_down // (fs.rounds * len(sites)),  # no projector
+            "lora_bytes_up_per_site_round": lora_up // (fs.rounds * len(sites)),
         },
         "train_s": round(t1 - t0, 1),
         "eval_s": round(time.time() - t1, 1),
