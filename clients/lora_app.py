@@ -2,23 +2,30 @@
 
 * ``query.site``: the site's partition id and its number of training examples, so the
   server can give each partition its rank (FlexLoRA) and weight.
-* ``train``: build the model on the pristine base, fold the received cumulative residual
-  (FedEx), load the factors and projector, freeze A (FFA), train ``local-steps`` steps on
-  the site's IID share and reply with factors + projector + n + mean loss.
+* ``train``: build the model on the pristine base, add the received cumulative residual
+  beside it in fp32 (FedEx, stacked factors), load the factors and projector, freeze A
+  (FFA: regenerated from ``a-seed``; only B travels, both ways), train ``local-steps``
+  steps continuing one lr schedule over all rounds, and reply with factors + projector +
+  n + mean loss.
 
 The site keeps nothing between rounds (see :mod:`fed_iotlm.llm.federated`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
-from fed_iotlm.llm.federated import SitePayload, prepare_site, train_site
+from fed_iotlm.llm.federated import (
+    SitePayload,
+    initial_factors,
+    prepare_site,
+    site_tune_settings,
+    train_site,
+)
+from fed_iotlm.llm.fedlora import lora_factors
 from fed_iotlm.llm.lora_task import LoraTask, build_model, load_task_data, site_examples
 from fed_iotlm.llm.lora_wire import pack, unpack
 from fed_iotlm.settings import from_run_config
@@ -54,23 +61,31 @@ def make_lora_client_app(task: LoraTask | None = None, threads: int = 1) -> Clie
         the_task = _task(context)
         data, examples = _examples(context, the_task)
         config = msg.content["config"]
-        factors, sensor, residual = unpack(
-            record_to_numpy(msg.content["arrays"]), the_task.lora_alpha
-        )
+        arrays = record_to_numpy(msg.content["arrays"])
+        freeze_a = bool(config["freeze-a"])
+        shared_a = None
+        if freeze_a:  # FFA: A never travels; every site rebuilds it from the shared seed
+            rank = the_task.lora_r
+            model, builder = build_model(the_task, data, rank)
+            template = lora_factors(model.peft)
+            shared_a = initial_factors(template, rank, the_task.lora_alpha, int(config["a-seed"]))
+        factors, sensor, residual = unpack(arrays, the_task.lora_alpha, shared_a)
         rnd, version = int(config["server-round"]), int(config["residual-version"])
         if residual and version != rnd - 1:  # full participation: C_{t-1} holds t-1 rounds
             raise ValueError(f"round {rnd} got a residual of version {version}")
-        payload = SitePayload(factors, sensor, residual, version, bool(config["freeze-a"]))
-        rank = next(iter(factors.values())).rank
-        model, builder = build_model(the_task, data, rank)
+        payload = SitePayload(factors, sensor, residual, version, freeze_a)
+        if not freeze_a:
+            rank = next(iter(factors.values())).rank
+            model, builder = build_model(the_task, data, rank)
         prepare_site(model, payload)
         pid, _ = _site(context)
-        settings = replace(
+        settings = site_tune_settings(
             the_task.tune,
-            steps=int(config["local-steps"]),
-            warmup=min(the_task.tune.warmup, int(config["local-steps"]) // 5),
-            log_every=int(config["local-steps"]),
-            seed=the_task.seed * 1_000_003 + rnd * 1_009 + pid,
+            int(config["local-steps"]),
+            rnd,
+            int(config["total-rounds"]),
+            pid,
+            the_task.seed,
         )
         device = "cuda" if torch.cuda.is_available() else "cpu"
         update = train_site(model, builder, examples, data.feats, settings, device=device)
@@ -82,7 +97,7 @@ def make_lora_client_app(task: LoraTask | None = None, threads: int = 1) -> Clie
                 "rank": float(rank),
             }
         )
-        arrays = numpy_to_record(pack(update.factors, update.sensor_state))
+        arrays = numpy_to_record(pack(update.factors, update.sensor_state, b_only=freeze_a))
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
     return app

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -76,12 +77,19 @@ def _train_message(
             "local-steps": fs.local_steps,
             "residual-version": p.version,
             "freeze-a": p.freeze_a,
+            "a-seed": -1 if state.a_seed is None else state.a_seed,
+            "total-rounds": fs.rounds,
         }
     )
-    arrays = numpy_to_record(pack(p.factors, p.sensor, p.residual))
+    arrays = numpy_to_record(pack(p.factors, p.sensor, p.residual, b_only=p.freeze_a))
     return Message(
         RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type="train"
     )
+
+
+def _lora_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the LoRA factors and residual in a payload (the projector state excluded)."""
+    return sum(a.nbytes for k, a in arrays.items() if not k.startswith("sensor|"))
 
 
 def _evaluate(task: LoraTask, data: TaskData, state: LoraServerState) -> dict:
@@ -123,17 +131,22 @@ def run_method(
         ranks,
         task.lora_alpha,
         task.seed,
+        fs.dense_diagnostics,
     )
-    down = up = 0  # payload bytes, summed over sites and rounds
+    down = up = lora_down = lora_up = 0  # payload bytes, summed over sites and rounds
     for rnd in range(1, fs.rounds + 1):
         messages = [_train_message(node, state, pid, rnd, fs) for node, pid in sites.items()]
         down += sum(record_nbytes(m.content["arrays"]) for m in messages)
+        lora_down += sum(_lora_nbytes(record_to_numpy(m.content["arrays"])) for m in messages)
         updates: dict[int, SiteUpdate] = {}
         for reply in _send(grid, messages, timeout_s):
             up += record_nbytes(reply.content["arrays"])
             metrics = reply.content["metrics"]
-            factors, sensor, _ = unpack(record_to_numpy(reply.content["arrays"]), task.lora_alpha)
             pid = sites[reply.metadata.src_node_id]
+            shared_a = state.factors[pid] if state.a_seed is not None else None  # FFA: B only
+            arrays = record_to_numpy(reply.content["arrays"])
+            lora_up += _lora_nbytes(arrays)
+            factors, sensor, _ = unpack(arrays, task.lora_alpha, shared_a)
             updates[pid] = SiteUpdate(
                 factors, sensor, int(metrics["num-examples"]), float(metrics["loss"])
             )
@@ -143,7 +156,8 @@ def run_method(
         fedit = "" if report.fedit_error is None else f", FedIT would lose {report.fedit_error:.4f}"
         console.print(
             f"  {fs.method} round {rnd}/{fs.rounds}: loss {report.loss:.3f}, "
-            f"aggregation error {report.agg_error:.4f} of ‖ΔW‖ {report.exact_norm:.3f}{fedit}"
+            f"aggregation error {report.agg_error:.4f} = {report.rel_error:.2%} of the "
+            f"round's update {report.update_norm:.3f}{fedit}"
         )
     t1 = time.time()
     accuracy = _evaluate(task, data, state)
@@ -154,9 +168,11 @@ def run_method(
         "rounds": [asdict(r) for r in state.reports],
         "accuracy": accuracy["accuracy"],
         "eval": accuracy,
-        "comm": {  # FedEx's dense residual makes its downlink as big as the adapted weights
+        "comm": {  # FedEx adds its stacked residual factors down; FFA moves B only
             "bytes_down_per_site_round": down // (fs.rounds * len(sites)),
             "bytes_up_per_site_round": up // (fs.rounds * len(sites)),
+            "lora_bytes_down_per_site_round": lora_down // (fs.rounds * len(sites)),  # no projector
+            "lora_bytes_up_per_site_round": lora_up // (fs.rounds * len(sites)),
         },
         "train_s": round(t1 - t0, 1),
         "eval_s": round(time.time() - t1, 1),

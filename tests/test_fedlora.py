@@ -11,8 +11,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fed_iotlm.llm.fedlora import (
     METHODS,
+    RESIDUAL_ATTR,
     LoraFactors,
     aggregate_lora,
+    effective_weight,
+    factored_norm,
     fedit_error,
     fold_residual,
     load_lora_factors,
@@ -118,7 +121,7 @@ def test_fedex_residual_makes_the_update_exact(base, sites):
         want = base.get_submodule(name.removeprefix(PREFIX)).weight + exact_delta(
             sites, WEIGHTS, name
         )
-        assert torch.allclose(effective(model, name), want, atol=1e-5)
+        assert torch.allclose(effective_weight(model, name), want, atol=1e-5)
         assert not torch.allclose(fedit_only[name], want, atol=1e-5)
         assert agg.error[name] < 1e-5
         with torch.no_grad():
@@ -202,3 +205,61 @@ def test_bad_inputs_raise_clear_errors(base, sites):
     with pytest.raises(ValueError, match="unknown LoRA layer"):
         fold_residual(model, {"nope": torch.zeros(32, 32)})
     assert METHODS == ("fedit", "ffa", "fedex", "flexlora")
+
+
+def test_fedex_residual_is_stacked_factors_of_the_exact_gap(sites):
+    """The residual travels as [p_k s B_k …, −s B̄] and [A_k …; Ā]: rank (N+1)·r, not [out, in]."""
+    p = [w / sum(WEIGHTS) for w in WEIGHTS]
+    agg = aggregate_lora(sites, WEIGHTS, "fedex")
+    for name, res in agg.residual.items():
+        f = sites[0][name]
+        assert res.A.shape == (4 * f.rank, f.A.shape[1]) and res.B.shape == (
+            f.B.shape[0],
+            4 * f.rank,
+        )
+        a = sum(pk * s[name].A for pk, s in zip(p, sites, strict=True))
+        b = sum(pk * s[name].B for pk, s in zip(p, sites, strict=True))
+        want = exact_delta(sites, WEIGHTS, name) - f.scaling * b @ a
+        assert torch.allclose(res.delta(), want, atol=1e-6)
+        assert factored_norm(res) == pytest.approx(float(torch.linalg.norm(want)), rel=1e-6)
+
+
+def test_errors_come_from_factors_and_dense_diagnostics_are_opt_in(sites):
+    for method in ("fedit", "fedex"):
+        agg = aggregate_lora(sites, WEIGHTS, method)
+        assert agg.dense_error == {}
+        dense = aggregate_lora(sites, WEIGHTS, method, dense_check=True)
+        for name in sites[0]:
+            assert dense.error[name] == pytest.approx(dense.dense_error[name], rel=1e-4, abs=1e-6)
+
+
+def test_residual_stays_fp32_beside_a_bf16_base():
+    """A residual below half a bf16 ulp would vanish if added into the bf16 weight; kept
+    in an fp32 side buffer, the effective weight is the fp32 reference to fp32 precision."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(model, lora)
+    name = next(iter(lora_factors(model)))
+    base = model.get_submodule(name).get_base_layer()
+    with torch.no_grad():
+        base.weight.fill_(1.0)  # bf16 ulp at 1.0 is 2^-7
+    before = base.weight.detach().clone()
+    res = LoraFactors(
+        torch.full((1, 32), 1.0037e-3), torch.full((32, 1), 1.0), 1.0
+    )  # < 2^-8; bf16 itself stores it 3.4e-6 off
+    assert torch.equal((before + res.delta().to(torch.bfloat16)), before)  # the old fold: lost
+    fold_residual(model, {name: res})
+    assert torch.equal(base.weight, before)  # base untouched
+    layer = model.get_submodule(name)
+    lora_part = layer.scaling["default"] * (
+        layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()
+    )
+    want = before.float() + res.delta() + lora_part
+    assert torch.allclose(effective_weight(model, name), want, rtol=0, atol=1e-6)
+    side = getattr(base, RESIDUAL_ATTR)
+    assert side.A.dtype == side.B.dtype == torch.float32

@@ -20,7 +20,7 @@ from fed_iotlm.llm.federated import (
     prepare_site,
     train_site,
 )
-from fed_iotlm.llm.fedlora import LoraFactors, aggregate_lora, lora_factors
+from fed_iotlm.llm.fedlora import LoraFactors, aggregate_lora, effective_weight, lora_factors
 from fed_iotlm.llm.loading import TINY_MODEL
 from fed_iotlm.llm.lora_task import LoraTask, _base_lm, build_model, load_task_data
 from fed_iotlm.llm.lora_wire import pack, unpack
@@ -100,6 +100,16 @@ def test_every_method_runs_and_reports(federation):
         for m, r in doc["methods"].items()
     }
     assert rel["ffa"] < 1e-5 and rel["fedex"] < 1e-5  # exact by construction
+    for r in doc["methods"].values():  # normalised by the round's own update, not the adapter
+        x = r["rounds"][-1]
+        assert x["update_norm"] > 0 and x["rel_error"] == pytest.approx(
+            x["agg_error"] / x["update_norm"]
+        )
+        assert x["dense_error"] is None  # dense diagnostics are off by default
+    comm = {m: r["comm"] for m, r in doc["methods"].items()}
+    for way in ("up", "down"):  # FFA: B only both ways (q/v/down_proj: less than half)
+        key = f"lora_bytes_{way}_per_site_round"
+        assert comm["ffa"][key] < 0.5 * comm["fedit"][key]
     assert rel["fedit"] > 1e-4
     fedit = doc["methods"]["fedit"]["rounds"][-1]
     assert fedit["agg_error"] == pytest.approx(fedit["fedit_error"], rel=1e-4)
@@ -167,19 +177,20 @@ def test_fedex_site_weights_are_base_plus_the_exact_average(federation):
             )
             prepare_site(model, type(payload)(factors, sensor, residual, payload.version))
             for name in snap["factors"][k]:
-                layer = model.peft.get_submodule(name)
-                got = layer.get_base_layer().weight + layer.scaling["default"] * (
-                    layer.lora_B["default"].weight @ layer.lora_A["default"].weight
-                )
+                got = effective_weight(model.peft, name)
+                base_now = model.peft.get_submodule(name).get_base_layer().weight
+                w0 = base.get_submodule(name.removeprefix(PREFIX)).weight
+                assert torch.equal(base_now, w0)  # the residual lives beside the base
                 exact = sum(
                     snap["updates"][j].n / total * f.scaling * f.B @ f.A
                     for j in order
                     for f in [snap["updates"][j].factors[name]]
                 )
-                w0 = base.get_submodule(name.removeprefix(PREFIX)).weight
-                want = w0 + before.get(name, torch.zeros_like(w0)) + exact
+                want = w0 + (before[name].delta() if name in before else 0.0) + exact
                 assert torch.allclose(got, want, atol=1e-5), (t, k, name)
-        assert any(float(r.abs().max()) > 1e-6 for r in snap["residual"].values())
+        assert any(float(r.delta().abs().max()) > 1e-6 for r in snap["residual"].values())
+        # stacked factors: rank (sites + 1) · r per round folded in, never [out, in]
+        assert all(r.A.shape[0] == (t + 1) * 3 * TASK.lora_r for r in snap["residual"].values())
 
 
 def test_settings_and_wire_format_reject_mistakes():
@@ -190,9 +201,12 @@ def test_settings_and_wire_format_reject_mistakes():
     with pytest.raises(ValueError, match="3 ranks for 2 sites"):
         FederatedSettings("flexlora", ranks=(4, 8, 16)).site_ranks(2, 8)
     factors = {"l": LoraFactors(torch.randn(2, 5), torch.randn(3, 2), 4.0)}
-    got, sensor, residual = unpack(pack(factors, {"w": torch.ones(2)}, {"l": torch.ones(3, 5)}), 8)
+    res = {"l": LoraFactors(torch.randn(6, 5), torch.randn(3, 6), 1.0)}
+    got, sensor, residual = unpack(pack(factors, {"w": torch.ones(2)}, res), 8)
     assert _equal(got, factors) and got["l"].scaling == 4.0
-    assert torch.equal(sensor["w"], torch.ones(2)) and residual["l"].shape == (3, 5)
+    assert torch.equal(sensor["w"], torch.ones(2)) and _equal(residual, res)
+    with pytest.raises(KeyError, match="without A"):
+        unpack(pack(factors, b_only=True), 8)
     with pytest.raises(KeyError, match="unexpected"):
         unpack({"C|l": torch.ones(1).numpy()}, 8)
     model, _ = build_model(TASK, load_task_data(TASK), TASK.lora_r)

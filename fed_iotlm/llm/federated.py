@@ -4,13 +4,16 @@ One round, server → site k → server (full participation: every site, every r
 
 * down: the LoRA factors site k loads (rank r_k; one shared pair per layer except for
   FlexLoRA), the sensor projector/adapter state and, for FedEx, the **cumulative** residual
-  C_{t-1} = Σ_{q<t} R_q with ``version`` t−1 (the number of rounds folded into it);
-* up: the trained factors, the projector state, n_k (training examples) and the mean loss.
+  C_{t-1} = Σ_{q<t} R_q with ``version`` t−1 (the number of rounds folded into it), as
+  stacked factors (rank (N+1)·r per round folded in, never a dense [out, in] matrix);
+  FFA-LoRA sends B only: A is regenerated on the site from the shared seed;
+* up: the trained factors (FFA: B only), the projector state, n_k and the mean loss.
 
 Sites are stateless: each round they build the model on the *pristine* base weights W0,
-add C_{t-1} (:func:`prepare_site`), load the factors, and train.  Sending the cumulative
-residual instead of the round's delta R_t costs the same bytes (both are dense [out, in]
-per layer) and cannot double- or under-fold when a site restarts or misses a round.
+add C_{t-1} beside them in fp32 (:func:`prepare_site`), load the factors, and train.  The
+cumulative residual costs t·(N+1)·r·(out+in) floats per layer in round t+1, more than the
+round's own R_t, but it cannot double- or under-fold when a site restarts or misses a
+round; for the default 3 rounds it stays far below one dense [out, in] matrix.
 
 FedEx exactness: sites start round t from W0 + C_{t-1} + s·B̄A̅ and return (A_k, B_k); the
 exact federated model is W0 + C_{t-1} + E_t with E_t = Σ p_k s B_k A_k.  The server sets
@@ -38,10 +41,13 @@ from .fedlora import (
     Site,
     aggregate_lora,
     exact_update,
+    factored_norm,
     fedit_error,
     fold_residual,
     load_lora_factors,
     lora_factors,
+    round_update_norm,
+    stack,
 )
 from .instructions import Example
 from .sensor_lm import SensorLM
@@ -57,6 +63,7 @@ class FederatedSettings:
     rounds: int = 3
     local_steps: int = 50
     ranks: tuple[int, ...] | None = None  # per partition id (flexlora); None: llm.lora.r
+    dense_diagnostics: bool = False  # also measure errors on dense [out, in] matrices
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,6 +97,7 @@ def federated_settings(lc: Mapping) -> FederatedSettings:
         rounds=int(fc.get("rounds", 3)),
         local_steps=int(fc.get("local_steps", 50)),
         ranks=None if ranks is None else tuple(int(r) for r in ranks),
+        dense_diagnostics=bool(fc.get("dense_diagnostics", False)),
     )
 
 
@@ -102,7 +110,7 @@ class SitePayload:
 
     factors: Site
     sensor: dict[str, Tensor]
-    residual: dict[str, Tensor] = field(default_factory=dict)  # cumulative C_{t-1}
+    residual: dict[str, LoraFactors] = field(default_factory=dict)  # cumulative C_{t-1}
     version: int = 0  # rounds folded into ``residual``
     freeze_a: bool = False  # FFA-LoRA
 
@@ -125,6 +133,26 @@ def freeze_lora_a(model: SensorLM, adapter: str = "default") -> None:
     for name, param in model.peft.named_parameters():
         if f".lora_A.{adapter}." in name:
             param.requires_grad_(False)
+
+
+def site_tune_settings(
+    base: TuneSettings, local_steps: int, rnd: int, rounds: int, site: int, seed: int
+) -> TuneSettings:
+    """Round ``rnd``'s (1-based) local training settings: ``local_steps`` steps that continue
+    one warm-up + cosine schedule over ``rounds × local_steps`` global steps, so round r
+    starts at global step (r − 1) × local_steps instead of restarting warm-up each round."""
+    if not 1 <= rnd <= rounds:
+        raise ValueError(f"round {rnd} outside 1..{rounds}")
+    total = rounds * local_steps
+    return replace(
+        base,
+        steps=local_steps,
+        warmup=min(base.warmup, total),
+        schedule_start=(rnd - 1) * local_steps,
+        schedule_steps=total,
+        log_every=local_steps,
+        seed=seed * 1_000_003 + rnd * 1_009 + site,
+    )
 
 
 def prepare_site(model: SensorLM, payload: SitePayload) -> None:
@@ -181,7 +209,10 @@ class RoundReport:
     """One aggregation: losses and how far the applied update is from the exact one.
 
     Errors are Frobenius norms over all adapted layers together (√Σ_layers ‖·‖²);
-    ``exact_norm`` is ‖Σ p s B A‖ on the same layers, so error / exact_norm is relative."""
+    ``exact_norm`` is ‖Σ p s B A‖ on the same layers (the whole adapter so far) and
+    ``update_norm`` ‖Σ p (s B A − s B⁰A⁰)‖, how far this round moved ΔW from what the sites
+    loaded; ``rel_error`` = agg_error / update_norm is the figure to compare across rounds.
+    ``dense_error`` is agg_error measured on dense matrices (``dense_diagnostics`` only)."""
 
     round: int
     loss: float
@@ -189,6 +220,9 @@ class RoundReport:
     fedit_error: float | None  # what plain FedIT would have lost on the same replies
     exact_norm: float
     sites: dict[str, dict[str, float]]
+    update_norm: float = 0.0
+    rel_error: float = 0.0
+    dense_error: float | None = None
 
 
 def _total(per_layer: Mapping[str, float]) -> float:
@@ -232,16 +266,25 @@ class LoraServerState:
     ``exact`` the last round's exact update Σ p s B A (FlexLoRA's full-rank global ΔW).
     """
 
-    def __init__(self, method: str, factors: dict[int, Site], sensor: dict[str, Tensor]):
+    def __init__(
+        self,
+        method: str,
+        factors: dict[int, Site],
+        sensor: dict[str, Tensor],
+        dense_diagnostics: bool = False,
+        a_seed: int | None = None,
+    ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         self.method = method
         self.factors = factors
         self.sensor = sensor
-        self.residual: dict[str, Tensor] = {}
+        self.residual: dict[str, LoraFactors] = {}
         self.version = 0
-        self.exact: dict[str, Tensor] = {}
+        self.exact: dict[str, LoraFactors] = {}
         self.reports: list[RoundReport] = []
+        self.dense_diagnostics = dense_diagnostics
+        self.a_seed = a_seed  # FFA: the seed every site regenerates the frozen A from
 
     @classmethod
     def start(
@@ -252,16 +295,25 @@ class LoraServerState:
         ranks: Mapping[int, int],
         alpha: float,
         seed: int = 0,
+        dense_diagnostics: bool = False,
     ) -> LoraServerState:
-        """Round-0 state: every site starts from the same ΔW = 0 (shared A for all but FlexLoRA)."""
+        """Round-0 state: every site starts from the same ΔW = 0 (shared A for all but FlexLoRA).
+
+        FFA's A comes from :func:`initial_factors` with ``seed``, so a site rebuilds it
+        bit-identically from the seed and A never travels."""
         rank = next(iter(template.values())).rank
+        a_seed = None
         if method == "flexlora":
             factors = {k: initial_factors(template, r, alpha, seed + r) for k, r in ranks.items()}
         else:
             if any(r != rank for r in ranks.values()):
                 raise ValueError(f"{method} needs rank {rank} on every site, got {dict(ranks)}")
+            if method == "ffa":
+                a_seed = seed
+                template = initial_factors(template, rank, alpha, a_seed)
             factors = {k: template for k in ranks}
-        return cls(method, factors, {k: v.clone() for k, v in sensor.items()})
+        sensor = {k: v.clone() for k, v in sensor.items()}
+        return cls(method, factors, sensor, dense_diagnostics, a_seed)
 
     def payload(self, site: int) -> SitePayload:
         return SitePayload(
@@ -277,23 +329,28 @@ class LoraServerState:
         order = sorted(updates)
         sites = [updates[k].factors for k in order]
         weights = [float(updates[k].n) for k in order]
-        agg = aggregate_lora(sites, weights, self.method)
+        agg = aggregate_lora(sites, weights, self.method, self.dense_diagnostics)
         self.exact = exact_update(sites, weights)
         same_rank = len({f.rank for s in sites for f in s.values()}) == 1
         fedit = _total(fedit_error(sites, weights)) if same_rank else None
+        moved = round_update_norm(sites, [self.factors[k] for k in order], weights)
         self.factors = dict(zip(order, agg.per_site, strict=True))
         for name, r in agg.residual.items():
-            self.residual[name] = self.residual[name] + r if name in self.residual else r.clone()
+            self.residual[name] = stack([self.residual[name], r]) if name in self.residual else r
         if self.method == "fedex":
             self.version += 1
         self.sensor = average_states([updates[k].sensor_state for k in order], weights)
+        agg_error = _total(agg.error)
         report = RoundReport(
             round=len(self.reports) + 1,
             loss=sum(w * updates[k].loss for k, w in zip(order, weights, strict=True))
             / sum(weights),
-            agg_error=_total(agg.error),
+            agg_error=agg_error,
             fedit_error=fedit,
-            exact_norm=_total({n: float(torch.linalg.norm(d)) for n, d in self.exact.items()}),
+            exact_norm=_total({n: factored_norm(d) for n, d in self.exact.items()}),
+            update_norm=moved,
+            rel_error=agg_error / moved if moved > 0 else 0.0,
+            dense_error=_total(agg.dense_error) if agg.dense_error else None,
             sites={
                 str(k): {
                     "loss": updates[k].loss,
@@ -311,8 +368,8 @@ def load_global(model: SensorLM, state: LoraServerState) -> None:
     """The server's global model on a freshly built model (pristine base, template rank).
 
     FedIT/FFA/FedEx: the shared factors (plus C_t for FedEx).  FlexLoRA's server holds the
-    full-rank ΔW = Σ p s B A, which no single LoRA rank can carry, so it is folded into
-    the base weights with the adapter zeroed."""
+    full-rank ΔW = Σ p s B A, which no single LoRA rank can carry, so it goes beside the
+    base weights (stacked factors, fp32) with the adapter zeroed."""
     if state.method == "flexlora":
         zero = {
             n: LoraFactors(f.A, torch.zeros_like(f.B), f.scaling)

@@ -1,6 +1,6 @@
 """Instruction tuning loop: LoRA + sensor conditioning, answer-only loss.
 
-AdamW with a cosine schedule (warm-up), gradient accumulation, optional gradient
+AdamW with a cosine schedule (warm-up; continued across calls via ``schedule_start``), gradient accumulation, optional gradient
 checkpointing, bf16 autocast on CUDA (fp32 on CPU), data parallel under ``torchrun``
 (each rank draws its own batches; gradients are averaged by DDP).  A checkpoint is the
 peft adapter (safetensors), the projector/adapter (safetensors) and the trainer state,
@@ -9,6 +9,7 @@ written to a temp directory and renamed, so ``resume`` always finds a whole one.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -39,6 +40,32 @@ class TuneSettings:
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
+    # one schedule over several calls (federated rounds): this call's first step is step
+    # ``schedule_start`` of a warm-up + cosine schedule ``schedule_steps`` long (None: steps)
+    schedule_start: int = 0
+    schedule_steps: int | None = None
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine to 0 at ``total`` (transformers' cosine schedule), at a
+    global ``step``: a federated site calls ``tune`` once per round and must continue the
+    schedule at round × local steps, not restart its warm-up every round."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, settings: TuneSettings):
+    """LambdaLR over this call's steps, offset by ``settings.schedule_start``."""
+    total = settings.schedule_steps if settings.schedule_steps is not None else settings.steps
+    if settings.schedule_start < 0 or settings.schedule_start + settings.steps > total:
+        raise ValueError(
+            f"schedule_start={settings.schedule_start} + steps={settings.steps} runs past "
+            f"schedule_steps={total}"
+        )
+    start, warmup = settings.schedule_start, settings.warmup
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(start + i, warmup, total))
 
 
 def world() -> tuple[int, int]:
@@ -74,9 +101,7 @@ def tune(
         [{"params": lora, "lr": settings.lr}, {"params": sensor, "lr": settings.sensor_lr}],
         weight_decay=settings.weight_decay,
     )
-    from transformers import get_cosine_schedule_with_warmup
-
-    sched = get_cosine_schedule_with_warmup(opt, settings.warmup, settings.steps)
+    sched = make_scheduler(opt, settings)
     step, history = 0, []
     rng = random.Random(settings.seed * 1_000_003 + rank)
     if resume and (ckpt_dir / "trainer.pt").is_file():
