@@ -73,7 +73,12 @@ from .secure import (
     train_config,
 )
 from .site import partition_id, site_config
-from .statistics import standardized_for, stats_reply
+from .statistics import (
+    is_secure_statistics,
+    secure_stats_reply,
+    standardized_for,
+    stats_reply,
+)
 
 
 def _settings(context: Context, cfg: dict | None) -> dict:
@@ -116,6 +121,8 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
     @app.train(mods=[update_clipping_mod])  # innermost: DP clips what train sends
     def train(msg: Message, context: Context) -> Message:
         settings = _settings(context, cfg)
+        if is_secure(msg) and is_secure_statistics(msg):  # the statistics round, masked
+            return secure_stats_reply(msg, _node_for(context, cfg), settings)
         if is_secure(msg) and phase(msg) == "census":  # holder flags only, no model
             node = _node_for(context, cfg)
             counts = pretrain_groups(node, settings) if census_of(msg) == "pretrain" else None
