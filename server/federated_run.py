@@ -213,9 +213,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     return recorder.finish(report, node_accuracy, comm, val=val_report)
 
 
-def pooled_statistics(
-    grid: Grid, cfg: dict, node_ids, timeout: float, layout, withheld: list[str]
-):
+def pooled_statistics(grid: Grid, cfg: dict, node_ids, timeout: float, layout, withheld: list[str]):
     """``normalization=federated``: the statistics round (under SecAgg+ with
     ``secagg.enabled``; modalities it did not release are appended to ``withheld``), and
     a Grid that attaches its result to every later message; ``per_site``: the Grid as

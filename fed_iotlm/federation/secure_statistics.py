@@ -133,7 +133,9 @@ class StatsLayout:
     def holders(self, census_sum: Sequence[np.ndarray]) -> dict[str, int]:
         if len(census_sum) != 1 or np.shape(census_sum[0]) != (len(self.modalities),):
             raise ValueError(f"census sum: expected one array of {len(self.modalities)} flags")
-        return {m: int(round(float(v))) for m, v in zip(self.modalities, census_sum[0], strict=True)}
+        return {
+            m: int(round(float(v))) for m, v in zip(self.modalities, census_sum[0], strict=True)
+        }
 
     def encode(
         self,
