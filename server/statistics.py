@@ -54,7 +54,7 @@ def statistics_round(grid: Grid, node_ids: Iterable[int], timeout: float) -> Cha
             f"{len(failed)} failed ({failed}); the pooled input statistics need every node"
         )
     total = ChannelSums({}, {}, {})
-    for reply in replies:
+    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # a fixed float order
         total = total + sums_from_record(reply.content.array_records["stats"])
     log(INFO, "statistics round: %s nodes, modalities %s", len(replies), sorted(total.count))
     return total
