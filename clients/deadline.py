@@ -6,7 +6,7 @@ stops and the SuperNode answers for it after up to 60 s); one that *hangs* (a st
 sensor read, a deadlock) keeps its heartbeat going, so the site would miss every later
 round of the run.  :func:`make_deadline_mod` runs each handler in a worker thread and
 waits at most the round deadline (``strategy.round_timeout_s``, or ``secagg.timeout_s``
-per protocol stage if that is longer); past it the mod raises, Flower's
+per protocol stage if that is longer; 900 s for the queries before the first round); past it the mod raises, Flower's
 ``flwr-clientapp`` sends that error as the node's reply and exits, which ends the hung
 thread with its process.  The server has stopped waiting by then (it aggregated what
 arrived in time, :mod:`server.participation`); the SuperNode pulls the next round's
@@ -35,12 +35,20 @@ class HandlerDeadlineExceeded(RuntimeError):
     """A handler was still running at the round deadline."""
 
 
-def handler_deadline_s(settings: dict) -> float:
-    """Seconds a handler may run: the round deadline, or a SecAgg+ stage's if longer."""
+# queries before the first round (roll call, statistics) need every node and the server
+# waits this long for them (server/rounds.py, server/statistics.py): a cold start may be slow
+QUERY_DEADLINE_S = 900.0
+
+
+def handler_deadline_s(settings: dict, message_type: str = "train") -> float:
+    """Seconds a handler may run: the round deadline, or a SecAgg+ stage's if longer;
+    for ``query.*`` messages at least :data:`QUERY_DEADLINE_S`."""
     deadline = round_timeout_s(settings.get("strategy") or {})
     secure = settings.get("secagg") or {}
     if secure.get("enabled"):
         deadline = max(deadline, float(secure.get("timeout_s") or 0.0))
+    if message_type.startswith("query."):
+        deadline = max(deadline, QUERY_DEADLINE_S)
     return deadline
 
 
@@ -81,6 +89,7 @@ def make_deadline_mod(settings_of: Callable[[Context], dict]):
     def deadline_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if not own_process():
             return call_next(msg, context)
-        return call_with_deadline(call_next, msg, context, handler_deadline_s(settings_of(context)))
+        deadline = handler_deadline_s(settings_of(context), msg.metadata.message_type)
+        return call_with_deadline(call_next, msg, context, deadline)
 
     return deadline_mod

@@ -42,7 +42,12 @@ from .participation import RoundOutcome, round_timeout_s
 from .resume import PRETRAIN, TRAIN, ServerCheckpointer
 from .rounds import identify_nodes, run_rounds
 from .secure_rounds import SecureRounds
-from .statistics import StatisticsGrid, secure_statistics_round, statistics_round
+from .statistics import (
+    STATISTICS_TIMEOUT_S,
+    StatisticsGrid,
+    secure_statistics_round,
+    statistics_round,
+)
 
 
 def default_out_dir(cfg: dict) -> Path:
@@ -228,7 +233,9 @@ def pooled_statistics(grid: Grid, cfg: dict, node_ids, timeout: float, layout, w
             withheld.extend(found.withheld)
         scaler = found.scaler
     else:
-        scaler = statistics_round(grid, node_ids, timeout).standardizer()
+        # every node must answer, cold ClientApp starts included: the roll call's patience
+        wait = max(timeout, STATISTICS_TIMEOUT_S)
+        scaler = statistics_round(grid, node_ids, wait).standardizer()
     return StatisticsGrid(grid, norm_record(scaler)), scaler
 
 

@@ -33,6 +33,10 @@ from fed_iotlm.federation.secure_statistics import (
 from .chunked import send_and_receive_chunked
 from .membership import LiveNodesGrid
 
+# how long the (plain) statistics round waits: as long as the roll call before it
+# (server/rounds.py identify_nodes), since it too needs every node, cold starts included
+STATISTICS_TIMEOUT_S = 900.0
+
 
 def statistics_round(grid: Grid, node_ids: Iterable[int], timeout: float) -> ChannelSums:
     """Σ over nodes of their training data's per-channel sums; every node must answer
