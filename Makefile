@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo federation tune compare test lint bench clean
+.PHONY: setup demo federation tune compare test test-long lint bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -33,8 +33,12 @@ compare: $(STAMP)  ## federated vs fedavg (zero-filled) vs local-only vs central
 	for m in federated fedavg local centralized; do $(BIN)/python -m simulations.run method=$$m || exit 1; done
 
 test: $(STAMP)  ## exit code 5 (no test collected) is reported as the failure it is here
-	@$(BIN)/python -m pytest -q tests; rc=$$?; \
+	@$(BIN)/python -m pytest -q -m "not long" tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing"; fi; exit $$rc
+
+test-long: $(STAMP)  ## the ~30-minute real-process runs `make test` leaves out (server kill + resume)
+	@$(BIN)/python -m pytest -q -m long tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no long tests"; fi; exit $$rc
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

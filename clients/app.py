@@ -51,7 +51,8 @@ from fed_iotlm.personal import (
 )
 from fed_iotlm.settings import from_run_config
 
-from .fault_marker import mark_train_start
+from .deadline import make_deadline_mod
+from .fault_marker import mark_train_start, maybe_hang
 from .identify import identify_reply
 from .mmbind import (
     embed_reply,
@@ -73,7 +74,12 @@ from .secure import (
     train_config,
 )
 from .site import partition_id, site_config
-from .statistics import standardized_for, stats_reply
+from .statistics import (
+    is_secure_statistics,
+    secure_stats_reply,
+    standardized_for,
+    stats_reply,
+)
 
 
 def _settings(context: Context, cfg: dict | None) -> dict:
@@ -111,11 +117,15 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
     """A ClientApp bound to ``cfg`` (Python entry point) or, if None, to the run config.
 
     ``mods`` are Flower client mods (e.g. DP clipping, or a recorder in tests)."""
-    app = ClientApp(mods=[secure_aggregation_mod, *(mods or [])])
+    # outermost: a handler still running at the round deadline is cut off (clients/deadline.py)
+    deadline_mod = make_deadline_mod(lambda context: _settings(context, cfg))
+    app = ClientApp(mods=[deadline_mod, secure_aggregation_mod, *(mods or [])])
 
     @app.train(mods=[update_clipping_mod])  # innermost: DP clips what train sends
     def train(msg: Message, context: Context) -> Message:
         settings = _settings(context, cfg)
+        if is_secure(msg) and is_secure_statistics(msg):  # the statistics round, masked
+            return secure_stats_reply(msg, _node_for(context, cfg), settings)
         if is_secure(msg) and phase(msg) == "census":  # holder flags only, no model
             node = _node_for(context, cfg)
             counts = pretrain_groups(node, settings) if census_of(msg) == "pretrain" else None
@@ -129,6 +139,7 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
             state = without_personal(state_to_numpy(node.model), node.personal_keys)
             return secure_reply(msg, state, received, groups, settings, f"node {node.node}")
         mark_train_start(context.node_config, node.node, int(config.get("server-round", 0)))
+        maybe_hang(context.node_config, int(config.get("server-round", 0)))  # test hook
         tcfg = dataclasses.replace(
             node.train_cfg, proximal_mu=float(config.get("proximal-mu", 0.0))
         )

@@ -7,11 +7,17 @@ without guessing from timings.  A SuperNode started with
 id) when its ``train`` handler starts; tests/test_faults.py waits for that file and
 then kills the node.  Without the key nothing is written: it is a test hook, not a
 feature of a deployment.
+
+``fault-hang=<round>`` (also a test hook) makes the node's ``train`` handler hang, alive
+but never answering, in that server round after writing its marker: what
+tests/test_hung_clientapp.py needs to show that a hung ClientApp is cut off at the round
+deadline (clients/deadline.py).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,7 @@ from typing import Any
 from fed_iotlm.atomic import atomic_write_text
 
 FAULT_MARKER = "fault-marker"
+FAULT_HANG = "fault-hang"
 
 
 def marker_path(directory: str | Path, partition: int, server_round: int) -> Path:
@@ -32,3 +39,10 @@ def mark_train_start(node_config: Mapping[str, Any], partition: int, server_roun
     if not directory:
         return
     atomic_write_text(marker_path(str(directory), partition, server_round), f"{os.getpid()}\n")
+
+
+def maybe_hang(node_config: Mapping[str, Any], server_round: int) -> None:
+    """Block forever if the node config asks this round to hang (``fault-hang``)."""
+    hang = node_config.get(FAULT_HANG)
+    if hang is not None and int(hang) == server_round:
+        threading.Event().wait()  # alive, heartbeating, never answering

@@ -8,11 +8,21 @@ and evaluates on its data standardised with those (one cached view per statistic
 from __future__ import annotations
 
 from flwr.app import Message, RecordDict
+from flwr.common import parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 
 from fed_iotlm.data.preprocess import ChannelSums
 from fed_iotlm.federation.normalization import norm_from_message, normalization_mode, sums_record
+from fed_iotlm.federation.secure import SecureSettings
+from fed_iotlm.federation.secure_statistics import (
+    KEY_MODALITIES,
+    STATS_PHASE,
+    StatsLayout,
+    held_modalities,
+)
 
 from .node import NodeRuntime
+from .secure import LEGACY_PARAMS, _legacy_reply, census_of, phase, released, train_config
 
 
 def stats_reply(msg: Message, node: NodeRuntime) -> Message:
@@ -21,6 +31,34 @@ def stats_reply(msg: Message, node: NodeRuntime) -> Message:
         raise RuntimeError(f"node {node.node} keeps no unstandardised data to sum")
     sums = ChannelSums.of(node.raw.train)
     return Message(RecordDict({"stats": sums_record(sums)}), reply_to=msg)
+
+
+def is_secure_statistics(msg: Message) -> bool:
+    """A SecAgg+ message of the statistics round (its census or its sum)."""
+    if phase(msg) == STATS_PHASE:
+        return True
+    return phase(msg) == "census" and census_of(msg) == STATS_PHASE
+
+
+def secure_stats_reply(msg: Message, node: NodeRuntime, settings: dict) -> Message:
+    """Under SecAgg+: the node's modality flags (census) or its fixed-length statistics
+    vector (:class:`~fed_iotlm.federation.secure_statistics.StatsLayout`), masked by the
+    mod; nothing of it is readable by the server alone."""
+    if node.raw is None:
+        raise RuntimeError(f"node {node.node} keeps no unstandardised data to sum")
+    secure = SecureSettings.from_config(settings)
+    config = train_config(msg)
+    modalities = str(config.get(KEY_MODALITIES, ""))
+    templates = parameters_to_ndarrays(
+        arrayrecord_to_parameters(msg.content.array_records[LEGACY_PARAMS], keep_input=True)
+    )
+    if phase(msg) == "census":  # no templates go down with the census: flags only
+        mods = [m for m in modalities.split(",") if m]
+        layout = StatsLayout.of({m: (1,) for m in mods}, secure)
+        return _legacy_reply(msg, layout.census(held_modalities(node.raw.train)))
+    layout = StatsLayout.from_message(modalities, templates, secure)
+    vector = layout.encode(node.raw.train, secure, released(msg) or set(), f"node {node.node}")
+    return _legacy_reply(msg, vector)
 
 
 def standardized_for(msg: Message, node: NodeRuntime, settings: dict) -> NodeRuntime:

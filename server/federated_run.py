@@ -40,7 +40,8 @@ from fed_iotlm.federation.round_record import (
     withheld_by_round,
 )
 from fed_iotlm.federation.run_model import sync_model
-from fed_iotlm.federation.secure import check_composable
+from fed_iotlm.federation.secure import SecureSettings, check_composable
+from fed_iotlm.federation.secure_statistics import StatsLayout, channel_shape
 from fed_iotlm.federation.strategy import ModalityAwareFedAvg, build_strategy
 from fed_iotlm.models.device import train_placement
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
@@ -54,7 +55,12 @@ from .participation import round_timeout_s
 from .resume import ServerCheckpointer
 from .roster import LiveNodesGrid, LiveRoster, identify_nodes
 from .secure_rounds import SecureRounds
-from .statistics import StatisticsGrid, statistics_round
+from .statistics import (
+    STATISTICS_TIMEOUT_S,
+    StatisticsGrid,
+    secure_statistics_round,
+    statistics_round,
+)
 
 
 def default_out_dir(cfg: dict) -> Path:
@@ -77,7 +83,10 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     wait_for_nodes(grid, layout.num_nodes, wait_s)
     roster = identify_nodes(grid, layout.num_nodes)  # deployed sites report their own plan
     # input statistics from the nodes' training data; every later message carries them
-    grid, scaler = pooled_statistics(grid, cfg, roster.node_ids.values(), round_timeout)
+    stats_withheld: list[str] = []  # SecAgg+: modalities with too few holders
+    grid, scaler = pooled_statistics(
+        grid, cfg, roster.node_ids.values(), round_timeout, layout, stats_withheld
+    )
     # deployed sites: the config's dataset is not their data, so the nodes score each round
     where = evaluation_mode(cfg, roster.deployed)
     test = val = None
@@ -197,6 +206,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             "plan": "hidden: nodes report liveness only",
             "min_holders": int(secure.min_holders),
             "withheld_by_round": withheld_by_round(records),
+            "statistics_withheld": stats_withheld,  # no pooled statistics: raw scale
         }
     if secure_rounds is not None and (privacy := secure_rounds.privacy_report(records)):
         recorder.extra["privacy"] = privacy
@@ -206,19 +216,31 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     return recorder.finish(report, node_accuracy, comm, val=val_report)
 
 
-def pooled_statistics(grid: Grid, cfg: dict, node_ids, timeout: float):
-    """``normalization=federated``: the statistics round, and a Grid that attaches its
-    result to every later message; ``per_site``: the Grid as it is, no statistics."""
+def pooled_statistics(grid: Grid, cfg: dict, node_ids, timeout: float, layout, withheld: list[str]):
+    """``normalization=federated``: the statistics round (under SecAgg+ with
+    ``secagg.enabled``; modalities it did not release are appended to ``withheld``), and
+    a Grid that attaches its result to every later message; ``per_site``: the Grid as
+    it is, no statistics."""
     if normalization_mode(cfg) != "federated":
         return grid, None
-    if cfg.get("secagg", {}).get("enabled"):
-        raise ValueError(
-            "secagg.enabled with normalization=federated: the statistics round does not run "
-            "under SecAgg+ yet (its per-node sums would travel in the clear); set "
-            "normalization=per_site"
-        )
-    scaler = statistics_round(grid, node_ids, timeout).standardizer()
+    secure = SecureSettings.from_config(cfg)
+    if secure.enabled:  # one SecAgg+ sum: no node's sums reach the server
+        stats_layout = StatsLayout.of(training_channel_shapes(layout), secure)
+        found = secure_statistics_round(grid, stats_layout, secure, len(list(node_ids)))
+        if found.withheld:
+            withheld.extend(found.withheld)
+        scaler = found.scaler
+    else:
+        # every node must answer, cold ClientApp starts included: the roll call's patience
+        wait = max(timeout, STATISTICS_TIMEOUT_S)
+        scaler = statistics_round(grid, node_ids, wait).standardizer()
     return StatisticsGrid(grid, norm_record(scaler)), scaler
+
+
+def training_channel_shapes(layout) -> dict[str, tuple[int, ...]]:
+    """Per-channel statistics shape of every modality of the federation (public: the
+    model's input layout), from the featurized training data the server's config builds."""
+    return {m: channel_shape(arr) for m, arr in layout.dataset.train.x.items()}
 
 
 def seed_everything(seed: int) -> None:

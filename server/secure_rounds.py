@@ -185,6 +185,14 @@ class SecureRounds:
             return None
         return self.privacy.report(releases_of(records, self.phase))
 
+    def secure_sum(self, rnd: int, arrays: list[np.ndarray], config: dict) -> list[np.ndarray]:
+        """One SecAgg+ sum of every sampled node's vector for ``config`` (the statistics
+        round's census and sum); an error if the protocol produced none."""
+        out = self._sum(rnd, arrays, config)
+        if out is None:
+            raise RuntimeError(f"SecAgg+ ({config.get('phase')}): the protocol produced no sum")
+        return out
+
     def _sum(self, rnd: int, arrays: list[np.ndarray], config: dict) -> list[np.ndarray] | None:
         """One SecAgg+ run: every sampled node's vector summed (None if it failed)."""
         self.collector.fit_config = {**self.base_config, **config}

@@ -2,7 +2,9 @@
 
 One ``query.stats`` message per node (a chunk at a time, :mod:`.chunked`); the replies'
 per-channel sums are added up (:class:`~fed_iotlm.data.preprocess.ChannelSums`), which
-is all a secure aggregate would reveal too.  :class:`StatisticsGrid` then attaches the
+is all a secure aggregate would reveal too.  With ``secagg.enabled``
+:func:`secure_statistics_round` computes the same totals as one SecAgg+ sum instead, so
+no node's sums reach the server.  :class:`StatisticsGrid` then attaches the
 pooled mean/std to every message the server sends afterwards (train, evaluate, MMBind
 phases, roll calls of rejoining sites), so a node never needs to remember them: a site
 that restarts gets them with its next message.
@@ -11,7 +13,8 @@ that restarts gets them with its next message.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO
+from dataclasses import replace
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import log
@@ -19,9 +22,20 @@ from flwr.serverapp import Grid
 
 from fed_iotlm.data.preprocess import ChannelSums
 from fed_iotlm.federation.normalization import NORM_KEY, STATS_MESSAGE, sums_from_record
+from fed_iotlm.federation.secure import SecureSettings
+from fed_iotlm.federation.secure_statistics import (
+    KEY_MODALITIES,
+    STATS_PHASE,
+    SecureStatistics,
+    StatsLayout,
+)
 
 from .chunked import send_and_receive_chunked
 from .roster import LiveNodesGrid
+
+# how long the (plain) statistics round waits: as long as the roll call before it
+# (server/rounds.py identify_nodes), since it too needs every node, cold starts included
+STATISTICS_TIMEOUT_S = 900.0
 
 
 def statistics_round(grid: Grid, node_ids: Iterable[int], timeout: float) -> ChannelSums:
@@ -44,10 +58,53 @@ def statistics_round(grid: Grid, node_ids: Iterable[int], timeout: float) -> Cha
             f"{len(failed)} failed ({failed}); the pooled input statistics need every node"
         )
     total = ChannelSums({}, {}, {})
-    for reply in replies:
+    for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # a fixed float order
         total = total + sums_from_record(reply.content.array_records["stats"])
     log(INFO, "statistics round: %s nodes, modalities %s", len(replies), sorted(total.count))
     return total
+
+
+def secure_statistics_round(
+    grid: Grid, layout: StatsLayout, settings: SecureSettings, num_nodes: int
+) -> SecureStatistics:
+    """The statistics round under SecAgg+ (:mod:`fed_iotlm.federation.secure_statistics`):
+    a census of holders per modality, then one masked sum of every node's fixed-length
+    statistics vector.  Every node must be summed, as in the plain round."""
+    from .secure_rounds import SecureRounds  # the SecAgg+ machinery of the train rounds
+
+    every_node = {"fraction_train": 1.0, "min_nodes": num_nodes}
+    rounds = SecureRounds(grid, settings, every_node, num_nodes, phase=STATS_PHASE)
+    modalities = ",".join(layout.modalities)
+    census = rounds.secure_sum(0, [], {"phase": "census", "census-of": STATS_PHASE,
+                                        KEY_MODALITIES: modalities})  # fmt: skip
+    _check_everyone(rounds, num_nodes, "census")
+    holders = layout.holders(census)
+    minimum = int(settings.min_holders)
+    release = [m for m in layout.modalities if holders[m] >= minimum]
+    config = {"phase": STATS_PHASE, KEY_MODALITIES: modalities, "release": ",".join(release)}
+    sums = rounds.secure_sum(0, layout.templates(), config)
+    _check_everyone(rounds, num_nodes, "sum")
+    found = layout.decode(sums, settings)
+    below = [m for m in layout.modalities if 0 < holders[m] < minimum]  # never submitted
+    found = replace(found, withheld=sorted({*below, *found.withheld}))
+    for m in found.withheld:
+        log(
+            WARNING,
+            "statistics round: %s held by %s node(s), fewer than secagg.min_holders=%s: its "
+            "statistics are not released (its data stays on its raw scale)",
+            m, holders[m], minimum,
+        )  # fmt: skip
+    log(INFO, "statistics round under SecAgg+: %s nodes, released %s", num_nodes,
+        sorted(found.scaler.mean))  # fmt: skip
+    return found
+
+
+def _check_everyone(rounds, num_nodes: int, what: str) -> None:
+    if rounds.collector.nodes != num_nodes:
+        raise RuntimeError(
+            f"secure statistics round ({what}): {rounds.collector.nodes} of {num_nodes} nodes "
+            "were summed; the pooled input statistics need every node"
+        )
 
 
 class StatisticsGrid(LiveNodesGrid):

@@ -55,13 +55,15 @@ class Sites:
         self.procs: dict[int, tuple[subprocess.Popen, int]] = {}  # partition -> (proc, port)
         self.logs: list[Path] = []
 
-    def start(self, pid: int, attempt: int = 0) -> None:
+    def start(self, pid: int, attempt: int = 0, extra: str = "") -> None:
+        """Start site ``pid``; ``extra`` adds node-config entries (e.g. ``fault-hang=1``)."""
         home = self.root / f"home-site-{pid}-{attempt}"
         home.mkdir()
         port = free_port()
         self.tracker.markers.append(f"127.0.0.1:{port} ")
         data = self.root / "data" / f"site-{pid}"
         node_config = f'partition-id={pid} data-dir="{data}" fault-marker="{self.markers}"'
+        node_config = f"{node_config} {extra}".strip()
         args = [
             str(BIN / "flower-supernode"), "--insecure",
             "--superlink", f"127.0.0.1:{self.link_port}",

@@ -4,9 +4,12 @@ A Grid wrapper sees every message the ServerApp sends and every reply it receive
 from the roll call to the final evaluation, and finds in no reply a modality list, a
 sample count or a plaintext update; every node is sent the same whole model; groups
 held by a single node are never released (their weights stay as initialised), and
-results.json says so per round.  For the plain federation and for MMBind, whose
-embedding uploads (``query.embed``) are the one documented exception: individual by
-design, noised and int8-quantised.
+results.json says so per round.  The statistics round (``normalization=federated``,
+the default) runs through SecAgg+ too: no plaintext ``query.stats`` reply, no node's
+per-channel sums anywhere in what the server received, modalities with a single holder
+get no pooled statistics, and the released ones equal the plain round's.  For the plain
+federation and for MMBind, whose embedding uploads (``query.embed``) are the one
+documented exception: individual by design, noised and int8-quantised.
 """
 
 from __future__ import annotations
@@ -99,10 +102,13 @@ def _assert_every_node_gets_the_whole_model(grid: RecordingGrid, model_size: int
         arrays = _down_arrays(msg)
         if not arrays:  # roll call, census, partners: no model goes down
             continue
+        records = msg.content.config_records
+        if records.get("fitins.config", {}).get("phase") == "stats":  # channel-shape templates
+            assert all(not np.any(a) for a in arrays), "the statistics round sent data down"
+            continue
         assert len(arrays) == model_size, (
             f"{msg.metadata.message_type} carried {len(arrays)} of {model_size} arrays"
         )
-        records = msg.content.config_records
         config = records.get("config", records.get("fitins.config", {}))
         step = (  # one step of the run: MMBind's SSL and training rounds share round numbers
             msg.metadata.message_type,
@@ -127,13 +133,63 @@ def _run(quick_cfg, tmp_path: Path, *overrides: str):
         grids.append(RecordingGrid(grid))
         return grids[-1]
 
-    cfg = quick_cfg(
-        "secagg.enabled=true", "normalization=per_site", "mlflow.enabled=false", "train.epochs=1",
-        *overrides,
-    )  # fmt: skip
+    cfg = quick_cfg("secagg.enabled=true", "mlflow.enabled=false", "train.epochs=1", *overrides)
     res = json.loads(run_experiment(cfg, tmp_path / "run", None, hook).read_text())
-    model, _ = load_bundle(tmp_path / "run" / "bundle")
+    model, meta = load_bundle(tmp_path / "run" / "bundle")
+    _assert_statistics_round_was_secure(grids[0], cfg, meta)
     return grids[0], res, state_to_numpy(model)
+
+
+def _reply_numbers(reply) -> np.ndarray:
+    """Every number a reply carries in the clear (arrays, metric and config values)."""
+    from tests.raw_leak import numeric_values
+
+    content = reply.content
+    parts = [a.numpy().ravel() for rec in content.array_records.values() for a in rec.values()]
+    for rec in [*content.metric_records.values(), *content.config_records.values()]:
+        parts.append(numeric_values(rec))
+    return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts] or [np.zeros(0)])
+
+
+def _assert_statistics_round_was_secure(grid: RecordingGrid, cfg: dict, meta: dict) -> None:
+    """No plaintext statistics reply, no node's sums anywhere in the clear; the released
+    pooled statistics equal the plain round's; single-holder modalities got none."""
+    from fed_iotlm.data.federation import build_layout
+    from fed_iotlm.data.preprocess import ChannelSums
+    from fed_iotlm.federation.bundle import bundle_standardizer
+
+    assert not [r for r in grid.replies if r.metadata.message_type == "query.stats"]
+    phases = {
+        msg.content.config_records["fitins.config"].get("phase")
+        for msg in grid.sent
+        if "fitins.config" in msg.content.config_records
+    }
+    assert "stats" in phases, "the statistics round did not go through SecAgg+"
+    layout = build_layout(cfg)
+    per_node = [ChannelSums.of(layout.node_raw(n).train) for n in range(layout.num_nodes)]
+    secrets = np.concatenate(
+        [np.asarray(v, np.float64).ravel() for s in per_node for v in s.to_arrays().values()]
+    )
+    secrets = secrets[np.abs(secrets) > 1.0]  # sums, sums of squares, counts (all large)
+    for reply in grid.replies:
+        sent = _reply_numbers(reply)
+        hits = np.isclose(sent[:, None], secrets[None, :], rtol=1e-6, atol=0).any(axis=0)
+        assert not hits.any(), (
+            f"{reply.metadata.message_type} reply carries {int(hits.sum())} per-node sums"
+        )
+    holders: dict[str, list[int]] = {}
+    for n in range(layout.num_nodes):
+        for m in per_node[n].count:
+            holders.setdefault(m, []).append(n)
+    pooled = bundle_standardizer(meta)
+    for m, nodes in holders.items():
+        if len(nodes) < 2:
+            assert m not in pooled.mean, f"{m} (one holder) was released"
+            continue
+        plain = sum((per_node[n] for n in nodes), ChannelSums({}, {}, {})).standardizer()
+        scale = plain.std[m]
+        np.testing.assert_allclose(pooled.mean[m] / scale, plain.mean[m] / scale, atol=1e-5)
+        np.testing.assert_allclose(pooled.std[m] / scale, 1.0, atol=1e-5)
 
 
 @pytest.mark.integration
@@ -152,6 +208,7 @@ def test_whole_plain_run_shows_the_server_no_modality_count_or_update(quick_cfg,
     # one holder each, so their encoders are never released; the rest trains
     withheld = res["secagg"]["withheld_by_round"]
     assert withheld == {r: ["enc.audio", "enc.depth", "enc.thermal"] for r in ("1", "2")}
+    assert res["secagg"]["statistics_withheld"] == ["audio", "depth", "thermal"]
     assert all(h["secagg.withheld_groups"] == 3 for h in res["history"])
     assert res["plan"] == {"0": [], "1": [], "2": []}  # the roll call carried no modalities
     initial = _initial_state(quick_cfg)
@@ -201,3 +258,4 @@ def test_whole_mmbind_run_hides_all_but_the_noised_embedding_uploads(quick_cfg, 
         assert not floats, f"unquantised embedding arrays {floats}"
         assert any(k.endswith(".q") and arrays[k].dtype == "int8" for k in arrays)
     assert res["secagg"]["withheld_by_round"]["1"] == ["enc.audio", "enc.depth", "enc.thermal"]
+    assert res["secagg"]["statistics_withheld"] == ["audio", "depth", "thermal"]

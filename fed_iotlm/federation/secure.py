@@ -61,6 +61,10 @@ class SecureSettings:
     max_count: float = 10_000.0
     timeout_s: float = 600.0
     min_holders: int = 2  # a group's sum is released only over at least this many nodes
+    # the statistics round (secure_statistics.py): public centre and bound of every input
+    # value, a number or {modality: number}; |x - centre| > bound is refused on the node
+    stats_centre: float | dict = 0.0
+    stats_bound: float | dict = 1000.0
 
     @classmethod
     def from_config(cls, cfg: dict) -> SecureSettings:
