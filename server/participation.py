@@ -55,17 +55,11 @@ class RoundOutcome:
 
     @property
     def faulty(self) -> bool:
-        return bool(self.failed or self.missing or self.skipped)
+        return self.summary().faulty
 
     def metrics(self) -> dict[str, float]:
         """Per-round numbers for results.json's history and MLflow."""
-        return {
-            "nodes_sent": float(self.sent),
-            "nodes_answered": float(len(self.answered)),
-            "nodes_failed": float(len(self.failed)),
-            "nodes_missing": float(len(self.missing)),
-            "round_skipped": float(self.skipped),
-        }
+        return self.summary().metrics()
 
     def report(self) -> dict:
         """The reasons, for results.json's ``faults_by_round``."""
