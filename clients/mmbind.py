@@ -12,7 +12,7 @@ from fed_iotlm.binding.embeddings import align_partners, node_embeddings
 from fed_iotlm.binding.messages import PrivacyConfig, pack_upload, unpack_partners
 from fed_iotlm.binding.ssl import pretrain_shared, ssl_head
 from fed_iotlm.binding.training import PartnerTensors
-from fed_iotlm.experiment import shared_modality, ssl_config
+from fed_iotlm.experiment import shared_modality, ssl_config, ssl_train_config
 from fed_iotlm.federation.groups import select_groups
 from fed_iotlm.federation.records import counts_to_metrics, numpy_to_record, state_to_numpy
 from fed_iotlm.federation.secure import SecureSettings
@@ -27,8 +27,7 @@ def pretrain_local(node: NodeRuntime, cfg: dict, rnd: int) -> tuple[dict[str, fl
     place; returns the groups it trained with their counts (none if the node lacks the
     modality) and stats."""
     shared = shared_modality(cfg)
-    tcfg = node.train_cfg
-    tcfg = type(tcfg)(**{**tcfg.__dict__, "epochs": int(cfg["binding"]["pretrain_epochs"])})
+    tcfg = ssl_train_config(cfg, node.train_cfg)
     ssl = ssl_config(cfg)
     stats = pretrain_shared(
         node.model, node.train, shared, tcfg, seed=rnd * 7919 + node.node, ssl=ssl

@@ -191,7 +191,13 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
     from fed_iotlm.binding.ssl import pooled_modality, pretrain_shared
     from fed_iotlm.binding.stats import binding_stats
     from fed_iotlm.binding.training import BoundData, train_bound
-    from fed_iotlm.experiment import bind_train_config, match_config, shared_modality, ssl_config
+    from fed_iotlm.experiment import (
+        bind_train_config,
+        match_config,
+        shared_modality,
+        ssl_config,
+        ssl_train_config,
+    )
 
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
@@ -206,10 +212,11 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
     n_nodes, ssl_rounds = layout.num_nodes, int(b["pretrain_rounds"])
+    per_round = ssl_train_config(cfg, tcfg)  # one federated SSL round's budget at a node
     ssl_cfg = replace(
-        tcfg,
-        epochs=ssl_rounds * int(b["pretrain_epochs"]),
-        steps=None if tcfg.steps is None else tcfg.steps * ssl_rounds * n_nodes,
+        per_round,
+        epochs=ssl_rounds * per_round.epochs,
+        steps=None if per_round.steps is None else per_round.steps * ssl_rounds * n_nodes,
     )
     ssl = ssl_config(cfg)
     recorder.extra["ssl"] = pretrain_shared(

@@ -114,6 +114,21 @@ def bind_train_config(cfg: dict) -> BindTrainConfig:
     )
 
 
+def ssl_train_config(cfg: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """Budget of one shared-modality SSL round at a node: ``binding.pretrain_steps``
+    optimiser steps when set, else ``train.steps`` (the federation's per-round budget)
+    when set, else ``binding.pretrain_epochs`` passes.  SSL rounds are rounds of their
+    own, so their budget is a setting of its own; every SSL variant (``ssl_spine``,
+    ``mmbind`` and its ablations) gets the same one."""
+    b, tcfg = cfg["binding"], base or train_config(cfg)
+    steps = b.get("pretrain_steps")
+    return replace(
+        tcfg,
+        epochs=int(b["pretrain_epochs"]),
+        steps=tcfg.steps if steps is None else int(steps),
+    )
+
+
 def ssl_config(cfg: dict) -> SSLConfig:
     """MMBind's shared-modality SSL rounds, from ``cfg['binding']``."""
     b = cfg["binding"]

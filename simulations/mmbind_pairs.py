@@ -26,7 +26,13 @@ from fed_iotlm.binding.matching import match_nodes
 from fed_iotlm.binding.ssl import pretrain_shared, ssl_head
 from fed_iotlm.binding.stats import binding_stats
 from fed_iotlm.data.federation import build_layout
-from fed_iotlm.experiment import match_config, model_spec, shared_modality, ssl_config, train_config
+from fed_iotlm.experiment import (
+    match_config,
+    model_spec,
+    shared_modality,
+    ssl_config,
+    ssl_train_config,
+)
 from fed_iotlm.federation.groups import group_of
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import SplitTensors
@@ -45,7 +51,7 @@ def main(overrides: list[str]) -> dict:
     torch.manual_seed(int(cfg["seed"]))
     model = MultisensoryModel(model_spec(cfg))
     shared, ssl = shared_modality(cfg), ssl_config(cfg)
-    tcfg = replace(train_config(cfg), epochs=int(cfg["binding"]["pretrain_epochs"]))
+    tcfg = ssl_train_config(cfg)
     trains = [SplitTensors.from_split(layout.node_data(i)[0]) for i in range(layout.num_nodes)]
     groups = {f"enc.{shared}", ssl_head(shared, ssl.method)}
     for rnd in range(1, int(cfg["binding"]["pretrain_rounds"]) + 1):

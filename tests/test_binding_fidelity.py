@@ -248,3 +248,24 @@ def test_centralized_mmbind_logs_pair_accuracy_and_takes_pooled_budgets(quick_cf
     assert set(res["binding"]["pair_accuracy_by_binding"]) == {"1", "2"}
     assert res["ssl"]["steps"] == 3 * 2 * 3  # steps x SSL rounds x nodes, one optimiser
     assert [r["steps"] for r in res["history"]] == [9, 9]  # steps x nodes per round
+
+
+def test_ssl_rounds_take_their_own_step_budget_when_given_one(quick_cfg, tmp_path):
+    import json
+
+    from fed_iotlm.baselines import run_centralized_mmbind
+    from fed_iotlm.experiment import ssl_train_config
+
+    base = ["partition.shared=imu", "train.steps=3", "binding.pretrain_epochs=4"]
+    assert ssl_train_config(quick_cfg(*base)).steps == 3  # the round budget by default
+    assert ssl_train_config(quick_cfg(base[0], "binding.pretrain_epochs=4")).steps is None
+    assert ssl_train_config(quick_cfg(base[0], "binding.pretrain_epochs=4")).epochs == 4
+    own = quick_cfg(*base, "binding.pretrain_steps=5")
+    assert ssl_train_config(own).steps == 5
+    cfg = quick_cfg(
+        "method=centralized_mmbind", *base, "binding.pretrain_steps=5", PLAN, LABELS,
+        "mlflow.enabled=false", "rounds=1", "binding.pretrain_rounds=2",
+    )  # fmt: skip
+    res = json.loads(run_centralized_mmbind(cfg, tmp_path).read_text())
+    assert res["ssl"]["steps"] == 5 * 2 * 3  # SSL steps x SSL rounds x nodes
+    assert [r["steps"] for r in res["history"]] == [9]  # supervised rounds keep train.steps
