@@ -15,6 +15,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
@@ -119,10 +120,13 @@ def record(res: dict) -> dict:
 
 
 def run_point(args, extra: list[str], sweep: str, label: str, overrides: list[str],
-              methods: list[str], seeds: int, table: dict) -> None:  # fmt: skip
-    """Every method x seed of one point (resumable), appended to ``table``."""
-    for method in methods:
-        for seed in range(seeds):
+              methods: list[str], seeds: int | range, table: dict,
+              on_run: Callable[[dict], None] | None = None) -> None:  # fmt: skip
+    """Every method x seed of one point (resumable), appended to ``table``; seed by
+    seed, so a study cut short still has every row at the seeds it reached.
+    ``on_run(table)`` after each run lets the caller save what is done so far."""
+    for seed in range(seeds) if isinstance(seeds, int) else seeds:
+        for method in methods:
             point = [*overrides, *extra]
             out = args.out / point_key(point) / f"{method}-seed{seed}"
             t0 = time.time()
@@ -138,6 +142,8 @@ def run_point(args, extra: list[str], sweep: str, label: str, overrides: list[st
                 + f" ({time.time() - t0:.0f}s)",
                 flush=True,
             )
+            if on_run is not None:
+                on_run(table)
 
 
 def main() -> None:
@@ -170,18 +176,22 @@ def main() -> None:
         return
     command = "python -m simulations.mmbind_study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     table: dict = {}
+
+    def save(table: dict) -> None:
+        """Summary and report after every run, so an interrupted study keeps its results."""
+        atomic_write_text(
+            args.out / "summary.json", json.dumps({"command": command, "table": table}, indent=1)
+        )
+        write_report(table, args.doc, run_dir, command)
+
     for sweep in args.sweeps.split(","):
         for label, overrides in sweep_points(sweep):
-            run_point(args, extra, sweep, label, overrides, methods, args.seeds, table)
-            if ablations:
-                run_point(args, extra, sweep, label, overrides, ablations, args.ablation_seeds,
-                          table)  # fmt: skip
-            # the report is rewritten after each point, so an interrupted study keeps its results
-            atomic_write_text(
-                args.out / "summary.json",
-                json.dumps({"command": command, "table": table}, indent=1),
-            )
-            write_report(table, args.doc, run_dir, command)
+            # seed 0 of every row (ablations too) first, then the further seeds
+            for seed in range(max(args.seeds, args.ablation_seeds if ablations else 0)):
+                rows = [*(methods if seed < args.seeds else []),
+                        *(ablations if seed < args.ablation_seeds else [])]  # fmt: skip
+                run_point(args, extra, sweep, label, overrides, rows, range(seed, seed + 1),
+                          table, on_run=save)  # fmt: skip
     print(args.doc)
 
 
