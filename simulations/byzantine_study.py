@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
-from simulations.study_runner import REPO, fmt_mean_std, point_key, run_one
+from simulations.study_runner import REPO, fmt_mean_std, one_code_version, point_key, run_one
 
 RULES = ("mean", "median", "trimmed_mean", "krum")
 ATTACKS = ("scale", "sign_flip")
@@ -75,6 +75,7 @@ def write_report(
 ) -> None:
     """docs/byzantine.md: one row per attack, one column per rule, test accuracy."""
     rules = [r for r in RULES if any(r in row for row in table.values())]
+    version = one_code_version([r for row in table.values() for rs in row.values() for r in rs])
     lines = [
         "# Byzantine robustness of per-group aggregation",
         "",
@@ -88,7 +89,8 @@ def write_report(
         "fusion and heads), `krum` assumes f = 2 and keeps the single best update.",
         "Accuracy: mean over the two tasks on the full test set, all modalities present;",
         f"mean ± std over {seeds} seed(s)"
-        + (f"; extra overrides `{' '.join(extra)}`." if extra else "."),
+        + (f"; extra overrides `{' '.join(extra)}`" if extra else "")
+        + f". Produced by code version `{version}`.",
         "",
         "| attack | " + " | ".join(f"`{r}`" for r in rules) + " |",
         "|---|" + "---:|" * len(rules),
@@ -135,7 +137,8 @@ def main() -> None:
                 experiment="default",
                 mlflow_experiment="byzantine-study",
             )
-            table.setdefault(attack, {}).setdefault(rule, []).append(res["test"])
+            row = {**res["test"], "code_version": res.get("code_version")}
+            table.setdefault(attack, {}).setdefault(rule, []).append(row)
             print(
                 f"{attack} | {rule} | seed {seed}: {res['test']['accuracy']:.3f}"
                 f" ({time.time() - t0:.0f}s)",

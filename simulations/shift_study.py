@@ -28,7 +28,7 @@ import numpy as np
 
 from fed_iotlm.atomic import atomic_write_text
 from simulations import study_runner
-from simulations.study_runner import REPO, fmt_mean_std, point_key
+from simulations.study_runner import REPO, fmt_mean_std, one_code_version, point_key
 
 EXPERIMENT = "shift_study"
 SEVERITIES = (0.0, 0.25, 0.5, 1.0)
@@ -57,6 +57,7 @@ def summarise(res: dict) -> dict:
         "shifted": float(np.mean([by_node[k] for k in SHIFTED])),
         "others": float(np.mean([v for k, v in by_node.items() if k not in SHIFTED])),
         "global_test": float(res["test"]["accuracy"]),
+        "code_version": res.get("code_version"),
     }
     diag = res.get("diagnostics")
     if diag:
@@ -143,7 +144,12 @@ def write_report(table: dict, doc: Path, run_dir: Path, seeds: int) -> None:
         lines += ["No results yet: `python -m simulations.shift_study` fills this page in.", ""]
         atomic_write_text(doc, "\n".join(lines))
         return
-    lines += ["## Accuracy on the shifted nodes' own test data (others in brackets)", ""]
+    version = one_code_version([r for s in sevs for runs in table[s].values() for r in runs])
+    lines += [
+        f"## Accuracy on the shifted nodes' own test data (others in brackets; code version "
+        f"`{version}`)",
+        "",
+    ]
     lines += ["| method | " + " | ".join(f"severity {s}" for s in sevs) + " |"]
     lines += ["|---|" + "---|" * len(sevs)]
     for m in methods:

@@ -51,7 +51,7 @@ def test_study_plan_covers_clean_fedavg_and_each_rule_under_each_attack(tmp_path
         assert cfg["attack"]["kind"] == attack
         assert cfg["attack"]["fraction"] == (0.0 if attack == "none" else 0.25)  # 2 of 8
         assert cfg["partition"]["num_nodes"] == 8
-    fake = {"accuracy": 0.5}
+    fake = {"accuracy": 0.5, "code_version": {"commit": "abc123", "dirty": False}}
     table = {"none": {"mean": [fake, fake]}, "scale": {"median": [fake], "krum": [fake]}}
     doc = tmp_path / "byzantine.md"
     command = "python -m simulations.byzantine_study --extra rounds=3"
@@ -60,3 +60,7 @@ def test_study_plan_covers_clean_fedavg_and_each_rule_under_each_attack(tmp_path
     assert "| no attack | 0.500 ± 0.000 |  |  |" in text
     assert "| 25% scaled ×10 |  | 0.500 ± 0.000 | 0.500 ± 0.000 |" in text
     assert f"Reproduce: `{command}`" in text and "extra overrides `rounds=3`" in text
+    assert "Produced by code version `abc123`" in text
+    other = {**fake, "code_version": {"commit": "def456", "dirty": False}}
+    with pytest.raises(ValueError, match="2 code versions"):  # a table never mixes versions
+        write_report({"none": {"mean": [fake, other]}}, doc, tmp_path, 2, [], command)
