@@ -28,17 +28,24 @@ REPO = Path(__file__).resolve().parents[1]
 FINAL_MODEL_CHOICE = {"model": "last round (fixed budget, no selection)"}
 
 
-@lru_cache(maxsize=1)
-def code_version() -> dict:
+# paths whose changes cannot change a figure: a study rewrites its own docs page (and plot)
+# while it runs, which must not make the rest of its runs "dirty"
+NOT_CODE = (":(exclude)docs", ":(exclude)*.md")
+
+
+@lru_cache(maxsize=4)
+def code_version(repo: Path = REPO) -> dict:
     """``{"commit": sha, "dirty": bool}`` of the checkout this code runs from, or
-    ``{"commit": None, "dirty": None}`` outside a git checkout (an installed wheel)."""
+    ``{"commit": None, "dirty": None}`` outside a git checkout (an installed wheel).
+    ``dirty``: tracked files other than docs (:data:`NOT_CODE`) differ from the commit."""
     try:
         commit = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
             capture_output=True, text=True, check=True, timeout=10,
         ).stdout.strip()  # fmt: skip
         status = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--",
+             ".", *NOT_CODE],
             capture_output=True, text=True, check=True, timeout=10,
         ).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_iotlm.protocol import code_version
+from fed_iotlm.protocol import NOT_CODE, code_version
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,9 @@ def code_key() -> str:
     if not version["dirty"]:
         return str(version["commit"])
     diff = subprocess.run(
-        ["git", "-C", str(REPO), "diff", "HEAD"], capture_output=True, check=False
+        ["git", "-C", str(REPO), "diff", "HEAD", "--", ".", *NOT_CODE],
+        capture_output=True,
+        check=False,
     ).stdout
     return f"{version['commit']}+{hashlib.sha1(diff).hexdigest()[:12]}"
 

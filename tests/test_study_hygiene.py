@@ -26,6 +26,34 @@ def test_the_run_cache_is_keyed_on_the_code_version():
     assert point_key(overrides, "v1") != point_key(overrides, "v2")
 
 
+def test_only_code_changes_make_a_checkout_dirty(tmp_path):
+    """A study rewrites its docs page while it runs; that must not mark its later runs
+    as made by other code, while any change to code or configs must."""
+    import subprocess
+
+    from fed_iotlm.protocol import code_version
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.md").write_text("old\n")
+    (tmp_path / "README.md").write_text("readme\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert code_version(tmp_path)["dirty"] is False
+    (tmp_path / "docs" / "results.md").write_text("new table\n")
+    (tmp_path / "README.md").write_text("new figures\n")
+    code_version.cache_clear()
+    assert code_version(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    code_version.cache_clear()
+    assert code_version(tmp_path)["dirty"] is True
+    code_version.cache_clear()
+
+
 def test_interval_over_seeds():
     mean, half = mean_ci95([0.8, 0.9, 1.0])
     assert mean == pytest.approx(0.9)
