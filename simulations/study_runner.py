@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fed_iotlm.protocol import NOT_CODE, code_version
+from fed_iotlm.report.page import mean_ci95
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,17 +75,6 @@ def run_one(out: Path, overrides: list[str], *, experiment: str, mlflow_experime
 def fmt_mean_std(values: list[float]) -> str:
     """``mean ± std`` (population std, as over seeds) to three decimals."""
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
-
-
-def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % interval (Student t over seeds; 0 for one)."""
-    from scipy.stats import t as student_t
-
-    v = np.asarray(values, dtype=float)
-    if v.size < 2:
-        return float(v.mean()), 0.0
-    half = student_t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
-    return float(v.mean()), float(half)
 
 
 def fmt_mean_ci(values: list[float]) -> str:

@@ -185,3 +185,50 @@ def test_params_expand_shift_entries_and_ignore_later_added_keys():
     fused = [{"method": m, "fusion": f, "p": p} for m, f, p in
              [("a", "late", "1"), ("a", "late", "2"), ("b", "attn", "1")]]  # fmt: skip
     assert distinguishing(["method", "fusion", "p"], fused) == ["method", "p"]
+
+
+def _log_study_run(uri: str, root: Path, method: str, seed: int, commit: str) -> dict:
+    """A study run as RunRecorder logs it: val and test, budget, code version, binding."""
+    from fed_iotlm.tracking import RunRecorder
+
+    acc = round(0.8 + 0.05 * (method == "mmbind") + 0.01 * seed, 4)
+    cfg = {"method": method, "seed": seed, "rounds": 1,
+           "mlflow": {"tracking_uri": uri, "experiment": EXPERIMENT}}  # fmt: skip
+    rec = RunRecorder(cfg, root / f"{method}-{seed}-{commit}", dataset="toy", plan={"0": ["imu"]})
+    rec.extra["code_version"] = {"commit": commit, "dirty": False}
+    rec.extra["budget"] = {"steps_per_node_round": 20.0, "examples_per_node_round": 640.0}
+    if method == "mmbind":
+        rec.extra["binding"] = {"pair_accuracy_by_binding": {
+            "5": {"activity": 0.9}, "1": {"activity": 0.5 + 0.1 * seed}}}  # fmt: skip
+    rec.start()
+    rec.log_round(1, acc, 1.0)
+    test = {"accuracy": acc, "accuracy_by_modality": {"imu": acc}}
+    rec.finish(test, {"0": acc}, {}, val={"accuracy": acc - 0.01})
+    return {"test": acc, "val": acc - 0.01}
+
+
+def test_study_table_puts_val_beside_test_and_never_mixes_code_versions(tmp_path):
+    uri = _store(tmp_path)
+    logged = {
+        (m, s): _log_study_run(uri, tmp_path, m, s, "c0ffee")
+        for m in ("mmbind", "harmony")
+        for s in (0, 1, 2)
+    }
+    _log_study_run(uri, tmp_path, "harmony", 3, "beef00")  # a run of other code
+    out = tmp_path / "report"
+    assert main(["report", EXPERIMENT, "--tracking-uri", uri, "--out", str(out),
+                 "--format", "md"]) == 0  # fmt: skip
+    md = (out / "report.md").read_text()
+    assert "Runs of 2 code versions, one table each" in md
+    rows = {r[0]: r for r in _table(md, "Code version `c0ffee`: 6 runs.")}
+    assert set(rows) == {"mmbind", "harmony"}
+    mm = [logged[("mmbind", s)] for s in range(3)]
+    assert rows["mmbind"][1] == "3"
+    val = [x["val"] for x in mm]
+    assert rows["mmbind"][2] == f"{np.mean(val):.3f} ± {np.std(val):.3f}"
+    assert rows["mmbind"][3].startswith(f"{np.mean([x['test'] for x in mm]):.3f} ± ")
+    assert rows["mmbind"][4:6] == ["20", "640"]
+    first = [0.5, 0.6, 0.7]  # binding 1, not the later binding 5
+    assert rows["mmbind"][6] == f"{np.mean(first):.3f} ± {np.std(first):.3f}"
+    other = _table(md, "Code version `beef00`: 1 runs.")
+    assert [r[0] for r in other] == ["harmony"] and other[0][1] == "1"

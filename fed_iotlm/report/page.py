@@ -65,3 +65,14 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
 def mean_or_none(values: Sequence[float | None]) -> float | None:
     vals = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(vals)) if vals else None
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % interval (Student t over seeds; 0 for one)."""
+    from scipy.stats import t as student_t
+
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        return float(v.mean()), 0.0
+    half = student_t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
+    return float(v.mean()), float(half)

@@ -17,6 +17,7 @@ from . import plots
 from .groups import Study
 from .page import Figure, Section, Table, fmt, mean_or_none, mean_std
 from .params import as_number, distinguishing, group_label, partition_of, short_keys
+from .protocol_table import protocol_tables
 from .runs import Run
 
 Builder = Callable[[Study, Path], "Section | str"]
@@ -395,6 +396,7 @@ def privacy_robustness(study: Study, out: Path) -> Section | str:
 BUILDERS: tuple[Builder, ...] = (
     rounds,
     final_accuracy,
+    protocol_tables,
     sweeps,
     modalities,
     nodes,
