@@ -41,6 +41,7 @@ class RunRecorder:
         self.history: list[dict[str, float]] = []
         self.t0 = time.time()
         self._mlflow = None
+        self._round_ends: list[float] = []
         self.extra: dict[str, Any] = {}  # method-specific keys added to results.json
 
     # -- MLflow -----------------------------------------------------------------------
@@ -63,9 +64,12 @@ class RunRecorder:
         mlflow.set_experiment(mcfg.get("experiment", "fed-iotlm"))
         run_name = f"{self.cfg['method']}-{self.dataset}-seed{self.cfg['seed']}"
         mlflow.start_run(run_name=run_name)
+        # params are for filtering and comparing in MLflow's UI and are cut at 500
+        # characters (the store's limit); the whole config is the config.json artifact
         params = {k: str(v)[:500] for k, v in flatten(self.cfg).items()}
         params["plan"] = json.dumps(self.plan)[:500]
         mlflow.log_params(params)
+        mlflow.log_dict({**self.cfg, "plan": self.plan}, "config.json")
         self._mlflow = mlflow
         _open.append(self)
 
@@ -88,9 +92,22 @@ class RunRecorder:
         row = record.history_row()
         self.log_round(row.pop("round"), row.pop("accuracy"), row.pop("loss"), **row)
 
+    def eta_s(self, rnd: int) -> float | None:
+        """Seconds left, from the mean length of the rounds logged so far (the first one
+        carries the set-up, so it is left out once a later round is known)."""
+        total = self.cfg.get("rounds")
+        if not isinstance(total, int) or rnd >= total or not self._round_ends:
+            return None
+        ends = [self.t0, *self._round_ends]
+        lengths = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+        typical = lengths[1:] or lengths
+        return sum(typical) / len(typical) * (total - rnd)
+
     def log_round(self, rnd: int, accuracy: float, loss: float, **extra: float) -> None:
         row = {"round": rnd, "accuracy": float(accuracy), "loss": float(loss), **extra}
         self.history.append(row)
+        self._round_ends.append(time.time())
+        eta = self.eta_s(rnd)
         total = self.cfg.get("rounds", "?")
         rejected = int(extra.get("rejected_updates", 0))
         sent, answered = int(extra.get("nodes_sent", 0)), int(extra.get("nodes_answered", 0))
@@ -99,7 +116,8 @@ class RunRecorder:
             + (f"  [red]{rejected} update(s) rejected[/red]" if rejected else "")
             + (f"  [red]{answered}/{sent} nodes answered[/red]" if answered < sent else "")
             + ("  [red]skipped[/red]" if extra.get("round_skipped") else "")
-            + f"  ({time.time() - self.t0:.0f}s)"
+            + f"  ({time.time() - self.t0:.0f}s"
+            + (f", ETA {eta:.0f}s)" if eta is not None else ")")
         )
         if self._mlflow is not None:
             self._mlflow.log_metrics(

@@ -66,9 +66,15 @@ def run_one(out: Path, overrides: list[str], *, experiment: str, mlflow_experime
         return json.loads(results.read_text())
     cmd = [sys.executable, "-m", "simulations.run", f"experiment={experiment}", *overrides,
            f"mlflow.experiment={mlflow_experiment}", f"output_dir={out}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    # the child's progress (one line per round, with its ETA) streams into run.log as it
+    # runs: `tail -f` it rather than waiting for the study's line at the end
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "run.log"
+    print(f"  running {out.name}: tail -f {log}", flush=True)
+    with log.open("w") as sink:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed (log: {log}):\n{log.read_text()[-3000:]}")
     return json.loads(results.read_text())
 
 

@@ -232,3 +232,28 @@ def test_study_table_puts_val_beside_test_and_never_mixes_code_versions(tmp_path
     assert rows["mmbind"][6] == f"{np.mean(first):.3f} ± {np.std(first):.3f}"
     other = _table(md, "Code version `beef00`: 1 runs.")
     assert [r[0] for r in other] == ["harmony"] and other[0][1] == "1"
+
+
+def test_the_whole_config_is_an_artifact_though_params_are_cut(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from fed_iotlm.tracking import RunRecorder
+
+    uri = _store(tmp_path)
+    long_value = "x" * 2000  # past MLflow's param limit
+    cfg = {"method": "local", "seed": 0, "rounds": 5, "note": long_value,
+           "mlflow": {"tracking_uri": uri, "experiment": EXPERIMENT}}  # fmt: skip
+    rec = RunRecorder(cfg, tmp_path / "run", dataset="toy", plan={"0": ["imu"]})
+    rec.start()
+    rec.t0, rec._round_ends = 100.0, [130.0, 132.0, 134.0]  # round 1 carries the set-up
+    assert rec.eta_s(3) == 4.0  # 2 rounds left at the 2 s the later rounds took
+    assert rec.eta_s(5) is None
+    rec.finish({"accuracy": 0.5, "accuracy_by_modality": {}}, {}, {})
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert len(run.data.params["note"]) == 500
+    import json
+
+    path = client.download_artifacts(run.info.run_id, "config.json", str(tmp_path))
+    logged = json.loads(Path(path).read_text())
+    assert logged["note"] == long_value and logged["plan"] == {"0": ["imu"]}

@@ -130,3 +130,14 @@ def test_the_budget_study_reuses_the_mmbind_studys_runs_at_the_same_point(monkey
     args = argparse.Namespace(out=tmp_path)
     mmbind_study.run_point(args, ["train.steps=20"], "h", "x", headline, ["mmbind"], 2, {})
     assert seen["budget"] == seen["mmbind"]  # same folder, same overrides: one run serves both
+
+
+def test_a_failed_study_run_names_its_log_and_shows_its_end(tmp_path):
+    from simulations.study_runner import run_one
+
+    out = tmp_path / "point" / "harmony-seed0"
+    with pytest.raises(RuntimeError, match="run.log") as failed:
+        run_one(out, ["no_such_key=1"], experiment="quick", mlflow_experiment="x")
+    log = (out / "run.log").read_text()
+    assert "no_such_key" in log and "no_such_key" in str(failed.value)
+    assert not (out / "results.json").exists()
