@@ -141,7 +141,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
         t1 = time.time()
         hist = tune(
             model, builder, qs.train, feats, tune_settings(lc, seed), out_dir / f"checkpoint-{kind}",
-            resume=bool(lc["resume"]), device=device, log=lambda s, loss, k=kind: console.print(f"  {k} step {s}: loss {loss:.3f}"),
+            resume=bool(lc["resume"]), device=device, log=lambda s, loss, eta, k=kind: console.print(f"  {k} step {s}: loss {loss:.3f} (ETA {eta:.0f}s)"),
         )  # fmt: skip
         tune_s = time.time() - t1
         if rank != 0:

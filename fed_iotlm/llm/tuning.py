@@ -81,7 +81,7 @@ def tune(
     settings: TuneSettings,
     ckpt_dir: Path,
     resume: bool = False,
-    log: Callable[[int, float], None] | None = None,
+    log: Callable[[int, float, float], None] | None = None,  # (step, loss, ETA s)
     device: torch.device | str = "cpu",
 ) -> list[dict[str, float]]:
     """Train in place; returns the loss history ``[{"step", "loss"}]``."""
@@ -112,7 +112,7 @@ def tune(
     encoded = [builder.encode(ex) for ex in examples]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
-    t0, running = time.time(), []
+    t0, running, first = time.time(), [], step
     while step < settings.steps:
         for _ in range(settings.grad_accum):
             batch = builder.collate(rng.sample(encoded, min(settings.batch_size, len(encoded))))
@@ -131,7 +131,8 @@ def tune(
             history.append(row)
             running = []
             if log is not None and rank == 0:
-                log(step, row["loss"])
+                eta = row["elapsed_s"] / (step - first) * (settings.steps - step)
+                log(step, row["loss"], eta)
         if rank == 0 and (step % settings.checkpoint_every == 0 or step == settings.steps):
             save_checkpoint(model, opt, sched, step, history, ckpt_dir, rng)
     model.eval()
