@@ -24,6 +24,20 @@ from fed_iotlm.federation.normalization import normalization_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def version_label(version: dict | None) -> str:
+    """``<commit>`` or ``<commit>+dirty`` of a results.json ``code_version`` (``unknown``
+    without one): the one name a table gives a code version."""
+    version = version or {}
+    return (version.get("commit") or "unknown") + ("+dirty" if version.get("dirty") else "")
+
+
+def first_binding_pair_accuracy(results: dict) -> dict[str, float]:
+    """Same-class pair accuracy per task at a run's first binding (MMBind; else empty)."""
+    pairs = (results.get("binding") or {}).get("pair_accuracy_by_binding") or {}
+    return pairs[min(pairs, key=int)] if pairs else {}
+
+
 # what the federation itself chooses: nothing; the model reported is the last round's
 FINAL_MODEL_CHOICE = {"model": "last round (fixed budget, no selection)"}
 

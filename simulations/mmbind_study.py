@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
+from fed_iotlm.protocol import first_binding_pair_accuracy
 from simulations import study_runner
 from simulations.study_report import write_report
 from simulations.study_runner import REPO, point_key
@@ -109,13 +110,12 @@ def run_one(out: Path, overrides: list[str]) -> dict:
 def record(res: dict) -> dict:
     """What a study table needs of one run's results.json: test and val, the budget,
     the code version and the pair accuracy at the first binding (if it bound)."""
-    pairs = res.get("binding", {}).get("pair_accuracy_by_binding", {})
     return {
         **res["test"],
         "val": res.get("val", {}).get("accuracy"),
         "budget": res.get("budget", {}),
         "code_version": res.get("code_version"),
-        "first_binding_pair_accuracy": pairs[min(pairs, key=int)] if pairs else {},
+        "first_binding_pair_accuracy": first_binding_pair_accuracy(res),
     }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_iotlm.protocol import NOT_CODE, code_version
+from fed_iotlm.protocol import NOT_CODE, code_version, version_label
 from fed_iotlm.report.page import mean_ci95
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,11 +46,7 @@ def code_key() -> str:
 
 def one_code_version(results: list[dict]) -> str:
     """The code version every result in a table came from, or a clear refusal."""
-    versions = {
-        (r.get("code_version") or {}).get("commit", "unknown")
-        + ("+dirty" if (r.get("code_version") or {}).get("dirty") else "")
-        for r in results
-    }
+    versions = {version_label(r.get("code_version")) for r in results}
     if len(versions) != 1:
         raise ValueError(
             f"a table would mix results of {len(versions)} code versions {sorted(versions)}; "

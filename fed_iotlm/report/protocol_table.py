@@ -13,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from fed_iotlm.protocol import first_binding_pair_accuracy, version_label
+
 from .groups import Study
 from .page import Section, Table, fmt, mean_ci95, mean_std
 from .runs import Run
 
 
 def code_version_of(run: Run) -> str:
-    """``<commit>`` or ``<commit>+dirty`` from results.json; ``unknown`` without one."""
-    version = (run.results or {}).get("code_version") or {}
-    commit = version.get("commit") or "unknown"
-    return commit + ("+dirty" if version.get("dirty") else "")
+    return version_label((run.results or {}).get("code_version"))
 
 
 def _val(run: Run) -> float | None:
@@ -49,9 +48,7 @@ def _budget(runs: list[Run]) -> tuple[str, str]:
 
 
 def _first_binding(run: Run) -> dict[str, float]:
-    """Same-class pair accuracy per task at the run's first binding (MMBind only)."""
-    by_binding = ((run.results or {}).get("binding") or {}).get("pair_accuracy_by_binding") or {}
-    return by_binding[min(by_binding, key=int)] if by_binding else {}
+    return first_binding_pair_accuracy(run.results or {})
 
 
 def interval(values: list[float | None]) -> str:
