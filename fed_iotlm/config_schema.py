@@ -13,8 +13,11 @@ type is an open map or list.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from omegaconf import MISSING
@@ -482,19 +485,57 @@ def section_schema(path: str, block: Mapping[str, Any] | None = None) -> type:
     return schema  # type: ignore[return-value]
 
 
+def block(cfg: Mapping[str, Any] | None, path: str) -> dict[str, Any]:
+    """The block at dotted ``path`` of ``cfg`` through :func:`section`.  A composed config
+    always has it; a caller's partial dict (a test's ``{"dp": {...}}``, a node's subset)
+    may lack it, which means "the schema's defaults", hence the lookups without default."""
+    node: Any = cfg
+    for part in path.split("."):
+        node = (node or {}).get(part)
+    return section(path, node)
+
+
+def setting(cfg: Mapping[str, Any], key: str) -> Any:
+    """A top-level value of ``cfg`` (``method``, ``rounds``, ...); a caller's partial dict
+    may lack it, which means the schema's default."""
+    if key in cfg:
+        return cfg[key]
+    f = Config.__dataclass_fields__[key]
+    return f.default if f.default is not MISSING else None
+
+
 def section(path: str, block: Mapping[str, Any] | None) -> dict[str, Any]:
     """``block`` (the ``path`` block of a composed config, or a partial one a caller built)
     as a plain dict with the schema's defaults filled in and every key and type checked;
     a wrong one raises :class:`ConfigError` naming ``path.key``."""
+    given = dict(block or {})
+    try:
+        key = json.dumps(given, sort_keys=True)
+    except TypeError:  # not JSON (a caller's object): check it uncached
+        return _section(path, given)
+    return json.loads(_section_cached(path, key))
+
+
+@lru_cache(maxsize=512)
+def _section_cached(path: str, key: str) -> str:
+    """Parsers run per round and per message; OmegaConf takes milliseconds a block."""
+    return json.dumps(_section(path, json.loads(key)))
+
+
+def _section(path: str, given: dict[str, Any]) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    schema = section_schema(path, block)
+    schema = section_schema(path, given)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), dict(block or {}))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), given)
         return OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise ConfigError(describe(err, prefix=path)) from err
+
+
+# OmegaConf's type names in its conversion errors -> what the one-line error says
+TYPE_WORDS = {"integer": "an integer", "float": "a number", "bool": "true or false"}
 
 
 def describe(err: BaseException, prefix: str = "") -> str:
@@ -514,5 +555,9 @@ def describe(err: BaseException, prefix: str = "") -> str:
     if isinstance(err, MissingMandatoryValue):
         return f"config: '{key}' has no value: give it (e.g. {key}=...)"
     if isinstance(err, ValidationError):
+        wanted = re.search(r"(?:converted to|not a valid) (\w+)", msg)
+        if wanted and hasattr(err, "value"):
+            kind = TYPE_WORDS.get(wanted.group(1).lower(), wanted.group(1))
+            return f"config: {key}={err.value!r}: expected {kind}"
         return f"config: bad value for '{key}': {msg}"
     return f"config: '{key}': {msg}" if key else f"config: {msg}"

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from fed_iotlm.config_schema import block, setting
+
 from .atomic import atomic_write_text
 from .settings import flatten
 
@@ -46,8 +48,8 @@ class RunRecorder:
     # -- MLflow -----------------------------------------------------------------------
     def start(self) -> None:
         """Open the MLflow run (local sqlite store by default) and log the flat config."""
-        mcfg = self.cfg.get("mlflow", {})
-        if not mcfg.get("enabled", True):
+        mcfg = block(self.cfg, "mlflow")
+        if not mcfg["enabled"]:
             return
         from .extras import has
 
@@ -59,8 +61,8 @@ class RunRecorder:
             return
         import mlflow
 
-        mlflow.set_tracking_uri(mcfg.get("tracking_uri", "sqlite:///mlflow.db"))
-        mlflow.set_experiment(mcfg.get("experiment", "fed-iotlm"))
+        mlflow.set_tracking_uri(mcfg["tracking_uri"])
+        mlflow.set_experiment(mcfg["experiment"])
         run_name = f"{self.cfg['method']}-{self.dataset}-seed{self.cfg['seed']}"
         mlflow.start_run(run_name=run_name)
         params = {k: str(v)[:500] for k, v in flatten(self.cfg).items()}
@@ -91,7 +93,7 @@ class RunRecorder:
     def log_round(self, rnd: int, accuracy: float, loss: float, **extra: float) -> None:
         row = {"round": rnd, "accuracy": float(accuracy), "loss": float(loss), **extra}
         self.history.append(row)
-        total = self.cfg.get("rounds", "?")
+        total = setting(self.cfg, "rounds")
         rejected = int(extra.get("rejected_updates", 0))
         sent, answered = int(extra.get("nodes_sent", 0)), int(extra.get("nodes_answered", 0))
         console.print(

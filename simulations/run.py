@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fed_iotlm.config_schema import register
+from fed_iotlm.config_schema import block, register
 from fed_iotlm.experiment import check_method
 from fed_iotlm.models.device import check_devices
 from fed_iotlm.settings import config_dir
@@ -75,9 +75,9 @@ def run_flower_simulation(
     num_nodes = build_layout(cfg).num_nodes  # fail fast on a bad plan or dataset
     check_dp_run(cfg)  # ... and on DP settings the run cannot honour
     check_composable(cfg)  # ... and on secure aggregation with a rule that needs plaintext
-    sim = cfg.get("simulation", {})
+    sim = block(cfg, "simulation")
     ray_cfg = ray_settings(sim)
-    backend_name = sim.get("backend", "ray")
+    backend_name = sim["backend"]
     if ray_cfg.attach and backend_name != "ray":
         raise ValueError(
             f"simulation.ray_address={ray_cfg.address!r} needs simulation.backend=ray, "
@@ -95,7 +95,7 @@ def run_flower_simulation(
             num_supernodes=num_nodes,
             backend_name=backend_name,
             backend_config=backend_config(ray_cfg),
-            verbose_logging=bool(sim.get("verbose", False)),
+            verbose_logging=bool(sim["verbose"]),
         )
     if not results.is_file():
         raise RuntimeError(f"the federation ended without writing {results}; see the log above")

@@ -119,9 +119,9 @@ def test_no_yaml_restates_a_schema_default(yaml_file):
         (["experiment=quick", "partition.num_node=3"], "unknown key 'partition.num_node'"),
         (["strategy=fedavg", "strategy.proximal_mu=0.1"], "unknown key 'strategy.proximal_mu'"),
         (["data.path=/x"], "unknown key 'data.path'"),  # synthetic data has no path
-        (["rounds=abc"], "'rounds'"),
-        (["train.lr=fast"], "'train.lr'"),
-        (["dp.enabled=maybe"], "'dp.enabled'"),
+        (["rounds=abc"], "rounds='abc'"),
+        (["train.lr=fast"], "train.lr='fast'"),
+        (["dp.enabled=maybe"], "dp.enabled='maybe'"),
         (["data=npz"], "'data.path' has no value"),
     ],
 )
@@ -132,10 +132,12 @@ def test_a_wrong_key_or_type_fails_in_one_line_naming_it(overrides, names):
 
 
 def test_a_wrong_type_names_the_expected_type():
-    with pytest.raises(ConfigError, match=r"'rounds'.*Integer"):
+    with pytest.raises(ConfigError, match=r"rounds='abc': expected an integer$"):
         compose(["rounds=abc"])
-    with pytest.raises(ConfigError, match=r"'binding.floor'.*Float"):
-        compose(["binding.floor=[1]"])
+    with pytest.raises(ConfigError, match=r"binding.floor='x': expected a number$"):
+        compose(["binding.floor=x"])
+    with pytest.raises(ConfigError, match=r"dp.enabled='maybe': expected true or false$"):
+        compose(["dp.enabled=maybe"])
 
 
 def test_a_typo_in_an_experiment_yaml_fails_naming_the_key(tmp_path):
@@ -151,7 +153,7 @@ def test_flower_run_config_keys_get_the_same_checks():
     assert from_run_config({"rounds": 3, "binding.k": ""})["rounds"] == 3
     with pytest.raises(ConfigError, match="unknown key 'binding.kk'"):
         from_run_config({"binding.kk": 1})
-    with pytest.raises(ConfigError, match="'rounds'"):
+    with pytest.raises(ConfigError, match="rounds='abc'"):
         from_run_config({"overrides": "rounds=abc"})
 
 
@@ -178,7 +180,7 @@ def test_section_fills_defaults_into_a_partial_block_and_checks_it():
     assert section("llm.federated", None)["rounds"] == 3
     with pytest.raises(ConfigError, match="unknown key 'dp.noise'"):
         section("dp", {"noise": 1.0})
-    with pytest.raises(ConfigError, match="'sync.rank'"):
+    with pytest.raises(ConfigError, match="sync.rank='four': expected an integer"):
         section("sync", {"rank": "four"})
     with pytest.raises(ConfigError, match="strategy.name='fedsgd'"):
         section("strategy", {"name": "fedsgd"})
