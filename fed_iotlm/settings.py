@@ -91,8 +91,8 @@ def run_config_overrides(run_config: dict[str, Any]) -> list[str]:
     """Hydra overrides from a Flower run config: the ``overrides`` string first, then
     every dotted key set to something other than ``""`` (``flwr run . --run-config
     'secagg.enabled=true rounds=5'``), so a dotted key wins over the same key in
-    ``overrides``.  Defaults stay in ``configs/`` alone: pyproject.toml declares the keys
-    (the SuperLink refuses undeclared ones) with ``""``, not their values."""
+    ``overrides``.  Defaults stay in the schema alone (config_schema.py): pyproject.toml
+    declares the keys (the SuperLink refuses undeclared ones) with ``""``, not their values."""
     out = shlex.split(str(run_config.get(OVERRIDES_KEY, "") or ""))
     for key, value in run_config.items():
         if key == OVERRIDES_KEY or value == UNSET:

@@ -273,7 +273,9 @@ STRATEGIES: dict[str, dict[str, type[FedAvg]]] = {
 def min_nodes_of(cfg: dict, num_nodes: int) -> int:
     """``strategy.min_nodes`` (null: every node), checked against the federation's size:
     more than ``num_nodes`` could never be met, and flwr's sampling would wait forever."""
-    value = section("strategy", cfg)["min_nodes"]
+    # the raw value, not the schema-converted one: OmegaConf would accept "2" (absent:
+    # null, the schema's default)
+    value = cfg.get("min_nodes")
     if value is None:
         return num_nodes
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_nodes:
