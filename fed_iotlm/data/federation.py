@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_iotlm.config_schema import block
+from fed_iotlm.config_schema import block, setting
 
 from .dataset import MultisensoryDataset, Split
 from .exchange import load_dataset
@@ -235,7 +235,7 @@ def shift_entries(cfg: dict) -> list:
 
 def shift_unit(cfg: dict) -> str:
     """``shift_unit``: what a shift entry's site is (``node`` or ``site``)."""
-    unit = str(cfg.get("shift_unit") or "node")
+    unit = str(setting(cfg, "shift_unit"))
     if unit not in SHIFT_UNITS:
         raise ValueError(f"shift_unit={unit!r}: expected one of {', '.join(SHIFT_UNITS)}")
     return unit
