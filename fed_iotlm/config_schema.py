@@ -32,33 +32,24 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    """What every dataset option has (``data=...``)."""
+    """The dataset (``data=synthetic|npz``).  One schema for both options: an experiment
+    sizes the generator (``experiment=quick`` sets ``num_train``) and still combines with
+    ``data=npz``, which ignores the generator's keys; composing ``data=npz`` without
+    ``data.path=DIR`` fails naming the key (:data:`REQUIRED`)."""
 
-    name: str = MISSING
+    name: str = "synthetic"  # synthetic | npz
     modalities: list[str] | None = None  # keep only these modalities, e.g. [imu, audio, depth]
-
-
-@dataclass
-class SyntheticDataConfig(DataConfig):
-    """Built-in seeded generator (fed_iotlm/data/synthetic.py): imu, audio, depth, thermal;
-    tasks activity (8 classes) and location (4).  Each modality alone separates only some
-    classes."""
-
-    name: str = "synthetic"
+    # npz: a dataset in the exchange format (docs/architecture.md): data=npz data.path=DIR
+    path: str | None = None
+    # synthetic: the built-in seeded generator (fed_iotlm/data/synthetic.py): imu, audio,
+    # depth, thermal; tasks activity (8 classes) and location (4). Each modality alone
+    # separates only some classes.
     num_train: int = 4000
     num_test: int = 1000
     num_sites: int = 8
     site_shift: float = 0.3  # 0 = identical sites; 1 = strong placement/gain/noise shift
     noise: float = 1.0
     imu_cues: float = 0.0  # > 0: IMU also carries weak cues of b2 and location (a binding modality)
-
-
-@dataclass
-class NpzDataConfig(DataConfig):
-    """Any dataset in the exchange format (docs/architecture.md): ``data=npz data.path=DIR``."""
-
-    name: str = "npz"
-    path: str = MISSING
 
 
 @dataclass
@@ -405,10 +396,10 @@ class PersonalConfig:
 
 @dataclass
 class Config:
-    """The whole tree (``configs/config.yaml``).  ``data`` and ``strategy`` are typed by
-    the schema their group option names (their options have different keys)."""
+    """The whole tree (``configs/config.yaml``).  ``strategy`` is typed by the schema its
+    group option names (fedprox and fedadam add keys)."""
 
-    data: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: Any = MISSING
@@ -445,10 +436,26 @@ class Config:
     personal: PersonalConfig = field(default_factory=PersonalConfig)
 
 
+# (block, its name) -> keys that option cannot do without; checked after composition
+# (an OmegaConf merge cannot make a defaulted key mandatory again)
+REQUIRED: dict[tuple[str, str], tuple[str, ...]] = {("data", "npz"): ("path",)}
+
+
+def check_required(cfg: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a key :data:`REQUIRED` that is unset (null)."""
+    for (path, name), keys in REQUIRED.items():
+        node = cfg.get(path) or {}
+        for key in keys:
+            if node.get("name") == name and node.get(key) is None:
+                raise ConfigError(
+                    f"config: '{path}.{key}' has no value: {path}={name} needs it "
+                    f"(e.g. {path}.{key}=...)"
+                )
+
+
 # group option -> its schema, stored as ``<group>/schema_<option>``; the option's yaml
 # names it first in its defaults list
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
-    "data": {"synthetic": SyntheticDataConfig, "npz": NpzDataConfig},
     "strategy": {"fedavg": StrategyConfig, "fedprox": FedProxConfig, "fedadam": FedAdamConfig},
 }
 TOP_SCHEMA = "schema"  # the name config.yaml's defaults list gives the top-level schema

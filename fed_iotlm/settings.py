@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from fed_iotlm.config_schema import ConfigError, describe, register
+from fed_iotlm.config_schema import ConfigError, check_required, describe, register
 
 __all__ = ["ConfigError", "compose", "config_dir", "from_run_config", "run_config_overrides"]
 
@@ -61,9 +61,11 @@ def _compose_cached(overrides: tuple[str, ...], directory: str) -> str:
     try:
         with initialize_config_dir(config_dir=directory, version_base=None):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
-        return json.dumps(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(explain(err)) from err
+    check_required(plain)
+    return json.dumps(plain)
 
 
 def explain(err: BaseException) -> str:

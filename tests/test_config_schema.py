@@ -62,8 +62,8 @@ def test_every_group_option_composes_and_is_declared(group, option):
     yaml_file = CONFIG_DIR / group / f"{option}.yaml"
     cfg = compose(_with_path([f"{group}={option}"], yaml_file))
     _walk(cfg, schema.Config, "")
-    if group in schema.GROUP_SCHEMAS:
-        assert cfg[group]["name"] == option  # the option's schema, not another's
+    if group in ("data", "strategy"):
+        assert cfg[group]["name"] == option  # the option's values (and schema), not another's
 
 
 def _default_at(path: list[str], cfg: dict[str, Any]) -> Any:
@@ -118,7 +118,7 @@ def test_no_yaml_restates_a_schema_default(yaml_file):
         (["binding.kk=1"], "unknown key 'binding.kk'"),
         (["experiment=quick", "partition.num_node=3"], "unknown key 'partition.num_node'"),
         (["strategy=fedavg", "strategy.proximal_mu=0.1"], "unknown key 'strategy.proximal_mu'"),
-        (["data.path=/x"], "unknown key 'data.path'"),  # synthetic data has no path
+        (["data.num_trian=5"], "unknown key 'data.num_trian'"),
         (["rounds=abc"], "rounds='abc'"),
         (["train.lr=fast"], "train.lr='fast'"),
         (["dp.enabled=maybe"], "dp.enabled='maybe'"),
@@ -138,6 +138,11 @@ def test_a_wrong_type_names_the_expected_type():
         compose(["binding.floor=x"])
     with pytest.raises(ConfigError, match=r"dp.enabled='maybe': expected true or false$"):
         compose(["dp.enabled=maybe"])
+
+
+def test_an_experiment_sizing_the_generator_still_combines_with_npz_data():
+    cfg = compose(["experiment=quick", "data=npz", "data.path=/d"])
+    assert cfg["data"]["name"] == "npz" and cfg["data"]["path"] == "/d"
 
 
 def test_a_typo_in_an_experiment_yaml_fails_naming_the_key(tmp_path):
