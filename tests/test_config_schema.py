@@ -200,3 +200,48 @@ def test_simulations_run_refuses_a_wrong_key_in_one_line_before_hydra(capsys):
     err = capsys.readouterr().err.strip()
     assert "unknown key 'binding.kk'" in err and "\n" not in err and "Traceback" not in err
     check_command_line(["experiment=quick", "hydra.run.dir=/tmp/x"])  # a good line passes
+
+
+def _parsers():
+    from fed_iotlm.diagnostics.report import diagnostics_config
+    from fed_iotlm.experiment import ssl_config, train_config
+    from fed_iotlm.federation.adapter_sync import sync_config
+    from fed_iotlm.federation.attacks import attack_config
+    from fed_iotlm.federation.privacy import dp_config
+    from fed_iotlm.federation.robust import robust_config
+    from fed_iotlm.federation.secure import SecureSettings
+    from fed_iotlm.llm.federated import federated_settings
+    from fed_iotlm.personal import personal_config
+    from simulations.ray_cluster import ray_settings
+
+    return [
+        (dp_config, schema.DPConfig, "clipping_norm", 3.5, "clipping_norm"),
+        (sync_config, schema.SyncConfig, "rank", 9, "rank"),
+        (attack_config, schema.AttackConfig, "scale", 4.0, "scale"),
+        (personal_config, schema.PersonalConfig, "lr_scale", 2.0, "lr_scale"),
+        (diagnostics_config, schema.DiagnosticsConfig, "probe_samples", 64, "probe_samples"),
+        (SecureSettings.from_config, schema.SecAggConfig, "min_holders", 5, "min_holders"),
+        (robust_config, schema.StrategyConfig, "krum_f", 3, "krum_f"),
+        (train_config, schema.TrainConfig, "weight_decay", 0.25, "weight_decay"),
+        (ssl_config, schema.BindingConfig, "ssl_gain", 0.7, "gain"),
+        (federated_settings, schema.LlmFederatedConfig, "local_steps", 7, "local_steps"),
+        (ray_settings, schema.SimulationConfig, "ray_connect_timeout_s", 3.0, "connect_timeout_s"),
+    ]
+
+
+PARSED = ("dp", "sync", "attack", "personal", "diagnostics", "secagg", "robust", "train", "ssl")
+
+
+@pytest.mark.parametrize("case", range(11), ids=[*PARSED, "llm.federated", "simulation"])
+def test_each_parser_takes_its_defaults_from_the_schema(case, monkeypatch):
+    """A block a caller leaves empty gets the schema's value, whatever it is: change the
+    schema's default and the parser follows (no parser keeps a copy of it)."""
+    parse, cls, key, value, attribute = _parsers()[case]
+    monkeypatch.setattr(cls.__dataclass_fields__[key], "default", value)
+    schema._section_cached.cache_clear()
+    try:
+        assert getattr(parse({}), attribute) == value
+    finally:
+        monkeypatch.undo()
+        schema._section_cached.cache_clear()
+    assert getattr(parse({}), attribute) != value
