@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
-from fed_iotlm.config_schema import block, setting
+from fed_iotlm.config_schema import block
 
 from .atomic import atomic_write_text
 from .settings import flatten
@@ -93,7 +93,7 @@ class RunRecorder:
     def log_round(self, rnd: int, accuracy: float, loss: float, **extra: float) -> None:
         row = {"round": rnd, "accuracy": float(accuracy), "loss": float(loss), **extra}
         self.history.append(row)
-        total = setting(self.cfg, "rounds")
+        total = self.cfg.get("rounds", "?")
         rejected = int(extra.get("rejected_updates", 0))
         sent, answered = int(extra.get("nodes_sent", 0)), int(extra.get("nodes_answered", 0))
         console.print(
