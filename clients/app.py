@@ -152,7 +152,7 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
             personal_config(settings),
             seed=round_seed + 1_000_003,
         )
-        if node.method == "mmbind" and settings["binding"].get("bind", True):
+        if node.method == "mmbind" and settings["binding"]["bind"]:
             stats = train_with_partners(  # no partners yet: own pairs + labels still train
                 node.model,
                 node.train,

@@ -28,6 +28,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from fed_iotlm.config_schema import block
 from server.participation import round_timeout_s
 
 
@@ -44,9 +45,9 @@ def handler_deadline_s(settings: dict, message_type: str = "train") -> float:
     """Seconds a handler may run: the round deadline, or a SecAgg+ stage's if longer;
     for ``query.*`` messages at least :data:`QUERY_DEADLINE_S`."""
     deadline = round_timeout_s(settings.get("strategy") or {})
-    secure = settings.get("secagg") or {}
-    if secure.get("enabled"):
-        deadline = max(deadline, float(secure.get("timeout_s") or 0.0))
+    secure = block(settings, "secagg")
+    if secure["enabled"]:
+        deadline = max(deadline, float(secure["timeout_s"]))
     if message_type.startswith("query."):
         deadline = max(deadline, QUERY_DEADLINE_S)
     return deadline

@@ -14,6 +14,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from fed_iotlm.config_schema import block
 from fed_iotlm.data.federation import NodeSplits, build_layout
 from fed_iotlm.data.preprocess import Standardizer
 from fed_iotlm.experiment import model_spec, train_config
@@ -110,7 +111,7 @@ def _site_cached(cfg_json: str, site: SiteConfig) -> NodeRuntime:
             "partition.num_nodes in the run config to the number of sites"
         )
     spec = federation_spec(cfg)  # not model_spec: no partitioning in every ClientApp process
-    splits = load_site(site, spec, float(cfg["partition"].get("val_fraction", 0.1)))
+    splits = load_site(site, spec, float(block(cfg, "partition")["val_fraction"]))
     return _runtime(cfg, site.partition_id, splits, num_nodes, source="site", spec=spec)
 
 

@@ -225,12 +225,12 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
     round_cfg = replace(tcfg, steps=None if tcfg.steps is None else tcfg.steps * n_nodes)
     mcfg, bcfg = match_config(cfg), bind_train_config(cfg)
     label_task = (
-        (b.get("label_task") or next(iter(layout.dataset.meta.tasks))) if b["use_labels"] else None
+        (b["label_task"] or next(iter(layout.dataset.meta.tasks))) if b["use_labels"] else None
     )
     binding_log = recorder.extra.setdefault("binding", {})
     partners: list[dict] = [{} for _ in trains]
     for rnd in range(1, int(cfg["rounds"]) + 1):
-        if b.get("bind", True) and (rnd - 1) % max(1, int(b["rebind_every"])) == 0:
+        if b["bind"] and (rnd - 1) % max(1, int(b["rebind_every"])) == 0:
             uploads = [
                 node_embeddings(model, d, shared, str(i), label_task) for i, d in enumerate(trains)
             ]

@@ -8,6 +8,7 @@ from fed_iotlm.binding.index import SearchConfig
 from fed_iotlm.binding.matching import MatchConfig
 from fed_iotlm.binding.ssl import SSLConfig, rotation_groups
 from fed_iotlm.binding.training import BindTrainConfig
+from fed_iotlm.config_schema import block, section
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.models.device import binding_device
 from fed_iotlm.models.multisensory import ModelSpec
@@ -44,7 +45,7 @@ def spec_for_dataset(cfg: dict, ds) -> ModelSpec:
         fusion_heads=int(m["fusion_heads"]),
         use_mask=cfg["method"] != "fedavg",
     )
-    spec = replace(spec, fusion=str(m.get("fusion") or "attention"))
+    spec = replace(spec, fusion=str(section("model", m)["fusion"]))
     if spec.fusion not in ("attention", "late"):
         raise ValueError(f"model.fusion={spec.fusion!r}: expected 'attention' or 'late'")
     if cfg["method"] == "harmony":
@@ -58,14 +59,14 @@ def ssl_extra(cfg: dict, ds) -> dict:
     """The SSL head on the shared modality (a decoder for ``binding.ssl=autoencoder``, a
     projection head otherwise) and its xyz channel triplets, which SSL views rotate."""
     shared = shared_modality(cfg, ds)
-    head = "decoders" if (cfg.get("binding") or {}).get("ssl") == "autoencoder" else "projections"
+    head = "decoders" if block(cfg, "binding")["ssl"] == "autoencoder" else "projections"
     groups = rotation_groups(ds.meta.modalities[shared].channels)
     return {head: [shared], **({"rotation_groups": {shared: groups}} if groups else {})}
 
 
 def shared_modality(cfg: dict, ds=None) -> str:
     """MMBind's binding modality: ``binding.shared``, else ``partition.shared``."""
-    shared = (cfg.get("binding") or {}).get("shared") or cfg["partition"].get("shared")
+    shared = block(cfg, "binding")["shared"] or block(cfg, "partition")["shared"]
     mods = (ds if ds is not None else build_layout(cfg).dataset).meta.modalities
     if not shared:
         raise ValueError("method=mmbind needs a shared modality: partition.shared=<modality>")
@@ -75,14 +76,14 @@ def shared_modality(cfg: dict, ds=None) -> str:
 
 
 def train_config(cfg: dict) -> TrainConfig:
-    t = cfg["train"]
+    t = block(cfg, "train")
     return TrainConfig(
         epochs=int(t["epochs"]),
         batch_size=int(t["batch_size"]),
         lr=float(t["lr"]),
-        weight_decay=float(t.get("weight_decay", 0.0)),
-        task_weights=dict(t.get("task_weights") or {}) or None,
-        steps=None if t.get("steps") is None else int(t["steps"]),
+        weight_decay=float(t["weight_decay"]),
+        task_weights=dict(t["task_weights"]) or None,
+        steps=None if t["steps"] is None else int(t["steps"]),
     )
 
 
@@ -93,7 +94,7 @@ def plan_by_node(cfg: dict) -> dict[str, list[str]]:
 
 def match_config(cfg: dict) -> MatchConfig:
     """How the server pairs samples across nodes, from ``cfg['binding']``."""
-    b = cfg["binding"]
+    b = block(cfg, "binding")
     return MatchConfig(
         k=int(b["k"]),
         floor=float(b["floor"]),
@@ -105,12 +106,12 @@ def match_config(cfg: dict) -> MatchConfig:
 
 def bind_train_config(cfg: dict) -> BindTrainConfig:
     """Weights of the MMBind loss terms, from ``cfg['binding']``."""
-    b = cfg["binding"]
+    b = block(cfg, "binding")
     return BindTrainConfig(
         pseudo_weight=float(b["pseudo_weight"]),
         contrastive_weight=float(b["contrastive_weight"]),
         temperature=float(b["temperature"]),
-        own_pair_weight=float(b.get("own_pair_weight", 0.1)),
+        own_pair_weight=float(b["own_pair_weight"]),
     )
 
 
@@ -120,8 +121,8 @@ def ssl_train_config(cfg: dict, base: TrainConfig | None = None) -> TrainConfig:
     when set, else ``binding.pretrain_epochs`` passes.  SSL rounds are rounds of their
     own, so their budget is a setting of its own; every SSL variant (``ssl_spine``,
     ``mmbind`` and its ablations) gets the same one."""
-    b, tcfg = cfg["binding"], base or train_config(cfg)
-    steps = b.get("pretrain_steps")
+    b, tcfg = block(cfg, "binding"), base or train_config(cfg)
+    steps = b["pretrain_steps"]
     return replace(
         tcfg,
         epochs=int(b["pretrain_epochs"]),
@@ -131,12 +132,12 @@ def ssl_train_config(cfg: dict, base: TrainConfig | None = None) -> TrainConfig:
 
 def ssl_config(cfg: dict) -> SSLConfig:
     """MMBind's shared-modality SSL rounds, from ``cfg['binding']``."""
-    b = cfg["binding"]
+    b = block(cfg, "binding")
     return SSLConfig(
         method=str(b["ssl"]),
-        temperature=float(b.get("ssl_temperature", 0.2)),
-        batch_size=int(b.get("ssl_batch_size", 128)),
-        rotation_deg=float(b.get("ssl_rotation_deg", 30.0)),
-        gain=float(b.get("ssl_gain", 0.2)),
-        label_task=b.get("label_task"),
+        temperature=float(b["ssl_temperature"]),
+        batch_size=int(b["ssl_batch_size"]),
+        rotation_deg=float(b["ssl_rotation_deg"]),
+        gain=float(b["ssl_gain"]),
+        label_task=b["label_task"],
     )

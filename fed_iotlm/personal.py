@@ -42,6 +42,7 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
+from fed_iotlm.config_schema import block
 from fed_iotlm.federation.groups import group_of
 from fed_iotlm.federation.records import load_into, numpy_to_record, record_to_numpy
 from fed_iotlm.models.multisensory import MultisensoryModel
@@ -66,16 +67,16 @@ class PersonalConfig:
 
 
 def personal_config(cfg: Mapping) -> PersonalConfig:
-    """The validated ``personal`` block (absent: disabled)."""
-    p = dict(cfg.get("personal") or {})
+    """The validated ``personal`` block (absent: the schema's, disabled)."""
+    p = block(cfg, "personal")
     pcfg = PersonalConfig(
-        enabled=bool(p.get("enabled", False)),
-        kind=str(p.get("kind", "adapter")),
-        rank=int(p.get("rank", 4)),
-        alpha=float(p.get("alpha", 1.0)),
-        keep_local=tuple(str(g) for g in (p.get("keep_local") or ())),
-        epochs=int(p.get("epochs", 1)),
-        lr_scale=float(p.get("lr_scale", 10.0)),
+        enabled=bool(p["enabled"]),
+        kind=str(p["kind"]),
+        rank=int(p["rank"]),
+        alpha=float(p["alpha"]),
+        keep_local=tuple(str(g) for g in p["keep_local"]),
+        epochs=int(p["epochs"]),
+        lr_scale=float(p["lr_scale"]),
     )
     if pcfg.kind not in KINDS:
         raise ValueError(f"personal.kind={pcfg.kind!r}: expected one of {', '.join(KINDS)}")

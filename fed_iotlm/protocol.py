@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fed_iotlm.config_schema import block
 from fed_iotlm.data.federation import FederationLayout
 from fed_iotlm.federation.normalization import normalization_mode
 
@@ -92,21 +93,21 @@ def protocol_record(
     budget: dict | None = None,
 ) -> dict:
     """The ``protocol``, ``budget`` and ``code_version`` keys of results.json."""
-    train = cfg.get("train", {})
+    train = block(cfg, "train")
     return {
         "protocol": {
             "normalization": normalization_mode(cfg),
             "val_source": "val.npz" if layout.val_source == "val" else "carved from node train",
-            "val_fraction": float(cfg["partition"].get("val_fraction", 0.1)),
+            "val_fraction": float(block(cfg, "partition")["val_fraction"]),
             "val_samples": int(sum(len(p) for p in layout.val_parts)),
             "choices": dict(choices or FINAL_MODEL_CHOICE),
             "choices_made_on": "val",
             "test_feeds_back": False,
         },
         "budget": {
-            "epochs": train.get("epochs"),
-            "steps": train.get("steps"),
-            "batch_size": train.get("batch_size"),
+            "epochs": train["epochs"],
+            "steps": train["steps"],
+            "batch_size": train["batch_size"],
             **(budget if budget is not None else budget_from_history(history)),
         },
         "code_version": code_version(),

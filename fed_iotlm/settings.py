@@ -14,6 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from fed_iotlm.config_schema import ConfigError, check_required, describe, register
+
+__all__ = ["ConfigError", "compose", "config_dir", "from_run_config", "run_config_overrides"]
+
 
 def config_dir(package: Path | None = None) -> Path:
     """The config tree: ``configs/`` beside the package in a checkout (or a ``flwr run``
@@ -34,19 +38,49 @@ CONFIG_DIR = config_dir()
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Compose ``configs/config.yaml`` with Hydra overrides into a plain dict."""
-    return json.loads(_compose_cached(tuple(overrides)))
+    """Compose ``configs/config.yaml`` with Hydra overrides into a plain dict, checked
+    against fed_iotlm/config_schema.py: a key it does not declare, a value of the wrong
+    type or a missing mandatory value raises :class:`ConfigError`, one line naming it."""
+    return json.loads(_compose_cached(tuple(overrides), str(CONFIG_DIR)))
+
+
+def compose_dir(directory: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """:func:`compose` on another config tree (a copy with an edited yaml, in tests)."""
+    return json.loads(_compose_cached(tuple(overrides), str(directory)))
 
 
 @lru_cache(maxsize=8)
-def _compose_cached(overrides: tuple[str, ...]) -> str:
+def _compose_cached(overrides: tuple[str, ...], directory: str) -> str:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    return json.dumps(OmegaConf.to_container(cfg, resolve=True))
+    register()
+    try:
+        with initialize_config_dir(config_dir=directory, version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(explain(err)) from err
+    check_required(plain)
+    return json.dumps(plain)
+
+
+def explain(err: BaseException) -> str:
+    """One line for a composition error: the OmegaConf error underneath names the key
+    (and the expected type); Hydra's own errors (an unknown group option, a malformed
+    override) keep their first line."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OmegaConfBaseException):
+            return describe(seen)
+        seen = seen.__cause__ or seen.__context__
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"config: {first or type(err).__name__}"
 
 
 # the run-config key holding free-form Hydra overrides; every other key of
@@ -59,8 +93,8 @@ def run_config_overrides(run_config: dict[str, Any]) -> list[str]:
     """Hydra overrides from a Flower run config: the ``overrides`` string first, then
     every dotted key set to something other than ``""`` (``flwr run . --run-config
     'secagg.enabled=true rounds=5'``), so a dotted key wins over the same key in
-    ``overrides``.  Defaults stay in ``configs/`` alone: pyproject.toml declares the keys
-    (the SuperLink refuses undeclared ones) with ``""``, not their values."""
+    ``overrides``.  Defaults stay in the schema alone (config_schema.py): pyproject.toml
+    declares the keys (the SuperLink refuses undeclared ones) with ``""``, not their values."""
     out = shlex.split(str(run_config.get(OVERRIDES_KEY, "") or ""))
     for key, value in run_config.items():
         if key == OVERRIDES_KEY or value == UNSET:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from fed_iotlm.config_schema import block
+
 from .atomic import atomic_write_text
 from .settings import flatten
 
@@ -47,8 +49,8 @@ class RunRecorder:
     # -- MLflow -----------------------------------------------------------------------
     def start(self) -> None:
         """Open the MLflow run (local sqlite store by default) and log the flat config."""
-        mcfg = self.cfg.get("mlflow", {})
-        if not mcfg.get("enabled", True):
+        mcfg = block(self.cfg, "mlflow")
+        if not mcfg["enabled"]:
             return
         from .extras import has
 
@@ -60,8 +62,8 @@ class RunRecorder:
             return
         import mlflow
 
-        mlflow.set_tracking_uri(mcfg.get("tracking_uri", "sqlite:///mlflow.db"))
-        mlflow.set_experiment(mcfg.get("experiment", "fed-iotlm"))
+        mlflow.set_tracking_uri(mcfg["tracking_uri"])
+        mlflow.set_experiment(mcfg["experiment"])
         run_name = f"{self.cfg['method']}-{self.dataset}-seed{self.cfg['seed']}"
         mlflow.start_run(run_name=run_name)
         # params are for filtering and comparing in MLflow's UI and are cut at 500

@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
+from fed_iotlm.config_schema import block
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.data.reference import reference_sets
 from fed_iotlm.diagnostics import diagnostics_config, run_diagnostics
@@ -78,7 +79,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     place = train_placement(cfg)  # the server's evaluation follows train.device too
     model = place.model(sync_model(cfg, spec))  # sync.mode=adapters: frozen encoders + adapters
     initial = numpy_to_record(state_to_numpy(model))
-    wait_s = float(cfg["strategy"].get("wait_for_nodes_s") or 120)
+    wait_s = float(block(cfg, "strategy")["wait_for_nodes_s"])
     round_timeout = round_timeout_s(cfg["strategy"])
     wait_for_nodes(grid, layout.num_nodes, wait_s)
     roster = identify_nodes(grid, layout.num_nodes)  # deployed sites report their own plan

@@ -149,7 +149,7 @@ def rebinder(
     never, which is SSL pretraining + the spine, the baseline that isolates binding).
     It returns the binding's statistics, which go into that round's record."""
     every = max(1, int(cfg["binding"]["rebind_every"]))
-    binds = bool(cfg["binding"].get("bind", True))
+    binds = bool(cfg["binding"]["bind"])
 
     def before_round(rnd: int, arrays: ArrayRecord) -> dict | None:
         if binds and (rnd - 1) % every == 0:
@@ -170,7 +170,7 @@ def redeliver_on_resume(
     the partners of the last binding (``partners``, by partition id; ``node_ids`` maps
     partition ids to this run's Flower node ids), which the node kept in its state."""
     every = max(1, int(cfg["binding"]["rebind_every"]))
-    binds = bool(cfg["binding"].get("bind", True))
+    binds = bool(cfg["binding"]["bind"])
     if binds and first > 1 and (first - 1) % every != 0 and partners:
         redeliver(grid, partners, node_ids)
 

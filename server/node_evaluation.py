@@ -19,6 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fed_iotlm.config_schema import setting
+
 from .chunked import send_and_receive_chunked
 
 SERVER, NODES, AUTO = "server", "nodes", "auto"
@@ -26,7 +28,7 @@ SERVER, NODES, AUTO = "server", "nodes", "auto"
 
 def evaluation_mode(cfg: dict, deployed: bool) -> str:
     """``server`` (score on the server's copy of the test split) or ``nodes``."""
-    mode = str(cfg.get("evaluation") or AUTO)
+    mode = str(setting(cfg, "evaluation"))
     if mode not in (SERVER, NODES, AUTO):
         raise ValueError(f"evaluation={mode!r}: expected one of auto, server, nodes")
     if mode == AUTO:

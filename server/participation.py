@@ -22,14 +22,16 @@ from logging import WARNING
 from flwr.app import Message
 from flwr.common import log
 
+from fed_iotlm.config_schema import StrategyConfig
 from fed_iotlm.federation.round_record import Participation
 
-DEFAULT_ROUND_TIMEOUT_S = 600.0
+DEFAULT_ROUND_TIMEOUT_S = float(StrategyConfig.round_timeout_s)  # the schema's
 
 
 def round_timeout_s(strategy_cfg: Mapping) -> float:
-    """``strategy.round_timeout_s``, checked: a positive, finite number of seconds."""
-    value = strategy_cfg.get("round_timeout_s", DEFAULT_ROUND_TIMEOUT_S)
+    """``strategy.round_timeout_s``, checked: a positive, finite number of seconds
+    (absent or null in a caller's partial block: the schema's default)."""
+    value = strategy_cfg.get("round_timeout_s")
     if value is None:
         return DEFAULT_ROUND_TIMEOUT_S
     if isinstance(value, bool) or not isinstance(value, (int, float)):

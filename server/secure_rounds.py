@@ -43,6 +43,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from fed_iotlm.config_schema import section
 from fed_iotlm.federation.groups import group_of
 from fed_iotlm.federation.privacy import CentralPrivacy, DPConfig
 from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
@@ -110,12 +111,11 @@ class SecureRounds:
                 f"(at most {settings.max_nodes()}); lower secagg.quantization_range"
             )
         fit_config: dict = {}
-        if strategy_cfg.get("name") == "fedprox":
-            fit_config["proximal-mu"] = float(strategy_cfg.get("proximal_mu", 0.01))
-        min_nodes = max(2, int(strategy_cfg.get("min_nodes") or num_nodes))
-        self.collector = _SumCollector(
-            float(strategy_cfg.get("fraction_train", 1.0)), min_nodes, fit_config
-        )
+        strategy_cfg = section("strategy", strategy_cfg)
+        if strategy_cfg["name"] == "fedprox":
+            fit_config["proximal-mu"] = float(strategy_cfg["proximal_mu"])
+        min_nodes = max(2, int(strategy_cfg["min_nodes"] or num_nodes))
+        self.collector = _SumCollector(float(strategy_cfg["fraction_train"]), min_nodes, fit_config)
         self.workflow = SecAggPlusWorkflow(
             num_shares=_int_or_fraction(settings.num_shares),
             reconstruction_threshold=_int_or_fraction(settings.reconstruction_threshold),

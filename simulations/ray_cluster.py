@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fed_iotlm.config_schema import section
+
 REPO = Path(__file__).resolve().parents[1]
 # never uploaded with a job (Ray also skips what .gitignore lists)
 NOT_SHIPPED = (
@@ -67,8 +69,10 @@ class RaySettings:
 
 
 def ray_settings(sim: Mapping[str, Any]) -> RaySettings:
-    """Validate ``cfg['simulation']``; every error names the key and the bad value."""
-    address = sim.get("ray_address")
+    """Validate ``cfg['simulation']`` (keys a caller leaves out: the schema's defaults);
+    every error names the key and the bad value."""
+    sim = section("simulation", sim)
+    address = sim["ray_address"]
     if address is not None:
         address = str(address).strip()
         if address.startswith("ray://"):
@@ -79,13 +83,13 @@ def ray_settings(sim: Mapping[str, Any]) -> RaySettings:
             )
         if address != "auto":
             parse_address(address)
-    cpus = _number(sim, "cpus_per_node", 1.0)
+    cpus = _number(sim, "cpus_per_node")
     if cpus <= 0:
         raise ValueError(f"simulation.cpus_per_node={cpus}: must be > 0")
-    gpus = _number(sim, "gpus_per_node", 0.0)
+    gpus = _number(sim, "gpus_per_node")
     if gpus < 0:
         raise ValueError(f"simulation.gpus_per_node={gpus}: must be >= 0 (0.25 = a quarter GPU)")
-    num_cpus = sim.get("num_cpus")
+    num_cpus = sim["num_cpus"]
     if num_cpus is not None:
         if address is not None:
             raise ValueError(
@@ -95,7 +99,7 @@ def ray_settings(sim: Mapping[str, Any]) -> RaySettings:
             )
         if isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1:
             raise ValueError(f"simulation.num_cpus={num_cpus!r}: expected null or an integer >= 1")
-    timeout = _number(sim, "ray_connect_timeout_s", 10.0)
+    timeout = _number(sim, "ray_connect_timeout_s")
     if timeout <= 0:
         raise ValueError(f"simulation.ray_connect_timeout_s={timeout}: must be > 0")
     return RaySettings(
@@ -103,15 +107,13 @@ def ray_settings(sim: Mapping[str, Any]) -> RaySettings:
         cpus_per_node=cpus,
         gpus_per_node=gpus,
         num_cpus=num_cpus,
-        ship_code=bool(sim.get("ray_ship_code", True)),
+        ship_code=bool(sim["ray_ship_code"]),
         connect_timeout_s=timeout,
     )
 
 
-def _number(sim: Mapping[str, Any], key: str, default: float) -> float:
-    value = sim.get(key, default)
-    if value is None:
-        return default
+def _number(sim: Mapping[str, Any], key: str) -> float:
+    value = sim[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"simulation.{key}={value!r}: expected a number")
     return float(value)

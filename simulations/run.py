@@ -17,6 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from fed_iotlm.config_schema import block, register
 from fed_iotlm.experiment import check_method
 from fed_iotlm.models.device import check_devices
 from fed_iotlm.settings import config_dir
@@ -74,9 +75,9 @@ def run_flower_simulation(
     num_nodes = build_layout(cfg).num_nodes  # fail fast on a bad plan or dataset
     check_dp_run(cfg)  # ... and on DP settings the run cannot honour
     check_composable(cfg)  # ... and on secure aggregation with a rule that needs plaintext
-    sim = cfg.get("simulation", {})
+    sim = block(cfg, "simulation")
     ray_cfg = ray_settings(sim)
-    backend_name = sim.get("backend", "ray")
+    backend_name = sim["backend"]
     if ray_cfg.attach and backend_name != "ray":
         raise ValueError(
             f"simulation.ray_address={ray_cfg.address!r} needs simulation.backend=ray, "
@@ -94,7 +95,7 @@ def run_flower_simulation(
             num_supernodes=num_nodes,
             backend_name=backend_name,
             backend_config=backend_config(ray_cfg),
-            verbose_logging=bool(sim.get("verbose", False)),
+            verbose_logging=bool(sim["verbose"]),
         )
     if not results.is_file():
         raise RuntimeError(f"the federation ended without writing {results}; see the log above")
@@ -118,7 +119,30 @@ def hydra_command(run: Callable[[dict, Path], Path]) -> Callable[[], None]:
         sys.stdout.flush()
         print(path.resolve())
 
-    return main
+    def entry() -> None:
+        register()  # the schemas config.yaml's defaults list names
+        check_command_line(sys.argv[1:])
+        main()
+
+    return entry
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Compose the command line's overrides against the schema before Hydra runs, so a
+    wrong key or type ends with one line naming it and exit status 2, not Hydra's
+    multi-line report.  Hydra's own flags (``--multirun``, ``--cfg``, ...) and ``hydra.*``
+    overrides are left to Hydra: with a flag present nothing is checked here."""
+    from fed_iotlm.settings import ConfigError, compose
+
+    if any(arg.startswith("-") for arg in argv):
+        return
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        compose(overrides)
+    except ConfigError as err:
+        prog = ".".join(Path(sys.argv[0]).with_suffix("").parts[-2:])  # simulations.run
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 main = hydra_command(run_experiment)

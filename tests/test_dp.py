@@ -253,7 +253,7 @@ def test_epsilon_grows_with_rounds_shrinks_with_sigma_and_is_opacus_rdp():
         (_run_cfg(noise_multiplier=-1), "dp.noise_multiplier"),
         (_run_cfg(delta=1.0), "dp.delta"),
         (_run_cfg(noise=1.0), "unknown key"),
-        (_run_cfg(clipping_norm="big"), "dp:"),
+        (_run_cfg(clipping_norm="big"), "dp.clipping_norm='big': expected a number"),
         ({**_run_cfg(), "method": "fedavg"}, "method='fedavg'"),
         ({**_run_cfg(), "method": "mmbind"}, "embeddings"),
         ({**_run_cfg(), "strategy": {"name": "fedadam"}}, "strategy='fedadam'"),

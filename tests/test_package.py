@@ -75,7 +75,8 @@ def test_flower_accepts_the_secagg_key_as_docs_show_and_refuses_unknown_ones():
     ("argv", "says"),
     [
         (["run", "experiment=nope"], "Could not find 'experiment/nope'"),
-        (["run", "nokey=1"], "Could not override 'nokey'"),
+        (["run", "nokey=1"], "unknown key 'nokey'"),
+        (["run", "rounds=abc"], "rounds='abc': expected an integer"),
         (["run", "method=bogus", "mlflow.enabled=false"], "bogus"),
     ],
 )

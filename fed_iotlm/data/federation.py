@@ -33,13 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
+from fed_iotlm.config_schema import block, setting
+
 from .dataset import MultisensoryDataset, Split
 from .exchange import load_dataset
 from .partition import modality_plan, partition_indices
 from .preprocess import ChannelSums, Standardizer, featurize_dataset
 from .shift import apply_shifts, parse_shift_config, site_ids_from_parts
 from .synthetic import SyntheticConfig, make_synthetic
-from .validation import DEFAULT_VAL_FRACTION, carve_validation, check_val_fraction
+from .validation import carve_validation, check_val_fraction
 
 SHIFT_UNITS = ("node", "site")
 
@@ -233,7 +235,7 @@ def shift_entries(cfg: dict) -> list:
 
 def shift_unit(cfg: dict) -> str:
     """``shift_unit``: what a shift entry's site is (``node`` or ``site``)."""
-    unit = str(cfg.get("shift_unit") or "node")
+    unit = str(setting(cfg, "shift_unit"))
     if unit not in SHIFT_UNITS:
         raise ValueError(f"shift_unit={unit!r}: expected one of {', '.join(SHIFT_UNITS)}")
     return unit
@@ -242,25 +244,25 @@ def shift_unit(cfg: dict) -> str:
 @lru_cache(maxsize=4)
 def _layout_cached(key: str) -> FederationLayout:
     cfg = json.loads(key)
-    seed, part = int(cfg["seed"]), cfg["partition"]
+    seed, part = int(cfg["seed"]), block(cfg, "partition")
     raw = load_raw_dataset(cfg["data"], seed)
-    plan_in = parse_plan(part.get("plan"))
+    plan_in = parse_plan(part["plan"])
     num_nodes = len(plan_in) if plan_in else int(part["num_nodes"])
     plan = modality_plan(
         list(raw.meta.modalities),
         num_nodes,
         plan=plan_in,
-        missing_rate=float(part.get("missing_rate", 0.0)),
-        shared=part.get("shared"),
+        missing_rate=float(part["missing_rate"]),
+        shared=part["shared"],
         seed=seed,
     )
     # shifts change inputs only (labels, sites and sample order stay), so partitioning
     # the raw dataset gives the same parts as partitioning the featurized one
     splits = raw.splits()  # train, test (, val)
     parts = {name: _partition(split, part, num_nodes, seed, raw) for name, split in splits.items()}
-    val_fraction = check_val_fraction(part.get("val_fraction", DEFAULT_VAL_FRACTION))
+    val_fraction = check_val_fraction(part["val_fraction"])
     if raw.val is None:  # each node holds back a stratified share of its training data
-        by = part.get("label_task") or next(iter(raw.meta.tasks))
+        by = part["label_task"] or next(iter(raw.meta.tasks))
         parts["train"], parts["val"] = carve_validation(
             parts["train"], raw.train.y[by], val_fraction, seed
         )
@@ -289,7 +291,7 @@ def _layout_cached(key: str) -> FederationLayout:
         plan,
         parts["train"],
         parts["test"],
-        float(part.get("label_fraction", 1.0)),
+        float(part["label_fraction"]),
         seed,
         train_sites=sites["train"],
         test_sites=sites["test"],
@@ -309,9 +311,9 @@ def _site_ids(split: Split, parts: list[np.ndarray], unit: str) -> np.ndarray | 
 
 
 def _partition(split: Split, part: dict, num_nodes: int, seed: int, ds) -> list[np.ndarray]:
-    scheme = part.get("scheme", "iid")
-    by = part.get("label_task") or next(iter(ds.meta.tasks))
-    natural_key = part.get("natural_key", "site")
+    scheme = part["scheme"]
+    by = part["label_task"] or next(iter(ds.meta.tasks))
+    natural_key = part["natural_key"]
     natural = getattr(split, natural_key, None) if scheme == "natural" else None
     if scheme == "natural" and natural is None:
         raise ValueError(f"partition.scheme=natural needs a '{natural_key}' array in the dataset")
@@ -321,6 +323,6 @@ def _partition(split: Split, part: dict, num_nodes: int, seed: int, ds) -> list[
         seed,
         labels=split.y[by],
         natural_ids=natural,
-        alpha=float(part.get("alpha", 0.5)),
-        min_partition_size=int(part.get("min_partition_size", 5)),
+        alpha=float(part["alpha"]),
+        min_partition_size=int(part["min_partition_size"]),
     )

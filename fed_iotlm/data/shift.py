@@ -227,6 +227,8 @@ def _parse_entry(index: int, raw: Any) -> ShiftEntry:
     mods = raw.get("modalities")
     if isinstance(mods, str):
         mods = [mods]
+    # a shift entry's keys are the user's (config_schema types `shift` as a list of maps);
+    # each transform's own defaults live here, with the transforms
     severity = _non_negative(where, "severity", raw.get("severity", 0.5))
     spread = _non_negative(where, "spread", raw.get("spread", 0.0))
     if spread > 1:

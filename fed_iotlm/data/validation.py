@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_VAL_FRACTION = 0.1
-
 
 def check_val_fraction(fraction: float) -> float:
     """``partition.val_fraction`` as a float in [0, 0.5], or a clear error."""

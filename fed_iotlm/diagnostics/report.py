@@ -30,6 +30,7 @@ from itertools import combinations
 import numpy as np
 import torch
 
+from fed_iotlm.config_schema import block
 from fed_iotlm.data.dataset import Split
 from fed_iotlm.data.federation import FederationLayout, load_raw_dataset
 from fed_iotlm.data.modalities import ModalitySpec
@@ -52,8 +53,8 @@ class DiagnosticsConfig:
 
 
 def diagnostics_config(cfg: Mapping) -> DiagnosticsConfig:
-    d = dict(cfg.get("diagnostics") or {})
-    out = DiagnosticsConfig(bool(d.get("enabled", False)), int(d.get("probe_samples", 256)))
+    d = block(cfg, "diagnostics")  # absent: the schema's (off)
+    out = DiagnosticsConfig(bool(d["enabled"]), int(d["probe_samples"]))
     if out.probe_samples < 2:
         raise ValueError(f"diagnostics.probe_samples must be >= 2, got {out.probe_samples}")
     return out

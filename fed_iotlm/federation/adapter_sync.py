@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from fed_iotlm.config_schema import block, setting
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.personal import KINDS, attach_adapter, attach_lora
 
@@ -51,14 +52,15 @@ class SyncConfig:
 
 
 def sync_config(cfg: Mapping) -> SyncConfig:
-    """The validated ``sync`` block (absent: ``full``), checked against the run's method."""
-    s = dict(cfg.get("sync") or {})
+    """The validated ``sync`` block (absent: the schema's ``full``), checked against the
+    run's method."""
+    s = block(cfg, "sync")
     scfg = SyncConfig(
-        mode=str(s.get("mode", "full")),
-        kind=str(s.get("kind", "adapter")),
-        rank=int(s.get("rank", 4)),
-        alpha=float(s.get("alpha", 1.0)),
-        bundle=str(s["bundle"]) if s.get("bundle") else None,
+        mode=str(s["mode"]),
+        kind=str(s["kind"]),
+        rank=int(s["rank"]),
+        alpha=float(s["alpha"]),
+        bundle=str(s["bundle"]) if s["bundle"] else None,
     )
     if scfg.mode not in MODES:
         raise ValueError(f"sync.mode={scfg.mode!r}: expected one of {', '.join(MODES)}")
@@ -67,14 +69,14 @@ def sync_config(cfg: Mapping) -> SyncConfig:
     if scfg.rank < 1:
         raise ValueError(f"sync.rank must be >= 1, got {scfg.rank}")
     if scfg.adapters:
-        method = cfg.get("method", "federated")
+        method = setting(cfg, "method")
         if method not in METHODS:
             raise ValueError(
                 f"sync.mode=adapters needs a modality-aware method ({', '.join(METHODS)}), "
                 f"not method={method!r}: flwr's plain FedAvg drops the frozen encoders no node "
                 "sends, and MMBind trains the shared encoder"
             )
-        if (cfg.get("diagnostics") or {}).get("enabled"):
+        if block(cfg, "diagnostics")["enabled"]:
             raise ValueError("diagnostics.enabled is not supported with sync.mode=adapters yet")
     return scfg
 

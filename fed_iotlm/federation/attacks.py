@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fed_iotlm.config_schema import block
+
 KINDS = ("none", "scale", "sign_flip")
 
 
@@ -40,13 +42,9 @@ class AttackConfig:
 
 
 def attack_config(cfg: Mapping) -> AttackConfig:
-    """The attack settings of a composed config (absent = no attack)."""
-    a = cfg.get("attack") or {}
-    return AttackConfig(
-        fraction=float(a.get("fraction", 0.0)),
-        kind=str(a.get("kind", "none")),
-        scale=float(a.get("scale", 10.0)),
-    )
+    """The attack settings of a composed config (absent = the schema's: no attack)."""
+    a = block(cfg, "attack")
+    return AttackConfig(fraction=float(a["fraction"]), kind=str(a["kind"]), scale=float(a["scale"]))
 
 
 def num_attackers(fraction: float, num_nodes: int) -> int:

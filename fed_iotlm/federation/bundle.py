@@ -50,7 +50,7 @@ def load_bundle(directory: Path) -> tuple[MultisensoryModel, dict]:
     doc = json.loads((directory / META).read_text())
     model = MultisensoryModel(ModelSpec(**doc["spec"]))
     if doc.get("sync"):  # sync.mode=adapters: frozen encoders + the federated adapters
-        seed = doc["sync"].get("seed", 0)
+        seed = doc["sync"].get("seed", 0)  # bundle.json (a file payload, not config)
         fields = {k: v for k, v in doc["sync"].items() if k != "seed"}
         attach_sync_adapters(model, SyncConfig(**fields), int(seed))
     load_into(model, load_file(str(directory / WEIGHTS)))

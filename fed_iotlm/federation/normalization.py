@@ -20,6 +20,7 @@ import hashlib
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from fed_iotlm.config_schema import setting
 from fed_iotlm.data.preprocess import (
     ChannelSums,
     Standardizer,
@@ -35,8 +36,8 @@ STATS_MESSAGE = "query.stats"
 
 
 def normalization_mode(cfg: dict) -> str:
-    """``normalization`` from the config, checked (default ``federated``)."""
-    mode = str(cfg.get("normalization") or "federated")
+    """``normalization`` from the config, checked (absent: the schema's ``federated``)."""
+    mode = str(setting(cfg, "normalization"))
     if mode not in MODES:
         raise ValueError(f"normalization={mode!r}: expected one of {', '.join(MODES)}")
     return mode

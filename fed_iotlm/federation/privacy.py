@@ -65,6 +65,8 @@ from flwr.supercore.differential_privacy import (
     get_norm,
 )
 
+from fed_iotlm.config_schema import block, setting
+
 from .aggregation import NodeUpdate
 from .groups import group_of
 from .records import like_record, record_to_numpy
@@ -102,27 +104,18 @@ class DPConfig:
 
 
 def dp_config(cfg: Mapping) -> DPConfig:
-    """``cfg['dp']`` as a validated :class:`DPConfig` (absent = off); unknown keys are an
-    error, so a typo such as ``dp.noise=1`` does not silently run without noise."""
-    block = dict(cfg.get("dp") or {})
-    known = set(DPConfig.__dataclass_fields__)
-    unknown = sorted(set(block) - known)
-    if unknown:
-        raise ValueError(f"dp: unknown key(s) {unknown}; expected some of {sorted(known)}")
-    try:
-        seed = block.get("seed")
-        return DPConfig(
-            enabled=bool(block.get("enabled", False)),
-            mode=str(block.get("mode", "central")),
-            clipping_norm=float(block.get("clipping_norm", 1.0)),
-            noise_multiplier=float(block.get("noise_multiplier", 1.0)),
-            delta=float(block.get("delta", 1e-5)),
-            seed=None if seed is None else int(seed),
-        )
-    except (TypeError, ValueError) as err:
-        if "dp." in str(err):
-            raise
-        raise ValueError(f"dp: {err}") from err
+    """``cfg['dp']`` as a validated :class:`DPConfig` (absent = the schema's: off); the
+    schema refuses unknown keys, so a typo such as ``dp.noise=1`` does not silently run
+    without noise."""
+    dp = block(cfg, "dp")
+    return DPConfig(
+        enabled=bool(dp["enabled"]),
+        mode=str(dp["mode"]),
+        clipping_norm=float(dp["clipping_norm"]),
+        noise_multiplier=float(dp["noise_multiplier"]),
+        delta=float(dp["delta"]),
+        seed=None if dp["seed"] is None else int(dp["seed"]),
+    )
 
 
 def check_dp_run(cfg: Mapping) -> DPConfig:
@@ -130,27 +123,27 @@ def check_dp_run(cfg: Mapping) -> DPConfig:
     dp = dp_config(cfg)
     if not dp.enabled:
         return dp
-    method = cfg.get("method")
+    method = setting(cfg, "method")
     if method not in DP_METHODS:
         raise ValueError(
             f"dp.enabled with method={method!r}: DP runs with method in {DP_METHODS} "
             "(method=fedavg is flwr's plain baseline; mmbind also uploads embeddings, "
             "which the clipped update does not cover)"
         )
-    strategy = cfg.get("strategy") or {}
-    name = strategy.get("name", "fedavg")
+    strategy = block(cfg, "strategy")
+    name = strategy["name"]
     if name not in DP_STRATEGIES:
         raise ValueError(
             f"dp.enabled with strategy={name!r}: the noise is calibrated to the average, "
             f"so the server must release the average itself; use one of {DP_STRATEGIES}"
         )
-    rule = strategy.get("aggregation") or "mean"
+    rule = strategy["aggregation"]
     if rule != "mean":
         raise ValueError(
             f"dp.enabled with strategy.aggregation={rule!r}: the noise is calibrated to a "
             "mean of clipped updates; use strategy.aggregation=mean"
         )
-    secure = bool((cfg.get("secagg") or {}).get("enabled"))
+    secure = bool(block(cfg, "secagg")["enabled"])
     if (dp.mode == "distributed") != secure:
         raise ValueError(
             f"dp.mode={dp.mode!r} with secagg.enabled={secure}: under SecAgg+ the server "

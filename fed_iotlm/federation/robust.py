@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
+from fed_iotlm.config_schema import section
+
 from .aggregation import GroupAggregate, NodeUpdate, UpdateMismatchError, aggregate_groups
 from .groups import group_of, keys_by_group
 
@@ -57,12 +59,14 @@ class RobustConfig:
 
 
 def robust_config(strategy_cfg: Mapping) -> RobustConfig:
-    """``strategy.aggregation`` and its parameters from the config tree (absent = mean)."""
+    """``strategy.aggregation`` and its parameters from the config tree (absent = the
+    schema's: mean)."""
+    s = section("strategy", strategy_cfg)
     return RobustConfig(
-        rule=str(strategy_cfg.get("aggregation") or "mean"),
-        trim_fraction=float(strategy_cfg.get("trim_fraction", 0.2)),
-        krum_f=int(strategy_cfg.get("krum_f", 1)),
-        krum_select=int(strategy_cfg.get("krum_select", 1)),
+        rule=str(s["aggregation"]),
+        trim_fraction=float(s["trim_fraction"]),
+        krum_f=int(s["krum_f"]),
+        krum_select=int(s["krum_select"]),
     )
 
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fed_iotlm.config_schema import block, setting
+
 from .groups import group_of
 
 # the weight every node reports to SecAgg+: the protocol then averages the vectors
@@ -68,12 +70,9 @@ class SecureSettings:
 
     @classmethod
     def from_config(cls, cfg: dict) -> SecureSettings:
-        """Validated settings from the experiment config (absent block: disabled)."""
-        block = dict(cfg.get("secagg") or {})
-        unknown = set(block) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"secagg: unknown key(s) {sorted(unknown)}")
-        out = cls(**block)
+        """Validated settings from the experiment config (absent block: the schema's,
+        disabled; the schema refuses unknown keys)."""
+        out = cls(**block(cfg, "secagg"))
         if not out.enabled:
             return out
         for name in ("clipping_range", "max_count", "timeout_s"):
@@ -108,25 +107,25 @@ def check_composable(cfg: dict) -> SecureSettings:
     settings = SecureSettings.from_config(cfg)
     if not settings.enabled:
         return settings
-    strategy = cfg.get("strategy", {})
-    if strategy.get("aggregation", "mean") != "mean":
+    strategy = block(cfg, "strategy")
+    if strategy["aggregation"] != "mean":
         raise ValueError(
             f"secagg.enabled=true needs strategy.aggregation=mean (got "
             f"{strategy['aggregation']!r}): robust rules need every update, which SecAgg+ hides"
         )
-    if (strategy.get("checks") or {}).get("max_update_norm") is not None:
+    if strategy["checks"]["max_update_norm"] is not None:
         raise ValueError(
             "secagg.enabled=true cannot check strategy.checks.max_update_norm on the server "
             "(it never sees an update); bound updates at the nodes instead"
         )
-    if strategy.get("name", "fedavg") not in ("fedavg", "fedprox"):
+    if strategy["name"] not in ("fedavg", "fedprox"):
         raise ValueError(
             f"secagg.enabled=true composes with group-wise FedAvg/FedProx; "
-            f"strategy={strategy.get('name')!r} (a server optimiser) is not composed with it"
+            f"strategy={strategy['name']!r} (a server optimiser) is not composed with it"
         )
-    dp = cfg.get("dp") or {}
-    if dp.get("enabled"):
-        if dp.get("mode", "central") != "distributed":
+    dp = block(cfg, "dp")
+    if dp["enabled"]:
+        if dp["mode"] != "distributed":
             raise ValueError(
                 "secagg.enabled=true with dp.enabled=true needs dp.mode=distributed: the "
                 "server only ever sees the released sum, so the nodes add the noise "
@@ -136,11 +135,11 @@ def check_composable(cfg: dict) -> SecureSettings:
         from .secure_dp import check_range
 
         check_range(dp_config(cfg), settings)
-    if float((cfg.get("attack") or {}).get("fraction", 0.0)) > 0:
+    if float(block(cfg, "attack")["fraction"]) > 0:
         raise ValueError("secagg.enabled=true: attack studies need the plaintext path")
-    if cfg.get("method") == "mmbind":
-        binding = cfg.get("binding") or {}
-        if not binding.get("quantize") or float(binding.get("noise_sigma") or 0.0) <= 0:
+    if setting(cfg, "method") == "mmbind":
+        binding = block(cfg, "binding")
+        if not binding["quantize"] or float(binding["noise_sigma"]) <= 0:
             raise ValueError(
                 "secagg.enabled=true with method=mmbind: binding uploads each node's "
                 "embeddings individually (no sum can hide them), so they must leave the node "

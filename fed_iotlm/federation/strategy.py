@@ -24,6 +24,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from fed_iotlm.config_schema import section
+
 from .aggregation import NodeUpdate
 from .groups import group_of
 from .packing import PackedUpdate, PackingError, layout_of
@@ -271,6 +273,8 @@ STRATEGIES: dict[str, dict[str, type[FedAvg]]] = {
 def min_nodes_of(cfg: dict, num_nodes: int) -> int:
     """``strategy.min_nodes`` (null: every node), checked against the federation's size:
     more than ``num_nodes`` could never be met, and flwr's sampling would wait forever."""
+    # the raw value, not the schema-converted one: OmegaConf would accept "2" (absent:
+    # null, the schema's default)
     value = cfg.get("min_nodes")
     if value is None:
         return num_nodes
@@ -293,22 +297,17 @@ def build_strategy(method: str, cfg: dict, num_nodes: int) -> FedAvg:
             f"choose one of {sorted(STRATEGIES.get(method, {}))}"
         ) from err
     min_nodes = min_nodes_of(cfg, num_nodes)
+    cfg = section("strategy", cfg)  # the schema's defaults for what a caller left out
     kwargs: dict = {
-        "fraction_train": float(cfg.get("fraction_train", 1.0)),
+        "fraction_train": float(cfg["fraction_train"]),
         "fraction_evaluate": 0.0,  # nodes are evaluated once, after the last round
         "min_train_nodes": min_nodes,
         "min_available_nodes": min_nodes,
     }
     if name == "fedprox":
-        kwargs["proximal_mu"] = float(cfg.get("proximal_mu", 0.01))
+        kwargs["proximal_mu"] = float(cfg["proximal_mu"])
     if name == "fedadam":
-        kwargs.update(
-            eta=float(cfg.get("eta", 1e-2)),
-            eta_l=float(cfg.get("eta_l", 1e-2)),
-            beta_1=float(cfg.get("beta_1", 0.9)),
-            beta_2=float(cfg.get("beta_2", 0.99)),
-            tau=float(cfg.get("tau", 1e-3)),
-        )
+        kwargs.update({k: float(cfg[k]) for k in ("eta", "eta_l", "beta_1", "beta_2", "tau")})
     robust, checks = robust_config(cfg), check_config(cfg)
     strategy = cls(**kwargs)
     if isinstance(strategy, ModalityAwareFedAvg):

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fed_iotlm.config_schema import section
+
 from .aggregation import NodeUpdate
 from .groups import group_of, keys_by_group
 from .packing import PackedUpdate
@@ -86,9 +88,8 @@ class Screened:
 
 
 def check_config(strategy_cfg: Mapping) -> CheckConfig:
-    """``strategy.checks`` of the config tree (absent = defaults)."""
-    checks = strategy_cfg.get("checks") or {}
-    bound = checks.get("max_update_norm")
+    """``strategy.checks`` of the config tree (absent = the schema's defaults)."""
+    bound = section("strategy", strategy_cfg)["checks"]["max_update_norm"]
     return CheckConfig(max_update_norm=None if bound is None else float(bound))
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fed_iotlm.config_schema import section
+
 from .features import SensorFeatures
 from .fedlora import (
     METHODS,
@@ -89,15 +91,15 @@ class FederatedSettings:
 
 
 def federated_settings(lc: Mapping) -> FederatedSettings:
-    """From the ``llm`` config block (missing keys take the defaults)."""
-    fc = dict(lc.get("federated") or {})
-    ranks = fc.get("ranks")
+    """From the ``llm`` config block (missing keys take the schema's defaults)."""
+    fc = section("llm.federated", lc.get("federated"))  # absent: the schema's
+    ranks = fc["ranks"]
     return FederatedSettings(
-        method=str(fc.get("method", "fedit")),
-        rounds=int(fc.get("rounds", 3)),
-        local_steps=int(fc.get("local_steps", 50)),
+        method=str(fc["method"]),
+        rounds=int(fc["rounds"]),
+        local_steps=int(fc["local_steps"]),
         ranks=None if ranks is None else tuple(int(r) for r in ranks),
-        dense_diagnostics=bool(fc.get("dense_diagnostics", False)),
+        dense_diagnostics=bool(fc["dense_diagnostics"]),
     )
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fed_iotlm.config_schema import section
 from fed_iotlm.data.dataset import DatasetMeta
 from fed_iotlm.data.modalities import TaskSpec
 
@@ -91,7 +92,7 @@ class LoraTask:
             lora_alpha=int(lc["lora"]["alpha"]),
             lora_dropout=float(lc["lora"]["dropout"]),
             target_modules=tuple(lc["lora"]["target_modules"]),
-            lora_top_layers=lc["lora"].get("top_layers", "auto"),
+            lora_top_layers=section("llm.lora", lc["lora"])["top_layers"],
             conditioning=kind,
             tokens_per_modality=int(lc["tokens_per_modality"]),
             adapter_layers=int(lc["adapter_layers"]),

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fed_iotlm.binding.messages import PrivacyConfig
+from fed_iotlm.config_schema import block, section
 from fed_iotlm.data.dataset import DatasetMeta, Split
 from fed_iotlm.models.multisensory import MultisensoryModel
 
@@ -74,7 +75,7 @@ class StageQuestions:
 
 
 def data_source(lc: dict) -> str:
-    source = str(lc.get("data") or "nodes")
+    source = str(section("llm", lc)["data"])
     if source not in DATA_SOURCES:
         raise ValueError(f"llm.data={source!r}: choose one of {', '.join(DATA_SOURCES)}")
     return source
@@ -120,9 +121,8 @@ def stage_data(cfg: dict, encoder: MultisensoryModel, scaler=None) -> StageData:
 def _from_nodes(cfg: dict, encoder: MultisensoryModel, fused: bool, scaler=None) -> StageData:
     from fed_iotlm.data.federation import build_layout
 
-    lc = cfg["llm"]
-    up = lc.get("upload") or {}
-    privacy = PrivacyConfig(float(up.get("noise_sigma", 0.0)), bool(up.get("quantize", False)))
+    up = block(cfg, "llm.upload")
+    privacy = PrivacyConfig(float(up["noise_sigma"]), bool(up["quantize"]))
     layout = build_layout(cfg)
     mods, dim = list(encoder.modality_names), int(encoder.spec.dim)
     parts = {}
@@ -192,17 +192,17 @@ def _cap(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def stage_questions(data: StageData, lc: dict, seed: int, tasks: list[str]) -> StageQuestions:
     """Instructions from fit rows; validation and test questions (held-out templates)."""
-    rng = np.random.default_rng(seed)
-    fit, val = split_validation(data.train, float(lc.get("val_fraction", 0.2)), seed)
+    rng, lc = np.random.default_rng(seed), section("llm", lc)
+    fit, val = split_validation(data.train, float(lc["val_fraction"]), seed)
     fit = _cap(fit, int(lc["train_samples"]), rng)
-    val = _cap(val, int(lc.get("val_samples", lc["eval_samples"])), rng)
+    val = _cap(val, int(lc["val_samples"]), rng)
     test = _cap(np.arange(len(data.test)), int(lc["eval_samples"]), rng)
-    kinds = tuple(lc.get("kinds") or DEFAULT_KINDS)
+    kinds = tuple(lc["kinds"] or DEFAULT_KINDS)
     train = build_instructions(
         data.meta, data.train, templates="train", tasks=tasks, kinds=kinds,
         per_sample=int(lc["per_sample"]), seed=seed, indices=fit, presence_turns="presence" in kinds,
     )  # fmt: skip
-    if lc.get("instructions_jsonl"):
+    if lc["instructions_jsonl"]:
         train += load_jsonl(Path(lc["instructions_jsonl"]), len(data.train))
     off = data.test_offset
     all_tasks = list(data.meta.tasks)

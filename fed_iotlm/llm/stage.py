@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fed_iotlm.atomic import atomic_write_text
+from fed_iotlm.config_schema import block, section
 from fed_iotlm.federation.bundle import bundle_standardizer, load_bundle
 from fed_iotlm.tracking import console
 
@@ -38,13 +39,13 @@ from .tuning import TuneSettings, tune, world
 
 
 def lora_settings(lc: dict) -> LoraSettings:
-    lo = lc["lora"]
+    lo = section("llm.lora", lc.get("lora"))
     return LoraSettings(
         int(lo["r"]),
         int(lo["alpha"]),
         float(lo["dropout"]),
         tuple(lo["target_modules"]),
-        lo.get("top_layers", "auto"),
+        lo["top_layers"],
     )
 
 
@@ -100,14 +101,14 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     results.json and return its path.  ``data``: the stage's rows when the caller built
     them (tests); by default they come from ``llm.data``.  Under ``torchrun`` every rank
     tunes; rank 0 evaluates and writes."""
-    lc, seed = cfg["llm"], int(cfg["seed"])
-    device = resolve_device(str(lc.get("device", "auto")))
+    lc, seed = section("llm", cfg["llm"]), int(cfg["seed"])
+    device = resolve_device(str(lc["device"]))
     _init_distributed(device)
     rank = world()[0]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if not lc.get("bundle"):
+    if not lc["bundle"]:
         raise ValueError(
             "llm.bundle: give the model bundle of a federated run (its output_dir/bundle)"
         )
@@ -115,13 +116,13 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     scaler = bundle_standardizer(bundle_meta)  # the statistics the encoders trained on
     data = stage_data(cfg, encoder, scaler) if data is None else data
     meta, feats = data.meta, data.feats.to(device)
-    fewshot = (lc.get("fewshot") or {}).get("task")
+    fewshot = lc["fewshot"]["task"]
     tasks = [t for t in meta.tasks if t != fewshot]
     qs = stage_questions(data, lc, seed, tasks)
     val_q = [ex for t in tasks for ex in qs.val[t]]
     test_q = [ex for t in tasks for ex in qs.test[t]]
-    scorings = list(lc.get("scoring") or ("generation", "loglik"))
-    controls = list(lc.get("controls") or CONTROLS)
+    scorings = list(lc["scoring"])
+    controls = list(lc["controls"])
     unknown = sorted(set(controls) - set(CONTROLS))
     if unknown:
         raise ValueError(f"llm.controls: unknown {unknown}; choose from {list(CONTROLS)}")
@@ -130,7 +131,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
         f"from {qs.rows['fit']} samples; {len(val_q)} validation and {len(test_q)} test "
         f"questions (held-out templates); LM {lc['model']}"
     )
-    base = load_lm(lc["model"], dtype=resolve_dtype(str(lc.get("dtype", "auto")), device))
+    base = load_lm(lc["model"], dtype=resolve_dtype(str(lc["dtype"]), device))
     gen = {"batch_size": int(lc["eval_batch"]), "max_new_tokens": int(lc["max_new_tokens"])}
     reports: dict = {}
     history: list[dict] = []
@@ -269,15 +270,15 @@ def _fewshot(model, builder, feats, meta, train, rows, evals, k: int, seed: int,
 
 
 def _log_mlflow(cfg: dict, doc: dict, path: Path) -> None:
-    m = cfg.get("mlflow", {})
-    if not m.get("enabled", True):
+    m = block(cfg, "mlflow")
+    if not m["enabled"]:
         return
     import mlflow
 
     from fed_iotlm.settings import flatten
 
-    mlflow.set_tracking_uri(m.get("tracking_uri", "sqlite:///mlflow.db"))
-    mlflow.set_experiment(m.get("experiment", "fed-iotlm") + "-llm")
+    mlflow.set_tracking_uri(m["tracking_uri"])
+    mlflow.set_experiment(m["experiment"] + "-llm")
     with mlflow.start_run(run_name=f"iotlm-{doc['dataset']}-seed{doc['seed']}"):
         mlflow.log_params({k: str(v)[:500] for k, v in flatten({"llm": cfg["llm"]}).items()})
         for h in doc["history"]:

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fed_iotlm.config_schema import block
+from fed_iotlm.config_schema import setting as config_setting
+
 CHOICES = ("auto", "cpu", "cuda")
 
 
@@ -191,8 +194,8 @@ CPU_ONLY_METHODS = ("mmbind", "centralized_mmbind")
 def train_placement(cfg: dict) -> Placement:
     """``cfg['train']['device']`` resolved in this process (default ``auto``); methods
     in :data:`CPU_ONLY_METHODS` resolve ``auto`` to the CPU and refuse ``cuda``."""
-    setting = (cfg.get("train") or {}).get("device", "auto")
-    method = cfg.get("method")
+    setting = block(cfg, "train")["device"]
+    method = config_setting(cfg, "method")
     if method in CPU_ONLY_METHODS:
         asked = resolve_device(setting, "train.device", gpu=True)  # checks the spelling
         if asked.type == "cuda" and str(setting).strip().lower() != "auto":
@@ -206,8 +209,7 @@ def train_placement(cfg: dict) -> Placement:
 
 def binding_device(cfg: dict) -> str:
     """``cfg['binding']['device']`` resolved in this process: ``"cpu"`` or ``"cuda[:N]"``."""
-    binding = cfg.get("binding") or {}
-    return str(resolve_device(binding.get("device", "auto"), "binding.device"))
+    return str(resolve_device(block(cfg, "binding")["device"], "binding.device"))
 
 
 def check_devices(cfg: dict) -> None:
@@ -217,10 +219,10 @@ def check_devices(cfg: dict) -> None:
     a node holding no GPU share would otherwise fail in its first round."""
     place = train_placement(cfg)
     binding_device(cfg)
-    sim = cfg.get("simulation") or {}
-    explicit = str((cfg.get("train") or {}).get("device", "auto")).strip().lower() != "auto"
-    federated = cfg.get("method") in ("federated", "fedavg", "harmony", "mmbind")
-    if place.cuda and explicit and federated and not float(sim.get("gpus_per_node") or 0) > 0:
+    sim = block(cfg, "simulation")
+    explicit = str(block(cfg, "train")["device"]).strip().lower() != "auto"
+    federated = config_setting(cfg, "method") in ("federated", "fedavg", "harmony", "mmbind")
+    if place.cuda and explicit and federated and not float(sim["gpus_per_node"]) > 0:
         raise DeviceError(
             "train.device=cuda: simulated nodes hold no GPU share (simulation.gpus_per_node=0); "
             "set simulation.gpus_per_node (e.g. 0.25 = four nodes per GPU) or train.device=auto"
