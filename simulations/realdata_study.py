@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
+from fed_iotlm.atomic import atomic_write_text
 from simulations import study_runner
-from simulations.study_runner import REPO, point_key
+from simulations.study_runner import fmt_mean_ci, fmt_mean_std, one_code_version, point_key
 
 # FedMultimodal (Feng et al., KDD 2023), UCI-HAR acc+gyro, macro-F1 (%), its README
 PUBLISHED: dict[float, dict[str, float]] = {
@@ -54,19 +52,13 @@ STUDIES: dict[str, dict] = {
 }
 
 
-def code_version() -> str:
-    """``<short commit>`` plus ``+dirty`` when tracked files differ from it."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
-    return commit + ("+dirty" if dirty else "")
-
-
 def task_scores(res: dict, task: str, metrics: tuple[str, ...]) -> dict[str, float]:
-    """The task's test figures of one results.json."""
-    by_task = res["test"]["by_task"][task]
-    return {m: float(by_task[m]) for m in metrics}
+    """The task's test figures of one results.json, and its validation figures beside
+    them (``val_<metric>``) when the run evaluated a validation split."""
+    scores = {m: float(res["test"]["by_task"][task][m]) for m in metrics}
+    val_task = (res.get("val") or {}).get("by_task", {}).get(task, {})
+    scores.update({f"val_{m}": float(val_task[m]) for m in metrics if m in val_task})
+    return scores
 
 
 def run_points(args: argparse.Namespace) -> list[dict]:
@@ -97,7 +89,8 @@ def run_points(args: argparse.Namespace) -> list[dict]:
                 scores = task_scores(res, study["task"], study["metrics"])
                 rows.append({"point": " ".join(point), "method": method, "seed": seed, **scores,
                              "rounds": res["rounds"], "nodes": res["num_nodes"],
-                             "wall_s": res["wall_s"]})  # fmt: skip
+                             "wall_s": res["wall_s"],
+                             "code_version": res.get("code_version")})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -106,14 +99,14 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     """Markdown: one line per (point, method), mean ± std over seeds, published lines too."""
     study = STUDIES[args.study]
     metrics = study["metrics"]
-    head = ["point", "method", "seeds", *metrics, "rounds", "nodes"]
+    head = ["point", "method", "seeds", f"val {metrics[0]}", *metrics, "rounds", "nodes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = list(dict.fromkeys((r["point"], r["method"]) for r in rows))
     for point, method in keys:
         rs = [r for r in rows if r["point"] == point and r["method"] == method]
-        cells = [
-            f"{np.mean([r[m] for r in rs]):.4f} ± {np.std([r[m] for r in rs]):.4f}" for m in metrics
-        ]
+        val = [r[f"val_{metrics[0]}"] for r in rs if f"val_{metrics[0]}" in r]
+        cells = [fmt_mean_std(val) if len(val) == len(rs) else "–"]
+        cells += [fmt_mean_ci([r[m] for r in rs]) for m in metrics]
         lines.append(
             f"| {point or '-'} | {method} | {len(rs)} | " + " | ".join(cells)
             + f" | {rs[0]['rounds']} | {rs[0]['nodes']} |"
@@ -123,13 +116,14 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
             for name, f1 in PUBLISHED.get(alpha, {}).items():
                 blank = " | ".join("–" for _ in metrics[1:])
                 lines.append(
-                    f"| partition.alpha={alpha} | FedMultimodal {name} (published) | 5 | "
+                    f"| partition.alpha={alpha} | FedMultimodal {name} (published) | 5 | – | "
                     f"{f1 / 100:.4f} | {blank} | 200 | 105 |"
                 )
     command = "python -m simulations.realdata_study " + " ".join(sys.argv[1:])
     caption = (
-        f"Test split, task `{study['task']}`, last round's model, mean ± std over seeds. "
-        f"Code version {code_version()}; `{command}`."
+        f"Task `{study['task']}`, last round's model (nothing chosen on any split); val: "
+        f"mean ± std over seeds; test: mean ± std [95 % interval of the mean]. "
+        f"Code version `{one_code_version(rows)}`; `{command}`."
     )
     return caption + "\n\n" + "\n".join(lines) + "\n"
 
@@ -145,13 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         "--methods", type=lambda s: s.split(","), default=["federated", "fedavg", "centralized"]
     )
     p.add_argument("--rounds", type=int, default=None, help="override the experiment's rounds")
+    p.add_argument("--doc", type=Path, default=None, help="also write the table here (Markdown)")
     p.add_argument("extra", nargs="*", help="more Hydra overrides for every run")
     args = p.parse_intermixed_args(argv)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     rows = run_points(args)
-    print(table(rows, args))
+    md = table(rows, args)
+    if args.doc is not None:
+        atomic_write_text(args.doc, md)
+    print(md)
     return 0
 
 

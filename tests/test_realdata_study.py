@@ -10,29 +10,48 @@ import pytest
 from simulations.realdata_study import PUBLISHED, STUDIES, table, task_scores
 
 
-def _results(f1: float, acc: float, bal: float) -> dict:
+def _results(f1: float, acc: float, bal: float, val_f1: float | None = None) -> dict:
     other = {"f1_macro": 0.0, "accuracy": 0.0, "balanced_accuracy": 0.0}
     mine = {"f1_macro": f1, "accuracy": acc, "balanced_accuracy": bal}
-    return {"test": {"f1_macro": 0.5, "by_task": {"activity": mine, "place": other}}}
+    res = {"test": {"f1_macro": 0.5, "by_task": {"activity": mine, "place": other}}}
+    if val_f1 is not None:
+        res["val"] = {"by_task": {"activity": {**mine, "f1_macro": val_f1}, "place": other}}
+    return res
 
 
-def test_scores_come_from_the_study_task():
+def test_scores_come_from_the_study_task_with_validation_beside_test():
     got = task_scores(_results(0.8, 0.9, 0.7), "activity", STUDIES["hapt"]["metrics"])
     assert got == {"f1_macro": 0.8, "accuracy": 0.9, "balanced_accuracy": 0.7}
+    got = task_scores(_results(0.8, 0.9, 0.7, val_f1=0.6), "activity", STUDIES["hapt"]["metrics"])
+    assert got["val_f1_macro"] == 0.6 and got["f1_macro"] == 0.8
 
 
-def test_table_gives_mean_and_std_over_seeds_beside_the_published_lines():
-    args = argparse.Namespace(study="hapt", alphas=[5.0])
-    rows = [
+def _rows(version: str, f1s=(0.80, 0.90)) -> list[dict]:
+    metrics = STUDIES["hapt"]["metrics"]
+    return [
         {"point": "partition.alpha=5.0", "method": "federated", "seed": s, "rounds": 10,
-         "nodes": 21, **task_scores(_results(f1, 0.9, 0.9), "activity", STUDIES["hapt"]["metrics"])}
-        for s, f1 in enumerate((0.80, 0.90))
+         "nodes": 21, "code_version": {"commit": version, "dirty": False},
+         **task_scores(_results(f1, 0.9, 0.9, val_f1=f1 - 0.1), "activity", metrics)}
+        for s, f1 in enumerate(f1s)
     ]  # fmt: skip
-    md = table(rows, args)
+
+
+def test_table_gives_val_and_test_over_seeds_beside_the_published_lines():
+    args = argparse.Namespace(study="hapt", alphas=[5.0])
+    md = table(_rows("a" * 40), args)
     line = next(x for x in md.splitlines() if "| federated |" in x)
-    assert "| 2 | 0.8500 ± 0.0500 | 0.9000 ± 0.0000 |" in line
+    assert "| 2 | 0.750 ± 0.050 | 0.850 ± 0.050 [" in line and "| 0.900 ± 0.000 [" in line
     published = [x for x in md.splitlines() if "published" in x]
     assert len(published) == len(PUBLISHED[5.0]) and "0.8517" in published[1]
-    assert "Code version " in md and "task `activity`" in md
+    assert f"Code version `{'a' * 40}`" in md and "Task `activity`" in md
+
+
+def test_table_refuses_runs_of_two_code_versions():
+    rows = _rows("a" * 40) + _rows("b" * 40)
+    with pytest.raises(ValueError, match="2 code versions"):
+        table(rows, argparse.Namespace(study="hapt", alphas=[5.0]))
+
+
+def test_unknown_task_is_a_key_error():
     with pytest.raises(KeyError):
         task_scores(_results(0.8, 0.9, 0.7), "main_activity", STUDIES["extrasensory"]["metrics"])
