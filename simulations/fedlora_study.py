@@ -46,8 +46,12 @@ def run_lora_simulation(
     out_dir: Path,
     observe=None,
     gpus_per_site: float = 0.0,
+    client_mods: Sequence = (),
+    on_record=None,
 ) -> dict:
-    """All ``plans`` under Flower's simulation engine, one virtual SuperNode per site."""
+    """All ``plans`` under Flower's simulation engine, one virtual SuperNode per site
+    (``client_mods``: Flower client mods around every site's handlers; ``observe`` and
+    ``on_record``: :func:`server.lora_app.make_lora_server_app`'s hooks)."""
     from flwr.simulation import run_simulation
 
     from clients.lora_app import make_lora_client_app
@@ -58,8 +62,8 @@ def run_lora_simulation(
     results.unlink(missing_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
-        server_app=make_lora_server_app(task, plans, num_sites, out_dir, observe),
-        client_app=make_lora_client_app(task),
+        server_app=make_lora_server_app(task, plans, num_sites, out_dir, observe, on_record),
+        client_app=make_lora_client_app(task, mods=client_mods),
         num_supernodes=num_sites,
         backend_config={
             "client_resources": {"num_cpus": 1.0, "num_gpus": gpus_per_site},
