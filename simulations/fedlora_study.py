@@ -170,8 +170,28 @@ def write_report(doc: dict, path: Path) -> None:
         "|---|" + "---:|" * doc["rounds"],
     ]
     for name, r in doc["methods"].items():
-        cells = [_rel(x["agg_error"], x["update_norm"]) for x in r["rounds"]]
+        by_round = {x["round"]: x for x in r["rounds"]}  # a skipped round has no report
+        cells = [
+            _rel(by_round[i]["agg_error"], by_round[i]["update_norm"])
+            if i in by_round
+            else "skipped"
+            for i in range(1, doc["rounds"] + 1)
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    faults = {
+        name: sorted(r.get("faults_by_round", {}), key=int) for name, r in doc["methods"].items()
+    }
+    lines += [
+        "",
+        "Rounds run on the round engine (`server/lora_step.py`): a site that fails or misses "
+        "the deadline is left out of its round, a round with fewer than "
+        "`llm.federated.min_sites` answers is skipped. Rounds with a failed or silent site: "
+        + (
+            "; ".join(f"{m}: {', '.join(rs)}" for m, rs in faults.items() if rs)
+            or "none (every site answered every round)"
+        )
+        + ".",
+    ]
     lines += ["", f"Raw numbers: `{doc['json']}`.", ""]
     atomic_write_text(path, "\n".join(lines))
 

@@ -189,6 +189,26 @@ def test_a_site_whose_clientapp_raises_is_recorded_and_the_run_goes_on(federatio
 
 
 @pytest.mark.integration
+def test_the_study_report_shows_skipped_rounds_and_faults(federation, tmp_path):
+    from simulations.fedlora_study import write_report
+
+    doc, _, _ = federation
+    central = {"steps": 6, "accuracy": 0.5, "eval": {"answered": 1.0}, "loss": 1.0}
+    central |= {"train_s": 1.0, "eval_s": 1.0}
+    study = doc | {
+        "command": "python -m simulations.fedlora_study", "data": "toy", "rounds": 3,
+        "local_steps": 3, "train_examples": 32, "eval_examples": 8, "json": "x.json",
+        "reference": {"name": "nearest class mean", "accuracy": 1.0},
+        "centralized": {"same_examples": central, "same_steps": central},
+    }  # fmt: skip
+    write_report(study, tmp_path / "fedlora.md")
+    text = (tmp_path / "fedlora.md").read_text()
+    fedex = next(line for line in text.splitlines() if line.startswith("| fedex | 0."))
+    assert fedex.split(" | ")[2] == "skipped"  # round 2 of 3
+    assert "failed or silent site: ffa: 1; fedex: 2." in text
+
+
+@pytest.mark.integration
 def test_server_state_equals_a_direct_aggregation_of_the_replies(federation):
     _, seen, _ = federation
     for method, rounds in seen.items():
