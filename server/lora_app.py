@@ -104,6 +104,7 @@ def run_method(
     its report, whose per-round blocks are views of the rounds' records (``on_record``
     gets each record as it is made)."""
     t0 = time.time()
+    fs.min_replies(len(sites))  # llm.federated.min_sites above the sites: fail before round 1
     ranks = dict(enumerate(fs.site_ranks(len(sites), task.lora_r)))
     template, _ = build_model(task, data, task.lora_r)
     state = LoraServerState.start(
