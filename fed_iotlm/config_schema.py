@@ -160,6 +160,10 @@ class LlmFederatedConfig:
     # per-site LoRA ranks by partition id (flexlora), e.g. [4, 8, 16]; null: lora.r
     ranks: list[int] | None = None
     sites: int = 3  # SuperNodes the server waits for
+    # fewest site replies a round aggregates (null = every site); fewer: the round is skipped
+    min_sites: int | None = None
+    # a round aggregates the sites that answered by then (if >= min_sites), else is skipped
+    round_timeout_s: float = 3600
     # also measure aggregation errors on dense [out, in] matrices (memory: the adapted weights in fp32)
     dense_diagnostics: bool = False
 

@@ -1,47 +1,53 @@
 """Flower ServerApp for federated LoRA: rounds of site training, LoRA-aware aggregation.
 
-Per configured method (one run may hold several, e.g. a study): ask every node which
-partition it is (``query.site``), send each site its ``train`` payload, aggregate the
-replies with :class:`~fed_iotlm.llm.federated.LoraServerState`, and finally evaluate the
-global model by generation on held-out question templates.  ``results.json`` is rewritten
-after every method with the per-round loss, aggregation error and FedIT error.
+Ask every node which partition it is (``query.site``; a site that cannot answer this
+roll call fails the run before any round), then per configured method (one run may hold
+several, e.g. a study) run its rounds on the round engine (:mod:`server.engine`) with
+:class:`server.lora_step.LoraStep`: each site gets its ``train`` payload, the replies that
+arrive before the deadline are aggregated with
+:class:`~fed_iotlm.llm.federated.LoraServerState`, a failed or silent site is recorded
+and left out, a round with too few answers is skipped.  Finally the global model is
+evaluated by generation on held-out question templates.  ``results.json`` is rewritten
+after every method; its per-round loss, aggregation error, FedIT error, faults and bytes
+are views of the rounds' records.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fed_iotlm.atomic import atomic_write_text
-from fed_iotlm.federation.records import numpy_to_record, record_nbytes, record_to_numpy
+from fed_iotlm.federation.round_record import TRAIN, RoundRecord, results_blocks
 from fed_iotlm.llm.evaluation import generation_accuracy
 from fed_iotlm.llm.federated import (
     FederatedSettings,
     LoraServerState,
-    SiteUpdate,
     federated_settings,
     load_global,
     prepare_site,
 )
 from fed_iotlm.llm.fedlora import lora_factors
 from fed_iotlm.llm.lora_task import LoraTask, TaskData, build_model, load_task_data
-from fed_iotlm.llm.lora_wire import pack, unpack
 from fed_iotlm.settings import from_run_config
 from fed_iotlm.tracking import console
+from server.engine import RoundEngine
 from server.federated_run import wait_for_nodes
+from server.lora_step import LoraStep, Observer, lora_comm, lora_rounds
 
-# called after each aggregation: (method, round, replies by partition id, server state)
-Observer = Callable[[str, int, Mapping[int, SiteUpdate], LoraServerState], None]
+# each round's record as the engine makes it: (method, record)
+RecordHook = Callable[[str, RoundRecord], None]
 
 
 def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """The roll call's send: every node must answer (rounds sort replies instead)."""
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     failed = [r for r in replies if r.has_error()]
     if failed or len(replies) != len(messages):
@@ -64,32 +70,6 @@ def discover_sites(grid: Grid, num_sites: int, timeout_s: float = 120.0) -> dict
     if sorted(sites.values()) != list(range(num_sites)):
         raise RuntimeError(f"partition ids {sorted(sites.values())}, expected 0..{num_sites - 1}")
     return sites
-
-
-def _train_message(
-    node: int, state: LoraServerState, site: int, rnd: int, fs: FederatedSettings
-) -> Message:
-    p = state.payload(site)
-    config = ConfigRecord(
-        {
-            "server-round": rnd,
-            "method": state.method,
-            "local-steps": fs.local_steps,
-            "residual-version": p.version,
-            "freeze-a": p.freeze_a,
-            "a-seed": -1 if state.a_seed is None else state.a_seed,
-            "total-rounds": fs.rounds,
-        }
-    )
-    arrays = numpy_to_record(pack(p.factors, p.sensor, p.residual, b_only=p.freeze_a))
-    return Message(
-        RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type="train"
-    )
-
-
-def _lora_nbytes(arrays: Mapping[str, np.ndarray]) -> int:
-    """Bytes of the LoRA factors and residual in a payload (the projector state excluded)."""
-    return sum(a.nbytes for k, a in arrays.items() if not k.startswith("sensor|"))
 
 
 def _evaluate(task: LoraTask, data: TaskData, state: LoraServerState) -> dict:
@@ -118,10 +98,13 @@ def run_method(
     fs: FederatedSettings,
     sites: dict[int, int],
     observe: Observer | None = None,
-    timeout_s: float = 3600.0,
+    on_record: RecordHook | None = None,
 ) -> dict:
-    """``fs.rounds`` rounds of one method; returns its report (rounds, accuracy, errors)."""
+    """``fs.rounds`` rounds of one method on the round engine (:class:`LoraStep`); returns
+    its report, whose per-round blocks are views of the rounds' records (``on_record``
+    gets each record as it is made)."""
     t0 = time.time()
+    fs.min_replies(len(sites))  # llm.federated.min_sites above the sites: fail before round 1
     ranks = dict(enumerate(fs.site_ranks(len(sites), task.lora_r)))
     template, _ = build_model(task, data, task.lora_r)
     state = LoraServerState.start(
@@ -133,47 +116,27 @@ def run_method(
         task.seed,
         fs.dense_diagnostics,
     )
-    down = up = lora_down = lora_up = 0  # payload bytes, summed over sites and rounds
-    for rnd in range(1, fs.rounds + 1):
-        messages = [_train_message(node, state, pid, rnd, fs) for node, pid in sites.items()]
-        down += sum(record_nbytes(m.content["arrays"]) for m in messages)
-        lora_down += sum(_lora_nbytes(record_to_numpy(m.content["arrays"])) for m in messages)
-        updates: dict[int, SiteUpdate] = {}
-        for reply in _send(grid, messages, timeout_s):
-            up += record_nbytes(reply.content["arrays"])
-            metrics = reply.content["metrics"]
-            pid = sites[reply.metadata.src_node_id]
-            shared_a = state.factors[pid] if state.a_seed is not None else None  # FFA: B only
-            arrays = record_to_numpy(reply.content["arrays"])
-            lora_up += _lora_nbytes(arrays)
-            factors, sensor, _ = unpack(arrays, task.lora_alpha, shared_a)
-            updates[pid] = SiteUpdate(
-                factors, sensor, int(metrics["num-examples"]), float(metrics["loss"])
-            )
-        report = state.aggregate(updates)
-        if observe is not None:
-            observe(fs.method, rnd, updates, state)
-        fedit = "" if report.fedit_error is None else f", FedIT would lose {report.fedit_error:.4f}"
-        console.print(
-            f"  {fs.method} round {rnd}/{fs.rounds}: loss {report.loss:.3f}, "
-            f"aggregation error {report.agg_error:.4f} = {report.rel_error:.2%} of the "
-            f"round's update {report.update_norm:.3f}{fedit}"
-        )
+    step = LoraStep(grid, state, sites, fs, task.lora_alpha, observe)
+    records: list[RoundRecord] = []
+    engine = RoundEngine(
+        phase=TRAIN,
+        step=step,
+        records=records,
+        on_record=None if on_record is None else partial(on_record, fs.method),
+        label=f"LORA {fs.method}",
+    )
+    engine.run(ArrayRecord(), 1, fs.rounds)  # the LoRA state is the step's (server/lora_step.py)
     t1 = time.time()
     accuracy = _evaluate(task, data, state)
     return {
         "method": fs.method,
         "settings": asdict(fs),
         "ranks": [ranks[k] for k in sorted(ranks)],
-        "rounds": [asdict(r) for r in state.reports],
+        "rounds": lora_rounds(records),
+        "faults_by_round": results_blocks(records).get("faults_by_round", {}),
         "accuracy": accuracy["accuracy"],
         "eval": accuracy,
-        "comm": {  # FedEx adds its stacked residual factors down; FFA moves B only
-            "bytes_down_per_site_round": down // (fs.rounds * len(sites)),
-            "bytes_up_per_site_round": up // (fs.rounds * len(sites)),
-            "lora_bytes_down_per_site_round": lora_down // (fs.rounds * len(sites)),  # no projector
-            "lora_bytes_up_per_site_round": lora_up // (fs.rounds * len(sites)),
-        },
+        "comm": lora_comm(records),
         "train_s": round(t1 - t0, 1),
         "eval_s": round(time.time() - t1, 1),
     }
@@ -186,6 +149,7 @@ def run_lora_federation(
     num_sites: int,
     out_dir: Path,
     observe: Observer | None = None,
+    on_record: RecordHook | None = None,
 ) -> Path:
     """Every plan (method) in turn on the same sites; returns results.json's path."""
     out_dir = Path(out_dir)
@@ -197,7 +161,7 @@ def run_lora_federation(
         console.print(
             f"[bold]federated LoRA[/bold]: {fs.method}, {num_sites} sites, {fs.rounds} rounds"
         )
-        doc["methods"][fs.method] = run_method(grid, task, data, fs, sites, observe)
+        doc["methods"][fs.method] = run_method(grid, task, data, fs, sites, observe, on_record)
         atomic_write_text(path, json.dumps(doc, indent=2))
         console.print(
             f"  {fs.method}: generation accuracy {doc['methods'][fs.method]['accuracy']:.3f}"
@@ -211,6 +175,7 @@ def make_lora_server_app(
     num_sites: int | None = None,
     out_dir: Path | None = None,
     observe: Observer | None = None,
+    on_record: RecordHook | None = None,
 ) -> ServerApp:
     """Bound to explicit settings (Python entry point) or, if None, to the run config
     (``llm.*`` with ``llm.federated``)."""
@@ -226,7 +191,9 @@ def make_lora_server_app(
         out = out_dir or Path(
             cfg.get("output_dir") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-fedlora"
         )
-        print(run_lora_federation(grid, the_task, the_plans, n, out, observe), flush=True)
+        print(
+            run_lora_federation(grid, the_task, the_plans, n, out, observe, on_record), flush=True
+        )
 
     return app
 

@@ -46,8 +46,12 @@ def run_lora_simulation(
     out_dir: Path,
     observe=None,
     gpus_per_site: float = 0.0,
+    client_mods: Sequence = (),
+    on_record=None,
 ) -> dict:
-    """All ``plans`` under Flower's simulation engine, one virtual SuperNode per site."""
+    """All ``plans`` under Flower's simulation engine, one virtual SuperNode per site
+    (``client_mods``: Flower client mods around every site's handlers; ``observe`` and
+    ``on_record``: :func:`server.lora_app.make_lora_server_app`'s hooks)."""
     from flwr.simulation import run_simulation
 
     from clients.lora_app import make_lora_client_app
@@ -58,8 +62,8 @@ def run_lora_simulation(
     results.unlink(missing_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
-        server_app=make_lora_server_app(task, plans, num_sites, out_dir, observe),
-        client_app=make_lora_client_app(task),
+        server_app=make_lora_server_app(task, plans, num_sites, out_dir, observe, on_record),
+        client_app=make_lora_client_app(task, mods=client_mods),
         num_supernodes=num_sites,
         backend_config={
             "client_resources": {"num_cpus": 1.0, "num_gpus": gpus_per_site},
@@ -166,8 +170,28 @@ def write_report(doc: dict, path: Path) -> None:
         "|---|" + "---:|" * doc["rounds"],
     ]
     for name, r in doc["methods"].items():
-        cells = [_rel(x["agg_error"], x["update_norm"]) for x in r["rounds"]]
+        by_round = {x["round"]: x for x in r["rounds"]}  # a skipped round has no report
+        cells = [
+            _rel(by_round[i]["agg_error"], by_round[i]["update_norm"])
+            if i in by_round
+            else "skipped"
+            for i in range(1, doc["rounds"] + 1)
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    faults = {
+        name: sorted(r.get("faults_by_round", {}), key=int) for name, r in doc["methods"].items()
+    }
+    lines += [
+        "",
+        "Rounds run on the round engine (`server/lora_step.py`): a site that fails or misses "
+        "the deadline is left out of its round, a round with fewer than "
+        "`llm.federated.min_sites` answers is skipped. Rounds with a failed or silent site: "
+        + (
+            "; ".join(f"{m}: {', '.join(rs)}" for m, rs in faults.items() if rs)
+            or "none (every site answered every round)"
+        )
+        + ".",
+    ]
     lines += ["", f"Raw numbers: `{doc['json']}`.", ""]
     atomic_write_text(path, "\n".join(lines))
 

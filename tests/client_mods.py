@@ -55,3 +55,19 @@ def rounds_run(directory: Path) -> dict[str, list[tuple[int, int]]]:
         times = len(path.read_text().splitlines())
         out.setdefault(kind, []).extend([(int(rnd[1:]), int(part[1:]))] * times)
     return {k: sorted(v) for k, v in out.items()}
+
+
+def failing_train(failures: dict[str, dict[int, set[int]]]):
+    """A client mod that makes the ``train`` handler raise, as a broken ClientApp would:
+    in federated-LoRA method m's round r on the partitions ``failures[m][r]``."""
+
+    def mod(msg, context, call_next):
+        if msg.metadata.message_type == "train":
+            config = msg.content["config"]
+            method, rnd = str(config["method"]), int(config["server-round"])
+            pid = int(context.node_config["partition-id"])
+            if pid in failures.get(method, {}).get(rnd, ()):
+                raise RuntimeError(f"injected failure: {method} round {rnd}, partition {pid}")
+        return call_next(msg, context)
+
+    return mod

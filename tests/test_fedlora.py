@@ -263,3 +263,43 @@ def test_residual_stays_fp32_beside_a_bf16_base():
     assert torch.allclose(effective_weight(model, name), want, rtol=0, atol=1e-6)
     side = getattr(base, RESIDUAL_ATTR)
     assert side.A.dtype == side.B.dtype == torch.float32
+
+
+def _trained(template: dict[str, LoraFactors], rank: int) -> dict[str, LoraFactors]:
+    """A site's reply at ``rank``: random A and B (B ≠ 0), scaling α/r with α = 8."""
+    return {
+        n: LoraFactors(torch.randn(rank, f.A.shape[1]), torch.randn(f.B.shape[0], rank), 8.0 / rank)
+        for n, f in template.items()
+    }
+
+
+@pytest.mark.parametrize("method", ["fedit", "flexlora"])
+def test_a_round_aggregates_the_sites_that_answered_and_every_site_gets_the_result(method):
+    """Site 1 did not answer round 5: the round is the weighted aggregate of sites 0 and 2,
+    and site 1 gets the new adapter too (FlexLoRA: the new ΔW's best rank-r_1 share)."""
+    from fed_iotlm.llm.federated import LoraServerState, SiteUpdate
+
+    torch.manual_seed(0)
+    template = {n: LoraFactors(torch.randn(4, 12), torch.zeros(10, 4), 2.0) for n in ("a", "b")}
+    ranks = {0: 2, 1: 4, 2: 8} if method == "flexlora" else {0: 4, 1: 4, 2: 4}
+    state = LoraServerState.start(method, template, {"w": torch.zeros(3)}, ranks, 8.0)
+    replies = {k: _trained(template, ranks[k]) for k in (0, 2)}
+    updates = {
+        0: SiteUpdate(replies[0], {"w": torch.ones(3)}, 3, 1.0),
+        2: SiteUpdate(replies[2], {"w": torch.full((3,), 3.0)}, 1, 2.0),
+    }
+    report = state.aggregate(5, updates)
+    assert report.round == 5 and set(report.sites) == {"0", "2"}
+    assert report.loss == pytest.approx((3 * 1.0 + 1 * 2.0) / 4)
+    assert torch.allclose(state.sensor["w"], torch.full((3,), 1.5))
+    for name in template:
+        exact = exact_delta([replies[0], replies[2]], [3.0, 1.0], name)
+        if method == "flexlora":
+            u, s, vh = torch.linalg.svd(exact.double())
+            best4 = (u[:, :4] * s[:4]) @ vh[:4]
+            assert state.factors[1][name].rank == 4
+            assert torch.allclose(state.factors[1][name].delta().double(), best4, atol=1e-5)
+        else:
+            assert state.factors[1][name] is state.factors[0][name]
+    with pytest.raises(ValueError, match="round 6: replies from sites \\[7\\]"):
+        state.aggregate(6, {7: updates[0]})

@@ -2,7 +2,11 @@
 
 One simulation runs all four methods in turn on the same virtual SuperNodes (one Ray
 start).  An observer on the server keeps each round's replies and the server's state, so
-the test can recompute the aggregation directly and check what the sites were sent."""
+the test can recompute the aggregation directly and check what the sites were sent; a
+second hook keeps the round engine's records.  Two rounds fail on purpose (a client mod
+makes a site's ClientApp raise): FFA's round 1 on partition 1 (``min_sites=1``: the round
+aggregates partition 0 alone) and FedEx's round 2 on partition 0 (every site required:
+the round is skipped; FedEx runs a third round so two are aggregated)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from fed_iotlm.federation.round_record import TRAIN, Participation
 from fed_iotlm.llm.federated import (
     FederatedSettings,
     SitePayload,
@@ -25,6 +30,7 @@ from fed_iotlm.llm.loading import TINY_MODEL
 from fed_iotlm.llm.lora_task import LoraTask, _base_lm, build_model, load_task_data
 from fed_iotlm.llm.lora_wire import pack, unpack
 from fed_iotlm.llm.tuning import TuneSettings
+from server.lora_step import lora_comm, lora_rounds
 
 TASK = LoraTask(
     model=TINY_MODEL,
@@ -39,10 +45,12 @@ TASK = LoraTask(
 FLEX_RANKS = (2, 4)
 PLANS = [
     FederatedSettings("fedit", 2, 3),
-    FederatedSettings("ffa", 2, 3),
-    FederatedSettings("fedex", 2, 3),
+    FederatedSettings("ffa", 2, 3, min_sites=1),
+    FederatedSettings("fedex", 3, 3),
     FederatedSettings("flexlora", 2, 3, FLEX_RANKS),
 ]
+FAILURES = {"ffa": {1: {1}}, "fedex": {2: {0}}}  # method -> round -> partitions that raise
+AGGREGATED = {"fedit": [1, 2], "ffa": [1, 2], "fedex": [1, 3], "flexlora": [1, 2]}
 PREFIX = "base_model.model."
 
 
@@ -52,10 +60,13 @@ def _snapshot(obj):
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    """(results.json, {method: [per-round {updates, factors, residual, version, sensor}]})."""
+    """(results.json, {method: [per-round {updates, factors, residual, version, sensor}]},
+    {method: [RoundRecord]})."""
     from simulations.fedlora_study import run_lora_simulation
+    from tests.client_mods import failing_train
 
     seen: dict[str, list[dict]] = {}
+    records: dict[str, list] = {}
 
     def observe(method, rnd, updates, state):
         seen.setdefault(method, []).append(
@@ -70,8 +81,12 @@ def federation(tmp_path_factory):
             }
         )
 
-    doc = run_lora_simulation(TASK, PLANS, 2, tmp_path_factory.mktemp("fedlora"), observe)
-    return doc, seen
+    doc = run_lora_simulation(
+        TASK, PLANS, 2, tmp_path_factory.mktemp("fedlora"), observe,
+        client_mods=[failing_train(FAILURES)],
+        on_record=lambda method, record: records.setdefault(method, []).append(record),
+    )  # fmt: skip
+    return doc, seen, records
 
 
 def _equal(a: dict[str, LoraFactors], b: dict[str, LoraFactors]) -> bool:
@@ -82,13 +97,17 @@ def _equal(a: dict[str, LoraFactors], b: dict[str, LoraFactors]) -> bool:
 
 @pytest.mark.integration
 def test_every_method_runs_and_reports(federation):
-    doc, seen = federation
+    doc, seen, _ = federation
     assert set(doc["methods"]) == {"fedit", "ffa", "fedex", "flexlora"}
     for method, r in doc["methods"].items():
-        assert [x["round"] for x in r["rounds"]] == [1, 2]
+        assert [x["round"] for x in r["rounds"]] == AGGREGATED[method]
         assert len(seen[method]) == 2
         assert 0.0 <= r["accuracy"] <= 1.0 and r["eval"]["n"] == TASK.toy_eval
-        assert all(x["loss"] > 0 and set(x["sites"]) == {"0", "1"} for x in r["rounds"])
+        answered = [
+            {"0"} if method == "ffa" and x["round"] == 1 else {"0", "1"} for x in r["rounds"]
+        ]
+        assert [set(x["sites"]) for x in r["rounds"]] == answered
+        assert all(x["loss"] > 0 for x in r["rounds"])
         last = r["rounds"][-1]
         if method == "flexlora":
             assert last["fedit_error"] is None  # undefined across ranks
@@ -117,8 +136,81 @@ def test_every_method_runs_and_reports(federation):
 
 
 @pytest.mark.integration
+def test_every_round_is_a_record_with_its_participation(federation):
+    """The rounds run on the round engine: one frozen record per round, with who was sent
+    it and who answered, the bytes, and the aggregation report; results.json's per-round
+    blocks are views of those records."""
+    doc, _, records = federation
+    assert {m: [r.round for r in recs] for m, recs in records.items()} == {
+        p.method: list(range(1, p.rounds + 1)) for p in PLANS
+    }
+    for method, recs in records.items():
+        r = doc["methods"][method]
+        assert lora_rounds(recs) == r["rounds"] and lora_comm(recs) == r["comm"]
+        for rec in recs:
+            p = rec.participation
+            assert rec.phase == TRAIN and p.sent == rec.messages_down == 2 and rec.bytes_down > 0
+            assert rec.messages_up == (0 if p.skipped else p.answered)
+            assert (rec.bytes_up > 0) == (rec.messages_up > 0)
+            assert rec.stats["nodes_answered"] == p.answered
+            if not p.faulty:
+                assert p == Participation(2, 2)
+                assert {"loss", "agg_error", "update_norm", "site.0.n", "site.1.rank"} <= set(
+                    rec.metrics
+                )
+                assert ("fedit_error" in rec.metrics) == (method != "flexlora")
+    assert doc["methods"]["fedit"]["faults_by_round"] == {}
+
+
+@pytest.mark.integration
+def test_a_site_whose_clientapp_raises_is_recorded_and_the_run_goes_on(federation):
+    doc, seen, records = federation
+    # FFA round 1: partition 1 raised; min_sites=1, so partition 0 alone was aggregated
+    failed = records["ffa"][0].participation
+    assert (failed.sent, failed.answered, failed.skipped, failed.missing) == (2, 1, False, ())
+    assert len(failed.failed) == 1 and failed.failed[0].startswith("partition 1 (node ")
+    assert "injected failure: ffa round 1, partition 1" in failed.failed[0]
+    snap = seen["ffa"][0]
+    assert sorted(snap["updates"]) == [0]
+    assert _equal(snap["factors"][1], snap["factors"][0])  # the absent site gets the new A, B
+    assert records["ffa"][1].participation == Participation(2, 2)
+    # FedEx round 2: partition 0 raised and every site is required: skipped, not a crash
+    skipped = records["fedex"][1]
+    p = skipped.participation
+    assert p.skipped and (p.answered, len(p.failed)) == (1, 1)
+    assert p.failed[0].startswith("partition 0 (node ") and skipped.metrics == {}
+    assert doc["methods"]["fedex"]["faults_by_round"] == {"2": p.report()}
+    assert doc["methods"]["ffa"]["faults_by_round"] == {"1": failed.report()}
+    # ... and the run went on: round 3 continued from round 1's state (a residual of one
+    # round, version 1, sent in round 3), and the next method ran
+    assert [snap["version"] for snap in seen["fedex"]] == [1, 2]
+    assert [r.participation for r in records["fedex"][::2]] == [Participation(2, 2)] * 2
+    assert doc["methods"]["flexlora"]["rounds"][-1]["round"] == 2
+
+
+@pytest.mark.integration
+def test_the_study_report_shows_skipped_rounds_and_faults(federation, tmp_path):
+    from simulations.fedlora_study import write_report
+
+    doc, _, _ = federation
+    central = {"steps": 6, "accuracy": 0.5, "eval": {"answered": 1.0}, "loss": 1.0}
+    central |= {"train_s": 1.0, "eval_s": 1.0}
+    study = doc | {
+        "command": "python -m simulations.fedlora_study", "data": "toy", "rounds": 3,
+        "local_steps": 3, "train_examples": 32, "eval_examples": 8, "json": "x.json",
+        "reference": {"name": "nearest class mean", "accuracy": 1.0},
+        "centralized": {"same_examples": central, "same_steps": central},
+    }  # fmt: skip
+    write_report(study, tmp_path / "fedlora.md")
+    text = (tmp_path / "fedlora.md").read_text()
+    fedex = next(line for line in text.splitlines() if line.startswith("| fedex | 0."))
+    assert fedex.split(" | ")[2] == "skipped"  # round 2 of 3
+    assert "failed or silent site: ffa: 1; fedex: 2." in text
+
+
+@pytest.mark.integration
 def test_server_state_equals_a_direct_aggregation_of_the_replies(federation):
-    _, seen = federation
+    _, seen, _ = federation
     for method, rounds in seen.items():
         for snap in rounds:
             order = sorted(snap["updates"])
@@ -133,7 +225,7 @@ def test_server_state_equals_a_direct_aggregation_of_the_replies(federation):
 
 @pytest.mark.integration
 def test_ffa_sites_never_move_a(federation):
-    _, seen = federation
+    _, seen, _ = federation
     rounds = seen["ffa"]
     a0 = {n: f.A for n, f in rounds[0]["factors"][0].items()}
     for snap in rounds:
@@ -149,7 +241,7 @@ def test_ffa_sites_never_move_a(federation):
 
 @pytest.mark.integration
 def test_flexlora_sites_keep_their_own_ranks(federation):
-    _, seen = federation
+    _, seen, _ = federation
     for snap in seen["flexlora"]:
         for k, rank in enumerate(FLEX_RANKS):
             assert {f.rank for f in snap["updates"][k].factors.values()} == {rank}
@@ -160,7 +252,7 @@ def test_flexlora_sites_keep_their_own_ranks(federation):
 @pytest.mark.integration
 def test_fedex_site_weights_are_base_plus_the_exact_average(federation):
     """After folding C_t, a site's W0 + C_t + s·B̄A̅ equals W0 + C_{t-1} + Σ p_k s B_k A_k."""
-    _, seen = federation
+    _, seen, _ = federation
     rounds = seen["fedex"]
     assert [snap["version"] for snap in rounds] == [1, 2]
     base = _base_lm(TINY_MODEL).model
@@ -200,6 +292,13 @@ def test_settings_and_wire_format_reject_mistakes():
         FederatedSettings("fedit", ranks=(4, 8)).site_ranks(2, 8)
     with pytest.raises(ValueError, match="3 ranks for 2 sites"):
         FederatedSettings("flexlora", ranks=(4, 8, 16)).site_ranks(2, 8)
+    with pytest.raises(ValueError, match="min_sites must be at least 1"):
+        FederatedSettings("fedit", min_sites=0)
+    with pytest.raises(ValueError, match="min_sites=3 but the run has 2 sites"):
+        FederatedSettings("fedit", min_sites=3).min_replies(2)
+    with pytest.raises(ValueError, match="round_timeout_s must be > 0"):
+        FederatedSettings("fedit", round_timeout_s=0.0)
+    assert FederatedSettings("fedit").min_replies(3) == 3  # default: every site
     factors = {"l": LoraFactors(torch.randn(2, 5), torch.randn(3, 2), 4.0)}
     res = {"l": LoraFactors(torch.randn(6, 5), torch.randn(3, 6), 1.0)}
     got, sensor, residual = unpack(pack(factors, {"w": torch.ones(2)}, res), 8)

@@ -1,6 +1,7 @@
 """Federated LoRA rounds: what a site trains and what the server keeps between rounds.
 
-One round, server → site k → server (full participation: every site, every round):
+One round, server → every site k → server (a site that fails or misses the deadline is
+left out of that round's aggregate; :mod:`server.lora_step`):
 
 * down: the LoRA factors site k loads (rank r_k; one shared pair per layer except for
   FlexLoRA), the sensor projector/adapter state and, for FedEx, the **cumulative** residual
@@ -13,7 +14,12 @@ Sites are stateless: each round they build the model on the *pristine* base weig
 add C_{t-1} beside them in fp32 (:func:`prepare_site`), load the factors, and train.  The
 cumulative residual costs t·(N+1)·r·(out+in) floats per layer in round t+1, more than the
 round's own R_t, but it cannot double- or under-fold when a site restarts or misses a
-round; for the default 3 rounds it stays far below one dense [out, in] matrix.
+round; for the default 3 rounds it stays far below one dense [out, in] matrix.  Its
+``version`` counts the rounds aggregated, so after a skipped round it is below t−1.
+
+A round aggregates the sites that answered (N is their number that round): the new
+factors, residual and projector go to every site, those that were absent too (FlexLoRA:
+each absent site gets the new global ΔW truncated to its own rank).
 
 FedEx exactness: sites start round t from W0 + C_{t-1} + s·B̄A̅ and return (A_k, B_k); the
 exact federated model is W0 + C_{t-1} + E_t with E_t = Σ p_k s B_k A_k.  The server sets
@@ -50,6 +56,7 @@ from .fedlora import (
     lora_factors,
     round_update_norm,
     stack,
+    truncate_to,
 )
 from .instructions import Example
 from .sensor_lm import SensorLM
@@ -59,13 +66,17 @@ from .tuning import TuneSettings, tune
 
 @dataclass(frozen=True)
 class FederatedSettings:
-    """``llm.federated``: the aggregation method, rounds, local steps and per-site ranks."""
+    """``llm.federated``: the aggregation method, rounds, local steps, per-site ranks, and
+    how a round treats sites that fail or stay silent (``min_sites``, ``round_timeout_s``,
+    as ``strategy.min_nodes``/``round_timeout_s`` do for the federation)."""
 
     method: str = "fedit"
     rounds: int = 3
     local_steps: int = 50
     ranks: tuple[int, ...] | None = None  # per partition id (flexlora); None: llm.lora.r
     dense_diagnostics: bool = False  # also measure errors on dense [out, in] matrices
+    min_sites: int | None = None  # fewest replies a round aggregates; None: every site
+    round_timeout_s: float = 3600.0  # how long a round waits for the sites' replies
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,6 +85,22 @@ class FederatedSettings:
             raise ValueError("llm.federated.rounds and local_steps must be at least 1")
         if self.ranks is not None and any(r < 1 for r in self.ranks):
             raise ValueError(f"llm.federated.ranks must be positive, got {list(self.ranks)}")
+        if self.min_sites is not None and (isinstance(self.min_sites, bool) or self.min_sites < 1):
+            raise ValueError(f"llm.federated.min_sites must be at least 1, got {self.min_sites!r}")
+        if not math.isfinite(self.round_timeout_s) or self.round_timeout_s <= 0:
+            raise ValueError(
+                f"llm.federated.round_timeout_s must be > 0 and finite, got {self.round_timeout_s!r}"
+            )
+
+    def min_replies(self, num_sites: int) -> int:
+        """Fewest replies a round aggregates among ``num_sites`` (more than exist: an error)."""
+        if self.min_sites is None:
+            return num_sites
+        if self.min_sites > num_sites:
+            raise ValueError(
+                f"llm.federated.min_sites={self.min_sites} but the run has {num_sites} sites"
+            )
+        return self.min_sites
 
     def site_ranks(self, num_sites: int, default: int) -> list[int]:
         """r_k per partition id; only FlexLoRA can aggregate different ranks."""
@@ -100,6 +127,8 @@ def federated_settings(lc: Mapping) -> FederatedSettings:
         local_steps=int(fc["local_steps"]),
         ranks=None if ranks is None else tuple(int(r) for r in ranks),
         dense_diagnostics=bool(fc["dense_diagnostics"]),
+        min_sites=None if fc["min_sites"] is None else int(fc["min_sites"]),
+        round_timeout_s=float(fc["round_timeout_s"]),
     )
 
 
@@ -284,7 +313,6 @@ class LoraServerState:
         self.residual: dict[str, LoraFactors] = {}
         self.version = 0
         self.exact: dict[str, LoraFactors] = {}
-        self.reports: list[RoundReport] = []
         self.dense_diagnostics = dense_diagnostics
         self.a_seed = a_seed  # FFA: the seed every site regenerates the frozen A from
 
@@ -322,11 +350,17 @@ class LoraServerState:
             self.factors[site], self.sensor, self.residual, self.version, self.method == "ffa"
         )
 
-    def aggregate(self, updates: Mapping[int, SiteUpdate]) -> RoundReport:
-        """Aggregate one round of replies (keyed by partition id) and advance the state."""
-        if set(updates) != set(self.factors):
+    def aggregate(self, rnd: int, updates: Mapping[int, SiteUpdate]) -> RoundReport:
+        """Aggregate round ``rnd``'s replies (keyed by partition id; the sites that
+        answered, at least one) and advance the state of every site.
+
+        The report is the round's, handed out: the round's record keeps it
+        (:mod:`server.lora_step`), this state keeps only what the next round needs."""
+        unknown = sorted(set(updates) - set(self.factors))
+        if unknown or not updates:
             raise ValueError(
-                f"replies from sites {sorted(updates)}, expected {sorted(self.factors)}"
+                f"round {rnd}: replies from sites {sorted(updates)}, expected a non-empty "
+                f"subset of {sorted(self.factors)}"
             )
         order = sorted(updates)
         sites = [updates[k].factors for k in order]
@@ -336,15 +370,22 @@ class LoraServerState:
         same_rank = len({f.rank for s in sites for f in s.values()}) == 1
         fedit = _total(fedit_error(sites, weights)) if same_rank else None
         moved = round_update_norm(sites, [self.factors[k] for k in order], weights)
-        self.factors = dict(zip(order, agg.per_site, strict=True))
+        new = dict(zip(order, agg.per_site, strict=True))
+        for k in sorted(set(self.factors) - set(new)):  # absent this round: the new global too
+            new[k] = (
+                truncate_to(self.exact, self.factors[k])
+                if self.method == "flexlora"
+                else agg.per_site[0]
+            )
+        self.factors = new
         for name, r in agg.residual.items():
             self.residual[name] = stack([self.residual[name], r]) if name in self.residual else r
         if self.method == "fedex":
             self.version += 1
         self.sensor = average_states([updates[k].sensor_state for k in order], weights)
         agg_error = _total(agg.error)
-        report = RoundReport(
-            round=len(self.reports) + 1,
+        return RoundReport(
+            round=rnd,
             loss=sum(w * updates[k].loss for k, w in zip(order, weights, strict=True))
             / sum(weights),
             agg_error=agg_error,
@@ -362,8 +403,6 @@ class LoraServerState:
                 for k, s in zip(order, sites, strict=True)
             },
         )
-        self.reports.append(report)
-        return report
 
 
 def load_global(model: SensorLM, state: LoraServerState) -> None:

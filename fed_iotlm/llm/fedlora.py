@@ -230,6 +230,13 @@ def aggregate_lora(
     return agg
 
 
+def truncate_to(exact: dict[str, LoraFactors], like: Site) -> Site:
+    """FlexLoRA's share of the global ΔW (``exact``, :func:`exact_update`) for a site
+    shaped like ``like`` (its rank and scaling): what :func:`aggregate_lora` gives an
+    answering site, for a site that did not answer the round."""
+    return {name: _flexlora(name, [like[name]], exact[name])[0][0] for name in sorted(like)}
+
+
 def exact_update(sites: list[Site], weights: list[float]) -> dict[str, LoraFactors]:
     """Σ p_k s_k B_k A_k per layer (mixed ranks allowed) as stacked factors (scaling 1):
     the update every method approximates; ``.delta()`` gives the dense matrix.
