@@ -139,7 +139,9 @@ class LlmLoraConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    top_layers: Any = "auto"  # an int, or auto: adapter conditioning -> its layers only
+    # LoRA in the last N decoder layers (an int) or in all (null); one coverage for every
+    # conditioning of a stage, so prefix and adapter are compared at equal LoRA
+    top_layers: Any = None
 
 
 @dataclass

@@ -199,6 +199,8 @@ def test_cli_tunes_evaluates_and_answers(tmp_path, capsys):
     for key in ("method", "dataset", "seed", "test", "history", "comm", "wall_s"):
         assert key in doc
     assert set(doc["llm"]["conditioning"]) == {"prefix", "adapter", "names"}
+    coverage = [rep["lora_coverage"] for rep in doc["llm"]["conditioning"].values()]
+    assert coverage[0]["adapted"] > 0 and all(c == coverage[0] for c in coverage)
     assert {"controls", "head"} <= set(doc["llm"])
     assert set(doc["llm"]["controls"]) == {
         "text_lora", "shuffled_sensors", "majority", "head", "train_templates"

@@ -52,7 +52,7 @@ class LoraTask:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ALL_LINEAR
-    lora_top_layers: int | str | None = "auto"  # as llm.lora.top_layers
+    lora_top_layers: int | None = None  # as llm.lora.top_layers (None: every layer)
     conditioning: str = "prefix"  # prefix | adapter (text has no sensor state to federate)
     tokens_per_modality: int = 2
     adapter_layers: int = 8

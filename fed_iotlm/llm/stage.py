@@ -156,6 +156,9 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
             "tune_s": round(tune_s, 1),
             "eval_s": round(time.time() - t2, 1),
             "steps": len(hist) and hist[-1]["step"],
+            # equal across conditionings by construction (one llm.lora for all); recorded
+            # from the modules so a reader can check it
+            "lora_coverage": model.lora_coverage(),
         }
         if model.adapter is not None:
             report["gates_tanh"] = torch.tanh(model.adapter.gates.detach()).cpu().tolist()
