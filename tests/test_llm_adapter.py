@@ -5,10 +5,13 @@ learning rate, depth as a knob, logged gates) and task routing by the question."
 from __future__ import annotations
 
 import pytest
+import torch
 
-from fed_iotlm.llm.features import FUSED
+from fed_iotlm.llm.features import FUSED, SensorFeatures
+from fed_iotlm.llm.instructions import Example, Turn
 from fed_iotlm.llm.loading import TINY_MODEL, load_lm
 from fed_iotlm.llm.sensor_lm import ConditioningSettings, LoraSettings, SensorLM
+from fed_iotlm.llm.sequences import SequenceBuilder
 
 NAMES = ["imu", FUSED]
 
@@ -45,3 +48,127 @@ def test_lora_coverage_refuses_the_old_auto_and_out_of_range_depths():
         SensorLM(lm, LoraSettings(top_layers="auto"), _cond("adapter"))
     with pytest.raises(ValueError, match=r"top_layers=3: the LM has 2 decoder layers"):
         SensorLM(lm, LoraSettings(top_layers=3), _cond("prefix"))
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _adapter(layers: int = 2, dtype=None):
+    """An adapter model whose LoRA is not a no-op (B random), and a 2-sample batch."""
+    lm = load_lm(TINY_MODEL) if dtype is None else load_lm(TINY_MODEL, dtype=dtype)
+    torch.manual_seed(0)
+    model = SensorLM(
+        lm, LoraSettings(r=4, alpha=8, target_modules=ALL_LINEAR), _cond("adapter", layers)
+    )
+    with torch.no_grad():
+        for name, p in model.peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    builder = SequenceBuilder(lm.tokenizer, NAMES, ["state"], 2, "adapter")
+    exs = [
+        Example(i, ("imu",), (Turn("What is the state?", c),), "task", "state", i, "t")
+        for i, c in enumerate(("calm", "busy"))
+    ]
+    g = torch.Generator().manual_seed(1)
+    feats = SensorFeatures(
+        NAMES, {m: torch.randn(2, 8, generator=g) for m in NAMES}, torch.ones(2, 2).bool(), {}
+    )
+    return model, builder, builder.collate([builder.encode(ex) for ex in exs]), feats, exs
+
+
+def _layer_outputs(model, batch, feats, sensors: bool = True) -> list[torch.Tensor]:
+    """Every decoder layer's output hidden states for one pass (sensors: adapter context)."""
+    outs: list[torch.Tensor] = []
+    handles = [
+        layer.register_forward_hook(
+            lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o)
+        )
+        for layer in model.decoder.layers
+    ]
+    try:
+        with torch.no_grad():
+            emb = model._inputs(batch, feats, sensors=sensors)
+            model.decoder(inputs_embeds=emb, attention_mask=batch.attn)
+    finally:
+        for h in handles:
+            h.remove()
+        model.adapter.clear_context()
+    return outs
+
+
+def test_gates_are_per_head_with_their_own_learning_rate_and_queries_start_unit_normal():
+    from fed_iotlm.llm.tuning import TuneSettings, make_optimizer
+
+    model, *_ = _adapter()
+    assert model.adapter.gates.shape == (2, 4)  # [layers, heads] of the tiny Llama
+    assert bool((model.adapter.gates == 0).all())
+    assert 0.9 < float(model.adapter.queries.detach().std()) < 1.1  # N(0, 1), the norm's own scale
+    opt = make_optimizer(model, TuneSettings(lr=1e-3, sensor_lr=3e-3, gate_lr=0.05))
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["gates"]["lr"] == 0.05 and groups["gates"]["params"] == [model.adapter.gates]
+    assert groups["sensor"]["lr"] == 3e-3 and groups["lora"]["lr"] == 1e-3
+    others = [p for n in ("lora", "sensor") for p in groups[n]["params"]]
+    assert all(p is not model.adapter.gates for p in others)
+    assert any(p is model.adapter.queries for p in groups["sensor"]["params"])
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_adapter_depth_adapts_exactly_the_last_n_layers(layers):
+    model, _, batch, feats, _ = _adapter(layers)
+    assert model.adapter.layer_indices == list(range(2 - layers, 2))
+    assert model.adapter.gates.shape == (layers, 4)
+    with torch.no_grad():
+        model.adapter.gates.fill_(1.0)
+    plain = _layer_outputs(model, batch, feats, sensors=False)
+    adapted = _layer_outputs(model, batch, feats)
+    changed = [not torch.equal(a, p) for a, p in zip(adapted, plain, strict=True)]
+    assert changed == [i >= 2 - layers for i in range(2)]
+
+
+def test_adapter_depth_beyond_the_lm_is_refused():
+    with pytest.raises(ValueError, match=r"llm.adapter.layers=3: LlamaForCausalLM has 2 decoder"):
+        _adapter(3)
+
+
+def test_closed_gates_give_exactly_the_base_plus_lora_model():
+    model, _, batch, feats, _ = _adapter()
+    plain = _layer_outputs(model, batch, feats, sensors=False)[-1]
+    assert torch.equal(_layer_outputs(model, batch, feats)[-1], plain)
+    with torch.no_grad():
+        model.adapter.gates[1, 2] = 0.3  # one head of one layer open
+    assert not torch.equal(_layer_outputs(model, batch, feats)[-1], plain)
+
+
+def test_adapter_prompt_goes_through_the_layers_input_norm():
+    """Queries and sensor tokens 100x larger give (almost) the same output: each adapted
+    layer RMS-normalises the prompt before its k/v projections."""
+    model, _, batch, feats, _ = _adapter()
+    with torch.no_grad():
+        model.adapter.gates.fill_(0.8)
+        before = _layer_outputs(model, batch, feats)[-1]
+        plain = _layer_outputs(model, batch, feats, sensors=False)[-1]
+        model.adapter.queries.mul_(100)
+        model.adapter.sensors.scale.mul_(100)
+        after = _layer_outputs(model, batch, feats)[-1]
+    moved = (before - plain).abs().max()
+    assert moved > 1e-2  # the adapter does change the output
+    assert (after - before).abs().max() < 1e-3 * moved
+
+
+def test_tuning_log_has_gates_and_adapter_to_attention_ratio_per_layer(tmp_path):
+    from fed_iotlm.llm.tuning import TuneSettings, tune
+
+    model, builder, _, feats, exs = _adapter()
+    settings = TuneSettings(steps=2, batch_size=2, warmup=0, gate_lr=0.05, log_every=1)
+    rows = []
+    hist = tune(
+        model, builder, exs, feats, settings, tmp_path / "ck", log=lambda *a: rows.append(a[3])
+    )
+    assert rows == hist and [h["step"] for h in hist] == [1, 2]
+    first, second = hist
+    assert first["adapter_attention_ratio"] == [0.0, 0.0]  # step 1 ran with closed gates
+    assert all(r > 0 for r in second["adapter_attention_ratio"])
+    assert len(second["gates_tanh"]) == 2 and any(g != 0 for g in second["gates_tanh"])
+    # the gates moved at gate_lr (Adam's first step is ~lr per element; the cosine over 2
+    # steps halves the second), not at sensor_lr (3e-3)
+    assert 0.045 < float(model.adapter.gates.abs().max()) <= 0.0751

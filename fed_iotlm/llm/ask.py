@@ -13,7 +13,7 @@ from fed_iotlm.federation.bundle import bundle_standardizer, load_bundle
 from .features import FUSED, sensor_features
 from .instructions import Example, Turn
 from .loading import load_lm
-from .sensor_lm import ConditioningSettings, SensorLM
+from .sensor_lm import SensorLM
 from .sequences import SequenceBuilder
 from .tuning import load_weights
 
@@ -46,17 +46,9 @@ class Assistant:
         self.use_fused = bool(lc["use_fused"])
         names = [m for m in self.encoder.modality_names] + ([FUSED] if self.use_fused else [])
         tasks = [t for t in self.encoder.head if t != (lc.get("fewshot") or {}).get("task")]
-        from .stage import lora_settings
+        from .stage import conditioning_settings, lora_settings
 
-        cond = ConditioningSettings(
-            kind=self.kind,
-            tokens_per_modality=int(lc["tokens_per_modality"]),
-            adapter_layers=int(lc["adapter_layers"]),
-            queries_per_task=int(lc["queries_per_task"]),
-            names=names,
-            tasks=tasks,
-            feature_dim=self.encoder.spec.dim,
-        )
+        cond = conditioning_settings(lc, self.kind, names, tasks, self.encoder.spec.dim)
         lm = load_lm(lc["model"])
         self.model = SensorLM(lm, lora_settings(lc), cond)
         load_weights(self.model, run_dir / f"checkpoint-{self.kind}")

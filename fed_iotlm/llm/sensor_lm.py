@@ -131,8 +131,10 @@ class SensorLM(nn.Module):
         if cond.kind == "prefix":
             self.projector = PrefixProjector(*args)
         elif cond.kind == "adapter":
-            layers = min(cond.adapter_layers, causal.config.num_hidden_layers)
-            self.adapter = GatedSensorAdapter(*args, len(cond.tasks), layers, cond.queries_per_task)
+            heads = int(causal.config.num_attention_heads)
+            self.adapter = GatedSensorAdapter(
+                *args, len(cond.tasks), cond.adapter_layers, heads, cond.queries_per_task
+            )
             name = adapter_name
             self.adapter.install(causal, active=lambda: self.peft.active_adapter == name)
 

@@ -51,7 +51,23 @@ def lora_settings(lc: dict) -> LoraSettings:
 
 def tune_settings(lc: dict, seed: int) -> TuneSettings:
     keys = TuneSettings.__dataclass_fields__
-    return TuneSettings(**{k: lc[k] for k in keys if k in lc and k != "seed"}, seed=seed)
+    given = {k: lc[k] for k in keys if k in lc and k not in ("seed", "gate_lr")}
+    gate_lr = float(section("llm.adapter", lc.get("adapter"))["gate_lr"])
+    return TuneSettings(**given, gate_lr=gate_lr, seed=seed)
+
+
+def conditioning_settings(lc: dict, kind: str, names: list[str], tasks: list[str], dim: int):
+    """``llm.*`` as the settings of conditioning ``kind`` (the stage and ``ask`` alike)."""
+    ad = section("llm.adapter", lc.get("adapter"))
+    return ConditioningSettings(
+        kind=kind,
+        tokens_per_modality=int(lc["tokens_per_modality"]),
+        adapter_layers=int(ad["layers"]),
+        queries_per_task=int(ad["queries_per_task"]),
+        names=names,
+        tasks=tasks,
+        feature_dim=dim,
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,19 +93,21 @@ def build_model(base, lc: dict, kind: str, feats: SensorFeatures, tasks: list[st
     """A SensorLM of conditioning ``kind`` and its sequence builder.  Every conditioning
     shares ``base``'s weights (one more named LoRA adapter each; no deep copy)."""
     torch.manual_seed(seed)
-    cond = ConditioningSettings(
-        kind=kind,
-        tokens_per_modality=int(lc["tokens_per_modality"]),
-        adapter_layers=int(lc["adapter_layers"]),
-        queries_per_task=int(lc["queries_per_task"]),
-        names=feats.names,
-        tasks=tasks,
-        feature_dim=feats.dim,
-    )
+    cond = conditioning_settings(lc, kind, feats.names, tasks, feats.dim)
     model = SensorLM(base, lora_settings(lc), cond, adapter_name=kind)
     base.model = model.peft  # the next conditioning adds its adapter to the same PeftModel
     builder = SequenceBuilder(base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind)
     return model, builder
+
+
+def _log_step(kind: str, step: int, loss: float, eta: float, row: dict) -> None:
+    """One tuning log line; the adapter's adds tanh(g) and ‖adapter‖/‖attention‖ per layer."""
+    line = f"  {kind} step {step}: loss {loss:.3f} (ETA {eta:.0f}s)"
+    if "gates_tanh" in row:
+        fmt = lambda xs: " ".join("-" if x is None else f"{x:.3f}" for x in xs)  # noqa: E731
+        line += f"; tanh(g) per layer [{fmt(row['gates_tanh'])}]"
+        line += f", adapter/attention [{fmt(row['adapter_attention_ratio'])}]"
+    console.print(line)
 
 
 CONTROLS = ("text_lora", "shuffled_sensors", "majority", "head", "train_templates")
@@ -142,12 +160,17 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
         t1 = time.time()
         hist = tune(
             model, builder, qs.train, feats, tune_settings(lc, seed), out_dir / f"checkpoint-{kind}",
-            resume=bool(lc["resume"]), device=device, log=lambda s, loss, eta, k=kind: console.print(f"  {k} step {s}: loss {loss:.3f} (ETA {eta:.0f}s)"),
+            resume=bool(lc["resume"]), device=device, log=lambda *a, k=kind: _log_step(k, *a),
         )  # fmt: skip
         tune_s = time.time() - t1
         if rank != 0:
             continue
-        history += [{"round": h["step"], "loss": h["loss"], "conditioning": kind} for h in hist]
+        adapter_log = ("gates_tanh", "adapter_attention_ratio")
+        history += [
+            {"round": h["step"], "loss": h["loss"], "conditioning": kind}
+            | {key: h[key] for key in adapter_log if key in h}
+            for h in hist
+        ]
         t2 = time.time()
         args = (model, builder, feats)
         report = {
@@ -161,7 +184,9 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
             "lora_coverage": model.lora_coverage(),
         }
         if model.adapter is not None:
-            report["gates_tanh"] = torch.tanh(model.adapter.gates.detach()).cpu().tolist()
+            report["adapter_layers"] = model.adapter.layer_indices
+            report["gates_tanh"] = model.adapter.gates_tanh()  # per layer, mean over heads
+            report["gates_tanh_per_head"] = torch.tanh(model.adapter.gates.detach()).tolist()
         if fewshot and kind == "prefix":
             report["fewshot"] = _fewshot(
                 model, builder, feats, meta, data.train, qs.fit_rows, qs.test[fewshot],
