@@ -172,3 +172,57 @@ def test_tuning_log_has_gates_and_adapter_to_attention_ratio_per_layer(tmp_path)
     # the gates moved at gate_lr (Adam's first step is ~lr per element; the cosine over 2
     # steps halves the second), not at sensor_lr (3e-3)
     assert 0.045 < float(model.adapter.gates.abs().max()) <= 0.0751
+
+
+def _tiny(config_cls, model_cls, **extra):
+    """A random model of an installed transformers architecture, built from a config."""
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
+        bos_token_id=1, **extra,
+    )  # fmt: skip
+    return model_cls(config).eval()
+
+
+def _bare_adapter(heads: int = 4):
+    from fed_iotlm.llm.conditioning import GatedSensorAdapter
+
+    return GatedSensorAdapter(NAMES, 8, 32, 2, 1.0, 1, 2, heads)
+
+
+def test_adapter_refuses_a_fused_qkv_model_naming_its_class_and_what_is_missing():
+    """Phi-3 (fused qkv_proj), built from its config in the installed transformers."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    phi3 = _tiny(Phi3Config, Phi3ForCausalLM)
+    with pytest.raises(
+        ValueError,
+        match=r"Phi3ForCausalLM decoder layer 0 \(Phi3Attention\).*missing \['q_proj', 'k_proj', "
+        r"'v_proj'\], found fused \['qkv_proj'\]; use llm.conditioning=\[prefix\]",
+    ):
+        _bare_adapter().install(phi3)
+
+
+def test_adapter_on_a_model_with_qk_norms_uses_that_models_own_utilities():
+    """Qwen3 (q/k norms, explicit head_dim): the hook takes rotary/repeat_kv from
+    modeling_qwen3 and the layer's scaling, and a closed gate is still an exact no-op."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from fed_iotlm.llm.conditioning import _attention_utils
+
+    qwen = _tiny(Qwen3Config, Qwen3ForCausalLM, head_dim=16)  # 4 heads × 16 ≠ hidden 32
+    attn = qwen.model.layers[0].self_attn
+    assert _attention_utils(attn) == (modeling_qwen3.apply_rotary_pos_emb, modeling_qwen3.repeat_kv)
+    adapter = _bare_adapter()
+    adapter.install(qwen)
+    ids = torch.tensor([[2, 3, 4, 5], [6, 7, 8, 9]])
+    feats = {m: torch.randn(2, 8) for m in NAMES}
+    with torch.no_grad():
+        plain = qwen(input_ids=ids).logits
+        adapter.set_context(feats, torch.ones(2, 2).bool(), torch.zeros(2, dtype=torch.long))
+        assert torch.equal(qwen(input_ids=ids).logits, plain)
+        adapter.gates.fill_(1.0)
+        opened = qwen(input_ids=ids).logits
+    assert torch.isfinite(opened).all() and not torch.allclose(opened, plain, atol=1e-4)
