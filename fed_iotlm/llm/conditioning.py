@@ -10,8 +10,8 @@ R^D → R^{k×H}.  A modality absent from a sample contributes nothing.
         o_l(h) = Attn_l(h) + W_o [tanh(g_{l,j}) · softmax(q_j(h) K_{l,j}ᵀ · s) V_{l,j}]_j,   s = attn.scaling
         K_l = W_k N_l[Q_{l,τ}; P_m(e_m) for present m],   V_l = W_v N_l[same],
 
-    where Q_{l,τ} ∈ R^{n_q×H} are learned adapter queries of task τ (a "general" slot for
-    questions about no task), N_l is the layer's own input RMSNorm, W_q/W_k/W_v/W_o are its
+    where Q_{l,τ} ∈ R^{n_q×H} are learned adapter queries of task τ (the task the question
+    asks about, :mod:`fed_iotlm.llm.routing`), N_l is the layer's own input RMSNorm, W_q/W_k/W_v/W_o are its
     own (LoRA'd) projections and g_{l,j} a zero-initialised gate per head j, so training
     starts from the unchanged LM.  Like peft's
     ``adaption_prompt``, the adapter keys carry no rotary position; unlike it, the prompt is
@@ -83,10 +83,8 @@ class GatedSensorAdapter(nn.Module):
     ):
         super().__init__()
         self.sensors = ModalityProjector(names, dim, hidden, k, emb_rms)
-        # slot ``num_tasks`` is the general one (presence questions, dialogs)
-        self.queries = nn.Parameter(
-            torch.randn(num_layers, num_tasks + 1, queries_per_task, hidden)
-        )
+        # one query set per task; a question reaches its task's set by routing.py
+        self.queries = nn.Parameter(torch.randn(num_layers, num_tasks, queries_per_task, hidden))
         self.gates = nn.Parameter(torch.zeros(num_layers, num_heads))
         self.num_layers = num_layers
         self.layer_indices: list[int] = []  # decoder layers hooked by install()
@@ -132,7 +130,7 @@ class GatedSensorAdapter(nn.Module):
         self, feats: dict[str, torch.Tensor], present: torch.Tensor, task_ids: torch.Tensor
     ) -> None:
         """Per-sample sensor tokens for the next forward passes.
-        ``present`` [B, M] bool, ``task_ids`` [B] (``num_tasks`` = general)."""
+        ``present`` [B, M] bool, ``task_ids`` [B] (the routed task of each sequence)."""
         tokens = self.sensors(feats)  # [B, M, k, H]
         b, m, k, h = tokens.shape
         mask = present[:, :, None].expand(b, m, k).reshape(b, m * k)

@@ -207,7 +207,9 @@ def build_model(task: LoraTask, data: TaskData, rank: int) -> tuple[SensorLM, Se
     )
     torch.manual_seed(task.seed)
     model = SensorLM(replace(base, model=copy.deepcopy(base.model)), lora, cond)
+    classes = {t: list(data.meta.tasks[t].classes) for t in data.tasks}
     builder = SequenceBuilder(
-        base.tokenizer, data.feats.names, data.tasks, task.tokens_per_modality, task.conditioning
-    )
+        base.tokenizer, data.feats.names, data.tasks, task.tokens_per_modality,
+        task.conditioning, classes=classes,
+    )  # fmt: skip
     return model, builder

@@ -89,14 +89,25 @@ def _init_distributed(device: torch.device) -> None:
             torch.cuda.set_device(device)
 
 
-def build_model(base, lc: dict, kind: str, feats: SensorFeatures, tasks: list[str], seed: int):
-    """A SensorLM of conditioning ``kind`` and its sequence builder.  Every conditioning
-    shares ``base``'s weights (one more named LoRA adapter each; no deep copy)."""
+def build_model(
+    base,
+    lc: dict,
+    kind: str,
+    feats: SensorFeatures,
+    tasks: list[str],
+    seed: int,
+    classes: dict[str, list[str]] | None = None,
+):
+    """A SensorLM of conditioning ``kind`` and its sequence builder (which routes each
+    question to its task by the task and ``classes`` names).  Every conditioning shares
+    ``base``'s weights (one more named LoRA adapter each; no deep copy)."""
     torch.manual_seed(seed)
     cond = conditioning_settings(lc, kind, feats.names, tasks, feats.dim)
     model = SensorLM(base, lora_settings(lc), cond, adapter_name=kind)
     base.model = model.peft  # the next conditioning adds its adapter to the same PeftModel
-    builder = SequenceBuilder(base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind)
+    builder = SequenceBuilder(
+        base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind, classes=classes
+    )
     return model, builder
 
 
@@ -137,6 +148,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     fewshot = lc["fewshot"]["task"]
     tasks = [t for t in meta.tasks if t != fewshot]
     qs = stage_questions(data, lc, seed, tasks)
+    classes = {t: list(meta.tasks[t].classes) for t in tasks}  # for routing (ask reads it too)
     val_q = [ex for t in tasks for ex in qs.val[t]]
     test_q = [ex for t in tasks for ex in qs.test[t]]
     scorings = list(lc["scoring"])
@@ -156,7 +168,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     models: dict = {}  # kind -> (model, builder); they share the base, so keeping them is cheap
     kinds = [*lc["conditioning"], *(["names"] if "text_lora" in controls else [])]
     for kind in kinds:
-        model, builder = build_model(base, lc, kind, feats, tasks, seed)
+        model, builder = build_model(base, lc, kind, feats, tasks, seed, classes)
         t1 = time.time()
         hist = tune(
             model, builder, qs.train, feats, tune_settings(lc, seed), out_dir / f"checkpoint-{kind}",
@@ -206,6 +218,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     results: dict = {
         "conditioning": reports,
         "lm": lc["model"],
+        "task_classes": classes,
         "bundle": bundle_meta.get("meta", {}),
         "best": kind,
         "scoring": method,
