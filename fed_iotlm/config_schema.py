@@ -139,7 +139,20 @@ class LlmLoraConfig:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    top_layers: Any = "auto"  # an int, or auto: adapter conditioning -> its layers only
+    # LoRA in the last N decoder layers (an int) or in all (null); one coverage for every
+    # conditioning of a stage, so prefix and adapter are compared at equal LoRA
+    top_layers: Any = None
+
+
+@dataclass
+class LlmAdapterConfig:
+    """The gated multisensory adapter (docs/llm.md, "Gated multisensory multitask adapter")."""
+
+    layers: int = 8  # the last N decoder layers get adapter keys/values (at most the LM's depth)
+    queries_per_task: int = 4  # adapter queries per task per layer
+    # the per-head gates' own learning rate (they start at 0; at the projector's 3e-3 they
+    # stayed below |tanh g| = 0.12 in 80 steps); not tuned, choose it on validation
+    gate_lr: float = 0.02
 
 
 @dataclass
@@ -204,14 +217,13 @@ class LlmConfig:
     use_fused: bool = True  # also give the fused multisensory embedding (what the heads read)
     # k soft tokens per modality (prefix) / per modality in the adapter
     tokens_per_modality: int = 2
-    adapter_layers: int = 8  # top L layers get the gated adapter
-    queries_per_task: int = 4  # adapter queries per task (plus one general set)
+    adapter: LlmAdapterConfig = field(default_factory=LlmAdapterConfig)
     lora: LlmLoraConfig = field(default_factory=LlmLoraConfig)
     steps: int = 80  # optimiser steps (80 x 16 examples: ~0.95 on held-out templates)
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 0.001  # LoRA
-    sensor_lr: float = 0.003  # projector / adapter
+    sensor_lr: float = 0.003  # projector / adapter queries (gates: llm.adapter.gate_lr)
     warmup: int = 10
     weight_decay: float = 0.0
     grad_checkpointing: bool = False

@@ -313,7 +313,7 @@ def test_settings_and_wire_format_reject_mistakes():
 
 
 def test_train_site_keeps_a_frozen_for_ffa_with_the_gated_adapter():
-    task = replace(TASK, conditioning="adapter", adapter_layers=1)
+    task = replace(TASK, conditioning="adapter", adapter_layers=1, lora_top_layers=1)
     data = load_task_data(task)
     model, builder = build_model(task, data, task.lora_r)
     start = lora_factors(model.peft)
@@ -322,7 +322,7 @@ def test_train_site_keeps_a_frozen_for_ffa_with_the_gated_adapter():
     settings = replace(task.tune, steps=2, warmup=0, log_every=1)
     update = train_site(model, builder, data.train[:8], data.feats, settings)
     assert update.n == 8 and update.loss > 0
-    assert len(update.factors) == 3  # adapter conditioning: LoRA only in its top layer
+    assert len(update.factors) == 3  # llm.lora.top_layers=1: LoRA only in the top layer
     for name, f in update.factors.items():
         assert torch.equal(f.A, start[name].A) and not torch.equal(f.B, start[name].B)
     assert any(not torch.equal(v, sensor[k]) for k, v in update.sensor_state.items())

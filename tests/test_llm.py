@@ -193,12 +193,19 @@ def test_cli_tunes_evaluates_and_answers(tmp_path, capsys):
     )
     out = tmp_path / "run"
     args = [*data, f"llm.bundle={tmp_path / 'bundle'}", f"llm.model={TINY_MODEL}", "llm.steps=2",
-            "llm.train_samples=40", "llm.eval_samples=8", "llm.val_samples=8", "mlflow.enabled=false", f"output_dir={out}"]  # fmt: skip
+            "llm.train_samples=40", "llm.eval_samples=8", "llm.val_samples=8", "llm.adapter.layers=2",
+            "mlflow.enabled=false", f"output_dir={out}"]  # fmt: skip
     assert main(["tune", *args]) == 0
     doc = json.loads((out / "results.json").read_text())
     for key in ("method", "dataset", "seed", "test", "history", "comm", "wall_s"):
         assert key in doc
     assert set(doc["llm"]["conditioning"]) == {"prefix", "adapter", "names"}
+    coverage = [rep["lora_coverage"] for rep in doc["llm"]["conditioning"].values()]
+    assert coverage[0]["adapted"] > 0 and all(c == coverage[0] for c in coverage)
+    adapter_rows = [h for h in doc["history"] if h["conditioning"] == "adapter"]
+    assert adapter_rows and all(len(h["gates_tanh"]) == 2 for h in adapter_rows)
+    assert all(len(h["adapter_attention_ratio"]) == 2 for h in adapter_rows)
+    assert len(doc["llm"]["conditioning"]["adapter"]["gates_tanh_per_head"]) == 2
     assert {"controls", "head"} <= set(doc["llm"])
     assert set(doc["llm"]["controls"]) == {
         "text_lora", "shuffled_sensors", "majority", "head", "train_templates"

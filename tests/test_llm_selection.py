@@ -43,7 +43,7 @@ def test_permuting_test_labels_changes_no_choice(tmp_path):
         [*data_args, f"llm.bundle={tmp_path / 'bundle'}", f"llm.model={TINY_MODEL}",
          "llm.steps=2", "llm.batch_size=4", "llm.train_samples=16", "llm.eval_samples=8",
          "llm.val_samples=8", "llm.max_new_tokens=3", "llm.controls=[majority,head]",
-         "mlflow.enabled=false"]
+         "llm.adapter.layers=2", "mlflow.enabled=false"]
     )  # fmt: skip
     data = stage_data(cfg, load_bundle(tmp_path / "bundle")[0])
     # a permutation of the test labels: shuffled across rows and each class renamed to the

@@ -13,7 +13,7 @@ from fed_iotlm.federation.bundle import bundle_standardizer, load_bundle
 from .features import FUSED, sensor_features
 from .instructions import Example, Turn
 from .loading import load_lm
-from .sensor_lm import ConditioningSettings, SensorLM
+from .sensor_lm import SensorLM
 from .sequences import SequenceBuilder
 from .tuning import load_weights
 
@@ -23,6 +23,7 @@ class Answer:
     text: str
     sensors: list[str]  # the modalities present in the sample, i.e. what the LM was given
     conditioning: str
+    task: str  # the task the question was routed to (the adapter's query set)
 
 
 class Assistant:
@@ -46,23 +47,18 @@ class Assistant:
         self.use_fused = bool(lc["use_fused"])
         names = [m for m in self.encoder.modality_names] + ([FUSED] if self.use_fused else [])
         tasks = [t for t in self.encoder.head if t != (lc.get("fewshot") or {}).get("task")]
-        from .stage import lora_settings
+        from .stage import conditioning_settings, lora_settings
 
-        cond = ConditioningSettings(
-            kind=self.kind,
-            tokens_per_modality=int(lc["tokens_per_modality"]),
-            adapter_layers=int(lc["adapter_layers"]),
-            queries_per_task=int(lc["queries_per_task"]),
-            names=names,
-            tasks=tasks,
-            feature_dim=self.encoder.spec.dim,
-        )
+        cond = conditioning_settings(lc, self.kind, names, tasks, self.encoder.spec.dim)
         lm = load_lm(lc["model"])
         self.model = SensorLM(lm, lora_settings(lc), cond)
         load_weights(self.model, run_dir / f"checkpoint-{self.kind}")
         self.model.eval()
+        # the stage's class names route a question to its task's adapter queries (a run
+        # written before they were recorded routes by task names alone)
+        classes = doc["llm"].get("task_classes")
         self.builder = SequenceBuilder(
-            lm.tokenizer, names, tasks, cond.tokens_per_modality, self.kind
+            lm.tokenizer, names, tasks, cond.tokens_per_modality, self.kind, classes=classes
         )
 
     def ask(self, split: Split, index: int, question: str, standardized: bool = False) -> Answer:
@@ -83,7 +79,8 @@ class Assistant:
                 f"sample {index} has no modality the model bundle knows ({self.encoder.modality_names})"
             )
         ex = Example(index, present, (Turn(question, ""),), "external", None, None, "ask")
-        batch = self.builder.collate([self.builder.encode(ex, prompt_only=True)], left_pad=True)
+        enc = self.builder.encode(ex, prompt_only=True)
+        batch = self.builder.collate([enc], left_pad=True)
         ids = self.model.generate(batch, feats, self.builder.eos_id, max_new_tokens=40)[0]
         text = self.builder.tok.decode(ids, skip_special_tokens=True).strip()
-        return Answer(text, list(present), self.kind)
+        return Answer(text, list(present), self.kind, self.builder.tasks[enc.task_id])

@@ -7,12 +7,13 @@ R^D → R^{k×H}.  A modality absent from a sample contributes nothing.
 (a) :class:`GatedSensorAdapter`, IoT-LM's multisensory multitask adapter (LLaMA-Adapter V2
     style).  In each of the top L layers l, the attention output for hidden states h gets
 
-        o_l(h) = Attn_l(h) + tanh(g_l) · W_o softmax(q(h) K_lᵀ · s) V_l,   s = attn.scaling
-        K_l = W_k [Q_{l,τ}; P_m(e_m) for present m],   V_l = W_v [same],
+        o_l(h) = Attn_l(h) + W_o [tanh(g_{l,j}) · softmax(q_j(h) K_{l,j}ᵀ · s) V_{l,j}]_j,   s = attn.scaling
+        K_l = W_k N_l[Q_{l,τ}; P_m(e_m) for present m],   V_l = W_v N_l[same],
 
-    where Q_{l,τ} ∈ R^{n_q×H} are learned adapter queries of task τ (a "general" slot for
-    questions about no task), W_q/W_k/W_v/W_o are the layer's own (LoRA'd) projections and
-    g_l is a zero-initialised gate, so training starts from the unchanged LM.  Like peft's
+    where Q_{l,τ} ∈ R^{n_q×H} are learned adapter queries of task τ (the task the question
+    asks about, :mod:`fed_iotlm.llm.routing`), N_l is the layer's own input RMSNorm, W_q/W_k/W_v/W_o are its
+    own (LoRA'd) projections and g_{l,j} a zero-initialised gate per head j, so training
+    starts from the unchanged LM.  Like peft's
     ``adaption_prompt``, the adapter keys carry no rotary position; unlike it, the prompt is
     per sample (sensors) and per task, which peft's one shared prompt cannot express, so we
     install it as a forward hook on the attention modules rather than replacing them.
@@ -58,7 +59,15 @@ class PrefixProjector(ModalityProjector):
 
 
 class GatedSensorAdapter(nn.Module):
-    """(a) the multisensory multitask adapter, as gated extra keys/values."""
+    """(a) the multisensory multitask adapter, as gated extra keys/values.
+
+    Set up as LLaMA-Adapter V2 does, which the first version did not: the adapter prompt
+    (task queries and sensor tokens) enters each adapted layer through that layer's own
+    input RMSNorm before the k/v projections, as the layer's hidden states do, so deep
+    layers see it at the scale they were trained on rather than at word-embedding scale;
+    the queries start N(0, 1) (unit RMS, what the norm expects); the gates are one per
+    head per layer, zero-initialised, trained at their own learning rate
+    (``llm.adapter.gate_lr``, the optimiser group :data:`GATE_PARAM`)."""
 
     def __init__(
         self,
@@ -69,38 +78,59 @@ class GatedSensorAdapter(nn.Module):
         emb_rms: float,
         num_tasks: int,
         num_layers: int,
+        num_heads: int,
         queries_per_task: int = 4,
     ):
         super().__init__()
         self.sensors = ModalityProjector(names, dim, hidden, k, emb_rms)
-        # slot ``num_tasks`` is the general one (presence questions, dialogs)
-        self.queries = nn.Parameter(
-            torch.randn(num_layers, num_tasks + 1, queries_per_task, hidden) * emb_rms
-        )
-        self.gates = nn.Parameter(torch.zeros(num_layers))
+        # one query set per task; a question reaches its task's set by routing.py
+        self.queries = nn.Parameter(torch.randn(num_layers, num_tasks, queries_per_task, hidden))
+        self.gates = nn.Parameter(torch.zeros(num_layers, num_heads))
         self.num_layers = num_layers
+        self.layer_indices: list[int] = []  # decoder layers hooked by install()
         self._context: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._handles: list = []
+        self._ratio_sum = [0.0] * num_layers
+        self._ratio_n = [0] * num_layers
 
     def install(self, causal_lm: nn.Module, active: Callable[[], bool] = lambda: True) -> None:
-        """Hook the attention of the top ``num_layers`` decoder layers.  ``active`` says
+        """Hook the attention of the last ``num_layers`` decoder layers.  ``active`` says
         whether the owner's LoRA adapter is the one in use: on a base shared by several
         conditionings, another model's pass must not pick up this adapter's context."""
         self._active = active
+        model = type(
+            causal_lm.get_base_model() if hasattr(causal_lm, "get_base_model") else causal_lm
+        ).__name__
         layers = _decoder_layers(causal_lm)
-        if self.num_layers > len(layers):
-            raise ValueError(f"adapter wants {self.num_layers} layers; the LM has {len(layers)}")
-        for li, layer in enumerate(layers[-self.num_layers :]):
-            check_attention(layer.self_attn, f"decoder layer {len(layers) - self.num_layers + li}")
+        if not 1 <= self.num_layers <= len(layers):
+            raise ValueError(
+                f"llm.adapter.layers={self.num_layers}: {model} has {len(layers)} decoder layers"
+            )
+        first = len(layers) - self.num_layers
+        for li, layer in enumerate(layers[first:]):
+            where = f"{model} decoder layer {first + li}"
+            check_attention(layer.self_attn, where)
+            heads = _num_heads(layer.self_attn)
+            if heads != self.gates.shape[1]:
+                raise ValueError(
+                    f"{where}: {heads} attention heads, gates for {self.gates.shape[1]}"
+                )
+            norm = getattr(layer, "input_layernorm", None)
+            if norm is None:
+                raise ValueError(
+                    f"{where} ({type(layer).__name__}): the gated adapter needs the layer's "
+                    "input norm (input_layernorm); use llm.conditioning=[prefix] for this model"
+                )
+            self.layer_indices.append(first + li)
             self._handles.append(
-                layer.self_attn.register_forward_hook(self._hook(li), with_kwargs=True)
+                layer.self_attn.register_forward_hook(self._hook(li, norm), with_kwargs=True)
             )
 
     def set_context(
         self, feats: dict[str, torch.Tensor], present: torch.Tensor, task_ids: torch.Tensor
     ) -> None:
         """Per-sample sensor tokens for the next forward passes.
-        ``present`` [B, M] bool, ``task_ids`` [B] (``num_tasks`` = general)."""
+        ``present`` [B, M] bool, ``task_ids`` [B] (the routed task of each sequence)."""
         tokens = self.sensors(feats)  # [B, M, k, H]
         b, m, k, h = tokens.shape
         mask = present[:, :, None].expand(b, m, k).reshape(b, m * k)
@@ -115,7 +145,21 @@ class GatedSensorAdapter(nn.Module):
     def clear_context(self) -> None:
         self._context = None
 
-    def _hook(self, li: int):
+    def gates_tanh(self) -> list[float]:
+        """tanh(g) per adapted layer, the mean over its heads (how open each layer is)."""
+        return torch.tanh(self.gates.detach().float()).mean(1).cpu().tolist()
+
+    def take_output_ratios(self) -> list[float | None]:
+        """Per adapted layer, the mean of ‖adapter output‖ / ‖attention output‖ (Frobenius
+        over the batch, padding included) over the training passes since the last call,
+        then reset; None for a layer with no pass.  With the gates this says whether the
+        adapter is heard at all or drowned by the layer's own attention."""
+        out = [s / n if n else None for s, n in zip(self._ratio_sum, self._ratio_n, strict=True)]
+        self._ratio_sum = [0.0] * self.num_layers
+        self._ratio_n = [0] * self.num_layers
+        return out
+
+    def _hook(self, li: int, norm: nn.Module):
         def hook(attn, args, kwargs, output):
             if self._context is None or not self._active():  # no sensors / not our pass
                 return output
@@ -123,57 +167,95 @@ class GatedSensorAdapter(nn.Module):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"]
             queries = self.queries[li][task_ids]  # [B, n_q, H]
-            kv_in = torch.cat([queries.to(sensor.dtype), sensor], 1)
+            prompt = torch.cat([queries.to(sensor.dtype), sensor], 1).to(hidden.dtype)
             kv_mask = torch.cat([mask.new_ones(queries.shape[:2]), mask], 1)
-            extra = _gated_attention(attn, hidden, cos, sin, kv_in.to(hidden.dtype), kv_mask)
-            gate = torch.tanh(self.gates[li]).to(extra.dtype)
-            return (output[0] + gate * extra, *output[1:])
+            gate = torch.tanh(self.gates[li])
+            extra = _gated_attention(attn, hidden, cos, sin, norm(prompt), kv_mask, gate)
+            if self.training:
+                with torch.no_grad():
+                    ratio = extra.float().norm() / output[0].float().norm().clamp_min(1e-12)
+                self._ratio_sum[li] += float(ratio)
+                self._ratio_n[li] += 1
+            return (output[0] + extra, *output[1:])
 
         return hook
 
 
+GATE_PARAM = "adapter.gates"  # the parameter name tuning gives its own learning rate
 REQUIRED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def check_attention(attn: nn.Module, where: str) -> None:
     """Refuse, up front, an attention layout the adapter cannot reuse: it needs separate
     q/k/v/o projections and a head size (Llama, Mistral, Qwen2/3, SmolLM families); a
-    fused qkv projection (Phi-3, GPT-NeoX, Falcon) would be silently mis-sliced."""
-    missing = [name for name in REQUIRED_PROJECTIONS if not hasattr(attn, name)]
-    if missing or not hasattr(attn, "head_dim"):
+    fused qkv projection (Phi-3, GPT-NeoX, Falcon) would be silently mis-sliced.
+    ``where`` names the model class and the layer."""
+    missing = [name for name in (*REQUIRED_PROJECTIONS, "head_dim") if not hasattr(attn, name)]
+    if missing:
         fused = [n for n, _ in attn.named_children() if "qkv" in n]
         raise ValueError(
             f"{where} ({type(attn).__name__}): the gated adapter needs separate q/k/v/o "
-            f"projections and head_dim; missing {missing or ['head_dim']}"
+            f"projections and head_dim; missing {missing}"
             + (f", found fused {fused}" if fused else "")
             + "; use llm.conditioning=[prefix] for this model"
         )
 
 
-def _gated_attention(attn, hidden, cos, sin, kv_in, kv_mask) -> torch.Tensor:
-    """Attention of ``hidden``'s (rotary) queries over un-rotated adapter keys/values,
-    through the layer's own projections, q/k norms (Qwen3-style, if the layer has them),
-    scaling (``attn.scaling``) and grouped-query layout, with transformers' own
-    ``apply_rotary_pos_emb`` and ``repeat_kv``."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+def _num_heads(attn: nn.Module) -> int:
+    """Query heads of an attention module (q_proj's output over head_dim)."""
+    return int(attn.q_proj.out_features // attn.head_dim)
 
+
+def _attention_utils(attn: nn.Module):
+    """``apply_rotary_pos_emb`` and ``repeat_kv`` from the installed transformers' own
+    module of this attention class (Qwen2, Mistral, ... define their own), else Llama's."""
+    import sys
+
+    from transformers.models.llama import modeling_llama
+
+    own = sys.modules.get(type(attn).__module__)
+    rope = getattr(own, "apply_rotary_pos_emb", None) or modeling_llama.apply_rotary_pos_emb
+    repeat = getattr(own, "repeat_kv", None) or modeling_llama.repeat_kv
+    return rope, repeat
+
+
+def adapter_keys_values(attn, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [B, kv_heads, S, hd] (through k_norm where the layer has one, un-rotated) and
+    values of an already input-normed adapter ``prompt`` [B, S, H], through the layer's
+    own (LoRA'd) projections."""
+    b, s, _ = prompt.shape
+    hd = attn.head_dim
+    k = attn.k_proj(prompt).view(b, s, -1, hd)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    v = attn.v_proj(prompt).view(b, s, -1, hd)
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _gated_attention(attn, hidden, cos, sin, prompt, kv_mask, gate) -> torch.Tensor:
+    """tanh(g)-per-head-gated attention of ``hidden``'s (rotary) queries over the
+    un-rotated adapter keys/values, through the layer's own projections, q/k norms
+    (Qwen3-style, if the layer has them), scaling (``attn.scaling``) and grouped-query
+    layout, with transformers' own ``apply_rotary_pos_emb`` and ``repeat_kv``.  The gate
+    multiplies each head before W_o and W_o's bias (if any) is taken off again, so a
+    closed gate adds exactly zero."""
+    rope, repeat_kv = _attention_utils(attn)
     b, t, _ = hidden.shape
     hd = attn.head_dim
     q = attn.q_proj(hidden).view(b, t, -1, hd)
-    s = kv_in.shape[1]
-    k = attn.k_proj(kv_in).view(b, s, -1, hd)
-    v = attn.v_proj(kv_in).view(b, s, -1, hd).transpose(1, 2)
     if getattr(attn, "q_norm", None) is not None:
         q = attn.q_norm(q)
-    if getattr(attn, "k_norm", None) is not None:
-        k = attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    q, _ = apply_rotary_pos_emb(q, q, cos, sin)  # keys stay un-rotated (LLaMA-Adapter)
+    q = q.transpose(1, 2)
+    q, _ = rope(q, q, cos, sin)  # keys stay un-rotated (LLaMA-Adapter)
+    k, v = adapter_keys_values(attn, prompt)
     rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, rep), repeat_kv(v, rep)
     scale = float(getattr(attn, "scaling", hd**-0.5))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_mask[:, None, None, :], scale=scale)
-    return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+    out = out * gate.to(out.dtype)[None, :, None, None]
+    y = attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+    bias = getattr(getattr(attn.o_proj, "base_layer", attn.o_proj), "bias", None)
+    return y if bias is None else y - bias
 
 
 def _decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:

@@ -52,7 +52,7 @@ class LoraTask:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ALL_LINEAR
-    lora_top_layers: int | str | None = "auto"  # as llm.lora.top_layers
+    lora_top_layers: int | None = None  # as llm.lora.top_layers (None: every layer)
     conditioning: str = "prefix"  # prefix | adapter (text has no sensor state to federate)
     tokens_per_modality: int = 2
     adapter_layers: int = 8
@@ -84,7 +84,9 @@ class LoraTask:
         stage's data when ``llm.bundle`` is set (else the toy set)."""
         lc = cfg["llm"]
         keys = TuneSettings.__dataclass_fields__
-        tune = TuneSettings(**{k: lc[k] for k in keys if k in lc and k != "seed"})
+        ad = section("llm.adapter", lc.get("adapter"))
+        given = {k: lc[k] for k in keys if k in lc and k not in ("seed", "gate_lr")}
+        tune = TuneSettings(**given, gate_lr=float(ad["gate_lr"]))
         kind = next((k for k in lc["conditioning"] if k != "text"), "prefix")
         return cls(
             model=str(lc["model"]),
@@ -95,8 +97,8 @@ class LoraTask:
             lora_top_layers=section("llm.lora", lc["lora"])["top_layers"],
             conditioning=kind,
             tokens_per_modality=int(lc["tokens_per_modality"]),
-            adapter_layers=int(lc["adapter_layers"]),
-            queries_per_task=int(lc["queries_per_task"]),
+            adapter_layers=int(ad["layers"]),
+            queries_per_task=int(ad["queries_per_task"]),
             tune=tune,
             max_new_tokens=int(lc["max_new_tokens"]),
             eval_batch=int(lc["eval_batch"]),
@@ -205,7 +207,9 @@ def build_model(task: LoraTask, data: TaskData, rank: int) -> tuple[SensorLM, Se
     )
     torch.manual_seed(task.seed)
     model = SensorLM(replace(base, model=copy.deepcopy(base.model)), lora, cond)
+    classes = {t: list(data.meta.tasks[t].classes) for t in data.tasks}
     builder = SequenceBuilder(
-        base.tokenizer, data.feats.names, data.tasks, task.tokens_per_modality, task.conditioning
-    )
+        base.tokenizer, data.feats.names, data.tasks, task.tokens_per_modality,
+        task.conditioning, classes=classes,
+    )  # fmt: skip
     return model, builder

@@ -25,10 +25,10 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    # "auto": with the adapter, only its top layers get LoRA, so the backward pass stops
-    # there (nothing below needs a gradient); with prefix tokens every layer (the soft
-    # tokens enter at the bottom, the backward pass goes all the way down anyway)
-    top_layers: int | str | None = "auto"
+    # LoRA in the last ``top_layers`` decoder layers, or every layer (None).  The same for
+    # every conditioning: a comparison of prefix and adapter is at equal LoRA coverage
+    # (the first version gave the adapter LoRA in its 8 layers and prefix in all 30)
+    top_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,39 @@ class ConditioningSettings:
     names: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     feature_dim: int = 0
+
+
+def lora_layer_count(top_layers: object, n_layers: int) -> int:
+    """How many of the last decoder layers get LoRA: ``top_layers`` (an int in 1..n_layers)
+    or every layer (None).  The old ``"auto"`` (the adapter's layers for the adapter, all
+    for prefix) made the two conditionings differ in coverage, so it is refused by name."""
+    if top_layers is None:
+        return n_layers
+    if isinstance(top_layers, bool) or not isinstance(top_layers, int):
+        raise ValueError(
+            f"llm.lora.top_layers={top_layers!r}: give an int (LoRA in the last N decoder "
+            "layers, the same for every conditioning) or null (every layer)"
+        )
+    if not 1 <= top_layers <= n_layers:
+        raise ValueError(f"llm.lora.top_layers={top_layers}: the LM has {n_layers} decoder layers")
+    return top_layers
+
+
+def lora_coverage(peft_model: nn.Module, adapter_name: str) -> dict:
+    """Where adapter ``adapter_name``'s LoRA factors actually sit (read from the modules,
+    not the settings): the decoder layer indices, the projection names and the number of
+    adapted modules; written per conditioning to results.json."""
+    from peft.tuners.lora import LoraLayer
+
+    layers, modules, count = set(), set(), 0
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, LoraLayer) and adapter_name in mod.lora_A:
+            parts = name.split(".")
+            if "layers" in parts:
+                layers.add(int(parts[parts.index("layers") + 1]))
+            modules.add(parts[-1])
+            count += 1
+    return {"layers": sorted(layers), "modules": sorted(modules), "adapted": count}
 
 
 class SensorLM(nn.Module):
@@ -60,14 +93,12 @@ class SensorLM(nn.Module):
 
         self.cond = cond
         n_layers = int(lm.model.config.num_hidden_layers)
-        top = lora.top_layers
-        if top == "auto":
-            top = min(cond.adapter_layers, n_layers) if cond.kind == "adapter" else None
+        top = lora_layer_count(lora.top_layers, n_layers)
         layers = (
             {}
-            if top is None
+            if top == n_layers
             else {
-                "layers_to_transform": list(range(n_layers - int(top), n_layers)),
+                "layers_to_transform": list(range(n_layers - top, n_layers)),
                 "layers_pattern": "layers",
             }
         )
@@ -100,8 +131,10 @@ class SensorLM(nn.Module):
         if cond.kind == "prefix":
             self.projector = PrefixProjector(*args)
         elif cond.kind == "adapter":
-            layers = min(cond.adapter_layers, causal.config.num_hidden_layers)
-            self.adapter = GatedSensorAdapter(*args, len(cond.tasks), layers, cond.queries_per_task)
+            heads = int(causal.config.num_attention_heads)
+            self.adapter = GatedSensorAdapter(
+                *args, len(cond.tasks), cond.adapter_layers, heads, cond.queries_per_task
+            )
             name = adapter_name
             self.adapter.install(causal, active=lambda: self.peft.active_adapter == name)
 
@@ -118,6 +151,10 @@ class SensorLM(nn.Module):
     @property
     def embed(self) -> nn.Module:
         return self.peft.get_base_model().get_input_embeddings()
+
+    def lora_coverage(self) -> dict:
+        """This model's LoRA placement (see :func:`lora_coverage`)."""
+        return lora_coverage(self.peft, self.adapter_name)
 
     def sensor_state(self) -> dict[str, torch.Tensor]:
         """Projector/adapter weights (saved beside the peft adapter)."""

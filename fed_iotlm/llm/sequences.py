@@ -18,13 +18,14 @@ token ids are cached per string.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .features import FUSED
 from .instructions import Example, describe_present
+from .routing import TaskRouter
 
 CONDITIONINGS = ("prefix", "adapter", "text", "names", "none")
 IGNORE = -100
@@ -52,7 +53,7 @@ class Batch:
     slot_mod: torch.Tensor  # [B, T] index into the feature names
     slot_j: torch.Tensor  # [B, T] which of the k tokens
     sample: torch.Tensor  # [B] the sample the (last) question is about
-    task_id: torch.Tensor  # [B] adapter query set (num_tasks = general)
+    task_id: torch.Tensor  # [B] adapter query set: the task the last question asks about
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: v.to(device) for k, v in vars(self).items()})
@@ -100,12 +101,15 @@ class SequenceBuilder:
         k: int,
         conditioning: str,
         describe: Callable[[int], str] | None = None,
+        classes: Mapping[str, Sequence[str]] | None = None,
     ):
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"llm.conditioning={conditioning!r}; choose one of {CONDITIONINGS}")
         if conditioning == "text" and describe is None:
             raise ValueError("text conditioning needs a describe(sample) function")
         self.tok, self.names, self.tasks, self.k = tokenizer, list(names), list(tasks), k
+        # the adapter's query set per sequence: the task its last question asks about
+        self.router = TaskRouter(self.tasks, classes) if self.tasks else None
         self.conditioning, self.describe = conditioning, describe
         markers = chat_markers(tokenizer)
         self.user_open, self.user_close, self.eos_text, self.turn_gap = markers
@@ -176,7 +180,11 @@ class SequenceBuilder:
         return list(self._ids(text + self.eos_text))
 
     def task_id(self, ex: Example) -> int:
-        return self.tasks.index(ex.task) if ex.task in self.tasks else len(self.tasks)
+        """The adapter query set of ``ex``: the task its last question asks about
+        (:mod:`fed_iotlm.llm.routing`), so a dialog's follow-up and ``ask`` reach theirs."""
+        if self.router is None:
+            return 0
+        return self.router.route(ex.turns[-1].question, default=ex.task)
 
     def collate(self, encs: Sequence[Encoded], left_pad: bool = False) -> Batch:
         """Pad to the longest sequence: right for training, left for generation."""

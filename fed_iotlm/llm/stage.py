@@ -51,7 +51,23 @@ def lora_settings(lc: dict) -> LoraSettings:
 
 def tune_settings(lc: dict, seed: int) -> TuneSettings:
     keys = TuneSettings.__dataclass_fields__
-    return TuneSettings(**{k: lc[k] for k in keys if k in lc and k != "seed"}, seed=seed)
+    given = {k: lc[k] for k in keys if k in lc and k not in ("seed", "gate_lr")}
+    gate_lr = float(section("llm.adapter", lc.get("adapter"))["gate_lr"])
+    return TuneSettings(**given, gate_lr=gate_lr, seed=seed)
+
+
+def conditioning_settings(lc: dict, kind: str, names: list[str], tasks: list[str], dim: int):
+    """``llm.*`` as the settings of conditioning ``kind`` (the stage and ``ask`` alike)."""
+    ad = section("llm.adapter", lc.get("adapter"))
+    return ConditioningSettings(
+        kind=kind,
+        tokens_per_modality=int(lc["tokens_per_modality"]),
+        adapter_layers=int(ad["layers"]),
+        queries_per_task=int(ad["queries_per_task"]),
+        names=names,
+        tasks=tasks,
+        feature_dim=dim,
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,23 +89,36 @@ def _init_distributed(device: torch.device) -> None:
             torch.cuda.set_device(device)
 
 
-def build_model(base, lc: dict, kind: str, feats: SensorFeatures, tasks: list[str], seed: int):
-    """A SensorLM of conditioning ``kind`` and its sequence builder.  Every conditioning
-    shares ``base``'s weights (one more named LoRA adapter each; no deep copy)."""
+def build_model(
+    base,
+    lc: dict,
+    kind: str,
+    feats: SensorFeatures,
+    tasks: list[str],
+    seed: int,
+    classes: dict[str, list[str]] | None = None,
+):
+    """A SensorLM of conditioning ``kind`` and its sequence builder (which routes each
+    question to its task by the task and ``classes`` names).  Every conditioning shares
+    ``base``'s weights (one more named LoRA adapter each; no deep copy)."""
     torch.manual_seed(seed)
-    cond = ConditioningSettings(
-        kind=kind,
-        tokens_per_modality=int(lc["tokens_per_modality"]),
-        adapter_layers=int(lc["adapter_layers"]),
-        queries_per_task=int(lc["queries_per_task"]),
-        names=feats.names,
-        tasks=tasks,
-        feature_dim=feats.dim,
-    )
+    cond = conditioning_settings(lc, kind, feats.names, tasks, feats.dim)
     model = SensorLM(base, lora_settings(lc), cond, adapter_name=kind)
     base.model = model.peft  # the next conditioning adds its adapter to the same PeftModel
-    builder = SequenceBuilder(base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind)
+    builder = SequenceBuilder(
+        base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind, classes=classes
+    )
     return model, builder
+
+
+def _log_step(kind: str, step: int, loss: float, eta: float, row: dict) -> None:
+    """One tuning log line; the adapter's adds tanh(g) and ‖adapter‖/‖attention‖ per layer."""
+    line = f"  {kind} step {step}: loss {loss:.3f} (ETA {eta:.0f}s)"
+    if "gates_tanh" in row:
+        fmt = lambda xs: " ".join("-" if x is None else f"{x:.3f}" for x in xs)  # noqa: E731
+        line += f"; tanh(g) per layer [{fmt(row['gates_tanh'])}]"
+        line += f", adapter/attention [{fmt(row['adapter_attention_ratio'])}]"
+    console.print(line)
 
 
 CONTROLS = ("text_lora", "shuffled_sensors", "majority", "head", "train_templates")
@@ -119,6 +148,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     fewshot = lc["fewshot"]["task"]
     tasks = [t for t in meta.tasks if t != fewshot]
     qs = stage_questions(data, lc, seed, tasks)
+    classes = {t: list(meta.tasks[t].classes) for t in tasks}  # for routing (ask reads it too)
     val_q = [ex for t in tasks for ex in qs.val[t]]
     test_q = [ex for t in tasks for ex in qs.test[t]]
     scorings = list(lc["scoring"])
@@ -138,16 +168,21 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     models: dict = {}  # kind -> (model, builder); they share the base, so keeping them is cheap
     kinds = [*lc["conditioning"], *(["names"] if "text_lora" in controls else [])]
     for kind in kinds:
-        model, builder = build_model(base, lc, kind, feats, tasks, seed)
+        model, builder = build_model(base, lc, kind, feats, tasks, seed, classes)
         t1 = time.time()
         hist = tune(
             model, builder, qs.train, feats, tune_settings(lc, seed), out_dir / f"checkpoint-{kind}",
-            resume=bool(lc["resume"]), device=device, log=lambda s, loss, eta, k=kind: console.print(f"  {k} step {s}: loss {loss:.3f} (ETA {eta:.0f}s)"),
+            resume=bool(lc["resume"]), device=device, log=lambda *a, k=kind: _log_step(k, *a),
         )  # fmt: skip
         tune_s = time.time() - t1
         if rank != 0:
             continue
-        history += [{"round": h["step"], "loss": h["loss"], "conditioning": kind} for h in hist]
+        adapter_log = ("gates_tanh", "adapter_attention_ratio")
+        history += [
+            {"round": h["step"], "loss": h["loss"], "conditioning": kind}
+            | {key: h[key] for key in adapter_log if key in h}
+            for h in hist
+        ]
         t2 = time.time()
         args = (model, builder, feats)
         report = {
@@ -156,9 +191,14 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
             "tune_s": round(tune_s, 1),
             "eval_s": round(time.time() - t2, 1),
             "steps": len(hist) and hist[-1]["step"],
+            # equal across conditionings by construction (one llm.lora for all); recorded
+            # from the modules so a reader can check it
+            "lora_coverage": model.lora_coverage(),
         }
         if model.adapter is not None:
-            report["gates_tanh"] = torch.tanh(model.adapter.gates.detach()).cpu().tolist()
+            report["adapter_layers"] = model.adapter.layer_indices
+            report["gates_tanh"] = model.adapter.gates_tanh()  # per layer, mean over heads
+            report["gates_tanh_per_head"] = torch.tanh(model.adapter.gates.detach()).tolist()
         if fewshot and kind == "prefix":
             report["fewshot"] = _fewshot(
                 model, builder, feats, meta, data.train, qs.fit_rows, qs.test[fewshot],
@@ -178,6 +218,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     results: dict = {
         "conditioning": reports,
         "lm": lc["model"],
+        "task_classes": classes,
         "bundle": bundle_meta.get("meta", {}),
         "best": kind,
         "scoring": method,

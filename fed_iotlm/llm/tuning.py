@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .conditioning import GATE_PARAM
 from .features import SensorFeatures
 from .instructions import Example
 from .sensor_lm import SensorLM
@@ -34,6 +35,7 @@ class TuneSettings:
     grad_accum: int = 1
     lr: float = 1e-3
     sensor_lr: float = 3e-3
+    gate_lr: float | None = None  # the adapter's gates (None: sensor_lr)
     warmup: int = 10
     weight_decay: float = 0.0
     grad_checkpointing: bool = False
@@ -68,6 +70,24 @@ def make_scheduler(opt: torch.optim.Optimizer, settings: TuneSettings):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(start + i, warmup, total))
 
 
+def make_optimizer(model: SensorLM, settings: TuneSettings) -> torch.optim.AdamW:
+    """AdamW with one group per learning rate: LoRA (``lr``), projector and adapter
+    queries (``sensor_lr``) and the adapter's gates (``gate_lr``), which start at zero and
+    must travel far in few steps, so they get their own rate."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lora = [p for n, p in trainable if n.startswith("peft.")]
+    gates = [p for n, p in trainable if n == GATE_PARAM]
+    sensor = [p for n, p in trainable if not n.startswith("peft.") and n != GATE_PARAM]
+    gate_lr = settings.sensor_lr if settings.gate_lr is None else settings.gate_lr
+    groups = [
+        {"params": lora, "lr": settings.lr, "name": "lora"},
+        {"params": sensor, "lr": settings.sensor_lr, "name": "sensor"},
+    ]
+    if gates:
+        groups.append({"params": gates, "lr": gate_lr, "name": "gates"})
+    return torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) under torchrun; (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -81,7 +101,8 @@ def tune(
     settings: TuneSettings,
     ckpt_dir: Path,
     resume: bool = False,
-    log: Callable[[int, float, float], None] | None = None,  # (step, loss, ETA s)
+    # (step, loss, ETA s, the history row: the adapter's gates and output ratios too)
+    log: Callable[[int, float, float, dict], None] | None = None,
     device: torch.device | str = "cpu",
 ) -> list[dict[str, float]]:
     """Train in place; returns the loss history ``[{"step", "loss"}]``."""
@@ -94,13 +115,7 @@ def tune(
         model.peft.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    lora = [p for n, p in trainable if n.startswith("peft.")]
-    sensor = [p for n, p in trainable if not n.startswith("peft.")]
-    opt = torch.optim.AdamW(
-        [{"params": lora, "lr": settings.lr}, {"params": sensor, "lr": settings.sensor_lr}],
-        weight_decay=settings.weight_decay,
-    )
+    opt = make_optimizer(model, settings)
     sched = make_scheduler(opt, settings)
     step, history = 0, []
     rng = random.Random(settings.seed * 1_000_003 + rank)
@@ -112,6 +127,8 @@ def tune(
     encoded = [builder.encode(ex) for ex in examples]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
+    if model.adapter is not None:
+        model.adapter.take_output_ratios()  # drop what evaluation passes left
     t0, running, first = time.time(), [], step
     while step < settings.steps:
         for _ in range(settings.grad_accum):
@@ -128,11 +145,14 @@ def tune(
         step += 1
         if step % settings.log_every == 0 or step == settings.steps:
             row = {"step": step, "loss": float(np.mean(running)), "elapsed_s": time.time() - t0}
+            if model.adapter is not None:  # how open the gates are, how loud the adapter is
+                row["gates_tanh"] = model.adapter.gates_tanh()
+                row["adapter_attention_ratio"] = model.adapter.take_output_ratios()
             history.append(row)
             running = []
             if log is not None and rank == 0:
                 eta = row["elapsed_s"] / (step - first) * (settings.steps - step)
-                log(step, row["loss"], eta)
+                log(step, row["loss"], eta, row)
         if rank == 0 and (step % settings.checkpoint_every == 0 or step == settings.steps):
             save_checkpoint(model, opt, sched, step, history, ckpt_dir, rng)
     model.eval()

@@ -1,0 +1,66 @@
+"""Which task a question asks about, read from its words.
+
+The gated adapter keeps one set of learned queries per task; a question has to reach the
+set of the task it is about.  The first version used the example's *first* task for a
+whole dialog (so a follow-up about another task got the wrong set) and a "general" slot,
+never trained by classification, for ``fed-iotlm ask``.  Now every sequence is routed by
+its last question, the one being answered, the same way in training, evaluation and
+``ask``: the task whose name is in the question wins, else the task with the most class
+names in it; ties go to the earlier task.  A question naming nothing goes to the
+example's own task if it has one, else to the first task, with a logged notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def _norm(text: str) -> str:
+    """Lower case, ``_``/``-`` as spaces, single spaces (as class names are matched)."""
+    return " ".join(re.sub(r"[_\-]", " ", text.lower()).split())
+
+
+def _mentions(text: str, name: str) -> bool:
+    name = _norm(name)
+    return bool(name) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
+
+
+class TaskRouter:
+    """Keyword routing over ``tasks`` (names, in the adapter's slot order) and their
+    ``classes`` (from the dataset's meta; a task without an entry is matched by name)."""
+
+    def __init__(self, tasks: Sequence[str], classes: Mapping[str, Sequence[str]] | None = None):
+        if not tasks:
+            raise ValueError("task routing needs at least one task")
+        self.tasks = list(tasks)
+        self.classes = {t: list((classes or {}).get(t, ())) for t in self.tasks}
+        self._noticed: set[str] = set()
+
+    def scores(self, question: str) -> list[tuple[int, int]]:
+        """Per task: (task name mentioned, number of its class names mentioned)."""
+        text = _norm(question)
+        return [
+            (int(_mentions(text, t)), sum(_mentions(text, c) for c in self.classes[t]))
+            for t in self.tasks
+        ]
+
+    def route(self, question: str, default: str | None = None) -> int:
+        """The slot of the task ``question`` asks about (see the module docstring)."""
+        scores = self.scores(question)
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        if scores[best] != (0, 0):
+            return best
+        if default in self.tasks:
+            return self.tasks.index(default)
+        if question not in self._noticed:
+            self._noticed.add(question)
+            log.warning(
+                "task routing: %r names none of the tasks %s or their classes; "
+                "using the first task's adapter queries (%s)",
+                question, self.tasks, self.tasks[0],
+            )  # fmt: skip
+        return 0
