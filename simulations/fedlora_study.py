@@ -196,9 +196,9 @@ def write_report(doc: dict, path: Path) -> None:
     atomic_write_text(path, "\n".join(lines))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--bundle", type=Path, help="model bundle of a federated run (default: toy features)"
