@@ -40,9 +40,9 @@ def _prints_and_flower_logs(path: Path) -> list[str]:
                 isinstance(fn, ast.Attribute) and fn.attr == "print"
             ):
                 found.append(f"print at line {node.lineno}")
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flwr"):
-            if any(alias.name == "log" for alias in node.names):
-                found.append(f"flwr's log imported at line {node.lineno}")
+        from_flower = isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flwr")
+        if from_flower and any(alias.name == "log" for alias in node.names):
+            found.append(f"flwr's log imported at line {node.lineno}")
     return found
 
 

@@ -47,6 +47,13 @@ def test_an_unknown_study_is_one_line_and_exit_2(capsys):
     )
 
 
+def test_a_missing_study_name_is_one_line_and_exit_2(capsys):
+    assert cli.main(["study"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fed-iotlm study: error: no study named; choose from mmbind,")
+    assert "\n" not in err
+
+
 def test_study_help_lists_every_study_with_one_line(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["study", "--help"])

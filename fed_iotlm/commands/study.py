@@ -80,7 +80,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=listing(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("name", metavar="NAME", help="one of: " + ", ".join(STUDIES))
+    # optional for argparse, so that a missing name gets the same one-line error as an
+    # unknown one (argparse would also call the remainder a missing argument)
+    parser.add_argument("name", metavar="NAME", nargs="?", help="one of: " + ", ".join(STUDIES))
     parser.add_argument(
         "args", nargs=argparse.REMAINDER, help="the study's own options (see NAME --help)"
     )
@@ -88,16 +90,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Hand the rest of the command line to the study's ``main``; an unknown name is one
-    line on stderr and exit status 2.  A study's own ``--help`` or bad option ends in
+    """Hand the rest of the command line to the study's ``main``; a missing or unknown
+    name is one line on stderr and exit status 2.  A study's own ``--help`` or bad option ends in
     its argparse's SystemExit (0 or 2), which passes through unchanged."""
-    study = STUDIES.get(args.name)
+    study = STUDIES.get(args.name) if args.name else None
     if study is None:
-        print(
-            f"fed-iotlm study: error: unknown study {args.name!r}; "
-            f"choose from {', '.join(STUDIES)}",
-            file=sys.stderr,
-        )
+        what = f"unknown study {args.name!r}" if args.name else "no study named"
+        print(f"fed-iotlm study: error: {what}; choose from {', '.join(STUDIES)}", file=sys.stderr)
         return 2
     missing = [m for m in study.needs if not has(m)]
     if missing:
