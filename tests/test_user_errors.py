@@ -5,12 +5,14 @@ Every case stops before any federation or LM starts."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from fed_iotlm import cli
 from fed_iotlm.data.exchange import save_dataset
 from fed_iotlm.data.synthetic import SyntheticConfig, make_synthetic
+from fed_iotlm.settings import ConfigError, compose
 
 
 def one_line_error(capsys, command: str) -> str:
@@ -70,3 +72,16 @@ def test_import_from_a_missing_source(tmp_path, capsys):
     assert cli.main(["import", "hapt", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "nope: source directory not found" in one_line_error(capsys, "import hapt")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("+foo=1", "foo"), ("+data.bar=1", "data.bar"), ("+strategy.mu=0.1", "strategy.mu")],
+)
+def test_an_appended_key_no_schema_declares_is_refused(override, key):
+    """Hydra lifts the struct flag for ``+key=value``: without the check after composition
+    a mistyped key would be carried along unread and the run would start.  (Checked at
+    compose, which every entry point calls first: a regression here must not start a
+    federation; `fed-iotlm run nokey=1` covers the one-line path in test_package.)"""
+    with pytest.raises(ConfigError, match=re.escape(f"config: unknown key '{key}'")):
+        compose([override])
