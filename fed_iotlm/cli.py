@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("run", "tune", "ask", "certs", "sites", "importer", "report")
+COMMANDS = ("run", "study", "tune", "ask", "certs", "sites", "importer", "report")
 
 # optional modules each command needs (fed_iotlm.extras names the extra for each)
 NEEDS = {

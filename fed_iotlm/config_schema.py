@@ -469,6 +469,31 @@ def check_required(cfg: Mapping[str, Any]) -> None:
                 )
 
 
+def check_declared(cfg: Mapping[str, Any], schema: type | None = None, path: str = "") -> None:
+    """Raise :class:`ConfigError` for a key of the composed ``cfg`` that no schema
+    declares.  Composition refuses ``nokey=1``, but Hydra adds a ``+key=value`` override
+    with the struct flag lifted, so without this check a mistyped ``+`` key would be
+    carried along unread.  Open maps and lists (``Any``, ``dict``) are not walked."""
+    import dataclasses
+
+    if schema is None:
+        schema = Config
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in cfg.items():
+        where = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise ConfigError(
+                f"config: unknown key '{where}' (fed_iotlm/config_schema.py declares every key)"
+            )
+        if not isinstance(value, Mapping):
+            continue
+        inner: Any = fields[key].default_factory
+        if not path and key in GROUP_SCHEMAS:
+            inner = GROUP_SCHEMAS[key].get(str(value.get("name")))
+        if isinstance(inner, type) and dataclasses.is_dataclass(inner):
+            check_declared(value, inner, where)
+
+
 # group option -> its schema, stored as ``<group>/schema_<option>``; the option's yaml
 # names it first in its defaults list
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {

@@ -14,7 +14,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from fed_iotlm.config_schema import ConfigError, check_required, describe, register
+from fed_iotlm.config_schema import (
+    ConfigError,
+    check_declared,
+    check_required,
+    describe,
+    register,
+)
 
 __all__ = ["ConfigError", "compose", "config_dir", "from_run_config", "run_config_overrides"]
 
@@ -65,6 +71,7 @@ def _compose_cached(overrides: tuple[str, ...], directory: str) -> str:
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(explain(err)) from err
     check_required(plain)
+    check_declared(plain)
     return json.dumps(plain)
 
 

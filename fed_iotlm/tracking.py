@@ -113,11 +113,11 @@ class RunRecorder:
         total = self.cfg.get("rounds", "?")
         rejected = int(extra.get("rejected_updates", 0))
         sent, answered = int(extra.get("nodes_sent", 0)), int(extra.get("nodes_answered", 0))
-        console.print(
-            f"[bold]round {rnd:>3}/{total}[/bold]  accuracy {accuracy:.3f}  loss {loss:.3f}"
-            + (f"  [red]{rejected} update(s) rejected[/red]" if rejected else "")
-            + (f"  [red]{answered}/{sent} nodes answered[/red]" if answered < sent else "")
-            + ("  [red]skipped[/red]" if extra.get("round_skipped") else "")
+        logger.info(
+            f"round {rnd:>3}/{total}  accuracy {accuracy:.3f}  loss {loss:.3f}"
+            + (f"  {rejected} update(s) rejected" if rejected else "")
+            + (f"  {answered}/{sent} nodes answered" if answered < sent else "")
+            + ("  skipped" if extra.get("round_skipped") else "")
             + f"  ({time.time() - self.t0:.0f}s"
             + (f", ETA {eta:.0f}s)" if eta is not None else ")")
         )

@@ -18,14 +18,13 @@ uninterrupted run makes there (flwr's ``Strategy.start`` cannot start mid-run).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from logging import INFO, WARNING
 from typing import Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -40,6 +39,8 @@ from fed_iotlm.federation.round_record import (
 
 from .participation import sort_replies
 from .roster import LiveRoster
+
+log = logging.getLogger(__name__)
 
 
 class Step(Protocol):
@@ -72,7 +73,7 @@ class RoundEngine:
     def run(self, arrays: ArrayRecord, first: int, last: int) -> ArrayRecord:
         """Rounds ``first``..``last``; the global model after the last."""
         for rnd in range(first, last + 1):
-            log(INFO, "[%s %s/%s]", self.label, rnd, last)
+            log.info("[%s %s/%s]", self.label, rnd, last)
             arrays = self.run_round(rnd, arrays).arrays
         return arrays
 
@@ -84,7 +85,7 @@ class RoundEngine:
         t1 = time.perf_counter()
         step = self.step(rnd, arrays, self.records)
         if step.arrays is None:
-            log(WARNING, "%s round %s: nothing aggregated; keeping the model", self.phase, rnd)
+            log.warning("%s round %s: nothing aggregated; keeping the model", self.phase, rnd)
         new = arrays if step.arrays is None else step.arrays
         t2 = time.perf_counter()
         metrics = dict(step.metrics)

@@ -15,6 +15,7 @@ are views of the rounds' records.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -36,11 +37,13 @@ from fed_iotlm.llm.federated import (
 )
 from fed_iotlm.llm.fedlora import lora_factors
 from fed_iotlm.llm.lora_task import LoraTask, TaskData, build_model, load_task_data
+from fed_iotlm.logs import configure as configure_logging
 from fed_iotlm.settings import from_run_config
-from fed_iotlm.tracking import console
 from server.engine import RoundEngine
 from server.federated_run import wait_for_nodes
 from server.lora_step import LoraStep, Observer, lora_comm, lora_rounds
+
+log = logging.getLogger(__name__)
 
 # each round's record as the engine makes it: (method, record)
 RecordHook = Callable[[str, RoundRecord], None]
@@ -158,14 +161,10 @@ def run_lora_federation(
     doc: dict = {"task": asdict(task) | {"cfg_json": None}, "num_sites": num_sites, "methods": {}}
     path = out_dir / "results.json"
     for fs in plans:
-        console.print(
-            f"[bold]federated LoRA[/bold]: {fs.method}, {num_sites} sites, {fs.rounds} rounds"
-        )
+        log.info("federated LoRA: %s, %s sites, %s rounds", fs.method, num_sites, fs.rounds)
         doc["methods"][fs.method] = run_method(grid, task, data, fs, sites, observe, on_record)
         atomic_write_text(path, json.dumps(doc, indent=2))
-        console.print(
-            f"  {fs.method}: generation accuracy {doc['methods'][fs.method]['accuracy']:.3f}"
-        )
+        log.info("%s: generation accuracy %.3f", fs.method, doc["methods"][fs.method]["accuracy"])
     return path
 
 
@@ -183,6 +182,7 @@ def make_lora_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        configure_logging()  # a ServerApp started by Flower runs in an unconfigured process
         given = task is not None and plans is not None and num_sites is not None
         cfg = {} if given else from_run_config(dict(context.run_config))
         the_task = task or LoraTask.from_cfg(cfg)

@@ -23,6 +23,7 @@ a LoRA run cannot be resumed from them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,9 +35,10 @@ from fed_iotlm.federation.records import numpy_to_record, record_nbytes, record_
 from fed_iotlm.federation.round_record import RoundRecord, StepResult
 from fed_iotlm.llm.federated import FederatedSettings, LoraServerState, RoundReport, SiteUpdate
 from fed_iotlm.llm.lora_wire import pack, unpack
-from fed_iotlm.tracking import console
 
 from .participation import sort_replies
+
+log = logging.getLogger(__name__)
 
 # called after each aggregation: (method, round, replies by partition id, server state)
 Observer = Callable[[str, int, Mapping[int, SiteUpdate], LoraServerState], None]
@@ -114,8 +116,8 @@ class LoraStep:
         )  # fmt: skip
         stats = outcome.metrics() | {"lora_bytes_down": lora_down}
         if outcome.skipped:
-            console.print(
-                f"  {fs.method} round {rnd}/{fs.rounds}: skipped, {len(outcome.answered)} of "
+            log.warning(
+                f"{fs.method} round {rnd}/{fs.rounds}: skipped, {len(outcome.answered)} of "
                 f"{len(messages)} site(s) answered (llm.federated.min_sites="
                 f"{fs.min_replies(len(self.sites))}); the adapter stays as it was"
             )
@@ -138,8 +140,8 @@ class LoraStep:
             self.observe(fs.method, rnd, updates, state)
         fedit = "" if report.fedit_error is None else f", FedIT would lose {report.fedit_error:.4f}"
         absent = "" if not outcome.faulty else f" ({len(updates)} of {len(messages)} sites)"
-        console.print(
-            f"  {fs.method} round {rnd}/{fs.rounds}{absent}: loss {report.loss:.3f}, "
+        log.info(
+            f"{fs.method} round {rnd}/{fs.rounds}{absent}: loss {report.loss:.3f}, "
             f"aggregation error {report.agg_error:.4f} = {report.rel_error:.2%} of the "
             f"round's update {report.update_norm:.3f}{fedit}"
         )

@@ -19,6 +19,7 @@ task -> share).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,9 +34,10 @@ from fed_iotlm.experiment import match_config
 from fed_iotlm.federation.aggregation import NodeUpdate, aggregate_groups
 from fed_iotlm.federation.records import metrics_to_counts, numpy_to_record, record_to_numpy
 from fed_iotlm.federation.round_record import RoundRecord, StepResult
-from fed_iotlm.tracking import console
 
 from .secure_rounds import SecureRounds
+
+log = logging.getLogger(__name__)
 
 
 def _send(grid: Grid, node_ids: list[int], message_type: str, content: dict[int, RecordDict]):
@@ -71,9 +73,8 @@ def pretrain_step(grid: Grid, rounds: int):
         updates.sort(key=lambda u: int(u.node))  # reply order varies; the sums must not
         result = aggregate_groups(record_to_numpy(arrays), updates)
         loss = float(np.mean(losses)) if losses else float("nan")
-        console.print(
-            f"[bold]shared-modality round {rnd}/{rounds}[/bold]  SSL loss "
-            f"{loss:.3f}  ({len(updates)} nodes)"
+        log.info(
+            "shared-modality round %s/%s: SSL loss %.3f (%s nodes)", rnd, rounds, loss, len(updates)
         )
         return StepResult(
             numpy_to_record(result.state),
@@ -90,7 +91,7 @@ def secure_pretrain_step(secure: SecureRounds, rounds: int):
 
     def step(rnd: int, arrays: ArrayRecord, records: Sequence[RoundRecord]) -> StepResult:
         result = secure(rnd, arrays, records)
-        console.print(f"[bold]shared-modality round {rnd}/{rounds}[/bold]  (SecAgg+)")
+        log.info("shared-modality round %s/%s (SecAgg+)", rnd, rounds)
         return result
 
     return step
@@ -128,8 +129,8 @@ def bind(
         delivered.clear()
         delivered.update(packed)
     stats = binding_stats(partners, [u.node for u in uploads], layout)
-    console.print(
-        f"[bold]binding @ round {rnd}[/bold]  pairs {stats['pairs']}  refused {stats['refused']}"
+    log.info(
+        f"binding @ round {rnd}: pairs {stats['pairs']}  refused {stats['refused']}"
         f"  mean similarity {stats['mean_similarity']:.3f}"
         + "".join(
             f"  pair accuracy ({t}) {a:.3f}" for t, a in stats.get("pair_accuracy", {}).items()
@@ -184,4 +185,4 @@ def redeliver(grid: Grid, partners: dict[str, ArrayRecord], node_ids: dict[int, 
         node_ids[int(pid)]: RecordDict({"partners": rec}) for pid, rec in partners.items()
     }
     _send(grid, list(deliveries), "train.bind", deliveries)
-    console.print(f"re-delivered the last binding's partners to {len(deliveries)} node(s)")
+    log.info("re-delivered the last binding's partners to %s node(s)", len(deliveries))

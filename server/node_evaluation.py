@@ -12,16 +12,17 @@ modalities, and the server weights their figures by their test counts.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.common import log
 from flwr.serverapp import Grid
 
 from fed_iotlm.config_schema import setting
 
 from .chunked import send_and_receive_chunked
+
+log = logging.getLogger(__name__)
 
 SERVER, NODES, AUTO = "server", "nodes", "auto"
 
@@ -75,7 +76,7 @@ class NodeScores:
         }
         scored = {p: m for p, m in self.by_partition.items() if weights[p] > 0}
         if not scored:  # nobody answered: no figure rather than a made-up one
-            log(WARNING, "evaluate: no node answered with a scored test split")
+            log.warning("evaluate: no node answered with a scored test split")
             nan = float("nan")
             return {"accuracy": nan, "loss": nan, "accuracy_by_modality": {}, "by_task": {},
                     "weighting": "none", "nodes": 0}  # fmt: skip
@@ -122,8 +123,7 @@ def evaluate_on_nodes(
     ]
     replies = list(send_and_receive_chunked(grid, messages, timeout=timeout))
     if len(replies) < len(messages):
-        log(
-            WARNING,
+        log.warning(
             "evaluate: %s node(s) did not answer within %.0f s",
             len(messages) - len(replies),
             timeout,
@@ -131,8 +131,7 @@ def evaluate_on_nodes(
     scores = NodeScores()
     for reply in replies:
         if reply.has_error():
-            log(
-                WARNING,
+            log.warning(
                 "evaluate: node %s failed: %s",
                 reply.metadata.src_node_id,
                 reply.error.reason,

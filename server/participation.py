@@ -14,16 +14,17 @@ log, results.json and MLflow.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from logging import WARNING
 
 from flwr.app import Message
-from flwr.common import log
 
 from fed_iotlm.config_schema import StrategyConfig
 from fed_iotlm.federation.round_record import Participation
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROUND_TIMEOUT_S = float(StrategyConfig.round_timeout_s)  # the schema's
 
@@ -107,14 +108,12 @@ def sort_replies(
         who(m.metadata.dst_node_id) for m in sent if m.metadata.message_id not in replied_to
     ]
     for failure in outcome.failed:
-        log(WARNING, "round %s: dropped the reply of %s", rnd, failure)
+        log.warning("round %s: dropped the reply of %s", rnd, failure)
     for node in outcome.missing:
-        log(WARNING, "round %s: %s did not answer within %.0f s", rnd, node, timeout_s)
+        log.warning("round %s: %s did not answer within %.0f s", rnd, node, timeout_s)
     if len(outcome.answered) < min_nodes:
         outcome.skipped = True
-        log(
-            WARNING,
-            "round %s skipped: %s of %s node(s) answered, strategy.min_nodes=%s; "
+        log.warning("round %s skipped: %s of %s node(s) answered, strategy.min_nodes=%s; "
             "the model stays as it was",
             rnd, len(outcome.answered), len(sent), min_nodes,
         )  # fmt: skip

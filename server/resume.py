@@ -16,6 +16,7 @@ rounds train exactly as the uninterrupted ones would.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from fed_iotlm.federation.checkpoint import (
 from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
 from fed_iotlm.federation.round_record import PRETRAIN, TRAIN, RoundRecord
 from fed_iotlm.federation.strategy_state import capture_strategy, restore_strategy
-from fed_iotlm.tracking import console
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PRETRAIN", "TRAIN", "ResumePoint", "ServerCheckpointer"]
 PARTNERS = "partners."
@@ -101,7 +103,7 @@ class ServerCheckpointer:
             return None
         ckpt = load_checkpoint(self.directory)
         if ckpt is None:
-            console.print(f"resume=true, but {self.directory} holds no checkpoint: round 1")
+            log.info("resume=true, but %s holds no checkpoint: round 1", self.directory)
             return None
         self._check(ckpt)
         if "records" not in ckpt.meta:
@@ -125,7 +127,7 @@ class ServerCheckpointer:
             if name.startswith(PARTNERS)
         }
         restore_rng(ckpt.meta["rng"], ckpt.sections["rng"])
-        console.print(f"[bold]resuming[/bold] after {ckpt.phase} round {ckpt.round}")
+        log.info("resuming after %s round %s", ckpt.phase, ckpt.round)
         arrays = numpy_to_record(ckpt.sections["arrays"])
         if records:  # the last record holds the model, as it did when it was made
             records[-1] = replace(records[-1], arrays=arrays)

@@ -15,16 +15,17 @@ and never sends one site's round twice.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common import log
 from flwr.serverapp import Grid
 
 from .chunked import send_and_receive_chunked
+
+log = logging.getLogger(__name__)
 
 IDENTIFY = "query.identify"
 
@@ -182,25 +183,21 @@ class LiveRoster:
     def _admit(self, grid: Grid, newcomers: list[int], rnd: int) -> None:
         identities, errors = ask_identities(grid, newcomers, self.identify_timeout_s)
         for node_id, reason in errors.items():  # asked again next round
-            log(WARNING, "round %s: node %s cannot join: %s", rnd, node_id, reason)
+            log.warning("round %s: node %s cannot join: %s", rnd, node_id, reason)
         for node_id, (pid, mods, _source) in sorted(identities.items()):
             if not 0 <= pid < self.expected:
-                log(
-                    WARNING,
-                    "round %s: node %s has partition-id %s, outside 0..%s; not admitted",
+                log.warning("round %s: node %s has partition-id %s, outside 0..%s; not admitted",
                     rnd, node_id, pid, self.expected - 1,
                 )  # fmt: skip
                 continue
             old = self.node_ids.get(pid)
             if mods != self.modalities.get(pid):
-                log(
-                    WARNING,
-                    "round %s: partition %s now reports modalities %s (was %s)",
+                log.warning("round %s: partition %s now reports modalities %s (was %s)",
                     rnd, pid, mods, self.modalities.get(pid),
                 )  # fmt: skip
             self.node_ids[pid], self.modalities[pid] = node_id, mods
             self._rejoins.append({"round": rnd, "partition": pid, "node": node_id, "was": old})
-            log(INFO, "round %s: partition %s rejoined as node %s (was %s)", rnd, pid, node_id, old)
+            log.info("round %s: partition %s rejoined as node %s (was %s)", rnd, pid, node_id, old)
 
     def take_rejoins(self) -> list[dict]:
         """The rejoins since the last call (``{"round", "partition", "node", "was"}``),

@@ -19,8 +19,8 @@ and, under ``dp.mode=distributed``, the release the accountant composes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
@@ -28,7 +28,6 @@ from flwr.common import (
     FitIns,
     FitRes,
     Parameters,
-    log,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
@@ -50,6 +49,8 @@ from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
 from fed_iotlm.federation.round_record import RoundRecord, StepResult, releases_of
 from fed_iotlm.federation.secure import PUBLIC_WEIGHT, SecureSettings, SumLayout
 from fed_iotlm.federation.secure_dp import round_config
+
+log = logging.getLogger(__name__)
 
 
 class _SumCollector(Strategy):
@@ -140,9 +141,7 @@ class SecureRounds:
         release = [g for g in layout.groups if holders[g] >= minimum]
         few = [g for g in layout.groups if 0 < holders[g] < minimum]
         if few:
-            log(
-                WARNING,
-                "round %s: %s held by fewer than secagg.min_holders=%s nodes: not released",
+            log.warning("round %s: %s held by fewer than secagg.min_holders=%s nodes: not released",
                 rnd, ", ".join(few), minimum,
             )  # fmt: skip
         if not release:
@@ -173,7 +172,7 @@ class SecureRounds:
             releases = releases_of(records, self.phase)
             stats.update(self.privacy.account(rnd, self.collector.nodes, releases))
             dp_release = dict(releases[rnd])
-        log(INFO, "round %s: SecAgg+ summed %s nodes", rnd, self.collector.nodes)
+        log.info("round %s: SecAgg+ summed %s nodes", rnd, self.collector.nodes)
         return StepResult(
             numpy_to_record(state), stats=stats, dp_release=dp_release, withheld=tuple(few)
         )
@@ -203,7 +202,7 @@ class SecureRounds:
         return [m.astype(np.float64) * self.collector.nodes for m in self.collector.mean]
 
     def _skip(self, rnd: int, why: str, withheld: list[str]) -> StepResult:
-        log(WARNING, "round %s: %s; keeping the model", rnd, why)
+        log.warning("round %s: %s; keeping the model", rnd, why)
         stats = {
             "secagg.nodes": 0.0,
             "secagg.failures": float(self.collector.failures),

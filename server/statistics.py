@@ -12,12 +12,11 @@ that restarts gets them with its next message.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import replace
-from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.common import log
 from flwr.serverapp import Grid
 
 from fed_iotlm.data.preprocess import ChannelSums
@@ -32,6 +31,8 @@ from fed_iotlm.federation.secure_statistics import (
 
 from .chunked import send_and_receive_chunked
 from .roster import LiveNodesGrid
+
+log = logging.getLogger(__name__)
 
 # how long the (plain) statistics round waits: as long as the roll call before it
 # (server/rounds.py identify_nodes), since it too needs every node, cold starts included
@@ -60,7 +61,7 @@ def statistics_round(grid: Grid, node_ids: Iterable[int], timeout: float) -> Cha
     total = ChannelSums({}, {}, {})
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # a fixed float order
         total = total + sums_from_record(reply.content.array_records["stats"])
-    log(INFO, "statistics round: %s nodes, modalities %s", len(replies), sorted(total.count))
+    log.info("statistics round: %s nodes, modalities %s", len(replies), sorted(total.count))
     return total
 
 
@@ -88,13 +89,11 @@ def secure_statistics_round(
     below = [m for m in layout.modalities if 0 < holders[m] < minimum]  # never submitted
     found = replace(found, withheld=sorted({*below, *found.withheld}))
     for m in found.withheld:
-        log(
-            WARNING,
-            "statistics round: %s held by %s node(s), fewer than secagg.min_holders=%s: its "
+        log.warning("statistics round: %s held by %s node(s), fewer than secagg.min_holders=%s: its "
             "statistics are not released (its data stays on its raw scale)",
             m, holders[m], minimum,
         )  # fmt: skip
-    log(INFO, "statistics round under SecAgg+: %s nodes, released %s", num_nodes,
+    log.info("statistics round under SecAgg+: %s nodes, released %s", num_nodes,
         sorted(found.scaler.mean))  # fmt: skip
     return found
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
@@ -76,8 +78,11 @@ def run(out: Path, method: str, steps: int, seed: int, base: list[str]) -> dict:
     return res
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Run the study; ``argv`` defaults to the command line (``fed-iotlm study`` passes
+    its own, with ``prog`` naming the verb in usage and errors)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--labels", default="0.1,0.3")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=", ".join(METHODS))
     parser.add_argument("--grid", default="10,40", help="train.steps values to choose from")
@@ -86,7 +91,7 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="Hydra overrides added to every run")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "budget_study")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "budget.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")

@@ -17,6 +17,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
@@ -108,8 +109,11 @@ def write_report(
     atomic_write_text(doc, "\n".join(lines))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Run the study; ``argv`` defaults to the command line (``fed-iotlm study`` passes
+    its own, with ``prog`` naming the verb in usage and errors)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--attacks", default=",".join(ATTACKS))
@@ -117,8 +121,8 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="Hydra overrides added to every run")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "byzantine_study")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "byzantine.md")
-    args = parser.parse_args()
-    command = shlex.join(["python", "-m", "simulations.byzantine_study", *sys.argv[1:]])
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "simulations.byzantine_study", *argv])
     extra = shlex.split(args.extra)
     split = [[x for x in s.split(",") if x] for s in (args.rules, args.attacks, args.clean_rules)]
     unknown = sorted({*split[0], *split[2]} - set(RULES)) + sorted(set(split[1]) - set(ATTACKS))

@@ -35,6 +35,7 @@ from fed_iotlm.llm.evaluation import generation_accuracy
 from fed_iotlm.llm.federated import FederatedSettings
 from fed_iotlm.llm.lora_task import ALL_LINEAR, LoraTask, build_model, load_task_data
 from fed_iotlm.llm.tuning import tune
+from fed_iotlm.logs import configure as configure_logging
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,9 +197,9 @@ def write_report(doc: dict, path: Path) -> None:
     atomic_write_text(path, "\n".join(lines))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--bundle", type=Path, help="model bundle of a federated run (default: toy features)"
@@ -222,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "fedlora.md")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    configure_logging()  # the federation runs in this process: its round lines are logged
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)  # on busy cores, more threads spin far more than they help
     task = LoraTask(model=args.model, lora_r=args.rank, target_modules=ALL_LINEAR, seed=args.seed)

@@ -15,7 +15,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
@@ -146,8 +146,11 @@ def run_point(args, extra: list[str], sweep: str, label: str, overrides: list[st
                 on_run(table)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Run the study; ``argv`` defaults to the command line (``fed-iotlm study`` passes
+    its own, with ``prog`` naming the verb in usage and errors)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--sweeps", default="headline")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
@@ -161,7 +164,7 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite --doc from --out's summary.json"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     methods = args.methods.split(",")
     ablations = [a for a in args.ablations.split(",") if a]
     unknown = [m for m in [*methods, *ablations] if m not in METHODS]
@@ -174,7 +177,7 @@ def main() -> None:
         write_report(summary["table"], args.doc, run_dir, summary["command"])
         print(args.doc)
         return
-    command = "python -m simulations.mmbind_study " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python -m simulations.mmbind_study " + " ".join(shlex.quote(a) for a in argv)
     table: dict = {}
 
     def save(table: dict) -> None:

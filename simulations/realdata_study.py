@@ -119,7 +119,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                     f"| partition.alpha={alpha} | FedMultimodal {name} (published) | 5 | – | "
                     f"{f1 / 100:.4f} | {blank} | 200 | 105 |"
                 )
-    command = "python -m simulations.realdata_study " + " ".join(sys.argv[1:])
+    command = "python -m simulations.realdata_study " + " ".join(
+        getattr(args, "argv", sys.argv[1:])
+    )
     caption = (
         f"Task `{study['task']}`, last round's model (nothing chosen on any split); val: "
         f"mean ± std over seeds; test: mean ± std [95 % interval of the mean]. "
@@ -128,8 +130,11 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     return caption + "\n\n" + "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the study; ``argv`` defaults to the command line (``fed-iotlm study`` passes
+    its own, with ``prog`` naming the verb in usage and errors)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("study", choices=sorted(STUDIES))
     p.add_argument("--data", required=True, help="the imported dataset directory")
     p.add_argument("--out", default="outputs/realdata", help="run folders (resumable)")
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=Path, default=None, help="also write the table here (Markdown)")
     p.add_argument("extra", nargs="*", help="more Hydra overrides for every run")
     args = p.parse_intermixed_args(argv)
+    args.argv = argv  # the command line the table's caption quotes
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -260,15 +262,18 @@ def _plot(table: dict, sevs: list[str], methods: list[str], png: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """Run the study; ``argv`` defaults to the command line (``fed-iotlm study`` passes
+    its own, with ``prog`` naming the verb in usage and errors)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--severities", default=",".join(str(s) for s in SEVERITIES))
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--rounds", type=int, default=None, help="override (quick checks)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "shift_study")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "shift.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -24,6 +24,21 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = compose(args.overrides)
     out = Path(cfg.get("output_dir") or Path("outputs") / time.strftime("llm-%Y%m%d-%H%M%S"))
-    path = run_stage(cfg, out)
+    created = [d for d in (out, *out.parents) if not d.exists()]  # innermost first
+    try:
+        path = run_stage(cfg, out)
+    except Exception:
+        remove_empty(created)
+        raise
     print(path.resolve())
     return 0
+
+
+def remove_empty(created: list[Path]) -> None:
+    """Remove the folders this run created, innermost first, while they are empty: the
+    stage makes its output folder before it reads the bundle, and a run refused for bad
+    input should leave nothing behind (a folder that holds anything is kept)."""
+    for directory in created:
+        if not directory.is_dir() or any(directory.iterdir()):
+            return
+        directory.rmdir()

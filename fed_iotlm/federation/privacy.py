@@ -45,9 +45,9 @@ up in the clear.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
-from logging import INFO, WARNING
 from math import isfinite
 
 import numpy as np
@@ -58,7 +58,6 @@ from flwr.app import (
     MessageType,
 )
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import log
 from flwr.supercore.differential_privacy import (
     KEY_CLIPPING_NORM,
     compute_clip_model_update,
@@ -70,6 +69,8 @@ from fed_iotlm.config_schema import block, setting
 from .aggregation import NodeUpdate
 from .groups import group_of
 from .records import like_record, record_to_numpy
+
+log = logging.getLogger(__name__)
 
 MODES = ("central", "local", "distributed")  # distributed: under SecAgg+ (secure_dp.py)
 KEY_LOCAL_NOISE = "dp-local-noise-multiplier"  # train config: the node adds σC itself
@@ -151,7 +152,7 @@ def check_dp_run(cfg: Mapping) -> DPConfig:
             "(dp.mode=distributed); without SecAgg+ use dp.mode=central or local"
         )
     if dp.noise_multiplier == 0:
-        log(WARNING, "dp.noise_multiplier=0: updates are clipped but nothing is private")
+        log.warning("dp.noise_multiplier=0: updates are clipped but nothing is private")
     return dp
 
 
@@ -288,9 +289,7 @@ class CentralPrivacy:
             if h:
                 std = noise_std(self.config.noise_multiplier, self.config.clipping_norm, h)
                 out[key] = add_noise({key: state[key]}, std, rng)[key]
-        log(
-            INFO, "dp: round %s: central noise sigma*C/h on %d group(s)", server_round, len(holders)
-        )
+        log.info("dp: round %s: central noise sigma*C/h on %d group(s)", server_round, len(holders))
         return out
 
     def account(
