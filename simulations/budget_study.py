@@ -38,6 +38,9 @@ METHODS: dict[str, list[str]] = {
 DEFAULT_METHODS = ("local", "federated", "harmony", "centralized")
 
 
+DEFAULT_OUT = REPO / "runs" / "budget_study"
+
+
 def point(label_fraction: float, extra: list[str]) -> list[str]:
     """Overrides of one point: 50 % incompleteness, the label fraction, the extras."""
     plan = plan_override(incompleteness_plan(0.5))
@@ -89,7 +92,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--lr-grid", default="", help="train.lr values (default: the config's)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--extra", default="", help="Hydra overrides added to every run")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "budget_study")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "budget.md")
     args = parser.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
@@ -146,8 +149,9 @@ def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
         f"`{version}`:",
         f"`python -m simulations.budget_study --labels {args.labels} --grid {args.grid} "
         + (f"--lr-grid {args.lr_grid} " if args.lr_grid else "")
-        + f"--seeds {args.seeds}"
+        + f"--methods {args.methods} --seeds {args.seeds}"
         + (f" --extra '{args.extra}'" if args.extra else "")
+        + (f" --out {args.out}" if args.out != DEFAULT_OUT else "")
         + "`.",
         "",
         "| labels | method | val (seed 0) per grid point | steps / round, lr (chosen on val) "
