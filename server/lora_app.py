@@ -157,7 +157,10 @@ def run_lora_federation(
     """Every plan (method) in turn on the same sites; returns results.json's path."""
     out_dir = Path(out_dir)
     data = load_task_data(task)
-    sites = discover_sites(grid, num_sites)
+    # the roll call is the sites' first message: a fresh ClientApp imports torch, transformers
+    # and peft before it answers, which on a loaded machine outlasts any short fixed wait, so
+    # it gets the same deadline as a round (a dead site still fails the run, at that deadline)
+    sites = discover_sites(grid, num_sites, max(fs.round_timeout_s for fs in plans))
     doc: dict = {"task": asdict(task) | {"cfg_json": None}, "num_sites": num_sites, "methods": {}}
     path = out_dir / "results.json"
     for fs in plans:
