@@ -38,9 +38,6 @@ METHODS: dict[str, list[str]] = {
 DEFAULT_METHODS = ("local", "federated", "harmony", "centralized")
 
 
-DEFAULT_OUT = REPO / "runs" / "budget_study"
-
-
 def point(label_fraction: float, extra: list[str]) -> list[str]:
     """Overrides of one point: 50 % incompleteness, the label fraction, the extras."""
     plan = plan_override(incompleteness_plan(0.5))
@@ -92,9 +89,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--lr-grid", default="", help="train.lr values (default: the config's)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--extra", default="", help="Hydra overrides added to every run")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "budget_study")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "budget.md")
     args = parser.parse_args(argv)
+    args.command = shlex.join(["python", "-m", "simulations.budget_study", *argv])
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
@@ -147,12 +145,7 @@ def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
         "then every seed run at it. Test accuracy (mean over both tasks, all modalities present),",
         f"mean ± std over {args.seeds} seed(s) [95 % interval]. Produced by code version "
         f"`{version}`:",
-        f"`python -m simulations.budget_study --labels {args.labels} --grid {args.grid} "
-        + (f"--lr-grid {args.lr_grid} " if args.lr_grid else "")
-        + f"--methods {args.methods} --seeds {args.seeds}"
-        + (f" --extra '{args.extra}'" if args.extra else "")
-        + (f" --out {args.out}" if args.out != DEFAULT_OUT else "")
-        + "`.",
+        f"`{args.command}`.",
         "",
         "| labels | method | val (seed 0) per grid point | steps / round, lr (chosen on val) "
         "| val | test | steps / node / round | examples / node / round |",

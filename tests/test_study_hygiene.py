@@ -141,3 +141,18 @@ def test_a_failed_study_run_names_its_log_and_shows_its_end(tmp_path):
     log = (out / "run.log").read_text()
     assert "no_such_key" in log and "no_such_key" in str(failed.value)
     assert not (out / "results.json").exists()
+
+
+def test_the_budget_table_names_the_command_as_it_was_given(monkeypatch, tmp_path):
+    from simulations import budget_study
+
+    result = {"test": {"accuracy": 0.9}, "val": {"accuracy": 0.9},
+              "code_version": {"commit": "abc", "dirty": False}}  # fmt: skip
+    monkeypatch.setattr(budget_study, "run_one", lambda *a, **k: result)
+    doc = tmp_path / "budget.md"
+    argv = ["--labels", "0.3", "--grid", "20", "--methods", "harmony", "--seeds", "2",
+            "--out", str(tmp_path / "runs"), "--doc", str(doc)]  # fmt: skip
+    budget_study.main(argv)
+    text = doc.read_text()
+    assert "`python -m simulations.budget_study --labels 0.3 --grid 20 --methods harmony " in text
+    assert f"--out {tmp_path / 'runs'}" in text and "code version `abc`" in text
