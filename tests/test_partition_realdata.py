@@ -144,6 +144,36 @@ def test_hapt_sized_seed_1_builds_and_every_split_is_covered(tmp_path):
     assert (len(node.val), len(node.test)) == (len(layout.val_parts[0]), len(layout.test_parts[0]))
 
 
+def test_a_node_without_evaluation_samples_is_named_and_scores_nothing(tmp_path, caplog):
+    """A tiny split can leave a node with no val/test sample: allowed, logged by node,
+    and the node's empty split evaluates to no figure (weight 0), not to a crash."""
+    from fed_iotlm.experiment import model_spec
+    from fed_iotlm.models.multisensory import MultisensoryModel
+    from fed_iotlm.models.training import SplitTensors, evaluate
+    from server.node_evaluation import NodeScores
+
+    write_hapt_sized(tmp_path / "d")
+    cfg = hapt_cfg(tmp_path / "d", "partition.num_nodes=6", "partition.alpha=1.0")
+    ds = build_layout(cfg).dataset
+    small = MultisensoryDataset(ds.meta, ds.train, ds.test.subset(np.arange(3)), ds.val)
+    save_dataset(small, tmp_path / "small")
+    cfg = hapt_cfg(tmp_path / "small", "partition.num_nodes=6", "partition.alpha=1.0")
+    with caplog.at_level("WARNING", logger="fed_iotlm.data.federation"):
+        layout = build_layout(cfg)
+    empty = [i for i, p in enumerate(layout.test_parts) if len(p) == 0]
+    assert len(empty) >= 3
+    assert f"node(s) {empty} got no test sample" in caplog.text
+    node = layout.node_raw(empty[0]).standardized()
+    assert len(node.test) == 0 and len(node.train) > 0
+    model = MultisensoryModel(model_spec(cfg))
+    assert evaluate(model, SplitTensors.from_split(node.test)) == {}
+    scores = NodeScores(
+        {0: {"accuracy": 0.8, "loss": 0.5, "num-examples": 3.0},
+         1: {"accuracy": float("nan"), "loss": float("nan"), "num-examples": 0.0}}
+    )  # fmt: skip
+    assert scores.weighted()["accuracy"] == pytest.approx(0.8)
+
+
 # ---------------------------------------------------- missing-modality rates (FedMultimodal)
 
 
