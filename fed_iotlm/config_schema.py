@@ -62,6 +62,9 @@ class PartitionConfig:
     num_nodes: int = 8
     # explicit per-node modalities, e.g. [[imu,audio],[imu,depth],[imu]]
     plan: list[list[str]] | None = None
+    # groups of modalities taken away by turns: node i lacks group i % len(groups), e.g.
+    # [[audio_naive],[watch_acceleration]] (the two never meet on a node); not with plan
+    withhold: list[list[str]] | None = None
     missing_rate: float = 0.4  # random plan: chance a node lacks each (non-shared) modality
     shared: str | None = None  # a modality every node holds (MMBind's binding modality)
     label_fraction: float = 1.0  # share of each node's training samples that keep labels
@@ -71,7 +74,11 @@ class PartitionConfig:
     alpha: float = 0.5  # Dirichlet concentration (scheme=dirichlet)
     label_task: str | None = None  # task whose labels drive Dirichlet skew (default: first task)
     natural_key: str = "site"  # scheme=natural: site | subject
-    min_partition_size: int = 5
+    min_partition_size: int = 5  # dirichlet: fewest training samples a node may get
+    # dirichlet: draw the label skew on train only and give each node its val/test samples
+    # by class in its training proportions (fed_iotlm/data/follow_train.py); false: a
+    # separate Dirichlet draw per split (the behaviour before this key existed)
+    eval_follows_train: bool = True
 
 
 @dataclass

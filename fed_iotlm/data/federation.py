@@ -27,6 +27,7 @@ are bit-identical to those of a run without the shift feature.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +38,7 @@ from fed_iotlm.config_schema import block, setting
 
 from .dataset import MultisensoryDataset, Split
 from .exchange import load_dataset
+from .follow_train import empty_nodes, partition_like_train
 from .partition import modality_plan, partition_indices
 from .preprocess import ChannelSums, Standardizer, featurize_dataset
 from .shift import apply_shifts, parse_shift_config, site_ids_from_parts
@@ -45,9 +47,12 @@ from .validation import carve_validation, check_val_fraction
 
 SHIFT_UNITS = ("node", "site")
 
+log = logging.getLogger(__name__)
+
 
 def parse_plan(plan) -> list[list[str]] | None:
-    """A plan from Hydra (list of lists) or from a Flower run config ("imu,audio;imu")."""
+    """A plan (or ``partition.withhold``'s groups) from Hydra (list of lists) or from a
+    Flower run config ("imu,audio;imu")."""
     if plan is None or plan == "" or plan == []:
         return None
     if isinstance(plan, str):
@@ -255,11 +260,12 @@ def _layout_cached(key: str) -> FederationLayout:
         missing_rate=float(part["missing_rate"]),
         shared=part["shared"],
         seed=seed,
+        withhold=parse_plan(part["withhold"]),
     )
     # shifts change inputs only (labels, sites and sample order stay), so partitioning
     # the raw dataset gives the same parts as partitioning the featurized one
     splits = raw.splits()  # train, test (, val)
-    parts = {name: _partition(split, part, num_nodes, seed, raw) for name, split in splits.items()}
+    parts = _partition_splits(splits, part, num_nodes, seed, raw)
     val_fraction = check_val_fraction(part["val_fraction"])
     if raw.val is None:  # each node holds back a stratified share of its training data
         by = part["label_task"] or next(iter(raw.meta.tasks))
@@ -308,6 +314,41 @@ def _site_ids(split: Split, parts: list[np.ndarray], unit: str) -> np.ndarray | 
     if unit == "site":
         return None if split.site is None else np.asarray(split.site, dtype=np.int64)
     return site_ids_from_parts(parts, len(split))
+
+
+# seeds the follow-train split of each evaluation split apart from the other's
+_FOLLOW_STREAM = {"val": 1, "test": 2}
+
+
+def _partition_splits(
+    splits: dict[str, Split], part: dict, num_nodes: int, seed: int, ds
+) -> dict[str, list[np.ndarray]]:
+    """Each split's node parts.  Dirichlet with ``partition.eval_follows_train`` (the
+    default) draws the label skew once, on train, and gives each node its val/test
+    samples by class in proportion to its training share (:mod:`.follow_train`);
+    otherwise every split is partitioned on its own, as the scheme says."""
+    train = _partition(splits["train"], part, num_nodes, seed, ds)
+    out = {"train": train}
+    follow = part["scheme"] == "dirichlet" and bool(part["eval_follows_train"])
+    by = part["label_task"] or next(iter(ds.meta.tasks))
+    for name, split in splits.items():
+        if name == "train":
+            continue
+        if not follow:
+            out[name] = _partition(split, part, num_nodes, seed, ds)
+            continue
+        out[name] = partition_like_train(
+            train, splits["train"].y[by], split.y[by], seed=(seed, _FOLLOW_STREAM[name])
+        )
+        empty = empty_nodes(out[name])
+        if empty:  # allowed: such a node trains, and reports no score on this split
+            log.warning(
+                "partition: node(s) %s got no %s sample (their training share of every "
+                "%s class rounds to 0); they report no %s score, and the global %s set "
+                "is still the whole split",
+                empty, name, name, name, name,
+            )  # fmt: skip
+    return out
 
 
 def _partition(split: Split, part: dict, num_nodes: int, seed: int, ds) -> list[np.ndarray]:

@@ -177,6 +177,7 @@ def modality_plan(
     missing_rate: float = 0.0,
     shared: str | None = None,
     seed: int = 0,
+    withhold: Sequence[Sequence[str]] | None = None,
 ) -> list[list[str]]:
     """Which modalities each node holds, each list in the order of ``modalities``.
 
@@ -184,6 +185,13 @@ def modality_plan(
     node drops each non-``shared`` modality independently with probability
     ``missing_rate``.  ``shared`` is a modality every node keeps (the anchor that lets
     nodes with different sensors be bound together).
+
+    ``withhold`` (groups of modalities; not with ``plan``) takes group ``i % len(groups)``
+    away from node ``i`` and leaves it everything else.  With two groups ``[A, B]`` even
+    nodes lack A and odd nodes lack B, so no node ever holds a modality of A together
+    with one of B (ExtraSensory's audio and watch, ``extrasensory_withheld``); with more
+    groups each node simply lacks one.  The random drops and their repairs then work
+    within what is left: a repair never gives a node a modality withheld from it.
     """
     names = list(modalities)
     if not names or len(set(names)) != len(names):
@@ -193,8 +201,14 @@ def modality_plan(
     if shared is not None and shared not in names:
         raise ValueError(f"shared modality {shared!r} is not one of the modalities {names}")
     if plan is not None:
+        if withhold:
+            raise ValueError(
+                "partition.plan and partition.withhold both given: a plan already states "
+                "every node's modalities; give one of them"
+            )
         return _check_plan(names, num_nodes, plan, shared)
-    return _random_plan(names, num_nodes, missing_rate, shared, seed)
+    allowed = _allowed(names, num_nodes, withhold, shared)
+    return _random_plan(names, num_nodes, missing_rate, shared, seed, allowed)
 
 
 def _check_plan(
@@ -221,8 +235,63 @@ def _check_plan(
     return out
 
 
+def _allowed(
+    names: list[str],
+    num_nodes: int,
+    withhold: Sequence[Sequence[str]] | None,
+    shared: str | None,
+) -> np.ndarray:
+    """[node, modality] True where ``withhold`` lets the node hold the modality.
+
+    Every refusal names the group: an unknown or repeated modality, the shared modality
+    (every node must keep it), a group that would leave a node with nothing, and a
+    modality withheld from every node (its encoder could never train)."""
+    allowed = np.ones((num_nodes, len(names)), dtype=bool)
+    if not withhold:
+        return allowed
+    groups = []
+    for g, entry in enumerate(withhold):
+        if isinstance(entry, str):
+            raise ValueError(
+                f"partition.withhold group {g}: expected a list of modality names, got {entry!r}"
+            )
+        group = list(entry)
+        for name in group:
+            if name not in names:
+                raise ValueError(
+                    f"partition.withhold group {g}: unknown modality {name!r} (known: {names})"
+                )
+        if len(set(group)) != len(group):
+            raise ValueError(f"partition.withhold group {g}: a modality is listed twice")
+        if shared is not None and shared in group:
+            raise ValueError(
+                f"partition.withhold group {g}: withholds the shared modality {shared!r}, "
+                "which every node must keep"
+            )
+        if set(group) == set(names):
+            raise ValueError(
+                f"partition.withhold group {g}: withholds every modality; its nodes would "
+                "hold nothing"
+            )
+        groups.append([names.index(m) for m in group])
+    for node in range(num_nodes):
+        allowed[node, groups[node % len(groups)]] = False
+    never = [names[c] for c in np.flatnonzero(~allowed.any(axis=0))]
+    if never:
+        raise ValueError(
+            f"partition.withhold takes {never} from every one of the {num_nodes} nodes; "
+            "no node could train its encoder (to drop a modality, use data.modalities)"
+        )
+    return allowed
+
+
 def _random_plan(
-    names: list[str], num_nodes: int, missing_rate: float, shared: str | None, seed: int
+    names: list[str],
+    num_nodes: int,
+    missing_rate: float,
+    shared: str | None,
+    seed: int,
+    allowed: np.ndarray,
 ) -> list[list[str]]:
     """Independent drops, then two repairs that keep the setup trainable.
 
@@ -230,15 +299,19 @@ def _random_plan(
     A modality no node holds is then given to one random node: its encoder could never be
     trained, so the federation would carry dead parameters and its evaluation would be
     meaningless.  Neither repair can undo the other, since both only add modalities.
+    Both repairs choose only among ``allowed`` cells (``partition.withhold``); with
+    everything allowed they draw exactly what they drew before withholding existed.
     """
     if not 0.0 <= missing_rate < 1.0:
         raise ValueError(f"missing_rate must be in [0, 1), got {missing_rate!r}")
     rng = np.random.default_rng(seed)
-    held = rng.random((num_nodes, len(names))) >= missing_rate
+    held = (rng.random((num_nodes, len(names))) >= missing_rate) & allowed
     if shared is not None:
         held[:, names.index(shared)] = True
     for node in np.flatnonzero(~held.any(axis=1)):
-        held[node, rng.integers(len(names))] = True
+        choices = np.flatnonzero(allowed[node])
+        held[node, choices[rng.integers(len(choices))]] = True
     for col in np.flatnonzero(~held.any(axis=0)):
-        held[rng.integers(num_nodes), col] = True
+        choices = np.flatnonzero(allowed[:, col])
+        held[choices[rng.integers(len(choices))], col] = True
     return [[m for m, h in zip(names, row, strict=True) if h] for row in held]
