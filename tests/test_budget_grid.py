@@ -145,7 +145,13 @@ def test_bad_grid_extra_text_is_a_parser_error_naming_it(text, says, capsys):
          f"centralized_mmbind:{PW}=zero"),
     ],
 )  # fmt: skip
-def test_a_grid_extra_that_would_clash_or_be_dropped_is_refused(argv, says, tmp_path, capsys):
+def test_a_grid_extra_that_would_clash_or_be_dropped_is_refused(
+    argv, says, tmp_path, capsys, monkeypatch
+):
+    def no_run(*_, **__):  # a refusal comes before any run; never start a real one here
+        raise AssertionError("a study run started although --grid-extra was bad")
+
+    monkeypatch.setattr(budget_study, "run_one", no_run)
     with pytest.raises(SystemExit) as stop:
         budget_study.main([*argv, "--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "d.md")])
     assert stop.value.code == 2
