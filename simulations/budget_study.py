@@ -1,19 +1,28 @@
 """Budget study: is the federation within reach of the centralized model on the same labels?
 
-``python -m simulations.budget_study [--labels 0.1,0.3] [--grid 10,40] [--seeds 3]``
+``python -m simulations.budget_study [--labels 0.1,0.3] [--grid 10,40] [--seeds 3]
+[--grid-extra 'centralized_mmbind:binding.pseudo_weight=0.0,1.0' ...]``
 
 On the MMBind study federation (``configs/experiment/mmbind_study.yaml``: 8 nodes, IMU
 everywhere, audio and depth never on one node at 50 % incompleteness) every method gets
 its per-round optimiser-step budget (``train.steps``, and optionally its learning rate,
-``--lr-grid``) chosen from the SAME grid on the validation split (seed 0; ties go to the
-smaller budget), then runs every seed at that choice; only then is test read.  Writes ``docs/budget.md``: test mean ± std and 95 %
-interval, the chosen budget, the steps and examples per node per round the runs
-report, and the one code version that produced the table (a table refuses to mix).
+``--lr-grid``) chosen from the SAME grid on the validation split (seed 0), then runs
+every seed at that choice; only then is test read.  ``--grid-extra METHOD:KEY=V1,V2``
+(repeatable) adds a config key of one method's own to that method's grid (every
+combination with the steps and learning rates), e.g. the centralized MMBind reference's
+pseudo-pair weight.  Tie rule: of the grid points with the best validation accuracy,
+the smaller budget, then the smaller learning rate, then the extra values in the order
+``--grid-extra`` lists them.  Writes ``docs/budget.md``: test mean ± std and 95 %
+interval, the chosen setting, the steps and examples per node per round the runs
+report, and the one code version that produced the table (a table refuses to mix);
+``docs/budget.json`` beside it holds the same choice and every grid point's validation
+accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import sys
@@ -22,6 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
+from fed_iotlm.config_schema import ConfigError
+from fed_iotlm.settings import compose
 from simulations.mmbind_study import incompleteness_plan, plan_override
 from simulations.study_runner import REPO, fmt_mean_ci, one_code_version, point_key, run_one
 
@@ -33,8 +44,13 @@ METHODS: dict[str, list[str]] = {
     "harmony": ["method=harmony"],
     "ssl_spine": ["method=mmbind", "binding.bind=false", "model.fusion=late"],
     "mmbind": ["method=mmbind", "model.fusion=late"],
+    # the fair pooled MMBind reference (mmbind_study's row); its pseudo-pair weight is best
+    # chosen on validation: --grid-extra 'centralized_mmbind:binding.pseudo_weight=0.0,1.0'
+    "centralized_mmbind": ["method=centralized_mmbind", "model.fusion=late"],
     "centralized": ["method=centralized", "model.fusion=late"],
 }
+# keys the study's own grid options set; --grid-extra may not set them too
+GRID_KEYS = ("train.steps", "train.lr")
 DEFAULT_METHODS = ("local", "federated", "harmony", "centralized")
 
 
@@ -44,10 +60,63 @@ def point(label_fraction: float, extra: list[str]) -> list[str]:
     return [plan, f"partition.label_fraction={label_fraction}", *extra]
 
 
-def choose_on_val(runs: dict[tuple[int, float], dict]) -> tuple[int, float]:
-    """The (steps, lr) with the best validation accuracy (ties: the smaller budget,
-    then the smaller learning rate)."""
-    return max(sorted(runs), key=lambda c: (runs[c]["val"]["accuracy"], -c[0], -c[1]))
+def choose_on_val(runs: dict[tuple, dict]) -> tuple:
+    """The grid point ``(steps, lr[, extras])`` with the best validation accuracy.
+
+    Ties (equal accuracies; they are ratios of counts) go to the smaller budget, then the
+    smaller learning rate, then the first in ``runs``' order, which :func:`grid_points`
+    makes the order ``--grid-extra`` lists the extra values in: list the setting you
+    would take without evidence first.  Test is never read here."""
+    order = sorted(runs, key=lambda c: (c[0], c[1]))  # stable: extras keep their order
+    best = max(runs[c]["val"]["accuracy"] for c in order)
+    return next(c for c in order if runs[c]["val"]["accuracy"] == best)
+
+
+def parse_grid_extra(text: str) -> tuple[str, str, tuple[str, ...]]:
+    """``METHOD:KEY=V1,V2`` -> (method, key, values); argparse shows a refusal as
+    ``argument --grid-extra: ...`` naming what is wrong in the text given."""
+    method, colon, rest = text.partition(":")
+    key, equals, values_text = rest.partition("=")
+    method, key = method.strip(), key.strip()
+    values = tuple(v.strip() for v in values_text.split(","))
+    problem = None
+    if not colon or not equals:
+        problem = "expected METHOD:KEY=V1,V2"
+    elif method not in METHODS:
+        problem = f"unknown method {method!r}; expected one of {', '.join(METHODS)}"
+    elif not key or any(c.isspace() for c in key):
+        problem = "no config key before '='"
+    elif key in GRID_KEYS:
+        problem = f"{key} has its own grid option (--grid / --lr-grid)"
+    elif not all(values):
+        problem = "an empty value (expected V1,V2,... after '=')"
+    elif len(set(values)) != len(values):
+        problem = "a value listed twice"
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return method, key, values
+
+
+def grid_extras(
+    given: list[tuple[str, str, tuple[str, ...]]],
+) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+    """Per method, its extra grid keys with their values, in the order given; a key
+    given twice for one method is refused (which list would count?)."""
+    extras: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for method, key, values in given:
+        if any(k == key for k, _ in extras.get(method, [])):
+            raise ValueError(f"--grid-extra gives {method}:{key} twice; give its values once")
+        extras.setdefault(method, []).append((key, values))
+    return extras
+
+
+def grid_points(
+    steps: list[int], lrs: list[float], extras: list[tuple[str, tuple[str, ...]]]
+) -> list[tuple[int, float, tuple[str, ...]]]:
+    """Every (steps, lr, extra overrides) of a method's grid: steps and learning rates
+    ascending, then the extra values in the order given (the tie rule's order)."""
+    combos = list(itertools.product(*[[f"{k}={v}" for v in vals] for k, vals in extras]))
+    return [(s, lr, combo) for s in sorted(steps) for lr in sorted(lrs) for combo in combos]
 
 
 def lr_override(lr: float) -> list[str]:
@@ -60,7 +129,9 @@ def run(out: Path, method: str, steps: int, seed: int, base: list[str]) -> dict:
 
     Runs are filed as ``simulations.mmbind_study`` files them (point folder, then
     ``<method>-seed<n>``), so with ``--out runs/mmbind_study`` a run the MMBind study
-    already made at the same point, budget and code version is reused, not repeated."""
+    already made at the same point, budget and code version is reused, not repeated.
+    ``base`` carries a grid point's learning rate and ``--grid-extra`` overrides, so each
+    grid point is a folder of its own, named by its overrides and found again on resume."""
     point = [*base, f"train.steps={steps}"]
     overrides = [*METHODS[method], f"seed={seed}", *point]
     t0 = time.time()
@@ -78,6 +149,32 @@ def run(out: Path, method: str, steps: int, seed: int, base: list[str]) -> dict:
     return res
 
 
+def check_grid_extras(
+    extras: dict[str, list[tuple[str, tuple[str, ...]]]], methods: list[str], extra: list[str]
+) -> None:
+    """Refuse, naming the ``--grid-extra`` at fault, what would be dropped or clash: a
+    method not in ``--methods`` (its grid would never run), a key the method's row or
+    ``--extra`` already sets, and a key or value the config schema refuses (checked by
+    composing each grid value now, not an hour into the study)."""
+    for method, keys in extras.items():
+        if method not in methods:
+            raise ValueError(
+                f"--grid-extra {method}:...: {method} is not in --methods ({','.join(methods)})"
+            )
+        fixed = {o.split("=", 1)[0].lstrip("+~") for o in [*METHODS[method], *extra]}
+        for key, values in keys:
+            if key in fixed:
+                raise ValueError(
+                    f"--grid-extra {method}:{key}: {key} is already set by the {method} row "
+                    "or --extra"
+                )
+            for value in values:
+                try:
+                    compose(["experiment=mmbind_study", *METHODS[method], *extra, f"{key}={value}"])
+                except ConfigError as err:
+                    raise ValueError(f"--grid-extra {method}:{key}={value}: {err}") from err
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """Run the study; ``argv`` defaults to the command line (``fed-iotlm study`` passes
     its own, with ``prog`` naming the verb in usage and errors)."""
@@ -87,40 +184,60 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=", ".join(METHODS))
     parser.add_argument("--grid", default="10,40", help="train.steps values to choose from")
     parser.add_argument("--lr-grid", default="", help="train.lr values (default: the config's)")
+    parser.add_argument(
+        "--grid-extra",
+        type=parse_grid_extra,
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=V1,V2",
+        help="more values of a config key in one method's grid (repeatable); ties go to the "
+        "value listed first",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--extra", default="", help="Hydra overrides added to every run")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "budget_study")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "budget.md")
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "-m", "simulations.budget_study", *argv])
-    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
     grid = [int(s) for s in args.grid.split(",")]
     lrs = [float(v) for v in args.lr_grid.split(",")] if args.lr_grid else [0.0]
     extra = shlex.split(args.extra)
+    try:
+        extras = grid_extras(args.grid_extra)
+        check_grid_extras(extras, methods, extra)
+    except ValueError as err:
+        parser.error(str(err))
     rows: dict[str, dict[str, dict]] = {}
     for frac in (float(f) for f in args.labels.split(",")):
         base = point(frac, extra)
-        for method in args.methods.split(","):
+        for method in methods:
             tried = {
-                (s, lr): run(args.out, method, s, 0, [*base, *lr_override(lr)])
-                for s in grid
-                for lr in lrs
+                (s, lr, more): run(args.out, method, s, 0, [*base, *lr_override(lr), *more])
+                for s, lr, more in grid_points(grid, lrs, extras.get(method, []))
             }
-            steps, lr = choose_on_val(tried)
+            steps, lr, more = choose_on_val(tried)
             results = [
-                run(args.out, method, steps, seed, [*base, *lr_override(lr)])
+                run(args.out, method, steps, seed, [*base, *lr_override(lr), *more])
                 for seed in range(args.seeds)
             ]
             rows.setdefault(f"{frac:g}", {})[method] = {
                 "steps": steps,
                 "lr": lr,
+                "extras": list(more),
                 "runs": results,
                 "tried": {c: r["val"]["accuracy"] for c, r in tried.items()},
             }
             write_doc(args.doc, rows, grid, args)
     print(args.doc)
+
+
+def grid_label(steps: int, lr: float, more: Sequence[str]) -> str:
+    """One grid point as the table names it: ``20``, ``20@0.001``, ``20 binding.x=0``."""
+    return " ".join([f"{steps}{'@' + str(lr) if lr else ''}", *more])
 
 
 def budget_cells(budget: dict) -> str:
@@ -134,15 +251,18 @@ def budget_cells(budget: dict) -> str:
 
 
 def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
-    """docs/budget.md from the finished rows (rewritten after every method)."""
+    """docs/budget.md from the finished rows (rewritten after every method), and the
+    same figures as JSON beside it (``budget.json``), the choice made on val in both."""
     every = [r for by_method in rows.values() for m in by_method.values() for r in m["runs"]]
     version = one_code_version(every)
     lines = [
         "# Equal budgets: federated vs centralized on the same labels",
         "",
         "MMBind study federation at 50 % incompleteness (8 nodes; audio and depth never on one",
-        f"node). Each method's `train.steps` chosen on validation from the grid {grid} (seed 0),",
-        "then every seed run at it. Test accuracy (mean over both tasks, all modalities present),",
+        f"node). Each method's `train.steps` chosen on validation from the grid {grid} (seed 0)",
+        "(with its learning rate and its `--grid-extra` keys where given; ties: the smaller",
+        "budget, the smaller learning rate, then the extra value listed first), then every seed",
+        "run at it. Test accuracy (mean over both tasks, all modalities present),",
         f"mean ± std over {args.seeds} seed(s) [95 % interval]. Produced by code version "
         f"`{version}`:",
         f"`{args.command}`.",
@@ -155,13 +275,11 @@ def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
         for method, row in by_method.items():
             runs = row["runs"]
             budget = runs[0].get("budget", {})
+            chosen = ", ".join([str(row["steps"]), str(row["lr"] or "config"), *row["extras"]])
             lines.append(
                 f"| {float(frac):.0%} | {method} | "
-                + ", ".join(
-                    f"{st}{'@' + str(lr) if lr else ''}: {v:.3f}"
-                    for (st, lr), v in row["tried"].items()
-                )
-                + f" | {row['steps']}, {row['lr'] or 'config'} "
+                + ", ".join(f"{grid_label(*c)}: {v:.3f}" for c, v in row["tried"].items())
+                + f" | {chosen} "
                 f"| {fmt_mean_ci([r['val']['accuracy'] for r in runs])} "
                 f"| {fmt_mean_ci([r['test']['accuracy'] for r in runs])} "
                 f"| {budget_cells(budget)} |"
@@ -170,9 +288,14 @@ def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
     compact = {
         frac: {
             m: {
+                "chosen_on": "val accuracy, seed 0",
                 "steps": row["steps"],
                 "lr": row["lr"],
-                "val_by_grid_point": {f"{st},{lr}": v for (st, lr), v in row["tried"].items()},
+                "extras": row["extras"],
+                "val_by_grid_point": {
+                    ",".join([str(st), str(lr), *more]): v
+                    for (st, lr, more), v in row["tried"].items()
+                },
                 "val": [r["val"]["accuracy"] for r in row["runs"]],
                 "test": [r["test"]["accuracy"] for r in row["runs"]],
                 "budget": [r.get("budget") for r in row["runs"]],

@@ -1,15 +1,33 @@
-"""Real-data studies: ``python -m simulations.realdata_study hapt|extrasensory --data DIR``.
+"""Real-data studies: ``python -m simulations.realdata_study STUDY --data DIR``, STUDY one
+of ``hapt``, ``extrasensory``, ``extrasensory_withheld``.
 
 - ``hapt``: UCI HAPT (``fed-iotlm import hapt SRC DIR --drop-unlabelled``) under
   FedMultimodal's UCI-HAR protocol as far as ``configs/experiment/hapt_fedmultimodal.yaml``
   follows it; every method at each Dirichlet alpha, test macro-F1 in the same table as
-  FedMultimodal's published FedAvg/FedOpt figures.
+  FedMultimodal's published FedAvg/FedOpt figures.  ``--missing-rates 0.1,0.3,0.5`` adds
+  FedMultimodal's missing-modality points (``partition.missing_rate=p`` at each alpha:
+  each node loses each modality with probability p, whole node).
 - ``extrasensory``: the natural federation of ``configs/experiment/extrasensory_natural.yaml``
   (one node per user); balanced accuracy of the main-activity task, local against
   federated against the centralized bound.
+- ``extrasensory_withheld``: the same with audio withheld from even-numbered users and the
+  watch from odd-numbered ones (``configs/experiment/extrasensory_withheld.yaml``), so the
+  two never meet on one node: the federation MMBind is for.
+
+Methods follow ``simulations/budget_study.py``: ``harmony`` (Harmony-style, late fusion),
+``ssl_spine`` (MMBind's shared-modality SSL rounds + the spine, no binding) and ``mmbind``
+use late fusion there and here.  MMBind needs its shared modality on every node: the
+study's ``shared`` (``acc`` on HAPT, the phone accelerometer ``raw_acc`` on ExtraSensory)
+goes in as ``partition.shared``.  With no modality dropped at random that changes no
+node's sensors; at a ``--missing-rates`` point it keeps the shared modality on every node
+of the binding rows (only the other one is dropped), so those rows' partition differs
+from the other rows' and the caption says so, unless ``--shared-for-all`` gives every
+method the same ``partition.shared`` (then all rows share one partition).
 
 One resumable subprocess per (point, method, seed) (:mod:`simulations.study_runner`);
-every method gets the experiment's rounds and local training settings (equal budgets).
+every method gets the experiment's rounds and local training settings (equal budgets;
+``ssl_spine`` and ``mmbind`` take their SSL rounds before them, as in the MMBind study,
+and each row prints the steps and examples per node per round its runs report).
 Nothing is chosen here: each run reports its last round's model, so the test split
 feeds back into no decision.  The table's caption names the code version (git commit,
 ``+dirty`` for uncommitted changes) and the command.
@@ -24,6 +42,7 @@ from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
 from simulations import study_runner
+from simulations.budget_study import budget_cells
 from simulations.study_runner import fmt_mean_ci, fmt_mean_std, one_code_version, point_key
 
 # FedMultimodal (Feng et al., KDD 2023), UCI-HAR acc+gyro, macro-F1 (%), its README
@@ -37,19 +56,53 @@ METHODS: dict[str, list[str]] = {
     "fedadam": ["method=federated", "strategy=fedadam"],
     "local": ["method=local"],
     "centralized": ["method=centralized"],
+    # as simulations/budget_study.py (late fusion where it uses it); the binding rows also
+    # get the study's shared modality (method_overrides)
+    "harmony": ["method=harmony"],
+    "ssl_spine": ["method=mmbind", "binding.bind=false", "model.fusion=late"],
+    "mmbind": ["method=mmbind", "model.fusion=late"],
 }
+BINDING_METHODS = ("ssl_spine", "mmbind")  # need partition.shared on every node
 STUDIES: dict[str, dict] = {
     "hapt": {
         "experiment": "hapt_fedmultimodal",
         "task": "activity",
         "metrics": ("f1_macro", "accuracy", "balanced_accuracy"),
+        "shared": "acc",
     },
     "extrasensory": {
         "experiment": "extrasensory_natural",
         "task": "main_activity",
         "metrics": ("balanced_accuracy", "f1_macro", "accuracy"),
+        "shared": "raw_acc",
+    },
+    "extrasensory_withheld": {
+        "experiment": "extrasensory_withheld",
+        "task": "main_activity",
+        "metrics": ("balanced_accuracy", "f1_macro", "accuracy"),
+        "shared": "raw_acc",
     },
 }
+
+
+def method_overrides(method: str, study: str, shared_for_all: bool = False) -> list[str]:
+    """A row's overrides: its method's, plus ``partition.shared=<the study's shared
+    modality>`` for the binding rows (or for every row with ``shared_for_all``)."""
+    shared = method in BINDING_METHODS or shared_for_all
+    return [*METHODS[method], *([f"partition.shared={STUDIES[study]['shared']}"] if shared else [])]
+
+
+def study_points(args: argparse.Namespace) -> list[list[str]]:
+    """The points of a study: one for ExtraSensory; for HAPT each alpha, then each alpha
+    at each ``--missing-rates`` p."""
+    if args.study != "hapt":
+        return [[]]
+    rates = getattr(args, "missing_rates", [])
+    return [
+        [f"partition.alpha={a}", *([f"partition.missing_rate={p}"] if p else [])]
+        for a in args.alphas
+        for p in [0.0, *rates]
+    ]
 
 
 def task_scores(res: dict, task: str, metrics: tuple[str, ...]) -> dict[str, float]:
@@ -64,17 +117,14 @@ def task_scores(res: dict, task: str, metrics: tuple[str, ...]) -> dict[str, flo
 def run_points(args: argparse.Namespace) -> list[dict]:
     """Every (point, method, seed) run, in order; finished runs are read, not repeated."""
     study = STUDIES[args.study]
-    points = (
-        [[]] if args.study == "extrasensory" else [[f"partition.alpha={a}"] for a in args.alphas]
-    )
     rows = []
-    for point in points:
+    for point in study_points(args):
         for method in args.methods:
             for seed in args.seeds:
                 overrides = [
                     f"data.path={Path(args.data).resolve()}",
                     *point,
-                    *METHODS[method],
+                    *method_overrides(method, args.study, args.shared_for_all),
                     f"seed={seed}",
                     *([f"rounds={args.rounds}"] if args.rounds else []),
                     *args.extra,
@@ -89,7 +139,7 @@ def run_points(args: argparse.Namespace) -> list[dict]:
                 scores = task_scores(res, study["task"], study["metrics"])
                 rows.append({"point": " ".join(point), "method": method, "seed": seed, **scores,
                              "rounds": res["rounds"], "nodes": res["num_nodes"],
-                             "wall_s": res["wall_s"],
+                             "wall_s": res["wall_s"], "budget": res.get("budget", {}),
                              "code_version": res.get("code_version")})  # fmt: skip
                 print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -99,7 +149,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     """Markdown: one line per (point, method), mean ± std over seeds, published lines too."""
     study = STUDIES[args.study]
     metrics = study["metrics"]
-    head = ["point", "method", "seeds", f"val {metrics[0]}", *metrics, "rounds", "nodes"]
+    head = ["point", "method", "seeds", f"val {metrics[0]}", *metrics, "rounds", "nodes",
+            "steps / node / round", "examples / node / round"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = list(dict.fromkeys((r["point"], r["method"]) for r in rows))
     for point, method in keys:
@@ -109,7 +160,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         cells += [fmt_mean_ci([r[m] for r in rs]) for m in metrics]
         lines.append(
             f"| {point or '-'} | {method} | {len(rs)} | " + " | ".join(cells)
-            + f" | {rs[0]['rounds']} | {rs[0]['nodes']} |"
+            + f" | {rs[0]['rounds']} | {rs[0]['nodes']} | {budget_cells(rs[0].get('budget', {}))} |"
         )  # fmt: skip
     if args.study == "hapt":
         for alpha in args.alphas:
@@ -117,7 +168,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
                 blank = " | ".join("–" for _ in metrics[1:])
                 lines.append(
                     f"| partition.alpha={alpha} | FedMultimodal {name} (published) | 5 | – | "
-                    f"{f1 / 100:.4f} | {blank} | 200 | 105 |"
+                    f"{f1 / 100:.4f} | {blank} | 200 | 105 | – | – |"
                 )
     command = "python -m simulations.realdata_study " + " ".join(
         getattr(args, "argv", sys.argv[1:])
@@ -125,9 +176,60 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     caption = (
         f"Task `{study['task']}`, last round's model (nothing chosen on any split); val: "
         f"mean ± std over seeds; test: mean ± std [95 % interval of the mean]. "
-        f"Code version `{one_code_version(rows)}`; `{command}`."
+        f"Code version `{one_code_version(rows)}`; `{command}`." + shared_note(rows, args)
     )
     return caption + "\n\n" + "\n".join(lines) + "\n"
+
+
+def shared_note(rows: list[dict], args: argparse.Namespace) -> str:
+    """What the caption must say about ``partition.shared``: which rows carry it and,
+    where modalities are dropped at random, that their partition is not the others'."""
+    shared = STUDIES[args.study]["shared"]
+    if getattr(args, "shared_for_all", False):
+        return f" Every row has `partition.shared={shared}` (one partition for all rows)."
+    binding = [m for m in dict.fromkeys(r["method"] for r in rows) if m in BINDING_METHODS]
+    if not binding:
+        return ""
+    rows_are = f"rows {', '.join(binding)} have" if len(binding) > 1 else f"row {binding[0]} has"
+    note = f" The {rows_are} `partition.shared={shared}` (MMBind's shared modality)"
+    dropped = any("partition.missing_rate=" in r["point"] for r in rows if r["method"] in binding)
+    if not dropped:
+        return note + "; no modality is dropped at random, so it changes no node's sensors."
+    return (
+        note + f": at a `partition.missing_rate` point their nodes all keep `{shared}` and lose "
+        "only the other modalities, so their partition differs from the other rows' "
+        "(`--shared-for-all` gives every row the same one)."
+    )
+
+
+def clashing_extra(args: argparse.Namespace) -> str | None:
+    """An extra override the study also sets per row (two values for one key; which one
+    a run got would depend on Hydra's order), named in one line; None if there is none."""
+    keys = {e.split("=", 1)[0].lstrip("+~"): e for e in args.extra}
+    if args.missing_rates and "partition.missing_rate" in keys:
+        return f"{keys['partition.missing_rate']} clashes with --missing-rates; give one of them"
+    binding = [m for m in args.methods if m in BINDING_METHODS]
+    if "partition.shared" in keys and (binding or args.shared_for_all):
+        setter = "--shared-for-all" if args.shared_for_all else f"the {binding[0]} row"
+        return (
+            f"{keys['partition.shared']} clashes with {setter}, which sets "
+            f"partition.shared={STUDIES[args.study]['shared']}"
+        )
+    return None
+
+
+def rates_list(text: str) -> list[float]:
+    """``0.1,0.3,0.5`` -> the rates, each strictly between 0 and 1, none twice."""
+    try:
+        rates = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected rates like 0.1,0.3,0.5") from None
+    bad = [r for r in rates if not 0.0 < r < 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: rate {bad[0]:g} is not between 0 and 1")
+    if len(set(rates)) != len(rates):
+        raise argparse.ArgumentTypeError(f"{text!r}: a rate listed twice")
+    return rates
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -143,6 +245,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument(
         "--methods", type=lambda s: s.split(","), default=["federated", "fedavg", "centralized"]
     )
+    p.add_argument(
+        "--missing-rates",
+        type=rates_list,
+        default=[],
+        help="hapt only: also run each alpha at partition.missing_rate=p for each p (0<p<1)",
+    )
+    p.add_argument(
+        "--shared-for-all",
+        action="store_true",
+        help="give every method the study's partition.shared, not only ssl_spine and mmbind",
+    )
     p.add_argument("--rounds", type=int, default=None, help="override the experiment's rounds")
     p.add_argument("--doc", type=Path, default=None, help="also write the table here (Markdown)")
     p.add_argument("extra", nargs="*", help="more Hydra overrides for every run")
@@ -151,6 +264,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    if args.missing_rates and args.study != "hapt":
+        p.error(f"--missing-rates is for the hapt study, not {args.study}")
+    problem = clashing_extra(args)
+    if problem:
+        p.error(problem)
     rows = run_points(args)
     md = table(rows, args)
     if args.doc is not None:
