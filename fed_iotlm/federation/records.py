@@ -63,7 +63,14 @@ def to_array(value: np.ndarray) -> Array:
         data = b"".join((header, value))
     else:  # e.g. datetimes, which the buffer protocol does not export
         data = header + value.tobytes()
-    return _array(str(value.dtype), tuple(value.shape), data)
+    return _array(_dtype_text(value.dtype), value.shape, data)
+
+
+@lru_cache(maxsize=256)
+def _dtype_text(dtype: np.dtype) -> str:
+    """``str(dtype)`` (what ``Array(ndarray)`` records), computed in Python by numpy:
+    once per dtype, not per array."""
+    return str(dtype)
 
 
 def _array(dtype: str, shape: tuple[int, ...], data: bytes) -> Array:
@@ -213,7 +220,7 @@ def _views_as_expected(
         data = arr.data
         if len(data) != nbytes or not data.startswith(header):
             return None
-        buffers[name] = np.frombuffer(data, dtype=dtype, count=count, offset=len(header))
+        buffers[name] = np.frombuffer(data, dtype, count, len(header))
     return buffers
 
 

@@ -111,23 +111,24 @@ class _GroupBatch:
     written by the screen (the node's ``w − c``) and kept only if the node is accepted
     and weighs > 0 in this group; otherwise the next node overwrites it."""
 
-    __slots__ = ("acc", "partial", "rows", "used", "weights")
+    __slots__ = ("acc", "partial", "row_views", "rows", "used", "weights")
 
     def __init__(self, size: int) -> None:
         k = max(1, min(BATCH_ROWS, BATCH_VALUES // max(size, 1)))
         self.rows = np.empty((k, size), np.float32)
+        self.row_views = list(self.rows)  # made once: a view costs as much as a subtraction call
         self.weights = np.zeros(k, np.float32)
         self.partial = np.empty(size, np.float32) if k > 1 else None
         self.used = 0
         self.acc: np.ndarray | None = None
 
     def next_row(self) -> np.ndarray:
-        return self.rows[self.used]
+        return self.row_views[self.used]
 
     def keep(self, n: float) -> None:
         """The row last written is an accepted node's, weighing ``n``."""
         if self.partial is None:  # one row: add it now, as the per-node path did
-            row = self.rows[0]
+            row = self.row_views[0]
             if self.acc is None:
                 self.acc = np.multiply(row, n, dtype=np.float32)
             else:
@@ -143,9 +144,9 @@ class _GroupBatch:
         if k == 0:
             return
         if self.acc is None:
-            self.acc = np.dot(self.weights[:k], self.rows[:k])
+            self.acc = self.weights[:k].dot(self.rows[:k])
         else:
-            np.dot(self.weights[:k], self.rows[:k], out=self.partial)
+            self.weights[:k].dot(self.rows[:k], out=self.partial)
             np.add(self.acc, self.partial, out=self.acc)
 
     def total(self) -> np.ndarray | None:
@@ -199,13 +200,16 @@ def _squares_of_clean(
     squares = 0.0
     for g, flat in update.buffers.items():
         batch = batches.get(g)
-        if batch is None or flat.dtype != np.float32:
+        if batch is None or flat.dtype is not _FLOAT32 and flat.dtype != _FLOAT32:
             return None
-        diff = batch.next_row()
+        diff = batch.row_views[batch.used]
         np.subtract(flat, current_buffers[g], out=diff)
-        squares += float(np.dot(diff, diff))
+        squares += float(diff.dot(diff))  # ndarray.dot: np.dot less its dispatch wrapper
     # a NaN/Inf value (or float32 values too far apart) makes the sum non-finite
     return squares if math.isfinite(squares) else None
+
+
+_FLOAT32 = np.dtype(np.float32)
 
 
 def _acc_dtype(diff: np.ndarray) -> type:
