@@ -14,6 +14,7 @@ type is an open map or list.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -499,6 +500,178 @@ def check_declared(cfg: Mapping[str, Any], schema: type | None = None, path: str
             inner = GROUP_SCHEMAS[key].get(str(value.get("name")))
         if isinstance(inner, type) and dataclasses.is_dataclass(inner):
             check_declared(value, inner, where)
+
+
+# ---------------------------------------------------------------------- value ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: finite, between ``low`` and ``high`` (None: no
+    bound), each bound included unless ``*_open``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None:
+            return value < self.high if self.high_open else value <= self.high
+        return True
+
+    def text(self) -> str:
+        """``>= 1``, ``> 0``, ``in (0, 1]``: what the one-line error says is allowed."""
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+def _number(value: float | None) -> str:
+    return f"{value:g}"
+
+
+AT_LEAST_1 = Range(1)
+AT_LEAST_0 = Range(0)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1)  # [0, 1]
+HOLD_OUT = Range(0, 1, high_open=True)  # [0, 1): a share held back, some must remain
+SHARE_KEPT = Range(0, 1, low_open=True)  # (0, 1]: a share kept, some must be
+
+# dotted key -> its range, for the keys where an out-of-range value would not fail but
+# silently misbehave (no rounds, no nodes, no training, a negative learning rate, a
+# share above 1); checked once the config is composed (null stays allowed where the
+# schema allows it)
+RANGES: dict[str, Range] = {
+    "rounds": AT_LEAST_1,
+    "data.num_train": AT_LEAST_1,
+    "data.num_test": AT_LEAST_1,
+    "data.num_sites": AT_LEAST_1,
+    "data.site_shift": AT_LEAST_0,
+    "data.noise": AT_LEAST_0,
+    "partition.num_nodes": AT_LEAST_1,
+    "partition.missing_rate": HOLD_OUT,
+    "partition.label_fraction": SHARE_KEPT,
+    "partition.val_fraction": HOLD_OUT,
+    "partition.alpha": POSITIVE,
+    "partition.min_partition_size": AT_LEAST_0,
+    "model.dim": AT_LEAST_1,
+    "model.fusion_layers": AT_LEAST_0,
+    "model.fusion_heads": AT_LEAST_1,
+    "train.epochs": AT_LEAST_0,
+    "train.steps": AT_LEAST_0,
+    "train.batch_size": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "train.weight_decay": AT_LEAST_0,
+    "strategy.fraction_train": FRACTION,
+    "strategy.wait_for_nodes_s": POSITIVE,
+    "strategy.round_timeout_s": POSITIVE,
+    "strategy.trim_fraction": Range(0, 0.5, high_open=True),
+    "strategy.krum_f": AT_LEAST_0,
+    "strategy.krum_select": AT_LEAST_1,
+    "strategy.checks.max_update_norm": POSITIVE,
+    "strategy.proximal_mu": AT_LEAST_0,
+    "strategy.eta": POSITIVE,
+    "strategy.eta_l": POSITIVE,
+    "strategy.beta_1": HOLD_OUT,
+    "strategy.beta_2": HOLD_OUT,
+    "strategy.tau": POSITIVE,
+    "attack.fraction": FRACTION,
+    "dp.clipping_norm": POSITIVE,
+    "dp.noise_multiplier": AT_LEAST_0,
+    "dp.delta": Range(0, 1, low_open=True, high_open=True),
+    "secagg.clipping_range": POSITIVE,
+    "secagg.max_count": POSITIVE,
+    "secagg.timeout_s": POSITIVE,
+    "secagg.min_holders": AT_LEAST_1,
+    "simulation.cpus_per_node": POSITIVE,
+    "simulation.gpus_per_node": AT_LEAST_0,
+    "simulation.num_cpus": AT_LEAST_1,
+    "binding.pretrain_rounds": AT_LEAST_0,
+    "binding.pretrain_epochs": AT_LEAST_0,
+    "binding.pretrain_steps": AT_LEAST_0,
+    "binding.ssl_batch_size": AT_LEAST_1,
+    "binding.ssl_temperature": POSITIVE,
+    "binding.k": AT_LEAST_1,
+    "binding.floor": HOLD_OUT,
+    "binding.temperature": POSITIVE,
+    "binding.rebind_every": AT_LEAST_1,
+    "binding.noise_sigma": AT_LEAST_0,
+    "diagnostics.probe_samples": AT_LEAST_1,
+    "sync.rank": AT_LEAST_1,
+    "personal.rank": AT_LEAST_1,
+    "personal.epochs": AT_LEAST_0,
+    "personal.lr_scale": POSITIVE,
+    "llm.val_fraction": HOLD_OUT,
+    "llm.steps": AT_LEAST_0,
+    "llm.batch_size": AT_LEAST_1,
+    "llm.grad_accum": AT_LEAST_1,
+    "llm.eval_batch": AT_LEAST_1,
+    "llm.lr": POSITIVE,
+    "llm.sensor_lr": POSITIVE,
+    "llm.warmup": AT_LEAST_0,
+    "llm.weight_decay": AT_LEAST_0,
+    "llm.adapter.gate_lr": POSITIVE,
+    "llm.lora.r": AT_LEAST_1,
+    "llm.federated.rounds": AT_LEAST_1,
+    "llm.federated.local_steps": AT_LEAST_1,
+    "llm.federated.sites": AT_LEAST_1,
+}
+
+# (steps key, epochs key) of each local-training budget: steps when set, else epochs
+# passes; both at 0 (or steps at 0) would send rounds in which no node trains
+BUDGETS = (("train.steps", "train.epochs"),)
+
+
+def check_ranges(cfg: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a value of :data:`RANGES` outside its range, or a
+    local-training budget of zero steps, naming the key and what it accepts."""
+    for path, allowed in RANGES.items():
+        value = _at(cfg, path)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # absent, null where allowed, or not a number (the schema checks types)
+        if not allowed.holds(value):
+            raise ConfigError(
+                f"config: {path}={value!r} is out of range: expected {allowed.text()}"
+            )
+    for steps_key, epochs_key in BUDGETS:
+        steps, epochs = _at(cfg, steps_key), _at(cfg, epochs_key)
+        if steps == 0 or (steps is None and epochs == 0):
+            raise ConfigError(
+                f"config: {steps_key}={_yaml(steps)} with {epochs_key}={_yaml(epochs)}: no node would "
+                f"train; expected {steps_key} >= 1, or null with {epochs_key} >= 1"
+            )
+
+
+def check_data_source(cfg: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for ``data.path`` given with ``data=synthetic``: the
+    generator reads no files, so the path would be ignored and the run would train on
+    synthetic data while the user believes it trains on theirs."""
+    data = cfg.get("data") or {}
+    if data.get("name") == "synthetic" and data.get("path") is not None:
+        raise ConfigError(
+            f"config: data.path={data['path']!r} is set but data=synthetic reads no files "
+            "(the built-in generator); for a dataset directory choose data=npz"
+        )
+
+
+def _yaml(value: Any) -> str:
+    """A value as the user would write it in an override (None is ``null``)."""
+    return "null" if value is None else repr(value)
+
+
+def _at(cfg: Mapping[str, Any], path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
 
 
 # group option -> its schema, stored as ``<group>/schema_<option>``; the option's yaml

@@ -16,7 +16,9 @@ from typing import Any
 
 from fed_iotlm.config_schema import (
     ConfigError,
+    check_data_source,
     check_declared,
+    check_ranges,
     check_required,
     describe,
     register,
@@ -72,6 +74,8 @@ def _compose_cached(overrides: tuple[str, ...], directory: str) -> str:
         raise ConfigError(explain(err)) from err
     check_required(plain)
     check_declared(plain)
+    check_ranges(plain)
+    check_data_source(plain)
     return json.dumps(plain)
 
 

@@ -34,7 +34,10 @@ def make_server_app(
         except BaseException as err:
             fail_open_runs(err)  # MLflow shows the run FAILED, not FINISHED
             raise
-        print(path, flush=True)
+        if cfg is None:  # `flwr run`: nobody else is told where results.json is
+            print(path, flush=True)
+        # given ``cfg`` (``fed-iotlm run``, ``python -m simulations.run``), the caller
+        # prints the path as its last line: printing here too showed it twice
 
     return app
 

@@ -155,6 +155,8 @@ def test_a_group_mixing_dtypes_travels_per_key():
         np.ones((), np.float32),
         np.ones(3, ">f4"),
         np.ones((2, 3), np.int8)[:, :2],
+        np.array([True, False]),
+        np.array(["2026-12-01"], "datetime64[D]"),  # no buffer protocol: the tobytes path
     ],
 )
 def test_to_array_writes_what_flower_writes(value):

@@ -142,9 +142,13 @@ AXPY_CHUNK = 10_000
 def axpy_in_place(acc: np.ndarray, x: np.ndarray, a: float) -> None:
     """``acc += a · x`` for flat float32 arrays, in place, in slices of ``AXPY_CHUNK``."""
     size = x.size
+    if size <= AXPY_CHUNK:  # most groups of the default model: one call
+        if _saxpy(x, acc, a=a) is not acc:  # never: acc is float32, C-order
+            raise RuntimeError("saxpy did not accumulate in place")
+        return
     for start in range(0, size, AXPY_CHUNK):
         out = _saxpy(x, acc, n=min(AXPY_CHUNK, size - start), a=a, offx=start, offy=start)
-        if out is not acc and not np.shares_memory(out, acc):  # never: acc is float32, C-order
+        if out is not acc:  # never: f2py hands a float32 C-order ``y`` back as itself
             raise RuntimeError("saxpy did not accumulate in place")
 
 

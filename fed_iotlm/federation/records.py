@@ -23,6 +23,7 @@ from .packing import (
     decode_buffers,
     pack_state,
     parse_manifest,
+    structure_problem,
 )
 
 _group = lru_cache(maxsize=1 << 16)(group_of)
@@ -36,8 +37,15 @@ def state_to_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def numpy_to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """One Flower ``Array`` per key, as ``Array(ndarray)`` builds it (``.npy`` bytes)."""
-    return ArrayRecord({k: to_array(v) for k, v in state.items()})
+    """One Flower ``Array`` per key, as ``Array(ndarray)`` builds it (``.npy`` bytes).
+
+    Filled item by item: ``ArrayRecord(dict)`` rebuilds every ``Array`` it is given
+    (``from_array_dict``), which for the default model's 69 arrays was a third of
+    encoding the server's new global model each round."""
+    record = ArrayRecord()
+    for key, value in state.items():
+        record[key] = to_array(value)
+    return record
 
 
 def to_array(value: np.ndarray) -> Array:
@@ -51,8 +59,31 @@ def to_array(value: np.ndarray) -> Array:
     if value.dtype.hasobject:  # Array refuses these; let it say so
         return Array(value)
     header = _npy_header_bytes(value.dtype.str, value.shape)
-    data = header + value.tobytes()
-    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=SType.NUMPY, data=data)
+    if value.dtype.kind in _BUFFER_KINDS:  # header and values joined in one copy
+        data = b"".join((header, value))
+    else:  # e.g. datetimes, which the buffer protocol does not export
+        data = header + value.tobytes()
+    return _array(_dtype_text(value.dtype), value.shape, data)
+
+
+@lru_cache(maxsize=256)
+def _dtype_text(dtype: np.dtype) -> str:
+    """``str(dtype)`` (what ``Array(ndarray)`` records), computed in Python by numpy:
+    once per dtype, not per array."""
+    return str(dtype)
+
+
+def _array(dtype: str, shape: tuple[int, ...], data: bytes) -> Array:
+    """``Array(dtype=, shape=, stype=NUMPY, data=)`` for arguments known to be of the
+    right types: the four attributes set as ``Array.__init__`` sets them, without its
+    argument dispatch (half of its ~13 µs; 69 arrays per new global model)."""
+    array = Array.__new__(Array)
+    array.dtype, array.shape, array.stype, array.data = dtype, shape, SType.NUMPY, data
+    return array
+
+
+# dtype kinds whose C-contiguous arrays export their bytes through the buffer protocol
+_BUFFER_KINDS = frozenset("biufc")
 
 
 @lru_cache(maxsize=4096)
@@ -145,9 +176,52 @@ def decode_update(
         problem = Problem("unknown_key", extra, "an array the packed manifest does not name")
         return PackedUpdate(node, {}, counts, layout, problem)
     arrays = dict(record.items())  # one copy of the typed dict, then plain lookups
+    buffers = _views_as_expected(arrays, _expected_buffers(sent, layout))
+    if buffers is not None:
+        return PackedUpdate(node, buffers, counts, layout, None)
     flats = {g: _flat_view(arrays[g]) for g in sent.groups if g in arrays}
     buffers, problem = decode_buffers(sent, flats, layout)
     return PackedUpdate(node, buffers, counts, layout, problem)
+
+
+# per group of the usual reply: (name, the .npy header np.save writes for the server's
+# group buffer, the Array's byte length, dtype, number of values)
+_Expected = tuple[tuple[str, bytes, int, np.dtype, int], ...]
+
+
+@lru_cache(maxsize=256)
+def _expected_buffers(sent: ModelLayout, server: ModelLayout) -> _Expected | None:
+    """What each buffer of a reply with manifest ``sent`` holds when nothing is wrong
+    and no group needs reordering (once per distinct manifest); None otherwise."""
+    problem, reordered = structure_problem(sent, server)
+    if problem is not None or reordered:
+        return None
+    out = []
+    for name, group in sent.groups.items():
+        dtype = server.groups[name].dtype
+        header = _npy_header_bytes(dtype.str, (group.size,))
+        out.append((name, header, len(header) + group.size * dtype.itemsize, dtype, group.size))
+    return tuple(out)
+
+
+def _views_as_expected(
+    arrays: Mapping[str, Array], expected: _Expected | None
+) -> dict[str, np.ndarray] | None:
+    """Read-only views of the group buffers if every one is exactly as ``expected``
+    (its header byte for byte, its length); None sends the reply through
+    :func:`~fed_iotlm.federation.packing.decode_buffers`, which names what differs."""
+    if expected is None:
+        return None
+    buffers = {}
+    for name, header, nbytes, dtype, count in expected:
+        arr = arrays.get(name)
+        if arr is None:
+            return None
+        data = arr.data
+        if len(data) != nbytes or not data.startswith(header):
+            return None
+        buffers[name] = np.frombuffer(data, dtype, count, len(header))
+    return buffers
 
 
 @lru_cache(maxsize=256)

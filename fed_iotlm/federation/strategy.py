@@ -84,7 +84,7 @@ class ModalityAwareFedAvg(FedAvg):
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid or self._current is None:
             return None, None
-        valid = in_partition_order(valid)
+        valid, valid_metrics = _in_partition_order_with_metrics(valid)
         try:
             layout = layout_of(self._current)  # cached: computed once per model
         except PackingError:  # a group mixing dtypes: per-key updates, per-key checks
@@ -92,10 +92,9 @@ class ModalityAwareFedAvg(FedAvg):
         current_buffers = None if layout is None else layout.pack(self._current)  # per round
         updates = []
         bytes_up = 0
-        for msg in valid:
+        for msg, metrics in zip(valid, valid_metrics, strict=True):
             record = msg.content[self.arrayrecord_key]
             bytes_up += record_nbytes(record)
-            metrics = _metric_record(msg)
             # one flat, read-only buffer per group, no copy (nodes send packed groups)
             node = str(int(metrics.get("partition-id", msg.metadata.src_node_id)))
             counts = metrics_to_counts(metrics)
@@ -116,7 +115,7 @@ class ModalityAwareFedAvg(FedAvg):
         rejections = tuple(r.reason for r in screened.rejected)
         for reason in rejections:
             logger.warning("aggregate_train: round %s: dropped %s", server_round, reason)
-        stats = {**screened.metrics(), **budget_metrics(valid)}
+        stats = {**screened.metrics(), **budget_of(valid_metrics)}
         if not screened.accepted:
             logger.warning("aggregate_train: every update was rejected; the model stays as it was")
             facts = AggregateFacts({}, stats, rejections, bytes_up=bytes_up, messages_up=len(valid))
@@ -206,6 +205,18 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
         return (float(metrics.get("partition-id", float("inf"))), msg.metadata.src_node_id)
 
     return sorted(replies, key=key)
+
+
+def _in_partition_order_with_metrics(
+    replies: Iterable[Message],
+) -> tuple[list[Message], list[MetricRecord]]:
+    """:func:`in_partition_order`, and each reply's metrics in the same order (found
+    once per reply: the strategy reads them three times a round)."""
+    pairs = [(msg, _metric_record(msg) if msg.has_content() else MetricRecord()) for msg in replies]
+    pairs.sort(
+        key=lambda p: (float(p[1].get("partition-id", float("inf"))), p[0].metadata.src_node_id)
+    )
+    return [msg for msg, _ in pairs], [metrics for _, metrics in pairs]
 
 
 class _InPartitionOrder:
@@ -324,9 +335,13 @@ def build_strategy(method: str, cfg: dict, num_nodes: int) -> FedAvg:
 def budget_metrics(replies: list[Message]) -> dict[str, float]:
     """Mean optimiser steps and examples per answering node this round (what the nodes
     report), so results.json shows each method's training budget."""
+    return budget_of(_metric_record(msg) for msg in replies)
+
+
+def budget_of(node_metrics: Iterable[MetricRecord]) -> dict[str, float]:
+    """:func:`budget_metrics` from the replies' metric records."""
     steps, seen = [], []
-    for msg in replies:
-        metrics = _metric_record(msg)
+    for metrics in node_metrics:
         if "steps" in metrics:
             steps.append(float(metrics["steps"]))
             seen.append(float(metrics.get("examples", 0.0)))
