@@ -224,7 +224,8 @@ def table(rows: list[dict], caption: str) -> str:
         test = [r["test"] for r in rs]
         val = [r["val"] for r in rs if r["val"] is not None]
         eps = [r["epsilon"] for r in rs]
-        gap = None if base_test is None else 100.0 * (base_test - float(np.mean(test)))
+        # points of test accuracy against the non-private mean (negative: DP lost some)
+        gap = None if base_test is None else 100.0 * (float(np.mean(test)) - base_test)
         eps_cell = "∞ (no noise)" if setting == CLIP_ONLY else "–"
         if all(e is not None for e in eps):
             eps_cell = f"{max(eps):.2f}"  # the worst seed's, should they differ
@@ -237,10 +238,11 @@ def table(rows: list[dict], caption: str) -> str:
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
         if rs[0]["target_epsilon"] is not None and gap is not None:
-            within = "within" if gap <= WITHIN_POINTS else "NOT within"
+            within = "within" if gap >= -WITHIN_POINTS else "NOT within"
+            side = "below" if gap < 0 else "above"
             verdict.append(
-                f"at ε = {rs[0]['target_epsilon']:g} test accuracy is {gap:.1f} points below "
-                f"non-private ({within} {WITHIN_POINTS:g})"
+                f"at ε = {rs[0]['target_epsilon']:g} test accuracy is {abs(gap):.1f} points "
+                f"{side} non-private ({within} {WITHIN_POINTS:g})"
             )
     text = caption.format(version=version)
     if verdict:

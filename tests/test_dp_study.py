@@ -48,7 +48,7 @@ def test_default_delta_is_below_one_over_n_squared_and_at_most_1e_5():
     assert dp_study.default_delta(100) == pytest.approx(1e-5)
 
 
-@pytest.mark.parametrize(("nodes", "per_round"), [(1000, 100), (200, 40), (300, 29), (1000, 7)])
+@pytest.mark.parametrize(("nodes", "per_round"), [(1000, 100), (200, 40), (22, 15), (1000, 7)])
 def test_flwr_samples_exactly_m_nodes_under_the_designs_overrides(nodes, per_round):
     over = dict(o.split("=", 1) for o in dp_study.Design(nodes, per_round, 3, 1e-6).overrides())
     # flwr's FedAvg samples max(int(fraction_train * N), min_train_nodes) of N nodes
@@ -97,11 +97,11 @@ def test_table_from_results_files_quotes_what_the_runs_report(tmp_path):
     assert [ln.split(" | ")[0] for ln in body] == ["| non-private", "| ε = 8", "| ε = 2"]
     eps8 = body[1].split(" | ")
     assert eps8[1] == "2" and eps8[2].startswith("0.710 ± 0.010 [")
-    assert eps8[3] == "+11.0"  # (0.82 - 0.71) · 100 points
+    assert eps8[3] == "-11.0"  # (0.71 - 0.82) · 100 points
     assert eps8[5] == "7.97"  # reached (the worst seed), not the 8 asked for
     assert eps8[6:10] == ["0.91", "0.7", "0.2", "3 |"]
     assert body[0].split(" | ")[5] == "–"  # DP off: no ε
-    assert "11.0 points below non-private (NOT within 5)" in lines[0]
+    assert "At ε = 8 test accuracy is 11.0 points below non-private (NOT within 5)" in lines[0]
     assert "Code version `aaaa111`" in lines[0] and "`python -m x --y`" in lines[0]
     assert "N = 200" in lines[0] and "m = 40" in lines[0] and "`model.dim=32`" in lines[0]
 
@@ -183,3 +183,15 @@ def test_a_bad_design_is_one_line_naming_the_option(capsys):
         cli.main(["study", "dp", "--nodes", "100", "--per-round", "200", "--plan"])
     assert stop.value.code == 2
     assert "--per-round must be in [1, --nodes=100], got 200" in capsys.readouterr().err
+
+
+def test_a_dp_row_above_or_within_5_points_of_non_private_is_called_within():
+    rows = [
+        dp_study.row_of(fake_results(0, test=0.80, val=0.8), dp_study.NON_PRIVATE, None),
+        dp_study.row_of(fake_results(0, test=0.81, val=0.8, privacy=dp_block(8.0)), "ε = 8", 8.0),
+        dp_study.row_of(fake_results(0, test=0.76, val=0.8, privacy=dp_block(4.0)), "ε = 4", 4.0),
+    ]
+    md = dp_study.table(rows, "{version}")
+    assert "ε = 8 test accuracy is 1.0 points above non-private (within 5)" in md
+    assert "at ε = 4 test accuracy is 4.0 points below non-private (within 5)" in md
+    assert "| ε = 8 | 1 | 0.810 ± 0.000 [0.810, 0.810] | +1.0 |" in md
