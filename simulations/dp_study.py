@@ -1,10 +1,14 @@
-"""DP study: ``python -m simulations.dp_study [--nodes 1000 --per-round 100 --rounds 30]``.
+"""DP study: ``python -m simulations.dp_study [--nodes 1000 --per-round 100 --rounds 20]``.
 
 DP-FedAvg (:mod:`fed_iotlm.federation.privacy`, ``dp.mode=central``) in the regime it is
 meant for: many simulated nodes, ``m`` of them sampled per round (``q = m / N < 1``), so
 that the noise on a group's average, ``σC / h_g``, is small.  The federation is
-``configs/experiment/scale_1000.yaml`` (random plan, 10 training samples per node, one
-local epoch) resized to ``N`` nodes and ``m`` per round.
+``configs/experiment/scale_1000.yaml`` (random plan, 10 training samples per node)
+resized to ``N`` nodes and ``m`` per round, with ``--epochs`` local epochs (default 5,
+not scale_1000's 1: with 9 training samples an epoch is one optimiser step, and at
+N = 200, m = 40, T = 10, seed 0 the non-private run's *validation* accuracy was 0.33 with
+1 epoch against 0.54 with 5; a non-private model that has barely learnt makes any DP
+row look close to it).
 
 For each target ε (at ``δ``, default ``min(1/N², 1e-5)``) the noise multiplier σ is the
 one the project's own accountant (:func:`~fed_iotlm.federation.privacy.epsilon_after`,
@@ -54,6 +58,7 @@ class Design:
     rounds: int
     delta: float
     per_node: int = 10
+    epochs: int = 5
 
     def __post_init__(self) -> None:
         if self.nodes < 2:
@@ -68,6 +73,8 @@ class Design:
             raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
         if self.per_node < 2:
             raise ValueError(f"--per-node must be >= 2 (train and validation), got {self.per_node}")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
 
     @property
     def q(self) -> float:
@@ -85,6 +92,7 @@ class Design:
             f"strategy.fraction_train={self.q!r}",
             f"strategy.min_nodes={self.per_round}",
             f"rounds={self.rounds}",
+            f"train.epochs={self.epochs}",
         ]
 
 
@@ -257,7 +265,8 @@ def caption_of(
     """The table's caption; ``{version}`` is filled in by :func:`table`."""
     return (
         f"DP-FedAvg (central, node-level) on `experiment={EXPERIMENT}` resized to N = {design.nodes} "
-        f"simulated nodes ({design.per_node} training samples each, 1 for validation), "
+        f"simulated nodes ({design.per_node} training samples each, 1 for validation; "
+        f"{design.epochs} local epoch(s) per round), "
         f"m = {design.per_round} sampled per round (q = {design.q:.3g}), T = {design.rounds} "
         f"rounds, δ = {design.delta:g}"
         + (f", extra overrides `{' '.join(extra)}`" if extra else "")
@@ -289,10 +298,11 @@ def parse_args(argv: list[str], prog: str | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--nodes", type=int, default=1000, help="simulated nodes N")
     p.add_argument("--per-round", type=int, default=100, help="nodes sampled per round m")
-    p.add_argument("--rounds", type=int, default=30, help="rounds T (= releases)")
+    p.add_argument("--rounds", type=int, default=20, help="rounds T (= releases)")
     p.add_argument("--per-node", type=int, default=10, help="training samples per node")
+    p.add_argument("--epochs", type=int, default=5, help="local epochs per round (train.epochs)")
     p.add_argument("--delta", type=float, default=None, help="default: min(1/N², 1e-5)")
-    p.add_argument("--epsilons", type=floats, default=[8.0, 4.0, 2.0], help="target ε list")
+    p.add_argument("--epsilons", type=floats, default=[8.0], help="target ε list, e.g. 8,4,1")
     p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",") if v], default=[0, 1, 2])
     p.add_argument("--clip", default="auto",
                    help="C: a number, or auto (median update norm of the non-private seed-0 run)")  # fmt: skip
@@ -321,7 +331,9 @@ def parse_args(argv: list[str], prog: str | None) -> argparse.Namespace:
             p.error(f"--clip must be > 0, got {args.clip}")
     try:
         delta = default_delta(args.nodes) if args.delta is None else args.delta
-        args.design = Design(args.nodes, args.per_round, args.rounds, delta, args.per_node)
+        args.design = Design(
+            args.nodes, args.per_round, args.rounds, delta, args.per_node, args.epochs
+        )
     except ValueError as err:
         p.error(str(err))
     return args

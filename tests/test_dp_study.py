@@ -57,6 +57,7 @@ def test_flwr_samples_exactly_m_nodes_under_the_designs_overrides(nodes, per_rou
     )
     assert sampled == per_round
     assert int(over["data.num_train"]) == 10 * nodes and over["partition.num_nodes"] == str(nodes)
+    assert over["train.epochs"] == "5" and over["rounds"] == "3"  # every row, DP or not
 
 
 def fake_results(seed, *, test, val, version=V1, privacy=None, norms=(0.5, 0.7, 0.9)):
