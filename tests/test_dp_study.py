@@ -191,8 +191,10 @@ def test_a_dp_row_above_or_within_5_points_of_non_private_is_called_within():
         dp_study.row_of(fake_results(0, test=0.80, val=0.8), dp_study.NON_PRIVATE, None),
         dp_study.row_of(fake_results(0, test=0.81, val=0.8, privacy=dp_block(8.0)), "ε = 8", 8.0),
         dp_study.row_of(fake_results(0, test=0.76, val=0.8, privacy=dp_block(4.0)), "ε = 4", 4.0),
+        dp_study.row_of(fake_results(0, test=0.73, val=0.8, privacy=dp_block(2.0)), "ε = 2", 2.0),
     ]
     md = dp_study.table(rows, "{version}")
     assert "ε = 8 test accuracy is 1.0 points above non-private (within 5)" in md
     assert "at ε = 4 test accuracy is 4.0 points below non-private (within 5)" in md
+    assert "at ε = 2 test accuracy is 7.0 points below non-private (NOT within 5)" in md
     assert "| ε = 8 | 1 | 0.810 ± 0.000 [0.810, 0.810] | +1.0 |" in md
