@@ -43,7 +43,7 @@ def test_an_unknown_study_is_one_line_and_exit_2(capsys):
     err = capsys.readouterr().err.strip()
     assert err == (
         "fed-iotlm study: error: unknown study 'nope'; "
-        "choose from mmbind, budget, byzantine, shift, realdata, fedlora"
+        "choose from mmbind, budget, byzantine, shift, realdata, fedlora, dp"
     )
 
 

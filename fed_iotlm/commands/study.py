@@ -59,6 +59,11 @@ STUDIES: dict[str, Study] = {
         "FedIT / FFA-LoRA / FedEx-LoRA / FlexLoRA vs centralized LoRA (docs/fedlora.md)",
         ("transformers", "peft"),
     ),
+    "dp": Study(
+        "simulations.dp_study",
+        "DP-FedAvg at many sampled nodes: accuracy at target ε vs non-private (docs/dp_study.md)",
+        TRACKED,
+    ),
 }
 
 
