@@ -3,9 +3,9 @@
 raises, one that answers) and of the deadline itself.
 
 The same with real processes (a SuperNode whose ``train`` handler hangs, alive and
-heartbeating, is cut off; the same node answers the next round and the final
-evaluation) is ``test_hung_clientapp_is_cut_off_and_its_site_answers_the_next_round``
-in tests/test_faults.py, which shares one real-process run with the crash test.
+heartbeating, is cut off; the same node answers the round's evaluation and the
+final one) is ``test_hung_clientapp_is_cut_off_and_its_site_answers_again`` in
+tests/test_faults.py, which shares one real-process run with the crash test.
 """
 
 from __future__ import annotations
