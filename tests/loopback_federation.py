@@ -1,14 +1,15 @@
 """A real federation on loopback for fault tests: one SuperLink, N SuperNodes, ``flwr run``.
 
-What tests/test_faults.py sets up inline, as one object, for the tests that need the same
-set-up with another fault (tests/test_hung_clientapp.py, tests/test_server_restart.py):
-insecure (faults, not TLS, are under test; test_deploy.py covers TLS), free ports, a
-private FLWR_HOME per process, every process stopped afterwards, whatever happened.
+The set-up of the tests that kill or hang parts of a real deployment
+(tests/test_faults.py, tests/test_server_restart.py), as one object: insecure (faults,
+not TLS, are under test; test_deploy.py covers TLS), free ports, a private FLWR_HOME per
+process, every process stopped afterwards, whatever happened.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,11 +24,62 @@ from tests.flower_procs import (
     flower_env,
     free_port,
     port_open,
+    send_signal,
     wait_for_port,
 )
-from tests.test_faults import Sites, _wait_for
 
 QUICK = ("experiment=quick",)  # 3 sites; the sites' data must match the run config
+
+
+class Sites:
+    """The SuperNodes of the test: start one, kill every process of one."""
+
+    def __init__(self, root: Path, link_port: int, tracker: ProcessTracker) -> None:
+        self.root, self.link_port, self.tracker = root, link_port, tracker
+        self.markers = root / "markers"
+        self.procs: dict[int, tuple[subprocess.Popen, int]] = {}  # partition -> (proc, port)
+        self.logs: list[Path] = []
+
+    def start(self, pid: int, attempt: int = 0, extra: str = "") -> None:
+        """Start site ``pid``; ``extra`` adds node-config entries (e.g. ``fault-hang=1``)."""
+        home = self.root / f"home-site-{pid}-{attempt}"
+        home.mkdir()
+        port = free_port()
+        self.tracker.markers.append(f"127.0.0.1:{port} ")
+        data = self.root / "data" / f"site-{pid}"
+        node_config = f'partition-id={pid} data-dir="{data}" fault-marker="{self.markers}"'
+        node_config = f"{node_config} {extra}".strip()
+        args = [
+            str(BIN / "flower-supernode"), "--insecure",
+            "--superlink", f"127.0.0.1:{self.link_port}",
+            "--port", str(port), "--max-retries", "3", "--node-config", node_config,
+        ]  # fmt: skip
+        log = self.root / f"site-{pid}-{attempt}.log"
+        self.logs.append(log)
+        proc = self.tracker.start(args, log, cwd=home, env=flower_env(home))
+        self.procs[pid] = (proc, port)
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL the SuperNode, its SuperExec and its ClientApp: nothing says goodbye."""
+        proc, port = self.procs.pop(pid)
+        node = ProcessTracker([f"127.0.0.1:{port} "])
+        node.roots.add(proc.pid)
+        live, _ = node.scan()
+        assert proc.pid in live
+        send_signal(live, signal.SIGKILL)
+        left = node.wait_gone(timeout=30)
+        assert not left, f"processes of site {pid} survived SIGKILL: {sorted(left)}"
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {log.name} ---\n{log.read_text()[-1500:]}" for log in self.logs)
+
+
+def wait_for(condition, timeout: float, what: str, context=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{context()}")
+        time.sleep(0.5)
 
 
 class LoopbackFederation:
@@ -101,7 +153,7 @@ class LoopbackFederation:
             )
             return False
 
-        _wait_for(finished, timeout, results.name, self.context)
+        wait_for(finished, timeout, results.name, self.context)
         return json.loads(results.read_text())
 
     def context(self) -> str:

@@ -1,228 +1,138 @@
-"""A SuperNode killed mid-round: the round completes with the others, the site rejoins.
+"""A SuperNode killed mid-round and a ClientApp that hangs: the rounds complete with the
+others, the killed site rejoins, the hung one answers again.
 
-Real processes on loopback (insecure: this is about faults, test_deploy.py covers TLS
-and node authentication): one SuperLink, three SuperNodes reading their own site
-directories, ``flwr run`` of the app with ``strategy.min_nodes=2``.  When partition 2
-starts training in round 2 (it writes a ``fault-marker`` file, a test hook of
-clients/fault_marker.py), every process of that SuperNode is killed with SIGKILL, as
-a crashed machine would stop.  Round 2 must still complete with the two other sites'
-updates.  The same site is then restarted with the same ``--node-config``; without a
-registered key it comes back under a new Flower node id, and it must take part in a
-later round and in the final evaluation.  Ports are chosen at run time and every
-process is stopped afterwards, whatever happened.
+Real processes on loopback (tests/loopback_federation.py; insecure: this is about
+faults, test_deploy.py covers TLS and node authentication): one SuperLink, three
+SuperNodes reading their own site directories, ``flwr run`` of the app with
+``strategy.min_nodes=2``.  Both faults happen in ONE two-round run (one set of real
+processes, asserted on by the two tests below), one per round, so that each round still
+has the two answers ``min_nodes`` needs and each fault is seen on its own:
+
+* round 1: when partition 2 starts training (it writes a ``fault-marker`` file, a test
+  hook of clients/fault_marker.py), every process of its SuperNode is killed with
+  SIGKILL, as a crashed machine would stop.  Round 1 must complete with partitions 0
+  and 1.  The site is then restarted with the same ``--node-config``; without a
+  registered key it comes back under a new Flower node id, and it must train in round 2
+  and take part in the final evaluation.
+* round 2: partition 1 was started with ``fault-hang=2`` (also a test hook): its
+  ``train`` handler blocks forever, alive and heartbeating.  The round completes with
+  partitions 0 and 2; the hung handler is cut off at the round deadline
+  (clients/deadline.py), so the same SuperNode (the same Flower node id, no restart)
+  answers the round's evaluation and the final one.
+
+Ports are chosen at run time and every process is stopped afterwards, whatever happened.
 """
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
 import time
-from pathlib import Path
+
+import pytest
 
 from clients.fault_marker import marker_path
-from fed_iotlm.federation.sites import export_sites
-from fed_iotlm.settings import compose
-from tests.flower_procs import (
-    BIN,
-    FLWR,
-    REAL_PROCESS_MARKS,
-    REPO,
-    ProcessTracker,
-    flower_env,
-    free_port,
-    port_open,
-    send_signal,
-    wait_for_port,
-)
+from tests.flower_procs import REAL_PROCESS_MARKS
+from tests.loopback_federation import LoopbackFederation, wait_for
 
 pytestmark = REAL_PROCESS_MARKS
 
 CONNECTION = "fed-iotlm-faults"
-QUICK = ("experiment=quick",)  # 3 sites; the sites' data must match the run config
-ROUNDS = 4
-KILLED, KILL_ROUND = 2, 2  # partition id and round of the crash
-ROUND_TIMEOUT_S = 90  # well above an honest round on a loaded 2-core machine
+ROUNDS = 2
+KILLED, KILL_ROUND = 2, 1  # partition id and round of the crash
+HUNG, HANG_ROUND = 1, 2  # partition id and round whose train handler hangs
+# above an honest round, a cold ClientApp start included, on 2 cores shared with other
+# work; the hung round lasts this long (at 60 s a load of ~28 made every node miss a round)
+ROUND_TIMEOUT_S = 90
 RUN_TIMEOUT_S = 900
 
 
-class Sites:
-    """The SuperNodes of the test: start one, kill every process of one."""
-
-    def __init__(self, root: Path, link_port: int, tracker: ProcessTracker) -> None:
-        self.root, self.link_port, self.tracker = root, link_port, tracker
-        self.markers = root / "markers"
-        self.procs: dict[int, tuple[subprocess.Popen, int]] = {}  # partition -> (proc, port)
-        self.logs: list[Path] = []
-
-    def start(self, pid: int, attempt: int = 0, extra: str = "") -> None:
-        """Start site ``pid``; ``extra`` adds node-config entries (e.g. ``fault-hang=1``)."""
-        home = self.root / f"home-site-{pid}-{attempt}"
-        home.mkdir()
-        port = free_port()
-        self.tracker.markers.append(f"127.0.0.1:{port} ")
-        data = self.root / "data" / f"site-{pid}"
-        node_config = f'partition-id={pid} data-dir="{data}" fault-marker="{self.markers}"'
-        node_config = f"{node_config} {extra}".strip()
-        args = [
-            str(BIN / "flower-supernode"), "--insecure",
-            "--superlink", f"127.0.0.1:{self.link_port}",
-            "--port", str(port), "--max-retries", "3", "--node-config", node_config,
-        ]  # fmt: skip
-        log = self.root / f"site-{pid}-{attempt}.log"
-        self.logs.append(log)
-        proc = self.tracker.start(args, log, cwd=home, env=flower_env(home))
-        self.procs[pid] = (proc, port)
-
-    def kill(self, pid: int) -> None:
-        """SIGKILL the SuperNode, its SuperExec and its ClientApp: nothing says goodbye."""
-        proc, port = self.procs.pop(pid)
-        node = ProcessTracker([f"127.0.0.1:{port} "])
-        node.roots.add(proc.pid)
-        live, _ = node.scan()
-        assert proc.pid in live
-        send_signal(live, signal.SIGKILL)
-        left = node.wait_gone(timeout=30)
-        assert not left, f"processes of site {pid} survived SIGKILL: {sorted(left)}"
-
-    def tails(self) -> str:
-        return "\n".join(f"--- {log.name} ---\n{log.read_text()[-1500:]}" for log in self.logs)
-
-
-def _wait_for(condition, timeout: float, what: str, context=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{context()}")
-        time.sleep(0.5)
-
-
-def test_killed_supernode_round_completes_and_site_rejoins(tmp_path):
-    root = tmp_path
-    export_sites(compose(list(QUICK)), root / "data")
-    link_port = free_port()
-    tracker = ProcessTracker([str(root), f"127.0.0.1:{link_port} "])
-    link_home, cli_home = root / "home-superlink", root / "home-cli"
-    link_home.mkdir()
-    cli_home.mkdir()
-    (cli_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
-    )
-    cli_env = flower_env(cli_home)
-
-    def flwr(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(FLWR), *args], cwd=REPO, env=cli_env, capture_output=True, text=True,
-            timeout=timeout, check=False,
-        )  # fmt: skip
-
-    sites = Sites(root, link_port, tracker)
-    server_log = root / "superlink.log"
-    out_dir = root / "out"
-
-    run_id = ""
-
-    def context() -> str:
-        link = server_log.read_text()[-3000:] if server_log.exists() else ""
-        app = flwr("log", run_id, CONNECTION, "--show").stdout[-6000:] if run_id else ""
-        return f"--- superlink ---\n{link}\n--- serverapp ---\n{app}\n{sites.tails()}"
-
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory):
+    """The run's results.json, with one hung round and one crash (see the docstring)."""
+    root = tmp_path_factory.mktemp("faults")
+    fed = LoopbackFederation(root, CONNECTION)
     try:
-        superlink = tracker.start(
-            [
-                str(BIN / "flower-superlink"), "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host", "127.0.0.1", "--port", str(link_port),
-            ],
-            server_log, cwd=link_home, env=flower_env(link_home),
-        )  # fmt: skip
-        wait_for_port(link_port, timeout=60, proc=superlink)
-        for pid in range(3):
-            sites.start(pid)
-
-        overrides = " ".join(
-            [
-                *QUICK,
-                f"rounds={ROUNDS}",
-                "train.epochs=1",
-                "strategy.min_nodes=2",
-                f"strategy.round_timeout_s={ROUND_TIMEOUT_S}",
-                "mlflow.enabled=false",
-                f"output_dir={out_dir}",
-            ]
-        )
+        fed.start(extra={HUNG: f"fault-hang={HANG_ROUND}"})
+        out_dir = root / "out"
         started = time.monotonic()
-        run = flwr("run", ".", CONNECTION, "--run-config", f'overrides="{overrides}"',
-                   "--format", "json")  # fmt: skip
-        assert run.returncode == 0, run.stdout + run.stderr + context()
-        run_id = str(json.loads(run.stdout[run.stdout.index("{") :])["run-id"])
-
-        # round KILL_ROUND is in flight on the site: crash it, then restart it
-        marker = marker_path(sites.markers, KILLED, KILL_ROUND)
-        _wait_for(marker.exists, RUN_TIMEOUT_S, f"{marker.name}", context)
-        sites.kill(KILLED)
-        sites.start(KILLED, attempt=1)
-
-        results = out_dir / "results.json"
-
-        def run_status() -> str:
-            text = flwr("list", CONNECTION, "--run-id", run_id, "--format", "json").stdout
-            return json.loads(text[text.index("{") :])["runs"][0]["status"] if "{" in text else ""
-
-        last_listed = [time.monotonic()]
-
-        def finished() -> bool:
-            if results.exists():
-                return True
-            if time.monotonic() - last_listed[0] < 20:  # the CLI costs a core-second
-                return False
-            last_listed[0] = time.monotonic()
-            status = run_status()
-            if status.startswith("finished"):  # results.json is written before the app ends
-                assert results.exists(), f"run ended as {status} without results\n{context()}"
-                return True
-            return False
-
-        _wait_for(finished, RUN_TIMEOUT_S, "results.json", context)
-        elapsed = time.monotonic() - started
-        _wait_for(
-            lambda: run_status() == "finished:completed",
-            120, "the run to be listed as finished:completed", context,
-        )  # fmt: skip
-
-        res = json.loads(results.read_text())
-        history = {h["round"]: h for h in res["history"]}
-        assert sorted(history) == list(range(1, ROUNDS + 1)), res["history"]
-        holders = res["holders_by_round"]
-
-        def partitions(rnd: int) -> set[str]:
-            return {p for nodes in holders.get(str(rnd), {}).values() for p in nodes}
-
-        # before the crash every site answered
-        assert history[1]["nodes_answered"] == 3, history[1]
-        # the round in flight at the crash completed with the two other sites' updates
-        crashed = history[KILL_ROUND]
-        assert crashed["nodes_sent"] == 3, crashed
-        assert crashed["nodes_answered"] == 2, crashed
-        assert crashed["nodes_failed"] + crashed["nodes_missing"] == 1, crashed
-        assert crashed["round_skipped"] == 0, crashed
-        assert partitions(KILL_ROUND) == {"0", "1"}, holders
-        fault = res["faults_by_round"][str(KILL_ROUND)]
-        assert any(f"partition {KILLED}" in w for w in fault["failed"] + fault["missing"]), fault
-        # the restarted site (a new Flower node id) took part again in a later round
-        back = [r for r in range(KILL_ROUND + 1, ROUNDS + 1) if history[r]["nodes_answered"] == 3]
-        assert back, res["history"]
-        assert str(KILLED) in partitions(back[0]), holders
-        rejoined = [j for j in res["rejoined"] if j["partition"] == KILLED]
-        assert rejoined and rejoined[0]["node"] != rejoined[0]["was"], res["rejoined"]
-        # and in the final evaluation, once per site
-        assert sorted(res["test"]["accuracy_by_node"]) == ["0", "1", "2"], res["test"]
-        print(
-            f"faults: {ROUNDS} rounds in {elapsed:.1f} s; round {KILL_ROUND}: "
-            f"{fault}; site {KILLED} back in round {back[0]}"
+        run_id = fed.run(
+            f"rounds={ROUNDS}",
+            "train.epochs=1",
+            "strategy.min_nodes=2",
+            f"strategy.round_timeout_s={ROUND_TIMEOUT_S}",
+            "mlflow.enabled=false",
+            f"output_dir={out_dir}",
         )
+        # round KILL_ROUND is in flight on the site: crash it, then restart it
+        marker = marker_path(fed.sites.markers, KILLED, KILL_ROUND)
+        wait_for(marker.exists, RUN_TIMEOUT_S, marker.name, fed.context)
+        fed.sites.kill(KILLED)
+        fed.sites.start(KILLED, attempt=1)
+
+        res = fed.wait_for_results(out_dir / "results.json", run_id, RUN_TIMEOUT_S)
+        elapsed = time.monotonic() - started
+        wait_for(
+            lambda: fed.status(run_id) == "finished:completed",
+            120, "the run to be listed as finished:completed", fed.context,
+        )  # fmt: skip
+        # the hang really happened: the handler started its round and never answered it
+        assert marker_path(fed.sites.markers, HUNG, HANG_ROUND).exists()
+        print(f"faults: {ROUNDS} rounds in {elapsed:.1f} s; faults {res['faults_by_round']}")
+        yield res
     finally:
-        left = tracker.stop()
-        assert not left, f"processes still alive after teardown: {sorted(left)}"
-        assert not port_open(link_port), "SuperLink port still open"
+        fed.stop()
+
+
+def _history(res: dict) -> dict[int, dict]:
+    history = {h["round"]: h for h in res["history"]}
+    assert sorted(history) == list(range(1, ROUNDS + 1)), res["history"]
+    return history
+
+
+def _partitions(res: dict, rnd: int) -> set[str]:
+    """The partitions whose updates round ``rnd`` aggregated."""
+    return {p for nodes in res["holders_by_round"].get(str(rnd), {}).values() for p in nodes}
+
+
+def _faulted(res: dict, rnd: int, partition: int) -> bool:
+    fault = res["faults_by_round"][str(rnd)]
+    return any(f"partition {partition}" in w for w in fault["failed"] + fault["missing"])
+
+
+def _completed_with_two(round_: dict) -> None:
+    assert round_["nodes_sent"] == 3, round_
+    assert round_["nodes_answered"] == 2, round_
+    assert round_["nodes_failed"] + round_["nodes_missing"] == 1, round_
+    assert round_["round_skipped"] == 0, round_
+
+
+def test_killed_supernode_round_completes_and_site_rejoins(faulty_run):
+    res = faulty_run
+    history = _history(res)
+    # the round in flight at the crash (its marker is what triggered the kill) completed
+    # with the two other sites' updates
+    _completed_with_two(history[KILL_ROUND])
+    assert _partitions(res, KILL_ROUND) == {"0", "1"}, res["holders_by_round"]
+    assert _faulted(res, KILL_ROUND, KILLED), res["faults_by_round"]
+    # the restarted site (a new Flower node id) trained again in a later round
+    back = [r for r in range(KILL_ROUND + 1, ROUNDS + 1) if str(KILLED) in _partitions(res, r)]
+    assert back, res["holders_by_round"]
+    rejoined = [j for j in res["rejoined"] if j["partition"] == KILLED]
+    assert rejoined and rejoined[0]["node"] != rejoined[0]["was"], res["rejoined"]
+    # and in the final evaluation, once per site
+    assert sorted(res["test"]["accuracy_by_node"]) == ["0", "1", "2"], res["test"]
+
+
+def test_hung_clientapp_is_cut_off_and_its_site_answers_again(faulty_run):
+    res = faulty_run
+    history = _history(res)
+    # the site trained before its hang
+    assert str(HUNG) in _partitions(res, HANG_ROUND - 1), res["holders_by_round"]
+    # the hung round completed with the two other sites
+    _completed_with_two(history[HANG_ROUND])
+    assert _partitions(res, HANG_ROUND) == {"0", "2"}, res["holders_by_round"]
+    assert _faulted(res, HANG_ROUND, HUNG), res["faults_by_round"]
+    # cut off at the deadline, the same SuperNode (no restart) answers the round's
+    # evaluation and the final one
+    assert history[HANG_ROUND]["evaluated_nodes"] == 3, history[HANG_ROUND]
+    assert not [j for j in res.get("rejoined", []) if j["partition"] == HUNG], res["rejoined"]
+    assert sorted(res["test"]["accuracy_by_node"]) == ["0", "1", "2"], res["test"]

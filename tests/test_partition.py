@@ -191,3 +191,19 @@ def test_higher_missing_rate_drops_more() -> None:
 
     low, mid, high = mean_held(0.1), mean_held(0.4), mean_held(0.7)
     assert len(MODS) > low > mid > high >= 1
+
+
+@pytest.mark.parametrize(("n", "nodes", "seed"), [(10, 3, 0), (600, 3, 1), (1001, 8, 7), (5, 5, 2)])
+def test_iid_is_flwr_datasets_iid_partitioner_split(n, nodes, seed) -> None:
+    """The IID split is computed without flwr-datasets (each simulated node would import
+    it): it must stay IidPartitioner's split of the same seeded permutation."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    partitioner = IidPartitioner(num_partitions=nodes)
+    order = np.random.default_rng(seed).permutation(n)
+    partitioner.dataset = Dataset.from_dict({"idx": order.tolist()})
+    want = [np.sort(np.asarray(partitioner.load_partition(i)["idx"])) for i in range(nodes)]
+    got = partition_indices(nodes, "iid", seed=seed, labels=np.zeros(n, dtype=np.int64))
+    assert [p.tolist() for p in got] == [w.tolist() for w in want]
+    assert all(p.dtype == np.int64 for p in got)

@@ -24,8 +24,7 @@ from clients.fault_marker import marker_path
 from fed_iotlm.federation.bundle import load_bundle
 from fed_iotlm.federation.records import state_to_numpy
 from tests.flower_procs import REAL_PROCESS_MARKS, send_signal
-from tests.loopback_federation import LoopbackFederation
-from tests.test_faults import _wait_for
+from tests.loopback_federation import LoopbackFederation, wait_for
 
 # three whole runs against real processes (~30 min on 2 cores): `make test-long`
 pytestmark = [*REAL_PROCESS_MARKS, pytest.mark.long]
@@ -72,11 +71,11 @@ def test_server_killed_mid_round_resumes_to_the_uninterrupted_result(tmp_path):
         resumed = tmp_path / "resumed"
         run_b = fed.run(*_config(resumed))
         in_flight = marker_path(markers, 0, KILL_ROUND)
-        _wait_for(in_flight.exists, RUN_TIMEOUT_S, in_flight.name, fed.context)
+        wait_for(in_flight.exists, RUN_TIMEOUT_S, in_flight.name, fed.context)
         _, servers = fed.tracker.scan("flwr-serverapp")
         assert len(servers) == 1, f"expected one ServerApp process, found {sorted(servers)}"
         send_signal(servers, signal.SIGKILL)
-        _wait_for(lambda: not fed.tracker.scan("flwr-serverapp")[1], 30, "the ServerApp to die")
+        wait_for(lambda: not fed.tracker.scan("flwr-serverapp")[1], 30, "the ServerApp to die")
         assert not (resumed / "results.json").exists()
         assert (resumed / "checkpoint").is_dir(), "no checkpoint after round 1"
         _clear(markers)

@@ -7,7 +7,12 @@ vary one while holding the other fixed.
 
 Sample partitioning is delegated to flwr-datasets' partitioners so that our splits are
 the ones the Flower community reports results with; we only adapt numpy arrays to the
-``datasets.Dataset`` they expect and hand back plain index arrays.
+``datasets.Dataset`` they expect and hand back plain index arrays.  The one exception is
+IID, the default: every simulated node builds the layout in its own process, where
+importing ``datasets`` and ``flwr_datasets`` (which loads seaborn and scipy.stats) costs
+more than the rest of the layout; its split is a seeded permutation cut into contiguous
+shards, computed here exactly as ``IidPartitioner`` cuts it (tests/test_partition.py
+checks the two agree).
 """
 
 from __future__ import annotations
@@ -101,14 +106,11 @@ def _load_all(partitioner: Any, num_nodes: int) -> list[np.ndarray]:
 
 
 def _iid(num_nodes: int, n: int, seed: int) -> list[np.ndarray]:
-    """IidPartitioner shards contiguously, so the seed goes into a permutation first."""
-    from datasets import Dataset
-    from flwr_datasets.partitioner import IidPartitioner
-
+    """A seeded permutation cut into ``num_nodes`` contiguous shards, the first
+    ``n % num_nodes`` one sample longer: ``IidPartitioner``'s split of the permuted
+    indices (``Dataset.shard(contiguous=True)``), without importing flwr-datasets."""
     order = np.random.default_rng(seed).permutation(n)
-    partitioner = IidPartitioner(num_partitions=num_nodes)
-    partitioner.dataset = Dataset.from_dict({"idx": order.tolist()})
-    return _load_all(partitioner, num_nodes)
+    return [np.sort(part).astype(np.int64) for part in np.array_split(order, num_nodes)]
 
 
 def _dirichlet(
