@@ -13,10 +13,16 @@ module name."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 FORMAT = "%(levelname)-7s %(name)s: %(message)s"
 # the top-level packages whose module loggers the handler serves
 PACKAGES = ("fed_iotlm", "server", "clients", "simulations")
+# each run's own log file, in its output folder beside results.json (``run.log`` is the
+# name the studies give the captured console of a child run, so this one differs)
+RUN_LOG = "fed-iotlm.log"
 
 
 def configure(level: int = logging.INFO) -> logging.Logger:
@@ -34,3 +40,35 @@ def configure(level: int = logging.INFO) -> logging.Logger:
     for lg in loggers:
         lg.setLevel(level)
     return loggers[0]
+
+
+@contextmanager
+def run_log(path: Path, level: int = logging.INFO) -> Iterator[Path]:
+    """While the block runs, also write our packages' records and Flower's to ``path``
+    (appending: a resumed run keeps its earlier lines); the handler goes when the block
+    ends, so runs made one after another in one process (studies, tests) each keep
+    only their own lines.
+
+    Why: Hydra's own job log is off (it would install a root handler and print
+    Flower's lines twice), yet a run's folder should keep its progress, warnings and
+    faults after the console has scrolled away: the round lines with their ETA, the
+    nodes that failed, the resume point.  Flower's ``flwr`` logger is included so a
+    failure's context (its own warnings) sits in the same file."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    loggers = [logging.getLogger(name) for name in (*PACKAGES, "flwr")]
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s " + FORMAT))
+    handler.setLevel(level)
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        if lg.level == logging.NOTSET or lg.level > level:
+            lg.setLevel(level)
+    try:
+        yield path
+    finally:
+        for lg, old in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(old)
+        handler.close()

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fed_iotlm.config_schema import block, register
 from fed_iotlm.experiment import check_method
+from fed_iotlm.logs import RUN_LOG, run_log
 from fed_iotlm.models.device import check_devices
 from fed_iotlm.settings import config_dir
 from simulations.ray_cluster import attached, backend_config, for_cluster, ray_settings
@@ -38,6 +39,15 @@ def run_experiment(
     method = check_method(cfg)
     check_devices(cfg)  # train.device / binding.device: one clear line before any work
     cfg = {**cfg, "output_dir": str(out_dir)}
+    with run_log(Path(out_dir) / RUN_LOG):  # the run's folder keeps its own log
+        return _run_method(method, cfg, out_dir, client_mods, grid_hook)
+
+
+def _run_method(
+    method: str, cfg: dict, out_dir: Path, client_mods: list | None, grid_hook: Callable | None
+) -> Path:
+    """Dispatch to the method's runner; an in-process run's MLflow run ends FAILED if it
+    raises."""
     try:
         if method == "local":
             from fed_iotlm.baselines import run_local_only

@@ -91,3 +91,30 @@ def test_a_round_line_is_logged_with_its_eta(tmp_path, caplog, capsys):
     assert lines[0].startswith("round   1/4  accuracy 0.500  loss 1.000")
     assert "2/3 nodes answered" in lines[1] and ", ETA " in lines[1]
     assert capsys.readouterr().out == ""
+
+
+def test_each_run_keeps_its_own_log_file(tmp_path):
+    """run_experiment writes the run's progress to <output_dir>/fed-iotlm.log and takes
+    its handler away at the end: two runs in one process (a study, this test) each
+    keep only their own lines, and no handler is left behind."""
+    import logging
+
+    from fed_iotlm.logs import RUN_LOG
+    from fed_iotlm.settings import compose
+    from simulations.run import run_experiment
+
+    for name, rounds in (("first", 1), ("second", 2)):
+        small = ["data.num_train=400", "data.num_test=100", "train.steps=2"]
+        cfg = compose(["experiment=quick", "method=local", f"rounds={rounds}", *small])
+        run_experiment({**cfg, "mlflow": {**cfg["mlflow"], "enabled": False}}, tmp_path / name)
+    first = (tmp_path / "first" / RUN_LOG).read_text()
+    second = (tmp_path / "second" / RUN_LOG).read_text()
+    assert "fed_iotlm.tracking: round   1/1" in first and "/2" not in first
+    assert "fed_iotlm.tracking: round   2/2" in second and "round   1/1" not in second
+    left = [
+        h
+        for name in ("fed_iotlm", "server", "flwr")
+        for h in logging.getLogger(name).handlers
+        if isinstance(h, logging.FileHandler)
+    ]
+    assert left == []
