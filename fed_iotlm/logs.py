@@ -42,6 +42,18 @@ def configure(level: int = logging.INFO) -> logging.Logger:
     return loggers[0]
 
 
+class _LazyFileHandler(logging.FileHandler):
+    """A file handler that creates its file (and folder) at the first record, so a run
+    refused before it logs anything leaves no folder behind."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)
+
+    def _open(self):  # noqa: ANN202 (logging's own signature)
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 @contextmanager
 def run_log(path: Path, level: int = logging.INFO) -> Iterator[Path]:
     """While the block runs, also write our packages' records and Flower's to ``path``
@@ -55,9 +67,8 @@ def run_log(path: Path, level: int = logging.INFO) -> Iterator[Path]:
     nodes that failed, the resume point.  Flower's ``flwr`` logger is included so a
     failure's context (its own warnings) sits in the same file."""
     path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
     loggers = [logging.getLogger(name) for name in (*PACKAGES, "flwr")]
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler = _LazyFileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s " + FORMAT))
     handler.setLevel(level)
     levels = [lg.level for lg in loggers]
