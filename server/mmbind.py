@@ -129,9 +129,10 @@ def bind(
         delivered.clear()
         delivered.update(packed)
     stats = binding_stats(partners, [u.node for u in uploads], layout)
+    similarity = stats["mean_similarity"]
     log.info(
         f"binding @ round {rnd}: pairs {stats['pairs']}  refused {stats['refused']}"
-        f"  mean similarity {stats['mean_similarity']:.3f}"
+        + (f"  mean similarity {similarity:.3f}" if similarity is not None else "  (no pairs)")
         + "".join(
             f"  pair accuracy ({t}) {a:.3f}" for t, a in stats.get("pair_accuracy", {}).items()
         )

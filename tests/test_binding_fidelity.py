@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -233,6 +234,23 @@ def test_pair_accuracy_uses_every_true_label_hidden_or_not(quick_cfg):
         return binding_stats({"0": {"depth": p}}, ["0", "1", "2"], layout)["pair_accuracy"]
 
     assert stats(same)["activity"] == 1.0 and stats(other)["activity"] == 0.0
+
+    # a binding that paired nothing (every partner refused) reports no similarity and no
+    # pair accuracy rather than a NaN mean over nothing (results.json stays valid JSON)
+    n = len(own)
+    refused = Partners(
+        modality="depth",
+        query_ids=np.arange(n),
+        partner_node=np.full((n, 1), -1, np.int64),
+        partner_ids=np.full((n, 1), -1, np.int64),
+        similarity=np.zeros((n, 1), np.float32),
+        weight=np.zeros((n, 1), np.float32),
+        embeddings=np.zeros((n, 1, 4), np.float32),
+    )
+    empty = binding_stats({"0": {"depth": refused}}, ["0", "1", "2"], layout)
+    assert empty["pairs"] == 0 and empty["mean_similarity"] is None
+    assert "pair_accuracy" not in empty
+    json.dumps(empty, allow_nan=False)
 
 
 def test_centralized_mmbind_logs_pair_accuracy_and_takes_pooled_budgets(quick_cfg, tmp_path):

@@ -50,11 +50,13 @@ def binding_stats(
                     sel = ok & (p.partner_node == j)
                     y_partner[sel] = labels[order[j]][t][p.partner_ids[sel]]
                 same.setdefault(t, []).append((y_own == y_partner)[ok])
+    # a binding that made no pair has no similarity and no pair accuracy to report: None
+    # (valid JSON in results.json), never a NaN mean over nothing
     out = {
         "pairs": pairs,
         "refused": refused,
-        "mean_similarity": float(np.concatenate(sims).mean()) if pairs else float("nan"),
+        "mean_similarity": float(np.concatenate(sims).mean()) if pairs else None,
     }
-    if same:
+    if same and pairs:
         out["pair_accuracy"] = {t: float(np.concatenate(v).mean()) for t, v in same.items()}
     return out
