@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,11 +20,13 @@ import time
 
 import pytest
 
+from tests.doc_commands import documented
 from tests.flower_procs import FLWR, REPO, ProcessTracker, flower_env, free_port, port_open
 
 CONNECTION = "fed-iotlm-test"
 NUM_NODES = 3  # experiment=quick has partition.num_nodes=3
 RUN_TIMEOUT_S = 240
+SECAGG_TIMEOUT_S = 420  # 5 SecAgg+ rounds: ~40 s alone on 2 cores, minutes under load
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="finds the processes it started in /proc"
@@ -118,4 +121,86 @@ def test_flwr_run_managed_superlink(tmp_path):
     left, superlinks = run_procs.scan("flower-superlink")
     assert not superlinks, f"flower-superlink still running: {sorted(superlinks)}"
     assert not left, f"processes of the run still alive: {sorted(left)}"
+    assert not port_open(http_port), "SuperLink port still open"
+
+
+def _private_managed_superlink(tmp_path):
+    """A Flower CLI environment whose default connection is a managed local SuperLink
+    with its own FLWR_HOME and ports: (env, flwr_home, http port)."""
+    flwr_home = tmp_path / "flwr-home"
+    flwr_home.mkdir()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = ":local:"\n'
+    )
+    http_port, control_port = free_port(), free_port()
+    env = flower_env(
+        flwr_home,
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+    )
+    return env, flwr_home, http_port
+
+
+@pytest.mark.integration
+def test_the_documented_secagg_command_runs_as_written(tmp_path):
+    """docs/flwr-run.md's SecAgg+ command, token for token, but for the app path: the
+    doc runs it from the repository root (``.``); here it runs from a scratch directory
+    with the repository's path, so the managed SuperLink, and with it the ServerApp,
+    works there (``runs/``, ``mlflow.db``) and not in the checkout."""
+    if not FLWR.exists():
+        pytest.skip("the flwr CLI is not installed next to this Python")
+    (doc_run,) = [
+        r for r in documented() if r.doc.name == "flwr-run.md" and "secagg.enabled=true" in r.text
+    ]
+    args = shlex.split(doc_run.text, comments=True)
+    assert args[:3] == ["flwr", "run", "."] and doc_run.connection is None, doc_run.text
+    args[0], args[2] = str(FLWR), str(REPO)
+
+    env, flwr_home, http_port = _private_managed_superlink(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    run_procs = ProcessTracker([str(flwr_home), f"127.0.0.1:{http_port}"])
+
+    def flwr(*cli: str) -> str:
+        done = subprocess.run(
+            [str(FLWR), *cli], cwd=work, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def context() -> str:
+        log = flwr_home / "local-superlink" / "superlink.log"
+        return log.read_text()[-3000:] if log.exists() else "(no superlink.log)"
+
+    try:
+        submitted = subprocess.run(
+            args, cwd=work, env=env, capture_output=True, text=True, timeout=120,
+            start_new_session=True,
+        )  # fmt: skip
+        run_procs.scan()
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        started = re.search(r"Successfully started run (\d+)", submitted.stdout)
+        assert started, submitted.stdout + submitted.stderr
+        run_id = started.group(1)
+
+        status, deadline = "", time.monotonic() + SECAGG_TIMEOUT_S
+        while not status.startswith("finished") and time.monotonic() < deadline:
+            run_procs.scan()  # learn the sessions while their leaders are alive
+            time.sleep(2)  # polling the SuperLink is all the CLI offers
+            listed = flwr("list", "--run-id", run_id, "--format", "json")
+            status = json.loads(listed[listed.index("{") :])["runs"][0]["status"]
+        shown = flwr("log", run_id, "--show")[-5000:]
+        assert status == "finished:completed", f"{status}\n{shown}\n{context()}"
+
+        (results,) = work.glob("runs/*-federated/results.json")
+        res = json.loads(results.read_text())
+        assert res["num_nodes"] == NUM_NODES and res["rounds"] == 5
+        assert res["config"]["secagg"]["enabled"] is True
+        assert res["secagg"]["plan"].startswith("hidden")  # nodes report liveness only
+        assert [row["secagg.nodes"] for row in res["history"]] == [NUM_NODES] * 5
+    finally:
+        run_procs.stop(graceful=("flower-superlink",))
+
+    left, superlinks = run_procs.scan("flower-superlink")
+    assert not superlinks and not left, f"still running: {sorted(left)}"
     assert not port_open(http_port), "SuperLink port still open"
