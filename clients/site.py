@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from fed_iotlm.config_schema import node_count
 from fed_iotlm.data.dataset import Split
 from fed_iotlm.data.exchange import load_dataset
 from fed_iotlm.data.federation import (
     NodeSplits,
     load_experiment_dataset,
-    parse_plan,
     select_modalities,
 )
 from fed_iotlm.data.preprocess import featurize_dataset
@@ -103,8 +103,7 @@ def site_config(node_config: Mapping[str, Any]) -> SiteConfig | None:
 
 def federation_size(cfg: dict) -> int:
     """Number of nodes the run config plans for (``partition.plan`` or ``num_nodes``)."""
-    plan = parse_plan(cfg["partition"].get("plan"))
-    return len(plan) if plan else int(cfg["partition"]["num_nodes"])
+    return node_count(cfg["partition"])
 
 
 def federation_spec(cfg: dict) -> ModelSpec:

@@ -60,7 +60,9 @@ class PartitionConfig:
 
     # iid | dirichlet (label skew, alpha) | natural (one node per natural_key value)
     scheme: str = "iid"
-    num_nodes: int = 8
+    # null: the plan's length, or DEFAULT_NUM_NODES (8) without a plan; with a plan it
+    # may only restate the plan's length (node_count refuses another number)
+    num_nodes: int | None = None
     # explicit per-node modalities, e.g. [[imu,audio],[imu,depth],[imu]]
     plan: list[list[str]] | None = None
     # groups of modalities taken away by turns: node i lacks group i % len(groups), e.g.
@@ -658,6 +660,48 @@ def check_data_source(cfg: Mapping[str, Any]) -> None:
             f"config: data.path={data['path']!r} is set but data=synthetic reads no files "
             "(the built-in generator); for a dataset directory choose data=npz"
         )
+
+
+# ------------------------------------------------------------------ number of nodes
+
+DEFAULT_NUM_NODES = 8  # partition.num_nodes=null without a plan
+
+
+def parse_plan(plan: Any) -> list[list[str]] | None:
+    """A plan (or ``partition.withhold``'s groups) from Hydra (list of lists) or from a
+    Flower run config ("imu,audio;imu")."""
+    if plan is None or plan == "" or plan == []:
+        return None
+    if isinstance(plan, str):
+        return [[m.strip() for m in node.split(",") if m.strip()] for node in plan.split(";")]
+    return [list(node) for node in plan]
+
+
+def node_count(part: Mapping[str, Any]) -> int:
+    """The number of nodes the ``partition`` block describes: the plan's length where a
+    plan is given, else ``num_nodes`` (null: :data:`DEFAULT_NUM_NODES`).
+
+    Why a refusal rather than a winner: a plan (the default experiment has an 8-node
+    one) used to override ``partition.num_nodes`` without a word, so a user who asked
+    for 10 nodes got 8.  A ``num_nodes`` that only restates the plan's length passes."""
+    plan = parse_plan(part.get("plan"))
+    given = part.get("num_nodes")
+    if plan is None:
+        return DEFAULT_NUM_NODES if given is None else int(given)
+    if given is not None and int(given) != len(plan):
+        raise ConfigError(
+            f"config: partition.num_nodes={given} but partition.plan lists {len(plan)} nodes "
+            "(a plan fixes the node count): drop partition.num_nodes (or set it to "
+            f"{len(plan)}), or choose an experiment without a plan for {given} nodes, e.g. "
+            f"experiment=random_plan partition.num_nodes={given}"
+        )
+    return len(plan)
+
+
+def check_node_count(cfg: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a ``partition.num_nodes`` a plan contradicts
+    (:func:`node_count`), at composition, before any data is generated."""
+    node_count(cfg.get("partition") or {})
 
 
 def _yaml(value: Any) -> str:

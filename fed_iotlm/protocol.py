@@ -7,7 +7,8 @@
 * ``budget``: optimiser steps and examples seen per node per round (mean over the
   nodes that trained), so methods compared side by side can be seen to have had the
   same budget.
-* ``code_version``: the commit and whether the tree had uncommitted changes; study
+* ``code_version``: the commit and whether the tree had uncommitted changes, or, run
+  from an installed package outside a git checkout, that package's version; study
   tables refuse to mix versions.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +26,19 @@ from fed_iotlm.data.federation import FederationLayout
 from fed_iotlm.federation.normalization import normalization_mode
 
 REPO = Path(__file__).resolve().parents[1]
+DIST = "fed-iotlm"  # the distribution's name (pyproject.toml)
 
 
 def version_label(version: dict | None) -> str:
-    """``<commit>`` or ``<commit>+dirty`` of a results.json ``code_version`` (``unknown``
-    without one): the one name a table gives a code version."""
+    """The one name a table gives a results.json ``code_version``: ``<commit>`` or
+    ``<commit>+dirty``; without a commit (an installed package) ``fed-iotlm==<version>``,
+    so runs of two releases still differ; ``unknown`` when neither was recorded."""
     version = version or {}
-    return (version.get("commit") or "unknown") + ("+dirty" if version.get("dirty") else "")
+    if version.get("commit"):
+        return version["commit"] + ("+dirty" if version.get("dirty") else "")
+    if version.get("package"):
+        return f"{DIST}=={version['package']}"
+    return "unknown"
 
 
 def first_binding_pair_accuracy(results: dict) -> dict[str, float]:
@@ -51,9 +59,20 @@ NOT_CODE = (":(exclude)docs", ":(exclude)*.md")
 @lru_cache(maxsize=4)
 def code_version(repo: Path = REPO) -> dict:
     """``{"commit": sha, "dirty": bool}`` of the checkout this code runs from, or
-    ``{"commit": None, "dirty": None}`` outside a git checkout (an installed wheel).
-    ``dirty``: tracked files other than docs (:data:`NOT_CODE`) differ from the commit."""
+    ``{"commit": None, "dirty": None, "package": version}`` outside one (an installed
+    wheel: :func:`installed_version`, None if that is unknown too).  ``dirty``: tracked
+    files other than docs (:data:`NOT_CODE`) differ from the commit.
+
+    ``repo`` must be the checkout's top level: a wheel installed into a virtual
+    environment that lies inside some checkout (``.venv/`` of a clone) is inside a git
+    work tree too, and would otherwise record that checkout's commit as its own."""
     try:
+        top = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--show-toplevel"],
+            capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+        if Path(top).resolve() != Path(repo).resolve():
+            raise subprocess.SubprocessError(f"{repo} is not the top of the checkout {top}")
         commit = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"],
             capture_output=True, text=True, check=True, timeout=10,
@@ -64,8 +83,24 @@ def code_version(repo: Path = REPO) -> dict:
             capture_output=True, text=True, check=True, timeout=10,
         ).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return {"commit": None, "dirty": None, "package": installed_version()}
     return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def installed_version(
+    dist: str = DIST, module: Path = Path(__file__), relative: str = "fed_iotlm/protocol.py"
+) -> str | None:
+    """The version of the installed distribution ``dist``, if ``module`` (this file) is
+    that distribution's own copy at ``relative``; else None.  Why the check: a copy of
+    the sources run beside an installed wheel (or an editable install, whose files are
+    the checkout's) is not the code that version names."""
+    try:
+        found = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    if Path(str(found.locate_file(relative))).resolve() != Path(module).resolve():
+        return None
+    return found.version
 
 
 def budget_from_history(history: list[dict]) -> dict:

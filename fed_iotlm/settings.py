@@ -18,6 +18,7 @@ from fed_iotlm.config_schema import (
     ConfigError,
     check_data_source,
     check_declared,
+    check_node_count,
     check_ranges,
     check_required,
     describe,
@@ -76,6 +77,7 @@ def _compose_cached(overrides: tuple[str, ...], directory: str) -> str:
     check_declared(plain)
     check_ranges(plain)
     check_data_source(plain)
+    check_node_count(plain)
     return json.dumps(plain)
 
 

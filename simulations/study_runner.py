@@ -32,8 +32,11 @@ def point_key(overrides: list[str], version: str | None = None) -> str:
 
 
 def code_key() -> str:
-    """The commit, plus a hash of the uncommitted diff when the tree is dirty."""
+    """The commit, plus a hash of the uncommitted diff when the tree is dirty; outside a
+    checkout the installed package's version (``fed-iotlm==0.1.0``), or ``unknown``."""
     version = code_version()
+    if version["commit"] is None:
+        return version_label(version)
     if not version["dirty"]:
         return str(version["commit"])
     diff = subprocess.run(

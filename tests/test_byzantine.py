@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from fed_iotlm.config_schema import node_count
 from fed_iotlm.settings import compose
 from simulations.byzantine_study import RULES, study_points, write_report
 from simulations.run import run_experiment
@@ -54,7 +55,7 @@ def test_study_plan_covers_clean_fedavg_and_each_rule_under_each_attack(tmp_path
         assert cfg["strategy"]["aggregation"] == rule
         assert cfg["attack"]["kind"] == attack
         assert cfg["attack"]["fraction"] == (0.0 if attack == "none" else 0.25)  # 2 of 8
-        assert cfg["partition"]["num_nodes"] == 8
+        assert node_count(cfg["partition"]) == 8
     fake = {"accuracy": 0.5, "code_version": {"commit": "abc123", "dirty": False}}
     table = {"none": {"mean": [fake, fake]}, "scale": {"median": [fake], "krum": [fake]}}
     doc = tmp_path / "byzantine.md"

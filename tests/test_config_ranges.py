@@ -84,6 +84,7 @@ def test_values_at_the_edges_of_their_ranges_compose():
     cfg = compose(
         [
             "rounds=1",
+            "partition.plan=null",  # else the default experiment's plan fixes 8 nodes
             "partition.num_nodes=1",
             "partition.label_fraction=1",
             "partition.missing_rate=0",

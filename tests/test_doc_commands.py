@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-from fed_iotlm.data.federation import parse_plan
+from fed_iotlm.config_schema import node_count
 from fed_iotlm.settings import compose, run_config_overrides
 from tests.doc_commands import FLOWER_DEFAULT_SUPERNODES, ROOT, FlwrRun, documented, parse
 
@@ -26,8 +26,7 @@ def _nodes(run: FlwrRun) -> int:
     """The node count of the federation ``run``'s run config describes."""
     fused = get_fused_config_from_dir(ROOT, parse_config_args(run.run_config))
     part = compose(run_config_overrides(fused))["partition"]
-    plan = parse_plan(part["plan"])
-    return len(plan) if plan else int(part["num_nodes"])
+    return node_count(part)
 
 
 def _supernodes(run: FlwrRun) -> int:

@@ -24,7 +24,7 @@ from tests.doc_commands import documented
 from tests.flower_procs import FLWR, REPO, ProcessTracker, flower_env, free_port, port_open
 
 CONNECTION = "fed-iotlm-test"
-NUM_NODES = 3  # experiment=quick has partition.num_nodes=3
+NUM_NODES = 3  # experiment=quick has a 3-node partition.plan
 RUN_TIMEOUT_S = 240
 SECAGG_TIMEOUT_S = 420  # 5 SecAgg+ rounds: ~40 s alone on 2 cores, minutes under load
 

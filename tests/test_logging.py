@@ -81,6 +81,34 @@ logging.getLogger("fed_iotlm.tracking").debug("debug-line")
     assert "debug-line" not in err and proc.stdout == ""
 
 
+def test_the_dp_accountant_leaves_the_root_logger_alone():
+    """opacus calls ``logging.basicConfig`` when imported; the first DP round imports it
+    (epsilon_after), after which every Flower line printed twice.  In a fresh process:
+    the accountant runs, the root logger has the handlers it had, each line prints once."""
+    code = """
+import logging, sys
+from logging import INFO
+from fed_iotlm.logs import configure
+configure()
+before = list(logging.getLogger().handlers)
+from fed_iotlm.federation.privacy import epsilon_after
+assert "opacus" not in sys.modules  # imported by the accountant, not with the module
+eps = epsilon_after([(1.0, 1.0)], 1e-5)
+assert "opacus" in sys.modules and eps > 0
+print(logging.getLogger().handlers == before)
+from flwr.common import log
+log(INFO, "flower-line")
+logging.getLogger("server.engine").info("server-line")
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    err = proc.stderr
+    assert proc.stdout.strip() == "True", err
+    assert err.count("flower-line") == 1, err
+    assert err.count("server-line") == 1, err
+
+
 def test_a_round_line_is_logged_with_its_eta(tmp_path, caplog, capsys):
     cfg = {"rounds": 4, "method": "federated", "seed": 0, "mlflow": {"enabled": False}}
     recorder = RunRecorder(cfg, tmp_path, dataset="d", plan={})

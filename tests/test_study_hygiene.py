@@ -54,6 +54,89 @@ def test_only_code_changes_make_a_checkout_dirty(tmp_path):
     code_version.cache_clear()
 
 
+def _git_repo(path) -> None:
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True)
+
+    (path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+
+
+def test_outside_a_checkout_the_installed_package_version_is_recorded(monkeypatch, tmp_path):
+    """A wheel install has no commit; results.json then names the package's version.
+    A folder inside some checkout but not its top (a wheel in a clone's .venv) is not
+    that checkout's code either."""
+    from fed_iotlm import protocol
+
+    monkeypatch.setattr(protocol, "installed_version", lambda: "0.7.1")
+    protocol.code_version.cache_clear()
+    try:
+        bare = tmp_path / "site-packages"
+        bare.mkdir()
+        assert protocol.code_version(bare) == {"commit": None, "dirty": None, "package": "0.7.1"}
+        clone = tmp_path / "clone"
+        clone.mkdir()
+        _git_repo(clone)
+        venv = clone / ".venv" / "site-packages"
+        venv.mkdir(parents=True)
+        assert protocol.code_version(venv)["commit"] is None
+        assert protocol.code_version(venv)["package"] == "0.7.1"
+        assert protocol.code_version(clone)["commit"] is not None  # the checkout itself
+    finally:
+        protocol.code_version.cache_clear()
+
+
+def test_the_package_version_is_that_of_the_installed_copy_only(monkeypatch, tmp_path):
+    """installed_version names a distribution's version only for its own files: a copy
+    of the sources beside it (or an editable install's checkout) is other code."""
+    from fed_iotlm.protocol import installed_version
+
+    site = tmp_path / "site"
+    (site / "fakepkg").mkdir(parents=True)
+    (site / "fakepkg" / "mod.py").write_text("")
+    info = site / "fake_dist-2.3.4.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-dist\nVersion: 2.3.4\n")
+    monkeypatch.syspath_prepend(str(site))
+    own = site / "fakepkg" / "mod.py"
+    assert installed_version("fake-dist", own, "fakepkg/mod.py") == "2.3.4"
+    copy = tmp_path / "checkout" / "fakepkg" / "mod.py"
+    copy.parent.mkdir(parents=True)
+    copy.write_text("")
+    assert installed_version("fake-dist", copy, "fakepkg/mod.py") is None
+    assert installed_version("no-such-dist-xyz", own, "fakepkg/mod.py") is None
+
+
+def _installed(package: str | None) -> dict:
+    return {"code_version": {"commit": None, "dirty": None, "package": package}}
+
+
+def test_a_table_of_installed_runs_refuses_to_mix_package_versions():
+    assert one_code_version([_installed("0.1.0"), _installed("0.1.0")]) == "fed-iotlm==0.1.0"
+    with pytest.raises(ValueError, match="2 code versions"):
+        one_code_version([_installed("0.1.0"), _installed("0.2.0")])
+    with pytest.raises(ValueError, match="2 code versions"):
+        one_code_version([_installed("0.1.0"), _res("abc")])
+    # neither a commit nor a package version: the table says it cannot tell
+    assert one_code_version([_installed(None), {}]) == "unknown"
+
+
+def test_outside_a_checkout_the_run_cache_is_keyed_on_the_package_version(monkeypatch):
+    from simulations import study_runner
+
+    def keyed(package: str) -> str:
+        version = {"commit": None, "dirty": None, "package": package}
+        monkeypatch.setattr(study_runner, "code_version", lambda: version)
+        return study_runner.code_key()
+
+    assert keyed("0.1.0") == "fed-iotlm==0.1.0"
+    assert keyed("0.1.0") != keyed("0.2.0")
+
+
 def test_interval_over_seeds():
     mean, half = mean_ci95([0.8, 0.9, 1.0])
     assert mean == pytest.approx(0.9)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_iotlm.config_schema import block, setting
+from fed_iotlm.config_schema import block, node_count, parse_plan, setting
 
 from .dataset import MultisensoryDataset, Split
 from .exchange import load_dataset
@@ -48,16 +48,6 @@ from .validation import carve_validation, check_val_fraction
 SHIFT_UNITS = ("node", "site")
 
 log = logging.getLogger(__name__)
-
-
-def parse_plan(plan) -> list[list[str]] | None:
-    """A plan (or ``partition.withhold``'s groups) from Hydra (list of lists) or from a
-    Flower run config ("imu,audio;imu")."""
-    if plan is None or plan == "" or plan == []:
-        return None
-    if isinstance(plan, str):
-        return [[m.strip() for m in node.split(",") if m.strip()] for node in plan.split(";")]
-    return [list(node) for node in plan]
 
 
 def load_experiment_dataset(data_cfg: dict, seed: int) -> MultisensoryDataset:
@@ -252,7 +242,7 @@ def _layout_cached(key: str) -> FederationLayout:
     seed, part = int(cfg["seed"]), block(cfg, "partition")
     raw = load_raw_dataset(cfg["data"], seed)
     plan_in = parse_plan(part["plan"])
-    num_nodes = len(plan_in) if plan_in else int(part["num_nodes"])
+    num_nodes = node_count(part)  # refuses a num_nodes the plan contradicts
     plan = modality_plan(
         list(raw.meta.modalities),
         num_nodes,

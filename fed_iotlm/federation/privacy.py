@@ -49,6 +49,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from math import isfinite
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import (
@@ -69,6 +70,9 @@ from fed_iotlm.config_schema import block, setting
 from .aggregation import NodeUpdate
 from .groups import group_of
 from .records import like_record, record_to_numpy
+
+if TYPE_CHECKING:
+    from opacus.accountants import RDPAccountant
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +244,7 @@ def noise_std(noise_multiplier: float, clipping_norm: float, holders: int) -> fl
 def epsilon_after(releases: Iterable[tuple[float, float]], delta: float) -> float:
     """ε at ``delta`` after the given (noise multiplier, sample rate) releases, by
     opacus' RDP accountant for the sampled Gaussian mechanism (``inf`` if σ = 0)."""
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
+    accountant = _rdp_accountant()
     for sigma, q in releases:
         if sigma <= 0:
             return float("inf")
@@ -250,6 +252,26 @@ def epsilon_after(releases: Iterable[tuple[float, float]], delta: float) -> floa
     if not accountant.history:
         return 0.0
     return float(accountant.get_epsilon(delta))
+
+
+def _rdp_accountant() -> RDPAccountant:
+    """A fresh opacus ``RDPAccountant``, imported here so that opacus (and torch's import
+    cost) stays off processes that never account.
+
+    Importing opacus calls ``logging.basicConfig`` (opacus/utils/module_utils.py, opacus
+    1.6), which gives an unconfigured root logger a stderr handler.  Flower's ``flwr``
+    logger and ours propagate to the root, so from the first DP round on every line
+    would print twice, the copy as ``MM/DD/YYYY HH:MM:SS:INFO:...``.  The handlers that
+    import added are removed again; handlers that were there before stay, and no
+    record is dropped (our own handlers, fed_iotlm/logs.py, are not on the root)."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        from opacus.accountants import RDPAccountant
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+    return RDPAccountant()
 
 
 class CentralPrivacy:
