@@ -199,6 +199,9 @@ def test_cli_tunes_evaluates_and_answers(tmp_path, capsys):
     doc = json.loads((out / "results.json").read_text())
     for key in ("method", "dataset", "seed", "test", "history", "comm", "wall_s"):
         assert key in doc
+    from fed_iotlm.protocol import code_version
+
+    assert doc["code_version"] == code_version()  # an LM table can name its code
     assert set(doc["llm"]["conditioning"]) == {"prefix", "adapter", "names"}
     coverage = [rep["lora_coverage"] for rep in doc["llm"]["conditioning"].values()]
     assert coverage[0]["adapted"] > 0 and all(c == coverage[0] for c in coverage)

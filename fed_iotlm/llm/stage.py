@@ -20,6 +20,7 @@ import torch
 from fed_iotlm.atomic import atomic_write_text
 from fed_iotlm.config_schema import block, section
 from fed_iotlm.federation.bundle import bundle_standardizer, load_bundle
+from fed_iotlm.protocol import code_version
 from fed_iotlm.tracking import console
 
 from .evaluation import (
@@ -252,6 +253,8 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
         "wall_s": round(time.time() - t0, 1),
         "llm": results,
         "config": cfg,
+        # a table of LM runs names the code that produced it, as the federation's does
+        "code_version": code_version(),
     }  # fmt: skip
     atomic_write_text(path, json.dumps(doc, indent=2))
     _log_mlflow(cfg, doc, path)
