@@ -248,3 +248,46 @@ def test_stderr_sent_elsewhere_is_left_there_under_a_live_bar(monkeypatch):
         assert bars.live and sys.stderr is err
     finally:
         bars.close()
+
+
+def test_the_budget_studys_run_count_is_the_runs_it_asks_for(monkeypatch, tmp_path):
+    """n in "run k/n" is what the study will ask run_one for (grid at seed 0, then the
+    chosen point at each seed, seed 0 read back from its cache)."""
+    from simulations import budget_study, study_progress
+
+    calls, totals = [], set()
+
+    def fake_run_one(out, overrides, **_):
+        calls.append(out)
+        totals.add(study_progress._active[-1].total)
+        return {"test": {"accuracy": 0.9}, "val": {"accuracy": 0.9},
+                "code_version": {"commit": "abc", "dirty": False}}  # fmt: skip
+
+    monkeypatch.setattr(budget_study, "run_one", fake_run_one)
+    argv = ["--labels", "0.3,0.1", "--grid", "20,40", "--methods", "harmony", "--seeds", "3",
+            "--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "budget.md")]  # fmt: skip
+    budget_study.main(argv)
+    assert totals == {len(calls)} and len(calls) == 2 * (2 + 3)
+    assert study_progress._active == []  # closed with the study
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--sweeps", "headline,labels", "--seeds", "2"],
+        ["--seeds", "2", "--ablations", "mmbind_no_pseudo", "--ablation-seeds", "3"],
+        ["--seeds", "3", "--ablations", "mmbind_no_pseudo", "--ablation-seeds", "1"],
+    ],
+)
+def test_the_mmbind_studys_run_count_is_the_runs_it_asks_for(argv, monkeypatch, tmp_path):
+    from simulations import mmbind_study, study_progress
+
+    runs, totals = [], set()
+
+    def fake_run_point(args, extra, sweep, label, overrides, rows, seeds, table, on_run=None):
+        runs.extend((sweep, label, row, seed) for seed in seeds for row in rows)
+        totals.add(study_progress._active[-1].total)
+
+    monkeypatch.setattr(mmbind_study, "run_point", fake_run_point)
+    mmbind_study.main([*argv, "--out", str(tmp_path), "--doc", str(tmp_path / "r.md")])
+    assert totals == {len(runs)} and len(set(runs)) == len(runs) > 0
