@@ -19,6 +19,7 @@ from rich.table import Table
 from fed_iotlm.config_schema import block
 
 from .atomic import atomic_write_text
+from .progress import Bars
 from .settings import flatten
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ class RunRecorder:
         self._mlflow = None
         self._round_ends: list[float] = []
         self.extra: dict[str, Any] = {}  # method-specific keys added to results.json
+        self._bars: Bars | None = None  # the rounds bar, on a terminal only
+        self._bar = None
 
     # -- MLflow -----------------------------------------------------------------------
     def start(self) -> None:
@@ -78,6 +81,7 @@ class RunRecorder:
     def fail(self, error: BaseException | None = None) -> None:
         """End this recorder's MLflow run as FAILED (MLflow's own exit hook would end
         a run that died half-way as FINISHED)."""
+        self._close_bars()
         if self._mlflow is None:
             return
         try:
@@ -110,21 +114,25 @@ class RunRecorder:
         self.history.append(row)
         self._round_ends.append(time.time())
         eta = self.eta_s(rnd)
-        total = self.cfg.get("rounds", "?")
-        rejected = int(extra.get("rejected_updates", 0))
-        sent, answered = int(extra.get("nodes_sent", 0)), int(extra.get("nodes_answered", 0))
-        logger.info(
-            f"round {rnd:>3}/{total}  accuracy {accuracy:.3f}  loss {loss:.3f}"
-            + (f"  {rejected} update(s) rejected" if rejected else "")
-            + (f"  {answered}/{sent} nodes answered" if answered < sent else "")
-            + ("  skipped" if extra.get("round_skipped") else "")
-            + f"  ({time.time() - self.t0:.0f}s"
-            + (f", ETA {eta:.0f}s)" if eta is not None else ")")
-        )
+        total = self.cfg.get("rounds")
+        logger.info(round_line(rnd, total, accuracy, loss, time.time() - self.t0, eta, extra))
+        self._show_round(rnd, total, accuracy, eta)
         if self._mlflow is not None:
             self._mlflow.log_metrics(
                 {k: float(v) for k, v in row.items() if k != "round"}, step=rnd
             )
+
+    def _show_round(self, rnd: int, total: Any, accuracy: float, eta: float | None) -> None:
+        """The rounds bar on a terminal (opened at the first round, closed at finish)."""
+        if self._bars is None:
+            self._bars = Bars(console)
+            self._bar = self._bars.add("rounds", total if isinstance(total, int) else None)
+        self._bars.update(self._bar, rnd, eta_s=eta, note=f"accuracy {accuracy:.3f}")
+
+    def _close_bars(self) -> None:
+        if self._bars is not None:
+            self._bars.close()
+            self._bars = None
 
     # -- outputs ------------------------------------------------------------------------
     def finish(
@@ -138,6 +146,7 @@ class RunRecorder:
 
         ``val`` is the same report on the validation reference set: what every choice
         was made on (``choices`` in ``extra`` says which); test never feeds back."""
+        self._close_bars()
         if val is not None:
             self.extra["val"] = val
         results = {
@@ -214,6 +223,22 @@ class RunRecorder:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+
+def round_line(rnd: int, total: Any, accuracy: float, loss: float, elapsed_s: float,
+               eta_s: float | None, extra: dict[str, Any]) -> str:  # fmt: skip
+    """The round's log line, which :func:`fed_iotlm.progress.parse_line` reads back (a
+    study follows its children's logs by it: change both together)."""
+    rejected = int(extra.get("rejected_updates", 0))
+    sent, answered = int(extra.get("nodes_sent", 0)), int(extra.get("nodes_answered", 0))
+    return (
+        f"round {rnd:>3}/{total if total is not None else '?'}  accuracy {accuracy:.3f}  loss {loss:.3f}"
+        + (f"  {rejected} update(s) rejected" if rejected else "")
+        + (f"  {answered}/{sent} nodes answered" if answered < sent else "")
+        + ("  skipped" if extra.get("round_skipped") else "")
+        + f"  ({elapsed_s:.0f}s"
+        + (f", ETA {eta_s:.0f}s)" if eta_s is not None else ")")
+    )
 
 
 def fail_open_runs(error: BaseException | None = None) -> None:

@@ -34,6 +34,7 @@ from fed_iotlm.atomic import atomic_write_text
 from fed_iotlm.config_schema import ConfigError
 from fed_iotlm.settings import compose
 from simulations.mmbind_study import incompleteness_plan, plan_override
+from simulations.study_progress import study_progress
 from simulations.study_runner import REPO, fmt_mean_ci, one_code_version, point_key, run_one
 
 # row label -> overrides (as in simulations/mmbind_study.py: late fusion for the methods
@@ -212,26 +213,30 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     rows: dict[str, dict[str, dict]] = {}
-    for frac in (float(f) for f in args.labels.split(",")):
-        base = point(frac, extra)
-        for method in methods:
-            tried = {
-                (s, lr, more): run(args.out, method, s, 0, [*base, *lr_override(lr), *more])
-                for s, lr, more in grid_points(grid, lrs, extras.get(method, []))
-            }
-            steps, lr, more = choose_on_val(tried)
-            results = [
-                run(args.out, method, steps, seed, [*base, *lr_override(lr), *more])
-                for seed in range(args.seeds)
-            ]
-            rows.setdefault(f"{frac:g}", {})[method] = {
-                "steps": steps,
-                "lr": lr,
-                "extras": list(more),
-                "runs": results,
-                "tried": {c: r["val"]["accuracy"] for c, r in tried.items()},
-            }
-            write_doc(args.doc, rows, grid, args)
+    fracs = [float(f) for f in args.labels.split(",")]
+    # every grid point at seed 0, then the chosen one at each seed (seed 0 read back)
+    per_label = sum(len(grid_points(grid, lrs, extras.get(m, []))) + args.seeds for m in methods)
+    with study_progress(len(fracs) * per_label):
+        for frac in fracs:
+            base = point(frac, extra)
+            for method in methods:
+                tried = {
+                    (s, lr, more): run(args.out, method, s, 0, [*base, *lr_override(lr), *more])
+                    for s, lr, more in grid_points(grid, lrs, extras.get(method, []))
+                }
+                steps, lr, more = choose_on_val(tried)
+                results = [
+                    run(args.out, method, steps, seed, [*base, *lr_override(lr), *more])
+                    for seed in range(args.seeds)
+                ]
+                rows.setdefault(f"{frac:g}", {})[method] = {
+                    "steps": steps,
+                    "lr": lr,
+                    "extras": list(more),
+                    "runs": results,
+                    "tried": {c: r["val"]["accuracy"] for c, r in tried.items()},
+                }
+                write_doc(args.doc, rows, grid, args)
     print(args.doc)
 
 

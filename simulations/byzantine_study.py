@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
+from simulations.study_progress import study_progress
 from simulations.study_runner import REPO, fmt_mean_std, one_code_version, point_key, run_one
 
 RULES = ("mean", "median", "trimmed_mean", "krum")
@@ -130,27 +131,29 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         parser.error(f"unknown rule or attack: {unknown}")
     run_dir = args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out
     table: dict[str, dict[str, list[dict]]] = {}
-    for attack, rule, overrides in study_points(*split):
-        overrides = [*overrides, *extra]
-        for seed in range(args.seeds):
-            out = args.out / point_key(overrides) / f"seed{seed}"
-            t0 = time.time()
-            res = run_one(
-                out,
-                ["method=federated", f"seed={seed}", *overrides],
-                experiment="default",
-                mlflow_experiment="byzantine-study",
-            )
-            row = {**res["test"], "code_version": res.get("code_version")}
-            table.setdefault(attack, {}).setdefault(rule, []).append(row)
-            print(
-                f"{attack} | {rule} | seed {seed}: {res['test']['accuracy']:.3f}"
-                f" ({time.time() - t0:.0f}s)",
-                flush=True,
-            )
-        # rewritten after each point, so an interrupted study keeps its results
-        atomic_write_text(args.out / "summary.json", json.dumps(table, indent=2))
-        write_report(table, args.doc, run_dir, args.seeds, extra, command)
+    points = list(study_points(*split))
+    with study_progress(len(points) * args.seeds):
+        for attack, rule, overrides in points:
+            overrides = [*overrides, *extra]
+            for seed in range(args.seeds):
+                out = args.out / point_key(overrides) / f"seed{seed}"
+                t0 = time.time()
+                res = run_one(
+                    out,
+                    ["method=federated", f"seed={seed}", *overrides],
+                    experiment="default",
+                    mlflow_experiment="byzantine-study",
+                )
+                row = {**res["test"], "code_version": res.get("code_version")}
+                table.setdefault(attack, {}).setdefault(rule, []).append(row)
+                print(
+                    f"{attack} | {rule} | seed {seed}: {res['test']['accuracy']:.3f}"
+                    f" ({time.time() - t0:.0f}s)",
+                    flush=True,
+                )
+            # rewritten after each point, so an interrupted study keeps its results
+            atomic_write_text(args.out / "summary.json", json.dumps(table, indent=2))
+            write_report(table, args.doc, run_dir, args.seeds, extra, command)
     print(args.doc)
 
 

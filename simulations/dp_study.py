@@ -39,6 +39,7 @@ import numpy as np
 
 from fed_iotlm.atomic import atomic_write_text
 from simulations import study_runner
+from simulations.study_progress import study_progress
 from simulations.study_runner import REPO, fmt_mean_ci, fmt_mean_std, one_code_version, point_key
 
 EXPERIMENT = "scale_1000"
@@ -380,22 +381,23 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         caption = caption_of(design, clip_note, args.seeds, extra, command)
         atomic_write_text(args.doc, "# DP-FedAvg at many nodes\n\n" + table(rows, caption))
 
-    first = run(NON_PRIVATE, None, base, args.seeds[0])
-    if args.clip == "auto":
-        clip = clip_from_update_norms(first)
-        note = (f"{clip:g}, the median over rounds of the per-round median update norm of the "
-                f"non-private seed-{args.seeds[0]} run (fixed before any DP run)")  # fmt: skip
-    else:
-        clip, note = args.clip, f"{args.clip:g}, given (`--clip`)"
-    print(f"C = {clip:g}", flush=True)
-    write(note)
-    for seed in args.seeds[1:]:
-        run(NON_PRIVATE, None, base, seed)
+    with study_progress((1 + len(settings)) * runs_per_setting):
+        first = run(NON_PRIVATE, None, base, args.seeds[0])
+        if args.clip == "auto":
+            clip = clip_from_update_norms(first)
+            note = (f"{clip:g}, the median over rounds of the per-round median update norm of the "
+                    f"non-private seed-{args.seeds[0]} run (fixed before any DP run)")  # fmt: skip
+        else:
+            clip, note = args.clip, f"{args.clip:g}, given (`--clip`)"
+        print(f"C = {clip:g}", flush=True)
         write(note)
-    for setting, target, sigma in settings:
-        for seed in args.seeds:
-            run(setting, target, [*base, *dp_overrides(clip, sigma, design.delta)], seed)
+        for seed in args.seeds[1:]:
+            run(NON_PRIVATE, None, base, seed)
             write(note)
+        for setting, target, sigma in settings:
+            for seed in args.seeds:
+                run(setting, target, [*base, *dp_overrides(clip, sigma, design.delta)], seed)
+                write(note)
     print(args.doc)
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from fed_iotlm.atomic import atomic_write_text
 from fed_iotlm.protocol import first_binding_pair_accuracy
 from simulations import study_runner
+from simulations.study_progress import study_progress
 from simulations.study_report import write_report
 from simulations.study_runner import REPO, point_key
 
@@ -187,14 +188,19 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         )
         write_report(table, args.doc, run_dir, command)
 
-    for sweep in args.sweeps.split(","):
-        for label, overrides in sweep_points(sweep):
-            # seed 0 of every row (ablations too) first, then the further seeds
-            for seed in range(max(args.seeds, args.ablation_seeds if ablations else 0)):
-                rows = [*(methods if seed < args.seeds else []),
-                        *(ablations if seed < args.ablation_seeds else [])]  # fmt: skip
-                run_point(args, extra, sweep, label, overrides, rows, range(seed, seed + 1),
-                          table, on_run=save)  # fmt: skip
+    points = sum(len(sweep_points(sweep)) for sweep in args.sweeps.split(","))
+    per_point = len(methods) * args.seeds + (
+        len(ablations) * args.ablation_seeds if ablations else 0
+    )
+    with study_progress(points * per_point):
+        for sweep in args.sweeps.split(","):
+            for label, overrides in sweep_points(sweep):
+                # seed 0 of every row (ablations too) first, then the further seeds
+                for seed in range(max(args.seeds, args.ablation_seeds if ablations else 0)):
+                    rows = [*(methods if seed < args.seeds else []),
+                            *(ablations if seed < args.ablation_seeds else [])]  # fmt: skip
+                    run_point(args, extra, sweep, label, overrides, rows, range(seed, seed + 1),
+                              table, on_run=save)  # fmt: skip
     print(args.doc)
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from fed_iotlm.atomic import atomic_write_text
 from simulations import study_runner
 from simulations.budget_study import budget_cells
+from simulations.study_progress import study_progress
 from simulations.study_runner import fmt_mean_ci, fmt_mean_std, one_code_version, point_key
 
 # FedMultimodal (Feng et al., KDD 2023), UCI-HAR acc+gyro, macro-F1 (%), its README
@@ -118,30 +119,32 @@ def run_points(args: argparse.Namespace) -> list[dict]:
     """Every (point, method, seed) run, in order; finished runs are read, not repeated."""
     study = STUDIES[args.study]
     rows = []
-    for point in study_points(args):
-        for method in args.methods:
-            for seed in args.seeds:
-                overrides = [
-                    f"data.path={Path(args.data).resolve()}",
-                    *point,
-                    *method_overrides(method, args.study, args.shared_for_all),
-                    f"seed={seed}",
-                    *([f"rounds={args.rounds}"] if args.rounds else []),
-                    *args.extra,
-                ]
-                out = Path(args.out) / point_key(overrides)
-                res = study_runner.run_one(
-                    out,
-                    overrides,
-                    experiment=study["experiment"],
-                    mlflow_experiment=f"realdata-{args.study}",
-                )
-                scores = task_scores(res, study["task"], study["metrics"])
-                rows.append({"point": " ".join(point), "method": method, "seed": seed, **scores,
-                             "rounds": res["rounds"], "nodes": res["num_nodes"],
-                             "wall_s": res["wall_s"], "budget": res.get("budget", {}),
-                             "code_version": res.get("code_version")})  # fmt: skip
-                print(json.dumps(rows[-1]), flush=True)
+    points = list(study_points(args))
+    with study_progress(len(points) * len(args.methods) * len(args.seeds)):
+        for point in points:
+            for method in args.methods:
+                for seed in args.seeds:
+                    overrides = [
+                        f"data.path={Path(args.data).resolve()}",
+                        *point,
+                        *method_overrides(method, args.study, args.shared_for_all),
+                        f"seed={seed}",
+                        *([f"rounds={args.rounds}"] if args.rounds else []),
+                        *args.extra,
+                    ]
+                    out = Path(args.out) / point_key(overrides)
+                    res = study_runner.run_one(
+                        out,
+                        overrides,
+                        experiment=study["experiment"],
+                        mlflow_experiment=f"realdata-{args.study}",
+                    )
+                    scores = task_scores(res, study["task"], study["metrics"])
+                    rows.append({"point": " ".join(point), "method": method, "seed": seed, **scores,
+                                 "rounds": res["rounds"], "nodes": res["num_nodes"],
+                                 "wall_s": res["wall_s"], "budget": res.get("budget", {}),
+                                 "code_version": res.get("code_version")})  # fmt: skip
+                    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from fed_iotlm.atomic import atomic_write_text
 from simulations import study_runner
+from simulations.study_progress import study_progress
 from simulations.study_runner import REPO, fmt_mean_std, one_code_version, point_key
 
 EXPERIMENT = "shift_study"
@@ -280,24 +281,26 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     table: dict = {}
     run_dir = args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out
-    for sev in (float(s) for s in args.severities.split(",")):
-        overrides = point_overrides(sev, args.rounds)
-        for method in methods:
-            for seed in range(args.seeds):
-                out = args.out / point_key(overrides) / f"{method}-seed{seed}"
-                t0 = time.time()
-                res = run_one(out, [*METHODS[method], f"seed={seed}", *overrides])
-                row = summarise(res)
-                table.setdefault(str(sev), {}).setdefault(method, []).append(row)
-                print(
-                    f"severity {sev} | {method} seed {seed}: shifted {row['shifted']:.3f}, "
-                    f"others {row['others']:.3f} ({time.time() - t0:.0f}s)",
-                    flush=True,
-                )
-        # rewritten after each point, so an interrupted study keeps what it has
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "summary.json").write_text(json.dumps(table, indent=2))
-        write_report(table, args.doc, run_dir, args.seeds)
+    severities = [float(s) for s in args.severities.split(",")]
+    with study_progress(len(severities) * len(methods) * args.seeds):
+        for sev in severities:
+            overrides = point_overrides(sev, args.rounds)
+            for method in methods:
+                for seed in range(args.seeds):
+                    out = args.out / point_key(overrides) / f"{method}-seed{seed}"
+                    t0 = time.time()
+                    res = run_one(out, [*METHODS[method], f"seed={seed}", *overrides])
+                    row = summarise(res)
+                    table.setdefault(str(sev), {}).setdefault(method, []).append(row)
+                    print(
+                        f"severity {sev} | {method} seed {seed}: shifted {row['shifted']:.3f}, "
+                        f"others {row['others']:.3f} ({time.time() - t0:.0f}s)",
+                        flush=True,
+                    )
+            # rewritten after each point, so an interrupted study keeps what it has
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "summary.json").write_text(json.dumps(table, indent=2))
+            write_report(table, args.doc, run_dir, args.seeds)
     print(args.doc)
 
 

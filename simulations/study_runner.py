@@ -20,6 +20,7 @@ import numpy as np
 
 from fed_iotlm.protocol import NOT_CODE, code_version, version_label
 from fed_iotlm.report.page import mean_ci95
+from simulations.study_progress import current, follow_child
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,19 +62,22 @@ def one_code_version(results: list[dict]) -> str:
 def run_one(out: Path, overrides: list[str], *, experiment: str, mlflow_experiment: str) -> dict:
     """results.json of ``experiment`` with ``overrides`` written to ``out`` (run if missing)."""
     results = out / "results.json"
-    if results.is_file():  # resumable: a finished run is not repeated
-        return json.loads(results.read_text())
-    cmd = [sys.executable, "-m", "simulations.run", f"experiment={experiment}", *overrides,
-           f"mlflow.experiment={mlflow_experiment}", f"output_dir={out}"]  # fmt: skip
-    # the child's progress (one line per round, with its ETA) streams into run.log as it
-    # runs: `tail -f` it rather than waiting for the study's line at the end
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "run.log"
-    print(f"  running {out.name}: tail -f {log}", flush=True)
-    with log.open("w") as sink:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (log: {log}):\n{log.read_text()[-3000:]}")
+    with current() as view:
+        if results.is_file():  # resumable: a finished run is not repeated
+            view.end(cached=True)
+            return json.loads(results.read_text())
+        cmd = [sys.executable, "-m", "simulations.run", f"experiment={experiment}", *overrides,
+               f"mlflow.experiment={mlflow_experiment}", f"output_dir={out}"]  # fmt: skip
+        # the child's progress (one line per round, with its ETA) streams into run.log as
+        # it runs; the study follows that log and shows the latest line (study_progress)
+        out.mkdir(parents=True, exist_ok=True)
+        log = out / "run.log"
+        print(f"  running {out.name}: tail -f {log}", flush=True)
+        view.begin(out.name)
+        code = follow_child(cmd, log, view.mark, cwd=REPO)
+        if code != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed (log: {log}):\n{log.read_text()[-3000:]}")
+        view.end()
     return json.loads(results.read_text())
 
 

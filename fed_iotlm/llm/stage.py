@@ -20,6 +20,7 @@ import torch
 from fed_iotlm.atomic import atomic_write_text
 from fed_iotlm.config_schema import block, section
 from fed_iotlm.federation.bundle import bundle_standardizer, load_bundle
+from fed_iotlm.progress import Bars
 from fed_iotlm.protocol import code_version
 from fed_iotlm.tracking import console
 
@@ -112,14 +113,27 @@ def build_model(
     return model, builder
 
 
-def _log_step(kind: str, step: int, loss: float, eta: float, row: dict) -> None:
-    """One tuning log line; the adapter's adds tanh(g) and ‖adapter‖/‖attention‖ per layer."""
+def step_line(kind: str, step: int, loss: float, eta: float, row: dict) -> str:
+    """One tuning log line (read back by :func:`fed_iotlm.progress.parse_line` when a
+    study follows the run); the adapter's adds tanh(g) and ‖adapter‖/‖attention‖ per layer."""
     line = f"  {kind} step {step}: loss {loss:.3f} (ETA {eta:.0f}s)"
     if "gates_tanh" in row:
         fmt = lambda xs: " ".join("-" if x is None else f"{x:.3f}" for x in xs)  # noqa: E731
         line += f"; tanh(g) per layer [{fmt(row['gates_tanh'])}]"
         line += f", adapter/attention [{fmt(row['adapter_attention_ratio'])}]"
-    console.print(line)
+    return line
+
+
+def _step_logger(kind: str, total: int, bars: Bars):
+    """The ``log`` callback of :func:`tune`: the step line, and on a terminal a bar of
+    ``total`` steps with the loss and ETA."""
+    bar = bars.add(f"{kind} steps", total)
+
+    def log(step: int, loss: float, eta: float, row: dict) -> None:
+        console.print(step_line(kind, step, loss, eta, row))
+        bars.update(bar, step, eta_s=eta, note=f"loss {loss:.3f}")
+
+    return log
 
 
 CONTROLS = ("text_lora", "shuffled_sensors", "majority", "head", "train_templates")
@@ -171,10 +185,15 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     for kind in kinds:
         model, builder = build_model(base, lc, kind, feats, tasks, seed, classes)
         t1 = time.time()
-        hist = tune(
-            model, builder, qs.train, feats, tune_settings(lc, seed), out_dir / f"checkpoint-{kind}",
-            resume=bool(lc["resume"]), device=device, log=lambda *a, k=kind: _log_step(k, *a),
-        )  # fmt: skip
+        settings, bars = tune_settings(lc, seed), Bars(console, enabled=rank == 0)
+        try:
+            hist = tune(
+                model, builder, qs.train, feats, settings, out_dir / f"checkpoint-{kind}",
+                resume=bool(lc["resume"]), device=device,
+                log=_step_logger(kind, settings.steps, bars),
+            )  # fmt: skip
+        finally:
+            bars.close()
         tune_s = time.time() - t1
         if rank != 0:
             continue
