@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)  ## the whole pipeline: federation -> model bundle -> IoT-LM stage -> one answer
-	# controls that need no extra tuning run (the LoRA text-only control and training-template
-	# rows: fed-iotlm tune), to keep the demo within ~15 min on 2 cores
-	$(BIN)/python -m simulations.pipeline 'llm.controls=[shuffled_sensors,majority,head]'
+	# one conditioning (prefix) and the controls that need no extra tuning, to keep the demo
+	# under 15 min on 2 cores; the adapter and the LoRA text-only control: fed-iotlm tune
+	$(BIN)/python -m simulations.pipeline 'llm.conditioning=[prefix]' \
+	    'llm.controls=[shuffled_sensors,majority,head]'
 
 federation: $(STAMP)  ## the default federation only: 8 nodes, 4 modalities, 12 rounds
 	$(BIN)/python -m simulations.run
