@@ -400,6 +400,11 @@ def _log_mlflow(cfg: dict, doc: dict, path: Path) -> None:
         }
         metrics |= {f"control.{k}": r["accuracy"] for k, r in llm["controls"].items()}
         metrics |= {
+            f"question_type.{qt}.{name}": row[name]["accuracy"]
+            for qt, row in llm.get("question_types", {}).items()
+            for name in ("test", "majority", "chance")
+        }
+        metrics |= {
             "val_accuracy": doc["val"]["accuracy"],
             "test_accuracy": doc["test"]["accuracy"],
         }
