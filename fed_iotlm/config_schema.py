@@ -211,6 +211,10 @@ class LlmConfig:
     val_samples: int = 50  # validation samples asked about (held-out templates, own seed)
     # instruction kinds (presence questions are answered by the prompt: off)
     kinds: list[str] = field(default_factory=lambda: ["task", "dialog"])
+    # question types (docs/llm.md "Question types"): classification (always; chosen on)
+    # | two_tasks | comparison | count; the default asks classification only
+    question_types: list[str] = field(default_factory=lambda: ["classification"])
+    count_recordings: int = 3  # recordings per count question (answers 0..n)
     # by generation and by option log-likelihood; the better on validation is reported
     scoring: list[str] = field(default_factory=lambda: ["generation", "loglik"])
     controls: list[str] = field(
@@ -620,6 +624,7 @@ RANGES: dict[str, Range] = {
     "llm.weight_decay": AT_LEAST_0,
     "llm.adapter.gate_lr": POSITIVE,
     "llm.lora.r": AT_LEAST_1,
+    "llm.count_recordings": Range(2, 9),
     "llm.federated.rounds": AT_LEAST_1,
     "llm.federated.local_steps": AT_LEAST_1,
     "llm.federated.sites": AT_LEAST_1,

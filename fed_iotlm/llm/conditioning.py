@@ -129,12 +129,17 @@ class GatedSensorAdapter(nn.Module):
     def set_context(
         self, feats: dict[str, torch.Tensor], present: torch.Tensor, task_ids: torch.Tensor
     ) -> None:
-        """Per-sample sensor tokens for the next forward passes.
-        ``present`` [B, M] bool, ``task_ids`` [B] (the routed task of each sequence)."""
-        tokens = self.sensors(feats)  # [B, M, k, H]
-        b, m, k, h = tokens.shape
-        mask = present[:, :, None].expand(b, m, k).reshape(b, m * k)
-        self._context = (tokens.reshape(b, m * k, h), mask, task_ids)
+        """Per-sequence sensor tokens for the next forward passes.
+        ``present`` [B, M] bool, or [B, S, M] for S recordings per sequence (``feats``
+        rows then [B·S, D] in that order; a padded recording is all-absent);
+        ``task_ids`` [B] (the routed task of each sequence).  The recordings' tokens are
+        concatenated into one prompt: adapter keys carry no position, so the adapter sees
+        them as a set, enough for order-free questions (same class? how many?)."""
+        tokens = self.sensors(feats)  # [B·S, M, k, H]
+        b = task_ids.shape[0]
+        _, m, k, h = tokens.shape
+        mask = present.reshape(b, -1, m)[..., None].expand(-1, -1, m, k).reshape(b, -1)
+        self._context = (tokens.reshape(b, -1, h), mask, task_ids)
 
     def repeat_context(self, repeats: int) -> None:
         """Each sample's context ``repeats`` times in a row (scoring several options

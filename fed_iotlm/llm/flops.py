@@ -59,7 +59,8 @@ def train_step_flops(model, batch: Batch) -> dict[str, int]:
     head = causal.get_output_embeddings().weight.numel()
     out["lm_head"] = 4 * head * answer
     part = model.projector if model.projector is not None else model.adapter
-    samples = int(batch.sample.unique().numel())
+    recs = batch.recordings()
+    samples = int(recs[recs >= 0].unique().numel())  # every recording is projected once
     sensor = (
         0
         if part is None

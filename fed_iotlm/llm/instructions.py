@@ -85,6 +85,24 @@ class Example:
     task: str | None
     label: int | None
     template: str
+    # question types beyond classification (questions.py); the defaults are a
+    # classification question about the one sample ``index``
+    qtype: str = "classification"
+    samples: tuple[int, ...] = ()  # every recording asked about, in slot order
+    presents: tuple[tuple[str, ...], ...] = ()  # the present modalities of each recording
+    tasks: tuple[str, ...] = ()  # the tasks the answer names (two_tasks) or compares/counts
+    labels: tuple[int, ...] = ()  # per task (two_tasks) or per recording (comparison, count)
+    target: int | None = None  # the scored answer: 1 yes / 0 no (comparison), the count
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """The sample rows whose readings the question needs (one for classification)."""
+        return self.samples or (self.index,)
+
+    @property
+    def row_presents(self) -> tuple[tuple[str, ...], ...]:
+        """The present modalities of each of :attr:`rows`."""
+        return self.presents or (self.present,)
 
 
 def describe_present(present: Sequence[str]) -> str:

@@ -32,6 +32,7 @@ from fed_iotlm.models.multisensory import MultisensoryModel
 
 from .features import SensorFeatures, sensor_features
 from .instructions import Example, build_instructions, load_jsonl, task_examples
+from .questions import EXTRA_TYPES, check_types, type_examples
 from .uploads import (
     features_from_rows,
     merge_rows,
@@ -72,6 +73,9 @@ class StageQuestions:
     rows: dict[str, int]  # how many samples each part uses
     fit_rows: np.ndarray  # training-part rows the instructions come from
     test_rows: np.ndarray  # feature rows of the asked test samples
+    # llm.question_types beyond classification: type -> {"train", "val", "test",
+    # "test_train_templates"} (the training ones are also in ``train``)
+    types: dict[str, dict[str, list[Example]]] = field(default_factory=dict)
 
 
 def data_source(lc: dict) -> str:
@@ -213,6 +217,9 @@ def stage_questions(data: StageData, lc: dict, seed: int, tasks: list[str]) -> S
             for t in all_tasks
         }  # fmt: skip
 
+    types = extra_questions(data, lc, seed, tasks, fit, val, test, len(train))
+    for qs in types.values():
+        train += qs["train"]
     return StageQuestions(
         train,
         asked(data.train, val, "heldout", seed + 1, 0),
@@ -221,4 +228,40 @@ def stage_questions(data: StageData, lc: dict, seed: int, tasks: list[str]) -> S
         {"fit": len(fit), "val": len(val), "test": len(test)},
         fit,
         test + off,
+        types,
     )
+
+
+def extra_questions(
+    data: StageData,
+    lc: dict,
+    seed: int,
+    tasks: list[str],
+    fit: np.ndarray,
+    val: np.ndarray,
+    test: np.ndarray,
+    n_train: int,
+) -> dict[str, dict[str, list[Example]]]:
+    """The ``llm.question_types`` beyond classification, each from the rows of one part:
+    training questions from fit rows (as many as the classification instructions, so
+    every type gets an equal share of the steps), validation questions from validation
+    rows (held-out templates, own seed), test questions from test rows with held-out and
+    with training templates (the same groups of rows)."""
+    types = check_types(lc["question_types"])
+    recordings, off = int(lc["count_recordings"]), data.test_offset
+    out = {}
+    for qtype in (t for t in types if t in EXTRA_TYPES):
+
+        def make(split: Split, rows, n: int, templates: str, s: int, shift: int = 0, qt=qtype):
+            return type_examples(
+                qt, data.meta, split, rows, tasks, n, recordings=recordings,
+                templates=templates, seed=s, offset=shift,
+            )  # fmt: skip
+
+        out[qtype] = {
+            "train": make(data.train, fit, n_train, "train", seed),
+            "val": make(data.train, val, len(val), "heldout", seed + 1),
+            "test": make(data.test, test, len(test), "heldout", seed, off),
+            "test_train_templates": make(data.test, test, len(test), "train", seed, off),
+        }
+    return out

@@ -180,8 +180,10 @@ class SensorLM(nn.Module):
             self.adapter.clear_context()
         if not sensors:
             return emb
-        if self.adapter is not None:
-            rows, present = feats.rows(batch.sample)
+        if self.adapter is not None:  # every recording's tokens in one adapter prompt
+            recs = batch.recordings()
+            rows, present = feats.rows(recs.clamp(min=0).reshape(-1))
+            present = present.view(*recs.shape, -1) & (recs >= 0)[..., None]
             self.adapter.set_context(rows, present, batch.task_id)
         if self.projector is not None:
             pos = batch.slot_sample >= 0

@@ -42,6 +42,7 @@ class Encoded:
     slot_j: list[int] = field(default_factory=list)
     sample: int = -1
     task_id: int = 0
+    samples: list[int] = field(default_factory=list)  # every recording of the question
 
 
 @dataclass
@@ -54,9 +55,15 @@ class Batch:
     slot_j: torch.Tensor  # [B, T] which of the k tokens
     sample: torch.Tensor  # [B] the sample the (last) question is about
     task_id: torch.Tensor  # [B] adapter query set: the task the last question asks about
+    # [B, S] every recording a question is about (-1 pads); None: ``sample`` alone
+    samples: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
+        return Batch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
+
+    def recordings(self) -> torch.Tensor:
+        """[B, S] the sample rows whose readings each sequence carries (-1 pads)."""
+        return self.sample[:, None] if self.samples is None else self.samples
 
 
 _SENTINEL = "\x01{}\x01"
@@ -131,27 +138,40 @@ class SequenceBuilder:
         enc.slot_j += [-1] * len(ids)
 
     def _sensor_block(self, enc: Encoded, ex: Example) -> None:
-        real = list(ex.present)
+        """One block per recording; a question about several recordings (comparison,
+        count) numbers them, ``Recording 1: ...``, in the order of ``ex.rows``."""
         if self.conditioning == "none":
             return
+        rows, presents = ex.rows, ex.row_presents
+        many = len(rows) > 1
+        label = (lambda r: f"recording {r + 1}: ") if many else (lambda r: "")  # noqa: E731
         if self.conditioning in ("adapter", "names"):
-            self._text(enc, f"Sensors: {describe_present(real)}.\n")
+            parts = [f"{label(r)}{describe_present(p)}" for r, p in enumerate(presents)]
+            self._text(enc, f"Sensors: {'; '.join(parts)}.\n")
             return
         if self.conditioning == "text":
-            self._text(enc, f"Sensors: {self.describe(ex.index)}\n")
+            parts = [f"{label(r)}{self.describe(i)}" for r, i in enumerate(rows)]
+            self._text(enc, f"Sensors: {' '.join(parts)}\n")
             return
         self._text(enc, "Sensors:")
+        for r, (row, real) in enumerate(zip(rows, presents, strict=True)):
+            if many:
+                self._text(enc, f"\nRecording {r + 1}:")
+            self._slots(enc, row, real)
+        self._text(enc, "\n")
+
+    def _slots(self, enc: Encoded, row: int, real: Sequence[str]) -> None:
+        """``<m>`` + k slot positions + ``</m>`` for each present modality of ``row``."""
         shown = [m for m in self.names if m in real or (m == FUSED and real)]
         for m in shown:
             self._text(enc, f" <{m}>")
             mi = self.names.index(m)
             enc.ids += [self.pad_id] * self.k
             enc.labels += [IGNORE] * self.k
-            enc.slot_sample += [ex.index] * self.k
+            enc.slot_sample += [row] * self.k
             enc.slot_mod += [mi] * self.k
             enc.slot_j += list(range(self.k))
             self._text(enc, f"</{m}>")
-        self._text(enc, "\n")
 
     def _example(self, enc: Encoded, ex: Example, answer_last: bool) -> None:
         for t, turn in enumerate(ex.turns):
@@ -168,7 +188,7 @@ class SequenceBuilder:
     ) -> Encoded:
         """``shots`` (answered in-context examples) come first; ``prompt_only`` stops
         where the assistant's last answer would start (generation)."""
-        enc = Encoded(sample=ex.index, task_id=self.task_id(ex))
+        enc = Encoded(sample=ex.index, task_id=self.task_id(ex), samples=list(ex.rows))
         for shot in shots:
             self._example(enc, shot, answer_last=True)
         self._example(enc, ex, answer_last=not prompt_only)
@@ -198,6 +218,11 @@ class SequenceBuilder:
             return torch.tensor([pad(getattr(e, attr), fill) for e in encs], dtype=torch.long)
 
         attn = torch.tensor([pad([1] * len(e.ids), 0) for e in encs], dtype=torch.long)
+        recs = [e.samples or [e.sample] for e in encs]
+        most = max(len(r) for r in recs)
+        samples = None
+        if most > 1:  # only multi-recording batches carry the [B, S] table
+            samples = torch.tensor([r + [-1] * (most - len(r)) for r in recs], dtype=torch.long)
         return Batch(
             ids=stack("ids", self.pad_id),
             attn=attn,
@@ -207,4 +232,5 @@ class SequenceBuilder:
             slot_j=stack("slot_j", -1),
             sample=torch.tensor([e.sample for e in encs], dtype=torch.long),
             task_id=torch.tensor([e.task_id for e in encs], dtype=torch.long),
+            samples=samples,
         )

@@ -34,6 +34,7 @@ from .evaluation import (
 from .features import SensorFeatures
 from .instructions import task_examples
 from .loading import load_lm, resolve_dtype
+from .question_eval import baselines, score_questions
 from .recipe import StageData, stage_data, stage_questions
 from .sensor_lm import ConditioningSettings, LoraSettings, SensorLM
 from .sequences import SequenceBuilder
@@ -215,6 +216,11 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
             # from the modules so a reader can check it
             "lora_coverage": model.lora_coverage(),
         }
+        if qs.types:  # llm.question_types beyond classification, on validation and test
+            report["question_types"] = {
+                qt: {part: {s: score_questions(s, *args, q[part], meta, **gen) for s in scorings} for part in ("val", "test")}
+                for qt, q in qs.types.items()
+            }  # fmt: skip
         if model.adapter is not None:
             report["adapter_layers"] = model.adapter.layer_indices
             report["gates_tanh"] = model.adapter.gates_tanh()  # per layer, mean over heads
@@ -246,6 +252,10 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
         "head": head_accuracy(feats, test_q),
         "controls": _controls(controls, reports, model, builder, feats, data, qs, test_q, method, seed, gen),
     }  # fmt: skip
+    if qs.types:
+        results["question_types"] = _type_table(
+            controls, reports, kind, method, model, builder, feats, meta, qs, seed, gen
+        )
     selection = {
         "conditioning": kind,
         "scoring": method,
@@ -315,6 +325,41 @@ def _controls(names, reports, model, builder, feats, data, qs, test_q, method, s
     return out
 
 
+def _type_table(
+    controls, reports, kind, method, model, builder, feats, meta, qs, seed, gen
+) -> dict:
+    """Per question type beyond classification, on its test questions: the chosen
+    conditioning scored by the chosen method (and by both), its baselines (majority,
+    chance) and, where ``llm.controls`` asks, the same rows with training templates, the
+    readings shuffled, and the LoRA-tuned text-only control."""
+    out = {}
+    for qt, q in qs.types.items():
+        rep = reports[kind]["question_types"][qt]
+        row = {
+            "conditioning": kind,
+            "scoring": method,
+            "test": rep["test"][method],
+            "by_scoring": rep["test"],
+            "val": rep["val"][method],
+            "questions": {part: len(q[part]) for part in ("train", "val", "test")},
+            **baselines(q["train"], q["test"], meta),
+        }
+        if "train_templates" in controls:
+            row["train_templates"] = score_questions(
+                method, model, builder, feats, q["test_train_templates"], meta, **gen
+            )
+        if "shuffled_sensors" in controls:
+            rows = sorted({r for ex in q["test"] for r in ex.rows})
+            shuffled = shuffled_sensors(feats, rows, seed)
+            row["shuffled_sensors"] = score_questions(
+                method, model, builder, shuffled, q["test"], meta, **gen
+            )
+        if "text_lora" in controls:
+            row["text_lora"] = reports["names"]["question_types"][qt]["test"][method]
+        out[qt] = row
+    return out
+
+
 def _fewshot(model, builder, feats, meta, train, rows, evals, k: int, seed: int, gen: dict) -> dict:
     """Task held out from tuning: k answered in-context examples (with their own sensor
     tokens, from the fit rows) before each question, against the same questions with none."""
@@ -355,6 +400,11 @@ def _log_mlflow(cfg: dict, doc: dict, path: Path) -> None:
         }
         metrics |= {f"control.{k}": r["accuracy"] for k, r in llm["controls"].items()}
         metrics |= {
+            f"question_type.{qt}.{name}": row[name]["accuracy"]
+            for qt, row in llm.get("question_types", {}).items()
+            for name in ("test", "majority", "chance")
+        }
+        metrics |= {
             "val_accuracy": doc["val"]["accuracy"],
             "test_accuracy": doc["test"]["accuracy"],
         }
@@ -384,4 +434,20 @@ def _print_summary(doc: dict) -> None:
             continue
         per = ", ".join(f"{t} {a:.3f}" for t, a in r["by_task"].items())
         table.add_row(f"control: {name}", "", f"{r['accuracy']:.3f}", per)
+    for qt, row in llm.get("question_types", {}).items():
+        for name in (
+            "test",
+            "train_templates",
+            "shuffled_sensors",
+            "text_lora",
+            "majority",
+            "chance",
+        ):
+            if name not in row:
+                continue
+            r = row[name]
+            val = f"{row['val']['accuracy']:.3f}" if name == "test" else ""
+            per = ", ".join(f"{t} {a:.3f}" for t, a in r["by_task"].items())
+            per += f"; MAE {r['mae']:.2f}" if "mae" in r else ""
+            table.add_row(f"{qt}: {name}", val, f"{r['accuracy']:.3f}", per)
     console.print(table)
