@@ -17,8 +17,8 @@ stacked factors each round), so the step owns it, a
 :class:`~fed_iotlm.llm.federated.LoraServerState`, and the ArrayRecord the engine passes
 from round to round is only a token: the step hands it back unchanged when the round
 aggregated (the state moved on) and None when it was skipped (the state did not), which
-is what the engine's "keep the model" means.  Records therefore hold no LoRA weights, and
-a LoRA run cannot be resumed from them.
+is what the engine's "keep the model" means.  Records therefore hold no LoRA weights: the
+checkpoint saves the state beside them (:mod:`server.lora_resume`).
 """
 
 from __future__ import annotations
