@@ -1,9 +1,11 @@
 """Flower ServerApp for federated LoRA: rounds of site training, LoRA-aware aggregation.
 
-Ask every node which partition it is (``query.site``; a site that cannot answer this
-roll call fails the run before any round), then per configured method (one run may hold
-several, e.g. a study) run its rounds on the round engine (:mod:`server.engine`) with
-:class:`server.lora_step.LoraStep`: each site gets its ``train`` payload, the replies that
+Ask every node which partition it is (``query.identify``; a site that cannot answer this
+roll call fails the run before any round) and keep the answers in the federation's live
+roster (:mod:`server.roster`: a restarted site is picked up again, under a new node id
+too), then per configured method (one run may hold several, e.g. a study) run its rounds
+on the round engine (:mod:`server.engine`) with :class:`server.lora_step.LoraStep`: each
+live site gets its ``train`` payload, the replies that
 arrive before the deadline are aggregated with
 :class:`~fed_iotlm.llm.federated.LoraServerState`, a failed or silent site is recorded
 and left out, a round with too few answers is skipped.  Finally the global model is
@@ -23,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_iotlm.atomic import atomic_write_text
@@ -45,6 +47,7 @@ from server.engine import RoundEngine
 from server.federated_run import wait_for_nodes
 from server.lora_resume import LoraCheckpointer, LoraResumePoint
 from server.lora_step import LoraStep, Observer, lora_comm, lora_rounds
+from server.roster import LiveRoster, identify_nodes
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +55,15 @@ log = logging.getLogger(__name__)
 RecordHook = Callable[[str, RoundRecord], None]
 
 
-def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """The roll call's send: every node must answer (rounds sort replies instead)."""
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    failed = [r for r in replies if r.has_error()]
-    if failed or len(replies) != len(messages):
-        reason = failed[0].error.reason if failed else "no reply before the timeout"
-        raise RuntimeError(f"{messages[0].metadata.message_type}: {reason}")
-    return replies
-
-
-def discover_sites(grid: Grid, num_sites: int, timeout_s: float = 120.0) -> dict[int, int]:
-    """node id -> partition id; the per-site rank and data share follow the partition id."""
+def roll_call(grid: Grid, num_sites: int, timeout_s: float = 120.0) -> LiveRoster:
+    """Who serves each partition: every node's ``query.identify`` before round 1 (a site
+    that cannot answer fails the run here, with its own error), then the live roster the
+    federation uses (:mod:`server.roster`): before every round it identifies the nodes it
+    has not seen, so a site restarted under a new node id is sent the next round and its
+    rejoin lands in that round's record."""
     wait_for_nodes(grid, num_sites, timeout_s)
-    messages = [
-        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type="query.site")
-        for n in grid.get_node_ids()
-    ]
-    sites = {
-        r.metadata.src_node_id: int(r.content["metrics"]["partition-id"])
-        for r in _send(grid, messages, timeout_s)
-    }
-    if sorted(sites.values()) != list(range(num_sites)):
-        raise RuntimeError(f"partition ids {sorted(sites.values())}, expected 0..{num_sites - 1}")
-    return sites
+    roster = identify_nodes(grid, num_sites, timeout_s)
+    return LiveRoster(roster, num_sites, identify_timeout_s=timeout_s, wait_s=timeout_s)
 
 
 def _evaluate(task: LoraTask, data: TaskData, state: LoraServerState) -> dict:
@@ -102,7 +90,7 @@ def run_method(
     task: LoraTask,
     data: TaskData,
     fs: FederatedSettings,
-    sites: dict[int, int],
+    roster: LiveRoster,
     observe: Observer | None = None,
     on_record: RecordHook | None = None,
     checkpoint: Callable[[LoraServerState, list[RoundRecord]], None] | None = None,
@@ -113,8 +101,8 @@ def run_method(
     gets each record as it is made, after ``checkpoint`` has saved the round).  With
     ``resumed`` (a checkpoint of this method) it continues after the saved round."""
     t0 = time.time()
-    fs.min_replies(len(sites))  # llm.federated.min_sites above the sites: fail before round 1
-    ranks = dict(enumerate(fs.site_ranks(len(sites), task.lora_r)))
+    fs.min_replies(roster.expected)  # llm.federated.min_sites above the sites: fail now
+    ranks = dict(enumerate(fs.site_ranks(roster.expected, task.lora_r)))
     template, _ = build_model(task, data, task.lora_r)  # draws from torch's RNG
     state = LoraServerState.start(
         fs.method,
@@ -132,7 +120,7 @@ def run_method(
             raise ValueError(f"a {resumed.method} checkpoint cannot resume {fs.method}")
         state, records, first = resumed.state, resumed.records, resumed.round + 1
         resumed.restore_rng()  # as after the saved round: the draws that follow match
-    step = LoraStep(grid, state, sites, fs, task.lora_alpha, observe)
+    step = LoraStep(grid, state, roster, fs, task.lora_alpha, observe)
 
     def record_hook(record: RoundRecord) -> None:
         if checkpoint is not None:  # before anyone else sees the round: it is done
@@ -141,7 +129,7 @@ def run_method(
             on_record(fs.method, record)
 
     engine = RoundEngine(
-        phase=TRAIN, step=step, records=records, on_record=record_hook,
+        phase=TRAIN, step=step, records=records, on_record=record_hook, roster=roster,
         label=f"LORA {fs.method}",
     )  # fmt: skip
     engine.run(ArrayRecord(), first, fs.rounds)  # the state is the step's (server/lora_step.py)
@@ -189,7 +177,7 @@ def run_lora_federation(
     # the roll call is the sites' first message: a fresh ClientApp imports torch, transformers
     # and peft before it answers, which on a loaded machine outlasts any short fixed wait, so
     # it gets the same deadline as a round (a dead site still fails the run, at that deadline)
-    sites = discover_sites(grid, num_sites, max(fs.round_timeout_s for fs in plans))
+    roster = roll_call(grid, num_sites, max(fs.round_timeout_s for fs in plans))
     doc: dict = {"task": asdict(task) | {"cfg_json": None}, "num_sites": num_sites, "methods": {}}
     path = out_dir / "results.json"
     for fs in plans:
@@ -201,7 +189,7 @@ def run_lora_federation(
         log.info("federated LoRA: %s, %s sites, %s rounds", fs.method, num_sites, fs.rounds)
         done = dict(doc["methods"])
         doc["methods"][fs.method] = run_method(
-            grid, task, data, fs, sites, observe, on_record,
+            grid, task, data, fs, roster, observe, on_record,
             checkpoint=lambda state, records, done=done: checkpointer.save(state, records, done),
             resumed=here,
         )  # fmt: skip
