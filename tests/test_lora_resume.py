@@ -1,7 +1,9 @@
 """The federated-LoRA ServerApp's checkpoint and ``resume=true``.
 
 Without Flower: every part of the server state survives a checkpoint bit for bit, and a
-checkpoint written under other settings is refused.  In a real Flower simulation (the
+checkpoint written under other settings is refused; on a stand-in Grid, a site restarted
+under a new node id is sent the next round through the live roster.  In a real Flower
+simulation (the
 tiny offline test model, 2 sites): a run of FFA (2 rounds) then FedEx (3 rounds) is
 interrupted right after FedEx's round 1 has been checkpointed (the ``on_record`` hook
 raises, as a crash after the save would), then resumed; a client mod marks each
@@ -168,6 +170,76 @@ def test_a_federation_checkpoint_is_not_a_lora_one(tmp_path):
     save_checkpoint(checkpoint_dir(tmp_path), Checkpoint(1, TRAIN, {"arrays": {}}, {"records": []}))
     with pytest.raises(CheckpointError, match="not a federated-LoRA checkpoint"):
         LoraCheckpointer(tmp_path, TASK, PLANS, 2, resume=True).restore()
+
+
+# ------------------------------------------------------------------ the live roster
+
+
+class _SitesGrid:
+    """A Grid whose sites answer at once: ``query.identify`` with their partition id and
+    ``train`` with the adapter they were sent; ``nodes`` maps node id -> partition id and
+    can change between rounds (a restarted site under a new node id).  Sent messages keep
+    flwr's empty message id outside a SuperLink, so one newcomer is identified at a time."""
+
+    def __init__(self, nodes: dict[int, int]) -> None:
+        self.nodes = dict(nodes)
+        self.sent: list[tuple[str, int]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+        replies = []
+        for m in messages:
+            kind, node = m.metadata.message_type, m.metadata.dst_node_id
+            self.sent.append((kind, node))
+            if kind == "query.identify":
+                identity = {"partition-id": self.nodes[node], "source": "partition"}
+                content = RecordDict({"identity": ConfigRecord(identity)})
+            else:
+                metrics = MetricRecord({"num-examples": 4.0, "loss": 1.0})
+                content = RecordDict({"arrays": m.content["arrays"], "metrics": metrics})
+            metadata = Metadata(
+                run_id=1, message_id="", src_node_id=node, dst_node_id=0,
+                reply_to_message_id=m.metadata.message_id, group_id="", created_at=0.0,
+                ttl=60.0, message_type=kind,
+            )  # fmt: skip
+            replies.append(Message(metadata=metadata, content=content))
+        return replies
+
+
+def test_a_restarted_site_is_sent_the_next_round_and_its_rejoin_recorded(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.engine import RoundEngine
+    from server.lora_step import LoraStep
+    from server.roster import LiveRoster, Roster
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # a ServerApp's, outside Flower
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    grid = _SitesGrid({10: 0, 11: 1})
+    roster = LiveRoster(
+        Roster({0: 10, 1: 11}, {0: [], 1: []}, {0: "partition", 1: "partition"}), 2,
+        identify_timeout_s=1.0, wait_s=0.0,
+    )  # fmt: skip
+    sensor = {"proj.w": torch.ones(2, 3)}
+    state = LoraServerState.start("fedit", _template(), sensor, {0: 4, 1: 4}, 8.0)
+    step = LoraStep(grid, state, roster, FederatedSettings("fedit", 2, 1), 8.0)
+    engine = RoundEngine(TRAIN, step, roster=roster)
+    first = engine.run_round(1, ArrayRecord())
+    assert grid.sent == [("train", 10), ("train", 11)] and first.rejoins == ()
+    del grid.nodes[11]  # site 1 restarted: a new node id, the old one gone
+    grid.nodes[21] = 1
+    grid.sent.clear()
+    second = engine.run_round(2, ArrayRecord())
+    assert grid.sent == [("query.identify", 21), ("train", 10), ("train", 21)]
+    assert second.rejoins == ({"round": 2, "partition": 1, "node": 21, "was": 11},)
+    assert (second.participation.sent, second.participation.answered) == (2, 2)
+    assert sorted(k for k in second.metrics if k.startswith("site.")) == [
+        "site.0.loss", "site.0.n", "site.0.rank", "site.1.loss", "site.1.n", "site.1.rank",
+    ]  # fmt: skip
 
 
 # --------------------------------------------------------------- Flower simulation
