@@ -1,7 +1,8 @@
 """Flower ClientApp for federated LoRA: a site with (ideally) a GPU and its own instructions.
 
-* ``query.site``: the site's partition id and its number of training examples, so the
-  server can give each partition its rank (FlexLoRA) and weight.
+* ``query.identify``: the site's partition id, before round 1 and whenever the server's
+  live roster meets a node id it has not seen (a restarted site), so the server can give
+  each partition its rank (FlexLoRA) and send each round to one live node per partition.
 * ``train``: build the model on the pristine base, add the received cumulative residual
   beside it in fp32 (FedEx, stacked factors), load the factors and projector, freeze A
   (FFA: regenerated from ``a-seed``; only B travels, both ways), train ``local-steps``
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -55,11 +56,13 @@ def make_lora_client_app(
         data = load_task_data(the_task)
         return data, site_examples(data.train, pid, num, the_task.seed)
 
-    @app.query("site")
-    def site(msg: Message, context: Context) -> Message:
-        _, examples = _examples(context, _task(context))
-        metrics = {"partition-id": float(_site(context)[0]), "num-examples": float(len(examples))}
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    @app.query("identify")
+    def identify(msg: Message, context: Context) -> Message:
+        """The roll call and the live roster's question (:mod:`server.roster`); loading the
+        site's data first makes a site that cannot train fail the run before round 1."""
+        _examples(context, _task(context))
+        identity = {"partition-id": _site(context)[0], "source": "partition"}
+        return Message(RecordDict({"identity": ConfigRecord(identity)}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

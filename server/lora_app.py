@@ -1,15 +1,19 @@
 """Flower ServerApp for federated LoRA: rounds of site training, LoRA-aware aggregation.
 
-Ask every node which partition it is (``query.site``; a site that cannot answer this
-roll call fails the run before any round), then per configured method (one run may hold
-several, e.g. a study) run its rounds on the round engine (:mod:`server.engine`) with
-:class:`server.lora_step.LoraStep`: each site gets its ``train`` payload, the replies that
+Ask every node which partition it is (``query.identify``; a site that cannot answer this
+roll call fails the run before any round) and keep the answers in the federation's live
+roster (:mod:`server.roster`: a restarted site is picked up again, under a new node id
+too), then per configured method (one run may hold several, e.g. a study) run its rounds
+on the round engine (:mod:`server.engine`) with :class:`server.lora_step.LoraStep`: each
+live site gets its ``train`` payload, the replies that
 arrive before the deadline are aggregated with
 :class:`~fed_iotlm.llm.federated.LoraServerState`, a failed or silent site is recorded
 and left out, a round with too few answers is skipped.  Finally the global model is
 evaluated by generation on held-out question templates.  ``results.json`` is rewritten
 after every method; its per-round loss, aggregation error, FedIT error, faults and bytes
-are views of the rounds' records.
+are views of the rounds' records.  After every round the server state, the records and
+the finished methods' results are checkpointed into ``<output_dir>/checkpoint``, and
+``resume=true`` continues after the last saved round (:mod:`server.lora_resume`).
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_iotlm.atomic import atomic_write_text
+from fed_iotlm.federation.checkpoint import CheckpointError
 from fed_iotlm.federation.round_record import TRAIN, RoundRecord, results_blocks
 from fed_iotlm.llm.evaluation import generation_accuracy
 from fed_iotlm.llm.federated import (
@@ -41,7 +45,9 @@ from fed_iotlm.logs import configure as configure_logging
 from fed_iotlm.settings import from_run_config
 from server.engine import RoundEngine
 from server.federated_run import wait_for_nodes
+from server.lora_resume import LoraCheckpointer, LoraResumePoint
 from server.lora_step import LoraStep, Observer, lora_comm, lora_rounds
+from server.roster import LiveRoster, identify_nodes
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +55,15 @@ log = logging.getLogger(__name__)
 RecordHook = Callable[[str, RoundRecord], None]
 
 
-def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """The roll call's send: every node must answer (rounds sort replies instead)."""
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    failed = [r for r in replies if r.has_error()]
-    if failed or len(replies) != len(messages):
-        reason = failed[0].error.reason if failed else "no reply before the timeout"
-        raise RuntimeError(f"{messages[0].metadata.message_type}: {reason}")
-    return replies
-
-
-def discover_sites(grid: Grid, num_sites: int, timeout_s: float = 120.0) -> dict[int, int]:
-    """node id -> partition id; the per-site rank and data share follow the partition id."""
+def roll_call(grid: Grid, num_sites: int, timeout_s: float = 120.0) -> LiveRoster:
+    """Who serves each partition: every node's ``query.identify`` before round 1 (a site
+    that cannot answer fails the run here, with its own error), then the live roster the
+    federation uses (:mod:`server.roster`): before every round it identifies the nodes it
+    has not seen, so a site restarted under a new node id is sent the next round and its
+    rejoin lands in that round's record."""
     wait_for_nodes(grid, num_sites, timeout_s)
-    messages = [
-        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type="query.site")
-        for n in grid.get_node_ids()
-    ]
-    sites = {
-        r.metadata.src_node_id: int(r.content["metrics"]["partition-id"])
-        for r in _send(grid, messages, timeout_s)
-    }
-    if sorted(sites.values()) != list(range(num_sites)):
-        raise RuntimeError(f"partition ids {sorted(sites.values())}, expected 0..{num_sites - 1}")
-    return sites
+    roster = identify_nodes(grid, num_sites, timeout_s)
+    return LiveRoster(roster, num_sites, identify_timeout_s=timeout_s, wait_s=timeout_s)
 
 
 def _evaluate(task: LoraTask, data: TaskData, state: LoraServerState) -> dict:
@@ -99,17 +90,20 @@ def run_method(
     task: LoraTask,
     data: TaskData,
     fs: FederatedSettings,
-    sites: dict[int, int],
+    roster: LiveRoster,
     observe: Observer | None = None,
     on_record: RecordHook | None = None,
+    checkpoint: Callable[[LoraServerState, list[RoundRecord]], None] | None = None,
+    resumed: LoraResumePoint | None = None,
 ) -> dict:
     """``fs.rounds`` rounds of one method on the round engine (:class:`LoraStep`); returns
     its report, whose per-round blocks are views of the rounds' records (``on_record``
-    gets each record as it is made)."""
+    gets each record as it is made, after ``checkpoint`` has saved the round).  With
+    ``resumed`` (a checkpoint of this method) it continues after the saved round."""
     t0 = time.time()
-    fs.min_replies(len(sites))  # llm.federated.min_sites above the sites: fail before round 1
-    ranks = dict(enumerate(fs.site_ranks(len(sites), task.lora_r)))
-    template, _ = build_model(task, data, task.lora_r)
+    fs.min_replies(roster.expected)  # llm.federated.min_sites above the sites: fail now
+    ranks = dict(enumerate(fs.site_ranks(roster.expected, task.lora_r)))
+    template, _ = build_model(task, data, task.lora_r)  # draws from torch's RNG
     state = LoraServerState.start(
         fs.method,
         lora_factors(template.peft),
@@ -119,16 +113,26 @@ def run_method(
         task.seed,
         fs.dense_diagnostics,
     )
-    step = LoraStep(grid, state, sites, fs, task.lora_alpha, observe)
     records: list[RoundRecord] = []
+    first = 1
+    if resumed is not None:
+        if resumed.method != fs.method or set(resumed.state.factors) != set(ranks):
+            raise ValueError(f"a {resumed.method} checkpoint cannot resume {fs.method}")
+        state, records, first = resumed.state, resumed.records, resumed.round + 1
+        resumed.restore_rng()  # as after the saved round: the draws that follow match
+    step = LoraStep(grid, state, roster, fs, task.lora_alpha, observe)
+
+    def record_hook(record: RoundRecord) -> None:
+        if checkpoint is not None:  # before anyone else sees the round: it is done
+            checkpoint(state, records)
+        if on_record is not None:
+            on_record(fs.method, record)
+
     engine = RoundEngine(
-        phase=TRAIN,
-        step=step,
-        records=records,
-        on_record=None if on_record is None else partial(on_record, fs.method),
+        phase=TRAIN, step=step, records=records, on_record=record_hook, roster=roster,
         label=f"LORA {fs.method}",
-    )
-    engine.run(ArrayRecord(), 1, fs.rounds)  # the LoRA state is the step's (server/lora_step.py)
+    )  # fmt: skip
+    engine.run(ArrayRecord(), first, fs.rounds)  # the state is the step's (server/lora_step.py)
     t1 = time.time()
     accuracy = _evaluate(task, data, state)
     return {
@@ -140,7 +144,7 @@ def run_method(
         "accuracy": accuracy["accuracy"],
         "eval": accuracy,
         "comm": lora_comm(records),
-        "train_s": round(t1 - t0, 1),
+        "train_s": round(t1 - t0, 1),  # resumed: this process's share only
         "eval_s": round(time.time() - t1, 1),
     }
 
@@ -153,19 +157,42 @@ def run_lora_federation(
     out_dir: Path,
     observe: Observer | None = None,
     on_record: RecordHook | None = None,
+    resume: bool = False,
 ) -> Path:
-    """Every plan (method) in turn on the same sites; returns results.json's path."""
+    """Every plan (method) in turn on the same sites; returns results.json's path.
+
+    The server state is checkpointed after every round (:mod:`server.lora_resume`); with
+    ``resume`` the run continues after the checkpoint's round, the methods finished
+    before it reported as they were."""
     out_dir = Path(out_dir)
     data = load_task_data(task)
+    checkpointer = LoraCheckpointer(out_dir, task, plans, num_sites, resume)
+    resumed = checkpointer.restore()
+    methods = [fs.method for fs in plans]
+    if resumed is not None and set(resumed.done) != set(methods[: methods.index(resumed.method)]):
+        raise CheckpointError(
+            f"{checkpointer.directory}: finished methods {sorted(resumed.done)} do not "
+            f"precede {resumed.method} in {methods}"
+        )
     # the roll call is the sites' first message: a fresh ClientApp imports torch, transformers
     # and peft before it answers, which on a loaded machine outlasts any short fixed wait, so
     # it gets the same deadline as a round (a dead site still fails the run, at that deadline)
-    sites = discover_sites(grid, num_sites, max(fs.round_timeout_s for fs in plans))
+    roster = roll_call(grid, num_sites, max(fs.round_timeout_s for fs in plans))
     doc: dict = {"task": asdict(task) | {"cfg_json": None}, "num_sites": num_sites, "methods": {}}
     path = out_dir / "results.json"
     for fs in plans:
+        if resumed is not None and fs.method in resumed.done:
+            doc["methods"][fs.method] = resumed.done[fs.method]
+            log.info("federated LoRA: %s finished before the checkpoint", fs.method)
+            continue
+        here = resumed if resumed is not None and resumed.method == fs.method else None
         log.info("federated LoRA: %s, %s sites, %s rounds", fs.method, num_sites, fs.rounds)
-        doc["methods"][fs.method] = run_method(grid, task, data, fs, sites, observe, on_record)
+        done = dict(doc["methods"])
+        doc["methods"][fs.method] = run_method(
+            grid, task, data, fs, roster, observe, on_record,
+            checkpoint=lambda state, records, done=done: checkpointer.save(state, records, done),
+            resumed=here,
+        )  # fmt: skip
         atomic_write_text(path, json.dumps(doc, indent=2))
         log.info("%s: generation accuracy %.3f", fs.method, doc["methods"][fs.method]["accuracy"])
     return path
@@ -178,9 +205,10 @@ def make_lora_server_app(
     out_dir: Path | None = None,
     observe: Observer | None = None,
     on_record: RecordHook | None = None,
+    resume: bool | None = None,
 ) -> ServerApp:
     """Bound to explicit settings (Python entry point) or, if None, to the run config
-    (``llm.*`` with ``llm.federated``)."""
+    (``llm.*`` with ``llm.federated``; ``resume`` and ``output_dir`` as the federation's)."""
     app = ServerApp()
 
     @app.main()
@@ -194,9 +222,9 @@ def make_lora_server_app(
         out = out_dir or Path(
             cfg.get("output_dir") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-fedlora"
         )
-        print(
-            run_lora_federation(grid, the_task, the_plans, n, out, observe, on_record), flush=True
-        )
+        again = bool(cfg.get("resume", False)) if resume is None else resume
+        path = run_lora_federation(grid, the_task, the_plans, n, out, observe, on_record, again)
+        print(path, flush=True)
 
     return app
 

@@ -17,8 +17,8 @@ stacked factors each round), so the step owns it, a
 :class:`~fed_iotlm.llm.federated.LoraServerState`, and the ArrayRecord the engine passes
 from round to round is only a token: the step hands it back unchanged when the round
 aggregated (the state moved on) and None when it was skipped (the state did not), which
-is what the engine's "keep the model" means.  Records therefore hold no LoRA weights, and
-a LoRA run cannot be resumed from them.
+is what the engine's "keep the model" means.  Records therefore hold no LoRA weights: the
+checkpoint saves the state beside them (:mod:`server.lora_resume`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from fed_iotlm.llm.federated import FederatedSettings, LoraServerState, RoundRep
 from fed_iotlm.llm.lora_wire import pack, unpack
 
 from .participation import sort_replies
+from .roster import LiveRoster
 
 log = logging.getLogger(__name__)
 
@@ -91,41 +92,42 @@ def report_metrics(report: RoundReport) -> dict[str, float]:
 
 @dataclass
 class LoraStep:
-    """One federated-LoRA round on ``grid``; ``sites`` maps Flower node ids to partition
-    ids (the roll call, :func:`server.lora_app.discover_sites`)."""
+    """One federated-LoRA round on ``grid``, sent to one live node per partition (the
+    ``roster``: :func:`server.lora_app.roll_call`), once at least ``min_sites`` of them
+    are connected (else it fails after the roster's ``wait_s``; ``resume=true`` goes on)."""
 
     grid: Grid
     state: LoraServerState
-    sites: dict[int, int]
+    roster: LiveRoster
     settings: FederatedSettings
     lora_alpha: float
     observe: Observer | None = None
 
     def __call__(self, rnd: int, arrays: ArrayRecord, records: Sequence[RoundRecord]) -> StepResult:
         fs, state = self.settings, self.state
-        messages = [train_message(n, state, pid, rnd, fs) for n, pid in self.sites.items()]
+        need = fs.min_replies(self.roster.expected)
+        live = self.roster.live_grid(self.grid, need, rnd).get_node_ids()
+        sites = {n: self.roster.partition_of[n] for n in live}  # node id -> partition id
+        messages = [train_message(n, state, pid, rnd, fs) for n, pid in sites.items()]
         down = {
             "bytes_down": sum(record_nbytes(m.content["arrays"]) for m in messages),
             "messages_down": len(messages),
         }
         lora_down = float(sum(lora_nbytes(record_to_numpy(m.content["arrays"])) for m in messages))
         replies = self.grid.send_and_receive(messages, timeout=fs.round_timeout_s)
-        outcome = sort_replies(
-            rnd, messages, replies, fs.min_replies(len(self.sites)), fs.round_timeout_s,
-            self.sites,
-        )  # fmt: skip
+        outcome = sort_replies(rnd, messages, replies, need, fs.round_timeout_s, sites)
         stats = outcome.metrics() | {"lora_bytes_down": lora_down}
         if outcome.skipped:
             log.warning(
                 f"{fs.method} round {rnd}/{fs.rounds}: skipped, {len(outcome.answered)} of "
-                f"{len(messages)} site(s) answered (llm.federated.min_sites="
-                f"{fs.min_replies(len(self.sites))}); the adapter stays as it was"
+                f"{len(messages)} site(s) answered (llm.federated.min_sites={need}); "
+                "the adapter stays as it was"
             )
             return StepResult(None, outcome.summary(), stats=stats | {"lora_bytes_up": 0.0}, **down)
         updates: dict[int, SiteUpdate] = {}
         up = lora_up = 0
         for reply in outcome.answered:
-            pid = self.sites[reply.metadata.src_node_id]
+            pid = sites[reply.metadata.src_node_id]
             up += record_nbytes(reply.content["arrays"])
             received = record_to_numpy(reply.content["arrays"])
             lora_up += lora_nbytes(received)

@@ -49,10 +49,11 @@ def run_lora_simulation(
     gpus_per_site: float = 0.0,
     client_mods: Sequence = (),
     on_record=None,
+    resume: bool = False,
 ) -> dict:
     """All ``plans`` under Flower's simulation engine, one virtual SuperNode per site
-    (``client_mods``: Flower client mods around every site's handlers; ``observe`` and
-    ``on_record``: :func:`server.lora_app.make_lora_server_app`'s hooks)."""
+    (``client_mods``: Flower client mods around every site's handlers; ``observe``,
+    ``on_record`` and ``resume``: :func:`server.lora_app.make_lora_server_app`'s)."""
     from flwr.simulation import run_simulation
 
     from clients.lora_app import make_lora_client_app
@@ -63,7 +64,9 @@ def run_lora_simulation(
     results.unlink(missing_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
-        server_app=make_lora_server_app(task, plans, num_sites, out_dir, observe, on_record),
+        server_app=make_lora_server_app(
+            task, plans, num_sites, out_dir, observe, on_record, resume
+        ),
         client_app=make_lora_client_app(task, mods=client_mods),
         num_supernodes=num_sites,
         backend_config={

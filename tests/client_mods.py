@@ -23,10 +23,11 @@ def train_keys_recorder(path: Path):
     return mod
 
 
-def round_marker(directory: Path):
+def round_marker(directory: Path, by_method: bool = False):
     """A client mod that marks every round a node runs: one line appended to
     ``directory/<message type>-r<server round>-p<partition id>`` per message, so a test
-    can list which rounds ran (and catch one that ran twice) after the run."""
+    can list which rounds ran (and catch one that ran twice) after the run.  ``by_method``
+    (federated LoRA, several methods per run): ``<message type>.<method>`` instead."""
 
     def mod(msg, context, call_next):
         content = msg.content
@@ -35,10 +36,11 @@ def round_marker(directory: Path):
         else:  # SecAgg+ train messages carry the round in the legacy fit config
             config = content.config_records.get("fitins.config", {})
         if "server-round" in config:
-            name = (
-                f"{msg.metadata.message_type}-r{int(config['server-round'])}"
-                f"-p{int(context.node_config['partition-id'])}"
-            )
+            kind = msg.metadata.message_type
+            if by_method:
+                kind = f"{kind}.{config['method']}"
+            rnd, pid = int(config["server-round"]), int(context.node_config["partition-id"])
+            name = f"{kind}-r{rnd}-p{pid}"
             with (directory / name).open("a") as f:
                 f.write(f"{msg.metadata.message_id}\n")
         return call_next(msg, context)
