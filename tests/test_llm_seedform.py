@@ -375,3 +375,11 @@ def test_stage_runs_the_seed_adapter_in_phases_with_task_weights(tmp_path):
     assert recipe["task_weights"] == {"location": 0.5} and recipe["align_examples"] > 0
     assert (tmp_path / "run" / "checkpoint-seed_adapter" / "sensor.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoint-seed_adapter-align" / "trainer.pt").is_file()
+
+
+def test_a_phase_warms_up_for_the_single_phase_runs_share_of_its_steps():
+    from fed_iotlm.llm.stage import phase_warmup
+
+    assert phase_warmup(10, 80, 80) == 10 and phase_warmup(10, 2, 2) == 10  # one phase: as before
+    assert [phase_warmup(10, n, 80) for n in (20, 60)] == [2, 8]
+    assert phase_warmup(10, 2, 80) == 1 and phase_warmup(0, 20, 80) == 0

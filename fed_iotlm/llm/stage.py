@@ -130,10 +130,14 @@ def tune_in_phases(model, builder, plan, examples, captions, feats, lc, seed, ou
     ``checkpoint-<kind>`` (what ``ask`` loads), earlier ones ``checkpoint-<kind>-<phase>``;
     the history's steps run on across phases and each row names its phase."""
     history, done = [], 0
+    total = sum(n for _, n in plan)
     for i, (phase, steps) in enumerate(plan):
         base = tune_settings(lc, seed)
         settings = replace(
-            base, steps=steps, warmup=min(base.warmup, steps), train_lora=phase != "align"
+            base,
+            steps=steps,
+            warmup=phase_warmup(base.warmup, steps, total),
+            train_lora=phase != "align",
         )
         last = i == len(plan) - 1
         hist = tune(
@@ -145,6 +149,17 @@ def tune_in_phases(model, builder, plan, examples, captions, feats, lc, seed, ou
         history += [h | {"step": done + h["step"], "phase": phase} for h in hist]
         done += steps
     return history
+
+
+def phase_warmup(warmup: int, steps: int, total: int) -> int:
+    """A phase's warm-up: the single-phase run's share of its steps (``llm.warmup`` of
+    ``llm.steps``), at least one step where there is any, so a short align phase is not
+    mostly warm-up (one phase: ``warmup`` itself)."""
+    if steps == total:
+        return warmup
+    if warmup <= 0 or steps <= 0:
+        return 0
+    return max(1, min(steps, round(warmup * steps / total)))
 
 
 def step_line(kind: str, step: int, loss: float, eta: float, row: dict) -> str:
