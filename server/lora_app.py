@@ -1,10 +1,12 @@
 """Flower ServerApp for federated LoRA: rounds of site training, LoRA-aware aggregation.
 
-Which instructions each site trains on is the task's site split (:mod:`fed_iotlm.llm.sites`:
-by default site k is federation node k with its own uploaded rows, and the number of sites
-is the plan's; results.json's ``sites`` says which split ran, with per-site row and example
-counts); a site without any example is idle, sent no round, and named in every round's
-record.  Ask every node which partition it is (``query.identify``; a site that cannot answer this
+Which instructions each site trains on is the task's site split
+(:mod:`fed_iotlm.llm.sites`: by default site k is federation node k with its own uploaded
+rows, and the number of sites is the plan's; results.json's ``sites`` says which split
+ran, with per-site row and example counts); a site without any example is idle, sent no
+round, and named in every round's record.
+
+Ask every node which partition it is (``query.identify``; a site that cannot answer this
 roll call fails the run before any round) and keep the answers in the federation's live
 roster (:mod:`server.roster`: a restarted site is picked up again, under a new node id
 too), then per configured method (one run may hold several, e.g. a study) run its rounds

@@ -47,7 +47,7 @@ TASK = LoraTask(
     max_new_tokens=3,
 )
 NODE_DATA = [
-    "data.num_train=60", "data.num_test=20", "partition.plan=[[imu,audio],[depth,thermal]]",
+    "data.num_train=70", "data.num_test=20", "partition.plan=[[imu,audio],[depth,thermal]]",
     "partition.label_fraction=0.5", "llm.eval_samples=4", "llm.val_samples=4",
 ]  # fmt: skip
 FLEX_RANKS = (2, 4)
@@ -135,6 +135,7 @@ def test_the_sites_are_the_federations_nodes(federation, node_task):
     per_site = doc["sites"]["per_site"]
     assert [s["node"] for s in per_site] == [0, 1] and all(s["examples"] > 0 for s in per_site)
     assert all(s["labelled_rows"] < s["rows"] for s in per_site)  # label fraction 0.5
+    assert abs(per_site[0]["examples"] - per_site[1]["examples"]) >= 2  # no IID deal's sizes
     train = load_task_data(node_task).train
     assert sum(s["examples"] for s in per_site) == len(train)
     for method, rounds in seen.items():
