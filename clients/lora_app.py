@@ -1,5 +1,9 @@
 """Flower ClientApp for federated LoRA: a site with (ideally) a GPU and its own instructions.
 
+Partition k's instructions are site k's of the task's site split
+(:mod:`fed_iotlm.llm.sites`): by default node k's own uploaded rows, and the federation's
+``num-partitions`` must be the plan's node count.
+
 * ``query.identify``: the site's partition id, before round 1 and whenever the server's
   live roster meets a node id it has not seen (a restarted site), so the server can give
   each partition its rank (FlexLoRA) and send each round to one live node per partition.
@@ -32,6 +36,7 @@ from fed_iotlm.llm.federated import (
 from fed_iotlm.llm.fedlora import lora_factors
 from fed_iotlm.llm.lora_task import LoraTask, build_model, load_task_data, site_examples
 from fed_iotlm.llm.lora_wire import pack, unpack
+from fed_iotlm.llm.sites import AUTO
 from fed_iotlm.settings import from_run_config
 
 
@@ -54,7 +59,12 @@ def make_lora_client_app(
     def _examples(context: Context, the_task: LoraTask):
         pid, num = _site(context)
         data = load_task_data(the_task)
-        return data, site_examples(data.train, pid, num, the_task.seed)
+        if the_task.site_split == "nodes" and num != data.num_nodes:
+            raise ValueError(
+                f"{num} partitions, but node sites are the plan's {data.num_nodes} nodes: "
+                f"run {data.num_nodes} SuperNodes (llm.federated.sites={AUTO})"
+            )
+        return data, site_examples(the_task, pid, num)
 
     @app.query("identify")
     def identify(msg: Message, context: Context) -> Message:
@@ -69,6 +79,11 @@ def make_lora_client_app(
         torch.set_num_threads(threads)
         the_task = _task(context)
         data, examples = _examples(context, the_task)
+        if not examples:  # the server leaves idle sites out (server/lora_step.py)
+            raise ValueError(
+                f"partition {_site(context)[0]} has no instruction example to train on "
+                "(its node has no labelled training row left); it should not be sent a round"
+            )
         config = msg.content["config"]
         arrays = record_to_numpy(msg.content["arrays"])
         freeze_a = bool(config["freeze-a"])

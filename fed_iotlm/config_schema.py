@@ -192,7 +192,12 @@ class LlmFederatedConfig:
     local_steps: int = 50  # optimiser steps per site per round
     # per-site LoRA ranks by partition id (flexlora), e.g. [4, 8, 16]; null: lora.r
     ranks: list[int] | None = None
-    sites: int = 3  # SuperNodes the server waits for
+    # SuperNodes the server waits for: auto = the plan's node count (node sites; 3 on
+    # the toy data); a number must restate it for node sites
+    sites: Any = "auto"
+    # nodes (site k trains on node k's uploaded rows only) | iid (the instructions dealt
+    # out at random; a named baseline) | auto: nodes when llm.data=nodes, else iid
+    site_split: str = "auto"
     # fewest site replies a round aggregates (null = every site); fewer: the round is skipped
     min_sites: int | None = None
     # a round aggregates the sites that answered by then (if >= min_sites), else is skipped

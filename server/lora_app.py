@@ -1,5 +1,11 @@
 """Flower ServerApp for federated LoRA: rounds of site training, LoRA-aware aggregation.
 
+Which instructions each site trains on is the task's site split
+(:mod:`fed_iotlm.llm.sites`: by default site k is federation node k with its own uploaded
+rows, and the number of sites is the plan's; results.json's ``sites`` says which split
+ran, with per-site row and example counts); a site without any example is idle, sent no
+round, and named in every round's record.
+
 Ask every node which partition it is (``query.identify``; a site that cannot answer this
 roll call fails the run before any round) and keep the answers in the federation's live
 roster (:mod:`server.roster`: a restarted site is picked up again, under a new node id
@@ -21,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,7 +46,7 @@ from fed_iotlm.llm.federated import (
     prepare_site,
 )
 from fed_iotlm.llm.fedlora import lora_factors
-from fed_iotlm.llm.lora_task import LoraTask, TaskData, build_model, load_task_data
+from fed_iotlm.llm.lora_task import LoraTask, TaskData, build_model, load_task_data, task_sites
 from fed_iotlm.logs import configure as configure_logging
 from fed_iotlm.settings import from_run_config
 from server.engine import RoundEngine
@@ -95,13 +101,16 @@ def run_method(
     on_record: RecordHook | None = None,
     checkpoint: Callable[[LoraServerState, list[RoundRecord]], None] | None = None,
     resumed: LoraResumePoint | None = None,
+    idle: Mapping[int, str] | None = None,
 ) -> dict:
     """``fs.rounds`` rounds of one method on the round engine (:class:`LoraStep`); returns
     its report, whose per-round blocks are views of the rounds' records (``on_record``
     gets each record as it is made, after ``checkpoint`` has saved the round).  With
-    ``resumed`` (a checkpoint of this method) it continues after the saved round."""
+    ``resumed`` (a checkpoint of this method) it continues after the saved round;
+    ``idle``: sites with no example (partition id -> why), sent no round."""
     t0 = time.time()
-    fs.min_replies(roster.expected)  # llm.federated.min_sites above the sites: fail now
+    idle = dict(idle or {})
+    fs.min_replies(roster.expected - len(idle))  # min_sites above the training sites: fail now
     ranks = dict(enumerate(fs.site_ranks(roster.expected, task.lora_r)))
     template, _ = build_model(task, data, task.lora_r)  # draws from torch's RNG
     state = LoraServerState.start(
@@ -120,7 +129,7 @@ def run_method(
             raise ValueError(f"a {resumed.method} checkpoint cannot resume {fs.method}")
         state, records, first = resumed.state, resumed.records, resumed.round + 1
         resumed.restore_rng()  # as after the saved round: the draws that follow match
-    step = LoraStep(grid, state, roster, fs, task.lora_alpha, observe)
+    step = LoraStep(grid, state, roster, fs, task.lora_alpha, observe, idle)
 
     def record_hook(record: RoundRecord) -> None:
         if checkpoint is not None:  # before anyone else sees the round: it is done
@@ -153,7 +162,7 @@ def run_lora_federation(
     grid: Grid,
     task: LoraTask,
     plans: Sequence[FederatedSettings],
-    num_sites: int,
+    num_sites: int | str,
     out_dir: Path,
     observe: Observer | None = None,
     on_record: RecordHook | None = None,
@@ -161,11 +170,16 @@ def run_lora_federation(
 ) -> Path:
     """Every plan (method) in turn on the same sites; returns results.json's path.
 
-    The server state is checkpointed after every round (:mod:`server.lora_resume`); with
-    ``resume`` the run continues after the checkpoint's round, the methods finished
-    before it reported as they were."""
+    ``num_sites``: a number or ``auto`` (node sites: the plan's node count, which a
+    number must restate).  The server state is checkpointed after every round
+    (:mod:`server.lora_resume`); with ``resume`` the run continues after the
+    checkpoint's round, the methods finished before it reported as they were."""
     out_dir = Path(out_dir)
     data = load_task_data(task)
+    split = task_sites(task, num_sites)
+    num_sites, idle = split.num_sites, split.idle()
+    if len(idle) == num_sites:
+        raise ValueError(f"no federated-LoRA site has a training example: {idle}")
     checkpointer = LoraCheckpointer(out_dir, task, plans, num_sites, resume)
     resumed = checkpointer.restore()
     methods = [fs.method for fs in plans]
@@ -178,7 +192,8 @@ def run_lora_federation(
     # and peft before it answers, which on a loaded machine outlasts any short fixed wait, so
     # it gets the same deadline as a round (a dead site still fails the run, at that deadline)
     roster = roll_call(grid, num_sites, max(fs.round_timeout_s for fs in plans))
-    doc: dict = {"task": asdict(task) | {"cfg_json": None}, "num_sites": num_sites, "methods": {}}
+    doc: dict = {"task": asdict(task) | {"cfg_json": None}, "num_sites": num_sites}
+    doc |= {"sites": split.report(), "methods": {}}
     path = out_dir / "results.json"
     for fs in plans:
         if resumed is not None and fs.method in resumed.done:
@@ -191,7 +206,7 @@ def run_lora_federation(
         doc["methods"][fs.method] = run_method(
             grid, task, data, fs, roster, observe, on_record,
             checkpoint=lambda state, records, done=done: checkpointer.save(state, records, done),
-            resumed=here,
+            resumed=here, idle=idle,
         )  # fmt: skip
         atomic_write_text(path, json.dumps(doc, indent=2))
         log.info("%s: generation accuracy %.3f", fs.method, doc["methods"][fs.method]["accuracy"])
@@ -201,7 +216,7 @@ def run_lora_federation(
 def make_lora_server_app(
     task: LoraTask | None = None,
     plans: Sequence[FederatedSettings] | None = None,
-    num_sites: int | None = None,
+    num_sites: int | str | None = None,
     out_dir: Path | None = None,
     observe: Observer | None = None,
     on_record: RecordHook | None = None,
@@ -218,7 +233,7 @@ def make_lora_server_app(
         cfg = {} if given else from_run_config(dict(context.run_config))
         the_task = task or LoraTask.from_cfg(cfg)
         the_plans = plans or [federated_settings(cfg["llm"])]
-        n = num_sites or int(cfg["llm"]["federated"]["sites"])
+        n = num_sites or cfg["llm"]["federated"]["sites"]  # a number or auto
         out = out_dir or Path(
             cfg.get("output_dir") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-fedlora"
         )

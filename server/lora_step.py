@@ -11,6 +11,12 @@ loss/n/rank) and the bytes down and up go into the :class:`StepResult`, so the r
 record carries the round; :func:`lora_rounds` and :func:`lora_comm` turn the records back
 into results.json's ``rounds`` and ``comm`` blocks.
 
+Idle sites (``idle``: partition id -> why, :meth:`fed_iotlm.llm.sites.SiteSplit.idle`:
+a node site without a single instruction example) are sent no round; every round's
+record names them in its stats (``sites_idle``, ``idle.<partition id>``) and results.json's
+round blocks list them (``idle``), so a site that trains on nothing is never a silent
+absence.  "Every site" for ``min_sites`` means every site that has examples.
+
 The LoRA state and the engine's ArrayRecord: the model the sites load does not fit one
 ArrayRecord (FlexLoRA keeps one factor set per site rank, FedEx a residual that grows by
 stacked factors each round), so the step owns it, a
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -47,6 +53,7 @@ Observer = Callable[[str, int, Mapping[int, SiteUpdate], LoraServerState], None]
 SITE = "site."  # per-site figures in a record's metrics: site.<partition id>.<loss|n|rank>
 OPTIONAL = ("fedit_error", "dense_error")  # None in the report: absent from the metrics
 SCALARS = ("loss", "agg_error", "exact_norm", "update_norm", "rel_error")
+IDLE = "idle."  # in a record's stats: idle.<partition id> = 1 for a site sent no round
 
 
 def train_message(
@@ -102,12 +109,21 @@ class LoraStep:
     settings: FederatedSettings
     lora_alpha: float
     observe: Observer | None = None
+    idle: Mapping[int, str] = field(default_factory=dict)  # partition id -> why (module doc)
+
+    def active_sites(self) -> int:
+        """Sites that train: the roster's partitions less the idle ones."""
+        return self.roster.expected - len(self.idle)
 
     def __call__(self, rnd: int, arrays: ArrayRecord, records: Sequence[RoundRecord]) -> StepResult:
         fs, state = self.settings, self.state
-        need = fs.min_replies(self.roster.expected)
+        need = fs.min_replies(self.active_sites())
         live = self.roster.live_grid(self.grid, need, rnd).get_node_ids()
-        sites = {n: self.roster.partition_of[n] for n in live}  # node id -> partition id
+        sites = {  # node id -> partition id, idle partitions left out
+            n: pid for n in live for pid in [self.roster.partition_of[n]] if pid not in self.idle
+        }
+        for _, why in sorted(self.idle.items()):
+            log.warning(f"{fs.method} round {rnd}: site left out, {why}")
         messages = [train_message(n, state, pid, rnd, fs) for n, pid in sites.items()]
         down = {
             "bytes_down": sum(record_nbytes(m.content["arrays"]) for m in messages),
@@ -117,6 +133,9 @@ class LoraStep:
         replies = self.grid.send_and_receive(messages, timeout=fs.round_timeout_s)
         outcome = sort_replies(rnd, messages, replies, need, fs.round_timeout_s, sites)
         stats = outcome.metrics() | {"lora_bytes_down": lora_down}
+        if self.idle:
+            stats |= {"sites_idle": float(len(self.idle))}
+            stats |= {f"{IDLE}{pid}": 1.0 for pid in sorted(self.idle)}
         if outcome.skipped:
             log.warning(
                 f"{fs.method} round {rnd}/{fs.rounds}: skipped, {len(outcome.answered)} of "
@@ -174,7 +193,9 @@ def lora_rounds(records: Sequence[RoundRecord]) -> list[dict]:
                 sites.setdefault(site, {})[name] = int(value) if name in ("n", "rank") else value
         block = {"round": r.round, **{name: m[name] for name in SCALARS}}
         block |= {name: m.get(name) for name in OPTIONAL}
-        out.append(block | {"sites": {k: sites[k] for k in sorted(sites, key=int)}})
+        block["sites"] = {k: sites[k] for k in sorted(sites, key=int)}
+        idle = sorted(int(k.removeprefix(IDLE)) for k in r.stats if k.startswith(IDLE))
+        out.append(block | ({"idle": [str(k) for k in idle]} if idle else {}))
     return out
 
 

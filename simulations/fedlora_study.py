@@ -1,6 +1,6 @@
 """Federated LoRA study: ``python -m simulations.fedlora_study [--bundle DIR] [--model NAME]``.
 
-A small federation (default 3 sites, IID split of the training instructions) tunes the
+A small federation tunes the
 central stage's LoRA + sensor projector with each aggregation method — FedIT, FFA-LoRA,
 FedEx-LoRA and FlexLoRA with heterogeneous ranks — in one Flower simulation (one Ray
 start; the methods run one after another on the same virtual SuperNodes), next to
@@ -9,8 +9,10 @@ of steps (sites × rounds × local steps, i.e. the same number of examples seen)
 same number of *sequential* steps (rounds × local steps, what the global model gets).
 
 Without ``--bundle`` the data is the toy feature set (classes carried only by random
-sensor features), so the study runs anywhere; with it, the synthetic (or configured)
-dataset's features from that federated bundle.  Writes ``docs/fedlora.md`` (table) and
+sensor features, dealt IID over ``--sites``, default 3), so the study runs anywhere; with
+it, the tokens the configured federation's nodes upload through that bundle, one site per
+node with the node's own rows and labels (``--sites auto``; ``--site-split iid`` for the
+IID baseline over the same instructions).  Writes ``docs/fedlora.md`` (table) and
 ``docs/fedlora.json``; the Flower run's own results.json lies under ``--out``.
 """
 
@@ -33,7 +35,7 @@ import torch
 from fed_iotlm.atomic import atomic_write_text
 from fed_iotlm.llm.evaluation import generation_accuracy
 from fed_iotlm.llm.federated import FederatedSettings
-from fed_iotlm.llm.lora_task import ALL_LINEAR, LoraTask, build_model, load_task_data
+from fed_iotlm.llm.lora_task import ALL_LINEAR, LoraTask, build_model, load_task_data, task_sites
 from fed_iotlm.llm.tuning import tune
 from fed_iotlm.logs import configure as configure_logging
 
@@ -43,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_lora_simulation(
     task: LoraTask,
     plans: Sequence[FederatedSettings],
-    num_sites: int,
+    num_sites: int | str,
     out_dir: Path,
     observe=None,
     gpus_per_site: float = 0.0,
@@ -53,7 +55,8 @@ def run_lora_simulation(
 ) -> dict:
     """All ``plans`` under Flower's simulation engine, one virtual SuperNode per site
     (``client_mods``: Flower client mods around every site's handlers; ``observe``,
-    ``on_record`` and ``resume``: :func:`server.lora_app.make_lora_server_app`'s)."""
+    ``on_record`` and ``resume``: :func:`server.lora_app.make_lora_server_app`'s).
+    ``num_sites``: a number or ``auto`` (node sites: one SuperNode per node of the plan)."""
     from flwr.simulation import run_simulation
 
     from clients.lora_app import make_lora_client_app
@@ -63,6 +66,7 @@ def run_lora_simulation(
     results = out_dir / "results.json"
     results.unlink(missing_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    num_sites = task_sites(task, num_sites).num_sites  # a plan contradicting it fails here
     run_simulation(
         server_app=make_lora_server_app(
             task, plans, num_sites, out_dir, observe, on_record, resume
@@ -107,6 +111,16 @@ def _rel(err: float | None, norm: float) -> str:
     return "–" if err is None else f"{err / norm:.3f}" if norm > 0 else f"{err:.2e}"
 
 
+def _split_words(doc: dict) -> str:
+    """How the instructions were split over the sites, with the per-site counts."""
+    sites = doc.get("sites") or {"split": "iid", "per_site": []}
+    counts = ", ".join(str(s["examples"]) for s in sites["per_site"])
+    counts = f" (examples per site: {counts})" if counts else ""
+    if sites["split"] == "nodes":
+        return f"one per federation node, each on its own rows{counts}, of"
+    return f"IID split{counts} of"
+
+
 def write_report(doc: dict, path: Path) -> None:
     """The Markdown table: accuracy by generation and how inexact each aggregation was."""
     t = doc["task"]
@@ -118,7 +132,7 @@ def write_report(doc: dict, path: Path) -> None:
         f"- LM `{t['model']}`, LoRA r={t['lora_r']} α={t['lora_alpha']} on "
         f"{', '.join(t['target_modules'])}, `{t['conditioning']}` sensor conditioning "
         f"(projector averaged with FedAvg)",
-        f"- data: {doc['data']}; {doc['num_sites']} sites, IID split of "
+        f"- data: {doc['data']}; {doc['num_sites']} sites, {_split_words(doc)} "
         f"{doc['train_examples']} training instructions; {doc['eval_examples']} evaluation "
         "questions on held-out templates, answered by greedy generation",
         f"- federation: {doc['rounds']} rounds × {doc['local_steps']} local steps "
@@ -212,7 +226,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     )
     parser.add_argument("--model", default="tiny-random-llama")
     parser.add_argument("--methods", default="fedit,ffa,fedex,flexlora")
-    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument(
+        "--sites", default="auto", help="auto: the plan's nodes (bundle), 3 (toy data)"
+    )
+    parser.add_argument(
+        "--site-split", default="auto", choices=("auto", "nodes", "iid"),
+        help="nodes: site k trains on node k's rows (default with --bundle); iid: a random deal",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=40)
     parser.add_argument("--flex-ranks", default="4,8,16", help="FlexLoRA's per-site ranks")
@@ -229,7 +249,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     configure_logging()  # the federation runs in this process: its round lines are logged
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)  # on busy cores, more threads spin far more than they help
-    task = LoraTask(model=args.model, lora_r=args.rank, target_modules=ALL_LINEAR, seed=args.seed)
+    task = LoraTask(
+        model=args.model, lora_r=args.rank, target_modules=ALL_LINEAR, seed=args.seed,
+        site_split=args.site_split,
+    )  # fmt: skip
     if args.bundle:
         from fed_iotlm.settings import compose
 
@@ -241,7 +264,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
                 *args.override,
             ]
         )
-        task = replace(LoraTask.from_cfg(cfg), lora_r=args.rank, target_modules=ALL_LINEAR)
+        task = replace(
+            LoraTask.from_cfg(cfg), lora_r=args.rank, target_modules=ALL_LINEAR,
+            site_split=args.site_split,
+        )  # fmt: skip
     task = replace(task, tune=replace(task.tune, lr=args.lr, sensor_lr=args.lr, warmup=5))
     flex = tuple(int(r) for r in args.flex_ranks.split(","))
     plans = [
@@ -250,8 +276,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     ]
     t0 = time.time()
     fed = run_lora_simulation(task, plans, args.sites, args.out)
+    sites = fed["num_sites"]
     central = {
-        "same_examples": centralized(task, args.sites * args.rounds * args.local_steps),
+        "same_examples": centralized(task, sites * args.rounds * args.local_steps),
         "same_steps": centralized(task, args.rounds * args.local_steps),
     }
     data = load_task_data(task)
@@ -261,7 +288,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         if args.bundle
         else f"toy ({task.toy_classes} classes carried only by noisy 8-d sensor features, noise {task.toy_noise})",
         "task": asdict(task) | {"cfg_json": None},
-        "num_sites": args.sites,
+        "num_sites": sites,
+        "sites": fed["sites"],
         "rounds": args.rounds,
         "local_steps": args.local_steps,
         "train_examples": len(data.train),

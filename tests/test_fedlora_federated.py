@@ -1,5 +1,9 @@
 """Federated LoRA through a real Flower simulation: 2 sites, 2 rounds, every method.
 
+The sites are the federation's nodes: a random-weight bundle over a 2-node plan with
+label fraction 0.5, whose nodes upload their tokens and labels (``llm.data=nodes``); site
+k trains on node k's instructions only, and each reply's n_k is its node's example count.
+
 One simulation runs all four methods in turn on the same virtual SuperNodes (one Ray
 start).  An observer on the server keeps each round's replies and the server's state, so
 the test can recompute the aggregation directly and check what the sites were sent; a
@@ -42,6 +46,10 @@ TASK = LoraTask(
     toy_eval=8,
     max_new_tokens=3,
 )
+NODE_DATA = [
+    "data.num_train=70", "data.num_test=20", "partition.plan=[[imu,audio],[depth,thermal]]",
+    "partition.label_fraction=0.5", "llm.eval_samples=4", "llm.val_samples=4",
+]  # fmt: skip
 FLEX_RANKS = (2, 4)
 PLANS = [
     FederatedSettings("fedit", 2, 3),
@@ -59,7 +67,26 @@ def _snapshot(obj):
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
+def node_task(tmp_path_factory) -> LoraTask:
+    """TASK's LM and LoRA on the rows a 2-node federation uploads (random-weight bundle)."""
+    from fed_iotlm.experiment import model_spec
+    from fed_iotlm.federation.bundle import save_bundle
+    from fed_iotlm.federation.records import state_to_numpy
+    from fed_iotlm.models.multisensory import MultisensoryModel
+    from fed_iotlm.settings import compose
+
+    bundle = tmp_path_factory.mktemp("bundle")
+    spec = model_spec(compose(NODE_DATA))
+    torch.manual_seed(0)
+    save_bundle(bundle, state_to_numpy(MultisensoryModel(spec)), spec, {})
+    cfg = compose([*NODE_DATA, f"llm.bundle={bundle}", f"llm.model={TINY_MODEL}"])
+    task = replace(TASK, data="bundle", cfg_json=json.dumps(cfg, sort_keys=True), site_split="auto")
+    assert task.site_split == "nodes"  # the default on the nodes' uploads
+    return task
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, node_task):
     """(results.json, {method: [per-round {updates, factors, residual, version, sensor}]},
     {method: [RoundRecord]})."""
     from simulations.fedlora_study import run_lora_simulation
@@ -82,7 +109,7 @@ def federation(tmp_path_factory):
         )
 
     doc = run_lora_simulation(
-        TASK, PLANS, 2, tmp_path_factory.mktemp("fedlora"), observe,
+        node_task, PLANS, 2, tmp_path_factory.mktemp("fedlora"), observe,
         client_mods=[failing_train(FAILURES)],
         on_record=lambda method, record: records.setdefault(method, []).append(record),
     )  # fmt: skip
@@ -96,13 +123,36 @@ def _equal(a: dict[str, LoraFactors], b: dict[str, LoraFactors]) -> bool:
 
 
 @pytest.mark.integration
-def test_every_method_runs_and_reports(federation):
+def test_the_sites_are_the_federations_nodes(federation, node_task):
+    """results.json says node sites ran, with each node's rows and examples, and every
+    reply's n_k is its node's example count (not an IID share of the pool)."""
+    from fed_iotlm.llm.lora_task import task_sites
+
+    doc, seen, _ = federation
+    split = task_sites(node_task, 2)
+    assert doc["sites"] == split.report() and doc["sites"]["split"] == "nodes"
+    assert doc["task"]["site_split"] == "nodes" and doc["num_sites"] == 2
+    per_site = doc["sites"]["per_site"]
+    assert [s["node"] for s in per_site] == [0, 1] and all(s["examples"] > 0 for s in per_site)
+    assert all(s["labelled_rows"] < s["rows"] for s in per_site)  # label fraction 0.5
+    assert abs(per_site[0]["examples"] - per_site[1]["examples"]) >= 2  # no IID deal's sizes
+    train = load_task_data(node_task).train
+    assert sum(s["examples"] for s in per_site) == len(train)
+    for method, rounds in seen.items():
+        for snap in rounds:
+            for k, update in snap["updates"].items():
+                assert update.n == per_site[k]["examples"], (method, k)
+
+
+@pytest.mark.integration
+def test_every_method_runs_and_reports(federation, node_task):
     doc, seen, _ = federation
     assert set(doc["methods"]) == {"fedit", "ffa", "fedex", "flexlora"}
+    evals = len(load_task_data(node_task).evals)  # held-out test questions of all nodes
     for method, r in doc["methods"].items():
         assert [x["round"] for x in r["rounds"]] == AGGREGATED[method]
         assert len(seen[method]) == 2
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["eval"]["n"] == TASK.toy_eval
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["eval"]["n"] == evals
         answered = [
             {"0"} if method == "ffa" and x["round"] == 1 else {"0", "1"} for x in r["rounds"]
         ]
@@ -250,19 +300,19 @@ def test_flexlora_sites_keep_their_own_ranks(federation):
 
 
 @pytest.mark.integration
-def test_fedex_site_weights_are_base_plus_the_exact_average(federation):
+def test_fedex_site_weights_are_base_plus_the_exact_average(federation, node_task):
     """After folding C_t, a site's W0 + C_t + s·B̄A̅ equals W0 + C_{t-1} + Σ p_k s B_k A_k."""
     _, seen, _ = federation
     rounds = seen["fedex"]
     assert [snap["version"] for snap in rounds] == [1, 2]
     base = _base_lm(TINY_MODEL).model
-    data = load_task_data(TASK)
+    data = load_task_data(node_task)
     for t, snap in enumerate(rounds):
         before = rounds[t - 1]["residual"] if t else {}
         order = sorted(snap["updates"])
         total = sum(snap["updates"][k].n for k in order)
         for k in order:  # what site k builds from its next payload, as the ClientApp does
-            model, _ = build_model(TASK, data, TASK.lora_r)
+            model, _ = build_model(node_task, data, TASK.lora_r)
             payload = snap["state"].payload(k)
             factors, sensor, residual = unpack(
                 pack(payload.factors, payload.sensor, payload.residual), TASK.lora_alpha

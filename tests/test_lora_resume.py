@@ -159,6 +159,16 @@ def test_resume_refuses_other_settings_and_starts_afresh_without_a_checkpoint(tm
             LoraCheckpointer(tmp_path, TASK, other, sites, resume=True).restore()
     with pytest.raises(CheckpointError, match="task.lora_r"):
         LoraCheckpointer(tmp_path, replace(TASK, lora_r=8), plans, 2, resume=True).restore()
+    # the site split: a run on node sites does not resume on an IID deal (or back)
+    nodes = replace(TASK, data="bundle", cfg_json=json.dumps({"llm": {"data": "nodes"}}),
+                    site_split="auto")  # fmt: skip
+    assert nodes.site_split == "nodes"
+    out = tmp_path / "node-sites"
+    LoraCheckpointer(out, nodes, plans, 2).save(_aggregated("fedex", {0: 4, 1: 4}),
+                                                [_record(1)], {})  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"\(task.site_split differ\)"):
+        LoraCheckpointer(out, replace(nodes, site_split="iid"), plans, 2, True).restore()
+    assert LoraCheckpointer(out, nodes, plans, 2, resume=True).restore().round == 1
     # a longer deadline is no reason to refuse
     later = [replace(plans[0], round_timeout_s=10.0)]
     assert LoraCheckpointer(tmp_path, TASK, later, 2, resume=True).restore().round == 1

@@ -14,7 +14,9 @@ Data sources:
 * ``bundle``: the central stage's data (a model bundle + the configured dataset), built
   from the composed config the task carries as JSON.
 
-Sites get an IID share of the training instructions (:func:`site_examples`).
+Which instructions each site holds is ``site_split`` (:mod:`.sites`): by default, on
+the nodes' uploaded rows (``llm.data=nodes``), site k is node k and trains on its own rows
+only; ``iid`` (the toy data's only split) deals the instructions out at random.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .instructions import TASK_QUESTIONS, Example, Turn
 from .loading import TINY_MODEL, LoadedLM, load_lm
 from .sensor_lm import ConditioningSettings, LoraSettings, SensorLM
 from .sequences import SequenceBuilder
+from .sites import AUTO, SiteSplit, resolve_split, split_sites
 from .tuning import TuneSettings
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -67,6 +70,9 @@ class LoraTask:
     toy_eval: int = 64
     toy_classes: int = 4
     toy_noise: float = 1.0  # per-dimension; class means are 2·N(0, I) in 8 dimensions
+    # nodes | iid | auto (nodes when the data has nodes): resolved on construction, so
+    # results.json and a resume's identity check name the split that runs
+    site_split: str = AUTO
 
     def __post_init__(self) -> None:
         if self.conditioning not in ("prefix", "adapter"):
@@ -77,6 +83,14 @@ class LoraTask:
             raise ValueError(f"data={self.data!r}: choose toy or bundle")
         if self.data == "bundle" and not self.cfg_json:
             raise ValueError("bundle data needs the composed config (cfg_json)")
+        object.__setattr__(self, "site_split", resolve_split(self.site_split, self.has_nodes))
+
+    @property
+    def has_nodes(self) -> bool:
+        """Whether the rows come from the federation's nodes (bundle with llm.data=nodes)."""
+        if self.data != "bundle":
+            return False
+        return json.loads(self.cfg_json)["llm"].get("data", "nodes") == "nodes"
 
     @classmethod
     def from_cfg(cls, cfg: dict) -> LoraTask:
@@ -87,6 +101,7 @@ class LoraTask:
         ad = section("llm.adapter", lc.get("adapter"))
         given = {k: lc[k] for k in keys if k in lc and k not in ("seed", "gate_lr")}
         tune = TuneSettings(**given, gate_lr=float(ad["gate_lr"]))
+        fed = section("llm.federated", lc.get("federated"))
         kind = next((k for k in lc["conditioning"] if k != "text"), "prefix")
         return cls(
             model=str(lc["model"]),
@@ -105,6 +120,7 @@ class LoraTask:
             seed=int(cfg["seed"]),
             data="bundle" if lc.get("bundle") else "toy",
             cfg_json=json.dumps(cfg, sort_keys=True) if lc.get("bundle") else "",
+            site_split=str(fed["site_split"]),
         )
 
 
@@ -118,6 +134,11 @@ class TaskData:
     meta: DatasetMeta
     tasks: list[str]
     reference: dict = field(default_factory=dict)  # {"name", "accuracy"}: a non-LM yardstick
+    # rows uploaded by nodes: the node of each training row, whether it has any label,
+    # and the plan's node count (None: data without nodes)
+    train_nodes: np.ndarray | None = None
+    train_labelled: np.ndarray | None = None
+    num_nodes: int | None = None
 
 
 @lru_cache(maxsize=2)
@@ -160,7 +181,7 @@ def _bundle_data(task: LoraTask) -> TaskData:
     from fed_iotlm.federation.bundle import bundle_standardizer, load_bundle
 
     from .evaluation import head_accuracy
-    from .recipe import stage_data, stage_questions
+    from .recipe import labelled_rows, stage_data, stage_questions
 
     cfg = json.loads(task.cfg_json)
     encoder, bundle_meta = load_bundle(Path(cfg["llm"]["bundle"]))
@@ -170,15 +191,30 @@ def _bundle_data(task: LoraTask) -> TaskData:
     evals = [ex for t in tasks for ex in qs.test[t]]
     head = head_accuracy(data.feats, evals)["accuracy"]
     reference = {"name": "federated classifier head", "accuracy": head}
-    return TaskData(data.feats, qs.train, evals, data.meta, tasks, reference)
+    nodes = data.source.get("nodes") if data.train_nodes is not None else None
+    return TaskData(
+        data.feats, qs.train, evals, data.meta, tasks, reference,
+        data.train_nodes, labelled_rows(data.train), nodes,
+    )  # fmt: skip
 
 
-def site_examples(examples: list[Example], site: int, num_sites: int, seed: int) -> list[Example]:
-    """Site ``site``'s IID share: a seeded shuffle dealt round-robin (sizes differ by ≤ 1)."""
-    if not 0 <= site < num_sites:
-        raise ValueError(f"site {site} is outside a federation of {num_sites} sites")
-    perm = np.random.default_rng(seed).permutation(len(examples))
-    return [examples[i] for i in sorted(perm[site::num_sites])]
+@lru_cache(maxsize=4)
+def task_sites(task: LoraTask, sites: int | str) -> SiteSplit:
+    """The task's training instructions split over ``sites`` (``auto`` or a number) by
+    ``task.site_split``; the server and every site compute the same split."""
+    data = load_task_data(task)
+    return split_sites(
+        data.train, task.site_split, sites, task.seed, data.train_nodes, data.train_labelled,
+        data.num_nodes,
+    )  # fmt: skip
+
+
+def site_examples(task: LoraTask, site: int, sites: int | str) -> list[Example]:
+    """Site ``site``'s training instructions (empty: the site is idle, see :mod:`.sites`)."""
+    split = task_sites(task, sites)
+    if not 0 <= site < split.num_sites:
+        raise ValueError(f"site {site} is outside a federation of {split.num_sites} sites")
+    return list(split.examples[site])
 
 
 @lru_cache(maxsize=1)

@@ -56,6 +56,10 @@ class StageData:
     test: Split
     source: dict  # provenance, written to results.json
     uploads: list = field(default_factory=list)  # the records the centre received (nodes)
+    # llm.data=nodes: the node each training / test row was uploaded by (None otherwise);
+    # federated LoRA's node sites train on their own node's rows only (llm/sites.py)
+    train_nodes: np.ndarray | None = None
+    test_nodes: np.ndarray | None = None
 
     @property
     def test_offset(self) -> int:
@@ -131,10 +135,14 @@ def _from_nodes(cfg: dict, encoder: MultisensoryModel, fused: bool, scaler=None)
     mods, dim = list(encoder.modality_names), int(encoder.spec.dim)
     parts = {}
     records = {}
+    owner = {}
     for part in ("train", "test"):
         records[part] = node_uploads(layout, encoder, privacy, part, scaler)
-        rows = merge_rows([unpack_upload(r) for r in records[part]], mods, dim)
+        received = [unpack_upload(r) for r in records[part]]
+        rows = merge_rows(received, mods, dim)
         parts[part] = (features_from_rows(encoder, rows, use_fused=fused), token_split(rows))
+        # merge_rows keeps the uploads' order: node n's rows follow node n-1's
+        owner[part] = np.repeat(np.arange(len(received)), [len(r) for r in received])
     info = {
         "data": "nodes",
         "note": "frozen-encoder tokens and the labels each node holds, uploaded by the nodes",
@@ -145,18 +153,22 @@ def _from_nodes(cfg: dict, encoder: MultisensoryModel, fused: bool, scaler=None)
         "upload": {"noise_sigma": privacy.noise_sigma, "quantize": privacy.quantize},
         "upload_bytes": {p: [upload_bytes(r) for r in rs] for p, rs in records.items()},
         "rows": {p: len(s) for p, (_, s) in parts.items()},
-        "labelled_train_rows": int(_labelled(parts["train"][1]).sum()),
+        "labelled_train_rows": int(labelled_rows(parts["train"][1]).sum()),
     }
     feats = _concat(parts["train"][0], parts["test"][0])
     uploads = [*records["train"], *records["test"]]
-    return StageData(layout.dataset.meta, feats, parts["train"][1], parts["test"][1], info, uploads)
+    return StageData(
+        layout.dataset.meta, feats, parts["train"][1], parts["test"][1], info, uploads,
+        owner["train"], owner["test"],
+    )  # fmt: skip
 
 
 def _labels_only(split: Split) -> Split:
     return Split(x={}, mask=dict(split.mask), y=dict(split.y))
 
 
-def _labelled(split: Split) -> np.ndarray:
+def labelled_rows(split: Split) -> np.ndarray:
+    """Whether each row has at least one label (-1 everywhere: none)."""
     return np.logical_or.reduce([np.asarray(v) >= 0 for v in split.y.values()])
 
 
@@ -177,7 +189,7 @@ def split_validation(train: Split, fraction: float, seed: int) -> tuple[np.ndarr
     labelled rows is held out for every choice the stage makes."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"llm.val_fraction must be in (0, 1), got {fraction}")
-    labelled = np.nonzero(_labelled(train))[0]
+    labelled = np.nonzero(labelled_rows(train))[0]
     perm = np.random.default_rng(seed + 7919).permutation(labelled)
     n_val = int(round(fraction * len(labelled)))
     if n_val < 1 or n_val >= len(labelled):

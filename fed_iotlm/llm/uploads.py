@@ -61,8 +61,9 @@ def encode_split(encoder: MultisensoryModel, split: Split, batch_size: int = 512
         x, _, _ = data.batch(torch.arange(i, min(i + batch_size, len(split))), mods)
         for m, tok in encoder.encode(x).items():
             chunks[m].append(tok.float().numpy())
+    empty = np.zeros((0, int(encoder.spec.dim)), np.float32)  # a node without samples
     return TokenRows(
-        {m: np.concatenate(v) for m, v in chunks.items()},
+        {m: np.concatenate(v) if v else empty for m, v in chunks.items()},
         {m: np.asarray(split.mask[m], bool) for m in mods},
         {t: np.asarray(v, np.int64) for t, v in split.y.items()},
     )
