@@ -166,6 +166,16 @@ class LlmAdapterConfig:
 
 
 @dataclass
+class LlmSeedAdapterConfig:
+    """The seed's adapter y = W x + A_τ(E1 ⊕ … ⊕ Em) (llm.conditioning=[seed_adapter];
+    docs/llm.md, "The seed's formulation")."""
+
+    fusion: str = "add"  # add: sum of present modalities | concat: blocks + presence bits
+    layers: int = 8  # the last N decoder layers' feed-forward outputs get A_τ(z)
+    rank: int = 8  # A_τ = V U, U: rank × |z|, V: hidden × rank (zero-initialised)
+
+
+@dataclass
 class LlmFewshotConfig:
     """A task held out from tuning, asked with k in-context examples."""
 
@@ -231,12 +241,22 @@ class LlmConfig:
             "train_templates",
         ]
     )
-    # prefix: soft tokens; adapter: gated multisensory multitask adapter
+    # prefix: soft tokens; adapter: gated multisensory multitask adapter (LLaMA-Adapter
+    # style); seed_adapter: the seed's y = W x + A(E1 ⊕ … ⊕ Em) (opt-in)
     conditioning: list[str] = field(default_factory=lambda: ["prefix", "adapter"])
     use_fused: bool = True  # also give the fused multisensory embedding (what the heads read)
     # k soft tokens per modality (prefix) / per modality in the adapter
     tokens_per_modality: int = 2
     adapter: LlmAdapterConfig = field(default_factory=LlmAdapterConfig)
+    seed_adapter: LlmSeedAdapterConfig = field(default_factory=LlmSeedAdapterConfig)
+    # training phases in order: [instruct] (one phase, the default) or [align, instruct]
+    # (sensor conditioning alone on captions, LoRA frozen; then LoRA + conditioning on the
+    # instructions); the encoders phase is the federation itself (fed_iotlm/llm/phases.py)
+    phases: list[str] = field(default_factory=lambda: ["instruct"])
+    # steps per phase, adding up to llm.steps (null with one phase)
+    phase_steps: list[int] | None = None
+    # loss weight per task, e.g. {activity: 1.0, location: 0.5}; unlisted tasks: 1
+    task_weights: dict[str, float] = field(default_factory=dict)
     lora: LlmLoraConfig = field(default_factory=LlmLoraConfig)
     steps: int = 80  # optimiser steps (80 x 16 examples: ~0.95 on held-out templates)
     batch_size: int = 16
@@ -628,6 +648,8 @@ RANGES: dict[str, Range] = {
     "llm.warmup": AT_LEAST_0,
     "llm.weight_decay": AT_LEAST_0,
     "llm.adapter.gate_lr": POSITIVE,
+    "llm.seed_adapter.layers": AT_LEAST_1,
+    "llm.seed_adapter.rank": AT_LEAST_1,
     "llm.lora.r": AT_LEAST_1,
     "llm.count_recordings": Range(2, 9),
     "llm.federated.rounds": AT_LEAST_1,

@@ -58,7 +58,7 @@ def train_step_flops(model, batch: Batch) -> dict[str, int]:
         out["attention"] += (4 + (8 if back else 0)) * b * t * t * width
     head = causal.get_output_embeddings().weight.numel()
     out["lm_head"] = 4 * head * answer
-    part = model.projector if model.projector is not None else model.adapter
+    part = model.sensor_part
     recs = batch.recordings()
     samples = int(recs[recs >= 0].unique().numel())  # every recording is projected once
     sensor = (
@@ -78,8 +78,8 @@ def _first_backward_layer(model, n_layers: int) -> int:
     if model.projector is not None:
         return 0
     lowest = n_layers
-    if model.adapter is not None:
-        lowest = n_layers - model.adapter.num_layers
+    if model.context_part is not None:  # gated or seed adapter: its top layers
+        lowest = n_layers - model.context_part.num_layers
     from .conditioning import _decoder_layers
 
     for i, layer in enumerate(_decoder_layers(model.peft.get_base_model())):

@@ -1,8 +1,10 @@
 """The tuned model: a causal LM with peft LoRA plus one sensor conditioning.
 
-Trainable: the LoRA factors and the projector (prefix) or the gated adapter.  The LM
-head runs only where a label is supervised — most positions are prompt, and the head
-(vocab × hidden) is the single largest matmul of a small LM.
+Trainable: the LoRA factors and the projector (prefix), the gated adapter (adapter) or
+the seed's adapter (seed_adapter).  The LM head runs only where a label is supervised —
+most positions are prompt, and the head (vocab × hidden) is the single largest matmul of
+a small LM.  Per-task loss weights (``llm.task_weights``) arrive with the batch
+(:attr:`Batch.weight`, one per example by its task).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from .conditioning import GatedSensorAdapter, PrefixProjector
 from .features import SensorFeatures
 from .loading import LoadedLM
+from .seed_adapter import SeedAdapter
 from .sequences import IGNORE, Batch
 
 
@@ -33,13 +36,17 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class ConditioningSettings:
-    kind: str = "prefix"  # prefix | adapter | text
+    kind: str = "prefix"  # prefix | adapter | seed_adapter | text | names
     tokens_per_modality: int = 4
     adapter_layers: int = 8
     queries_per_task: int = 4
     names: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     feature_dim: int = 0
+    # seed_adapter (llm.seed_adapter): fusion add | concat, its depth and rank
+    seed_fusion: str = "add"
+    seed_layers: int = 8
+    seed_rank: int = 8
 
 
 def lora_layer_count(top_layers: object, n_layers: int) -> int:
@@ -127,6 +134,7 @@ class SensorLM(nn.Module):
         emb_rms = float(self.embed.weight.detach().float().pow(2).mean().sqrt())
         self.projector: PrefixProjector | None = None
         self.adapter: GatedSensorAdapter | None = None
+        self.seed_adapter: SeedAdapter | None = None
         args = (cond.names, cond.feature_dim, hidden, cond.tokens_per_modality, emb_rms)
         if cond.kind == "prefix":
             self.projector = PrefixProjector(*args)
@@ -137,6 +145,13 @@ class SensorLM(nn.Module):
             )
             name = adapter_name
             self.adapter.install(causal, active=lambda: self.peft.active_adapter == name)
+        elif cond.kind == "seed_adapter":
+            self.seed_adapter = SeedAdapter(
+                cond.names, cond.feature_dim, hidden, len(cond.tasks), cond.seed_layers,
+                cond.seed_fusion, cond.seed_rank,
+            )  # fmt: skip
+            name = adapter_name
+            self.seed_adapter.install(causal, active=lambda: self.peft.active_adapter == name)
 
     # LM parts as properties, not attributes: assigning them would register the same
     # modules twice (duplicate state-dict keys, confused DDP)
@@ -156,15 +171,33 @@ class SensorLM(nn.Module):
         """This model's LoRA placement (see :func:`lora_coverage`)."""
         return lora_coverage(self.peft, self.adapter_name)
 
+    @property
+    def sensor_part(self) -> nn.Module | None:
+        """The trainable sensor conditioning: projector, gated adapter or seed adapter."""
+        parts = (self.projector, self.adapter, self.seed_adapter)
+        return next((p for p in parts if p is not None), None)
+
+    @property
+    def context_part(self) -> GatedSensorAdapter | SeedAdapter | None:
+        """The conditioning that carries per-sequence sensor context through hooks."""
+        return self.adapter if self.adapter is not None else self.seed_adapter
+
     def sensor_state(self) -> dict[str, torch.Tensor]:
         """Projector/adapter weights (saved beside the peft adapter)."""
-        part = self.projector if self.projector is not None else self.adapter
+        part = self.sensor_part
         return {} if part is None else {k: v.detach().cpu() for k, v in part.state_dict().items()}
 
     def load_sensor_state(self, state: dict[str, torch.Tensor]) -> None:
-        part = self.projector if self.projector is not None else self.adapter
+        part = self.sensor_part
         if part is not None:
             part.load_state_dict(state)
+
+    def set_lora_trainable(self, trainable: bool) -> None:
+        """Freeze or unfreeze this model's own LoRA factors (the align phase trains the
+        sensor conditioning alone; LoRA's B is still zero then, so frozen is also off)."""
+        for n, p in self.peft.named_parameters():
+            if f".lora_A.{self.adapter_name}." in n or f".lora_B.{self.adapter_name}." in n:
+                p.requires_grad_(trainable)
 
     def activate(self) -> None:
         """Make this model's LoRA adapter the active one (trainable, the others frozen)."""
@@ -176,15 +209,16 @@ class SensorLM(nn.Module):
         ``sensors=False`` is the plain LM on text (the text-only baseline)."""
         self.activate()
         emb = self.embed(batch.ids)
-        if self.adapter is not None:
-            self.adapter.clear_context()
+        ctx = self.context_part
+        if ctx is not None:
+            ctx.clear_context()
         if not sensors:
             return emb
-        if self.adapter is not None:  # every recording's tokens in one adapter prompt
+        if ctx is not None:  # every recording's readings in one adapter context
             recs = batch.recordings()
             rows, present = feats.rows(recs.clamp(min=0).reshape(-1))
             present = present.view(*recs.shape, -1) & (recs >= 0)[..., None]
-            self.adapter.set_context(rows, present, batch.task_id)
+            ctx.set_context(rows, present, batch.task_id)
         if self.projector is not None:
             pos = batch.slot_sample >= 0
             if bool(pos.any()):
@@ -197,13 +231,20 @@ class SensorLM(nn.Module):
         return emb
 
     def forward(self, batch: Batch, feats: SensorFeatures) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens."""
+        """Mean cross-entropy over answer tokens; with per-example weights
+        (``batch.weight``, from ``llm.task_weights``) each token's term is multiplied by
+        its example's weight before the mean over tokens, so a weight scales its task's
+        share of the loss (all 1: the plain mean)."""
         emb = self._inputs(batch, feats)
         hidden = self.decoder(inputs_embeds=emb, attention_mask=batch.attn).last_hidden_state
         target = batch.labels[:, 1:]
         sel = target != IGNORE
         logits = self.lm_head(hidden[:, :-1][sel])
-        return F.cross_entropy(logits.float(), target[sel])
+        if batch.weight is None:
+            return F.cross_entropy(logits.float(), target[sel])
+        per_token = F.cross_entropy(logits.float(), target[sel], reduction="none")
+        weight = batch.weight[:, None].expand_as(target)[sel].to(per_token.dtype)
+        return (per_token * weight).sum() / per_token.numel()
 
     @torch.no_grad()
     def option_scores(
@@ -231,8 +272,8 @@ class SensorLM(nn.Module):
         if width > 1:
             past = out.past_key_values
             past.batch_repeat_interleave(c)
-            if self.adapter is not None:
-                self.adapter.repeat_context(c)
+            if self.context_part is not None:
+                self.context_part.repeat_context(c)
             ids = opt[:, :-1].repeat(b, 1)  # row b·C + c is option c of prompt b
             attn2 = torch.cat([attn.repeat_interleave(c, 0), torch.ones_like(ids)], 1)
             pos2 = pos[:, -1:].repeat_interleave(c, 0) + torch.arange(1, width, device=dev)
@@ -242,8 +283,8 @@ class SensorLM(nn.Module):
             logp = F.log_softmax(self.lm_head(hidden).float(), -1)
             tok = logp.gather(-1, opt[:, 1:].repeat(b, 1)[..., None]).squeeze(-1)
             score = score + (tok * valid[:, 1:].repeat(b, 1)).sum(-1).view(b, c)
-        if self.adapter is not None:
-            self.adapter.clear_context()
+        if self.context_part is not None:
+            self.context_part.clear_context()
         return score
 
     @torch.no_grad()
@@ -273,7 +314,7 @@ class SensorLM(nn.Module):
                 use_cache=True,
             )
         finally:
-            if self.adapter is not None:
-                self.adapter.clear_context()
+            if self.context_part is not None:
+                self.context_part.clear_context()
         ids = out.tolist()
         return [row[: row.index(eos_id)] if eos_id in row else row for row in ids]

@@ -5,15 +5,17 @@ depends on the conditioning:
 
 * ``prefix``: ``Sensors: <imu>■■■■</imu> <audio>■■■■</audio>`` where each ■ is a slot
   position later overwritten by a projected soft token (slot = sample, modality, j);
-* ``adapter``: ``Sensors: imu and audio.`` (the readings enter through the adapter);
+* ``adapter``, ``seed_adapter``: ``Sensors: imu and audio.`` (the readings enter
+  through the adapter);
 * ``text``: a text-only description of the readings (the no-sensor-token baseline);
 * ``names``: the adapter's sensor list in words and no readings at all (the LoRA-tuned
   text-only control: the same prompt the adapter sees, minus the sensors);
 * ``none``: no sensor block (the plain-text reference of the step benchmark).
 
 Labels are -100 everywhere except answer tokens and the end-of-turn marker after them,
-so the loss is on answers only.  Text pieces repeat endlessly across examples, so their
-token ids are cached per string.
+so the loss is on answers only.  With ``task_weights`` (``llm.task_weights``) each
+example carries its task's loss weight into the batch (:attr:`Batch.weight`).  Text pieces
+repeat endlessly across examples, so their token ids are cached per string.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import torch
 
 from .features import FUSED
 from .instructions import Example, describe_present
+from .phases import check_task_weights
 from .routing import TaskRouter
 
-CONDITIONINGS = ("prefix", "adapter", "text", "names", "none")
+CONDITIONINGS = ("prefix", "adapter", "seed_adapter", "text", "names", "none")
+WORDS_ONLY = ("adapter", "seed_adapter", "names")  # the sensor block names the sensors in words
 IGNORE = -100
 
 
@@ -43,6 +47,7 @@ class Encoded:
     sample: int = -1
     task_id: int = 0
     samples: list[int] = field(default_factory=list)  # every recording of the question
+    weight: float = 1.0  # the loss weight of the example's task (llm.task_weights)
 
 
 @dataclass
@@ -57,6 +62,8 @@ class Batch:
     task_id: torch.Tensor  # [B] adapter query set: the task the last question asks about
     # [B, S] every recording a question is about (-1 pads); None: ``sample`` alone
     samples: torch.Tensor | None = None
+    # [B] per-example loss weight (llm.task_weights); None: unweighted mean
+    weight: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
@@ -109,6 +116,7 @@ class SequenceBuilder:
         conditioning: str,
         describe: Callable[[int], str] | None = None,
         classes: Mapping[str, Sequence[str]] | None = None,
+        task_weights: Mapping[str, float] | None = None,
     ):
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"llm.conditioning={conditioning!r}; choose one of {CONDITIONINGS}")
@@ -118,6 +126,10 @@ class SequenceBuilder:
         # the adapter's query set per sequence: the task its last question asks about
         self.router = TaskRouter(self.tasks, classes) if self.tasks else None
         self.conditioning, self.describe = conditioning, describe
+        # None: batches carry no weights (the unweighted loss, exactly as before)
+        self.task_weights = (
+            None if task_weights is None else check_task_weights(task_weights, tasks)
+        )
         markers = chat_markers(tokenizer)
         self.user_open, self.user_close, self.eos_text, self.turn_gap = markers
         self.eos_id = tokenizer.convert_tokens_to_ids(self.eos_text)
@@ -145,7 +157,7 @@ class SequenceBuilder:
         rows, presents = ex.rows, ex.row_presents
         many = len(rows) > 1
         label = (lambda r: f"recording {r + 1}: ") if many else (lambda r: "")  # noqa: E731
-        if self.conditioning in ("adapter", "names"):
+        if self.conditioning in WORDS_ONLY:
             parts = [f"{label(r)}{describe_present(p)}" for r, p in enumerate(presents)]
             self._text(enc, f"Sensors: {'; '.join(parts)}.\n")
             return
@@ -189,6 +201,8 @@ class SequenceBuilder:
         """``shots`` (answered in-context examples) come first; ``prompt_only`` stops
         where the assistant's last answer would start (generation)."""
         enc = Encoded(sample=ex.index, task_id=self.task_id(ex), samples=list(ex.rows))
+        if self.task_weights is not None:  # by the example's own task (1 for none)
+            enc.weight = float(self.task_weights.get(ex.task, 1.0)) if ex.task else 1.0
         for shot in shots:
             self._example(enc, shot, answer_last=True)
         self._example(enc, ex, answer_last=not prompt_only)
@@ -233,4 +247,7 @@ class SequenceBuilder:
             sample=torch.tensor([e.sample for e in encs], dtype=torch.long),
             task_id=torch.tensor([e.task_id for e in encs], dtype=torch.long),
             samples=samples,
+            weight=None
+            if self.task_weights is None
+            else torch.tensor([e.weight for e in encs], dtype=torch.float32),
         )

@@ -1,6 +1,6 @@
 """The central stage end to end: bundle → the stage's rows (``llm.data``; by default
-tokens uploaded by the nodes) → instructions → tune each conditioning and the LoRA-tuned
-text-only control → choose conditioning and scoring on validation questions → report the
+tokens uploaded by the nodes) → instructions → tune each conditioning (in ``llm.phases``,
+with ``llm.task_weights``) and the LoRA-tuned text-only control → choose conditioning and scoring on validation questions → report the
 test figures beside the controls (shuffled sensors, majority class, classifier head,
 training templates on the same rows) → results.json.
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from .evaluation import (
 from .features import SensorFeatures
 from .instructions import task_examples
 from .loading import load_lm, resolve_dtype
+from .phases import ENCODERS_NOTE, caption_examples, check_task_weights, phase_plan
 from .question_eval import baselines, score_questions
 from .recipe import StageData, stage_data, stage_questions
 from .sensor_lm import ConditioningSettings, LoraSettings, SensorLM
@@ -62,6 +64,7 @@ def tune_settings(lc: dict, seed: int) -> TuneSettings:
 def conditioning_settings(lc: dict, kind: str, names: list[str], tasks: list[str], dim: int):
     """``llm.*`` as the settings of conditioning ``kind`` (the stage and ``ask`` alike)."""
     ad = section("llm.adapter", lc.get("adapter"))
+    sa = section("llm.seed_adapter", lc.get("seed_adapter"))
     return ConditioningSettings(
         kind=kind,
         tokens_per_modality=int(lc["tokens_per_modality"]),
@@ -70,6 +73,9 @@ def conditioning_settings(lc: dict, kind: str, names: list[str], tasks: list[str
         names=names,
         tasks=tasks,
         feature_dim=dim,
+        seed_fusion=str(sa["fusion"]),
+        seed_layers=int(sa["layers"]),
+        seed_rank=int(sa["rank"]),
     )
 
 
@@ -100,24 +106,69 @@ def build_model(
     tasks: list[str],
     seed: int,
     classes: dict[str, list[str]] | None = None,
+    task_weights: dict[str, float] | None = None,
 ):
     """A SensorLM of conditioning ``kind`` and its sequence builder (which routes each
-    question to its task by the task and ``classes`` names).  Every conditioning shares
-    ``base``'s weights (one more named LoRA adapter each; no deep copy)."""
+    question to its task by the task and ``classes`` names, and weighs each example by
+    ``task_weights``).  Every conditioning shares ``base``'s weights (one more named
+    LoRA adapter each; no deep copy)."""
     torch.manual_seed(seed)
     cond = conditioning_settings(lc, kind, feats.names, tasks, feats.dim)
     model = SensorLM(base, lora_settings(lc), cond, adapter_name=kind)
     base.model = model.peft  # the next conditioning adds its adapter to the same PeftModel
     builder = SequenceBuilder(
-        base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind, classes=classes
-    )
+        base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind, classes=classes,
+        task_weights=task_weights,
+    )  # fmt: skip
     return model, builder
+
+
+def tune_in_phases(model, builder, plan, examples, captions, feats, lc, seed, out_dir, kind,
+                   device, bars):  # fmt: skip
+    """Tune ``model`` through ``plan`` ([(phase, steps)], phases.py): align on
+    ``captions`` with LoRA frozen, instruct on ``examples``.  The last phase writes
+    ``checkpoint-<kind>`` (what ``ask`` loads), earlier ones ``checkpoint-<kind>-<phase>``;
+    the history's steps run on across phases and each row names its phase."""
+    history, done = [], 0
+    total = sum(n for _, n in plan)
+    for i, (phase, steps) in enumerate(plan):
+        base = tune_settings(lc, seed)
+        settings = replace(
+            base,
+            steps=steps,
+            warmup=phase_warmup(base.warmup, steps, total),
+            train_lora=phase != "align",
+        )
+        last = i == len(plan) - 1
+        hist = tune(
+            model, builder, captions if phase == "align" else examples, feats, settings,
+            out_dir / (f"checkpoint-{kind}" if last else f"checkpoint-{kind}-{phase}"),
+            resume=bool(lc["resume"]), device=device,
+            log=_step_logger(f"{kind}_{phase}" if len(plan) > 1 else kind, steps, bars),
+        )  # fmt: skip
+        history += [h | {"step": done + h["step"], "phase": phase} for h in hist]
+        done += steps
+    return history
+
+
+def phase_warmup(warmup: int, steps: int, total: int) -> int:
+    """A phase's warm-up: the single-phase run's share of its steps (``llm.warmup`` of
+    ``llm.steps``), at least one step where there is any, so a short align phase is not
+    mostly warm-up (one phase: ``warmup`` itself)."""
+    if steps == total:
+        return warmup
+    if warmup <= 0 or steps <= 0:
+        return 0
+    return max(1, min(steps, round(warmup * steps / total)))
 
 
 def step_line(kind: str, step: int, loss: float, eta: float, row: dict) -> str:
     """One tuning log line (read back by :func:`fed_iotlm.progress.parse_line` when a
     study follows the run); the adapter's adds tanh(g) and ‖adapter‖/‖attention‖ per layer."""
     line = f"  {kind} step {step}: loss {loss:.3f} (ETA {eta:.0f}s)"
+    if "seed_adapter_ratio" in row:
+        fmt = lambda xs: " ".join("-" if x is None else f"{x:.3f}" for x in xs)  # noqa: E731
+        line += f"; seed adapter/feed-forward [{fmt(row['seed_adapter_ratio'])}]"
     if "gates_tanh" in row:
         fmt = lambda xs: " ".join("-" if x is None else f"{x:.3f}" for x in xs)  # noqa: E731
         line += f"; tanh(g) per layer [{fmt(row['gates_tanh'])}]"
@@ -163,7 +214,15 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     meta, feats = data.meta, data.feats.to(device)
     fewshot = lc["fewshot"]["task"]
     tasks = [t for t in meta.tasks if t != fewshot]
+    plan = phase_plan(lc["phases"], lc["phase_steps"], int(lc["steps"]))
+    check_task_weights(lc["task_weights"], list(meta.tasks))  # refuse a typo before any tuning
+    weights = {t: w for t, w in lc["task_weights"].items() if t in tasks} or None
     qs = stage_questions(data, lc, seed, tasks)
+    captions = (
+        caption_examples(meta, data.train, qs.fit_rows, tasks)
+        if any(p == "align" for p, _ in plan)
+        else []
+    )
     classes = {t: list(meta.tasks[t].classes) for t in tasks}  # for routing (ask reads it too)
     val_q = [ex for t in tasks for ex in qs.val[t]]
     test_q = [ex for t in tasks for ex in qs.test[t]]
@@ -184,21 +243,22 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     models: dict = {}  # kind -> (model, builder); they share the base, so keeping them is cheap
     kinds = [*lc["conditioning"], *(["names"] if "text_lora" in controls else [])]
     for kind in kinds:
-        model, builder = build_model(base, lc, kind, feats, tasks, seed, classes)
+        model, builder = build_model(base, lc, kind, feats, tasks, seed, classes, weights)
         t1 = time.time()
-        settings, bars = tune_settings(lc, seed), Bars(console, enabled=rank == 0)
+        bars = Bars(console, enabled=rank == 0)
+        # the text-only control has nothing to align: every step on the instructions
+        own_plan = plan if model.sensor_part is not None else [("instruct", int(lc["steps"]))]
         try:
-            hist = tune(
-                model, builder, qs.train, feats, settings, out_dir / f"checkpoint-{kind}",
-                resume=bool(lc["resume"]), device=device,
-                log=_step_logger(kind, settings.steps, bars),
+            hist = tune_in_phases(
+                model, builder, own_plan, qs.train, captions, feats, lc, seed, out_dir, kind,
+                device, bars,
             )  # fmt: skip
         finally:
             bars.close()
         tune_s = time.time() - t1
         if rank != 0:
             continue
-        adapter_log = ("gates_tanh", "adapter_attention_ratio")
+        adapter_log = ("gates_tanh", "adapter_attention_ratio", "seed_adapter_ratio", "phase")
         history += [
             {"round": h["step"], "loss": h["loss"], "conditioning": kind}
             | {key: h[key] for key in adapter_log if key in h}
@@ -215,6 +275,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
             # equal across conditionings by construction (one llm.lora for all); recorded
             # from the modules so a reader can check it
             "lora_coverage": model.lora_coverage(),
+            "phases": [{"name": p, "steps": n} for p, n in own_plan],
         }
         if qs.types:  # llm.question_types beyond classification, on validation and test
             report["question_types"] = {
@@ -225,6 +286,14 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
             report["adapter_layers"] = model.adapter.layer_indices
             report["gates_tanh"] = model.adapter.gates_tanh()  # per layer, mean over heads
             report["gates_tanh_per_head"] = torch.tanh(model.adapter.gates.detach()).tolist()
+        if model.seed_adapter is not None:
+            report["seed_adapter"] = {
+                "layers": model.seed_adapter.layer_indices,
+                "fusion": model.seed_adapter.fusion,
+                "rank": int(model.seed_adapter.up.shape[-1]),
+                # ‖V_{l,τ}‖ per layer and task: how far A moved from its zero start
+                "up_norm": model.seed_adapter.up.detach().flatten(2).norm(dim=-1).tolist(),
+            }
         if fewshot and kind == "prefix":
             report["fewshot"] = _fewshot(
                 model, builder, feats, meta, data.train, qs.fit_rows, qs.test[fewshot],
@@ -245,6 +314,14 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
         "conditioning": reports,
         "lm": lc["model"],
         "task_classes": classes,
+        # the seed's recipe as run: phases (the encoders one is the federation) and the
+        # per-task loss weights (unlisted tasks: 1)
+        "recipe": {
+            "phases": [{"name": "encoders", "note": ENCODERS_NOTE}]
+            + [{"name": p, "steps": n} for p, n in plan],
+            "align_examples": len(captions),
+            "task_weights": weights or {},
+        },
         "bundle": bundle_meta.get("meta", {}),
         "best": kind,
         "scoring": method,
@@ -296,7 +373,7 @@ def choose_on_validation(val: dict[str, dict[str, dict]]) -> tuple[str, str]:
     listed.  It is given validation figures only, so no test figure can steer it."""
     candidates = [(k, s, r["accuracy"]) for k, by in val.items() for s, r in by.items()]
     if not candidates:
-        raise ValueError("llm.conditioning: give at least one of prefix, adapter")
+        raise ValueError("llm.conditioning: give at least one of prefix, adapter, seed_adapter")
     best = max(range(len(candidates)), key=lambda i: (candidates[i][2], -i))
     return candidates[best][0], candidates[best][1]
 

@@ -46,6 +46,9 @@ class TuneSettings:
     # ``schedule_start`` of a warm-up + cosine schedule ``schedule_steps`` long (None: steps)
     schedule_start: int = 0
     schedule_steps: int | None = None
+    # False: this model's LoRA factors stay frozen (the align phase, phases.py); the
+    # optimiser then holds the sensor conditioning alone
+    train_lora: bool = True
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -79,6 +82,10 @@ def make_optimizer(model: SensorLM, settings: TuneSettings) -> torch.optim.AdamW
     gates = [p for n, p in trainable if n == GATE_PARAM]
     sensor = [p for n, p in trainable if not n.startswith("peft.") and n != GATE_PARAM]
     gate_lr = settings.sensor_lr if settings.gate_lr is None else settings.gate_lr
+    if not trainable:
+        raise ValueError("nothing to train: no LoRA and no sensor conditioning is trainable")
+    # an empty group (LoRA frozen in the align phase; no sensor part for text) is kept,
+    # so checkpoints keep one group layout
     groups = [
         {"params": lora, "lr": settings.lr, "name": "lora"},
         {"params": sensor, "lr": settings.sensor_lr, "name": "sensor"},
@@ -110,6 +117,7 @@ def tune(
     device = torch.device(device)
     model.to(device)
     model.activate()  # its own LoRA adapter trainable, any other on a shared base frozen
+    model.set_lora_trainable(settings.train_lora)
     feats = feats.to(device)
     if settings.grad_checkpointing:
         model.peft.get_base_model().gradient_checkpointing_enable(
@@ -127,8 +135,8 @@ def tune(
     encoded = [builder.encode(ex) for ex in examples]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
-    if model.adapter is not None:
-        model.adapter.take_output_ratios()  # drop what evaluation passes left
+    if model.context_part is not None:
+        model.context_part.take_output_ratios()  # drop what evaluation passes left
     t0, running, first = time.time(), [], step
     while step < settings.steps:
         for _ in range(settings.grad_accum):
@@ -148,6 +156,8 @@ def tune(
             if model.adapter is not None:  # how open the gates are, how loud the adapter is
                 row["gates_tanh"] = model.adapter.gates_tanh()
                 row["adapter_attention_ratio"] = model.adapter.take_output_ratios()
+            if model.seed_adapter is not None:  # ‖A(z)‖ / ‖feed-forward output‖ per layer
+                row["seed_adapter_ratio"] = model.seed_adapter.take_output_ratios()
             history.append(row)
             running = []
             if log is not None and rank == 0:
