@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 
 from .aggregation import GroupAggregate, axpy_in_place
-from .packing import PackedUpdate
+from .packing import ALIGN, PackedUpdate, aligned_empty
 from .update_checks import CheckConfig, Screened, check_packed, norm_verdict
 
 # nodes screened together; a group's rows hold at most this many nodes and
@@ -279,18 +279,11 @@ def _clean(update: PackedUpdate, float32: frozenset[str]) -> bool:
 
 
 _FLOAT32 = np.dtype(np.float32)
-ALIGN = 64  # bytes: a cache line, and one AVX-512 vector
 _LINE = ALIGN // _FLOAT32.itemsize
 
 
-def aligned_empty(size: int) -> np.ndarray:
-    """A float32 buffer of ``size`` values starting on a cache line."""
-    raw = np.empty(size + _LINE, _FLOAT32)
-    start = (-raw.ctypes.data % ALIGN) // _FLOAT32.itemsize
-    return raw[start : start + size]
-
-
 def aligned_copy(values: np.ndarray) -> np.ndarray:
+    """A flat float32 copy of ``values`` starting on a cache line."""
     out = aligned_empty(values.size)
     np.copyto(out, values.reshape(-1))
     return out
