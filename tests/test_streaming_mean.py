@@ -101,10 +101,11 @@ def _float32_bound(nodes, accepted: set[str], key: str) -> np.ndarray:
     return 4 * eps * (len(terms) + 2) * spread + 2 * eps * np.abs(CURRENT[key])
 
 
-@pytest.mark.parametrize("batch_values", [streaming_mean.BATCH_VALUES, 5000, 1])
+@pytest.mark.parametrize("batch_values", [streaming_mean.BATCH_VALUES, 42000, 5000, 1])
 @pytest.mark.parametrize("bound", [None, 25.0])
 def test_screened_mean_equals_the_per_key_path(monkeypatch, batch_values, bound):
-    # 1: every group summed node by node (one-row batches); 5000: a mix of batch sizes
+    # 1: every group summed node by node (one-row batches); 5000: groups of their own
+    # rows next to batched ones; 42000: the audio group in chunks of 2 rows per batch
     monkeypatch.setattr(streaming_mean, "BATCH_VALUES", batch_values)
     nodes = _updates(23, seed=batch_values)
     config = CheckConfig(max_update_norm=bound)

@@ -17,10 +17,16 @@ group's rows (at most ``BATCH_VALUES`` values, one buffer shared by every group,
 stays cache-resident) are filled by one subtraction per node, their squared norms come
 from one stacked ``matmul`` (numpy's BLAS ``sdot``: the same value, bit for bit, as
 :func:`~fed_iotlm.federation.update_checks.check_packed` computes) and their weighted
-sum from one ``weights @ rows`` (BLAS ``sgemv``) into the batch's partial sum.  The
-partial sum is provisional: it is added to the running sum only when every node of
-the batch turns out accepted, the usual case; a batch with a rejected node is summed
-again from its accepted nodes alone.
+sum from one ``np.matmul(weights, rows)`` (BLAS ``sgemv``; ``ndarray.dot`` copied the
+padded rows of small groups first) into the batch's partial sum.  The partial sum is
+provisional: it is added to the running sum only when every node of the batch turns
+out accepted, the usual case; a batch with a rejected node is summed again from its
+accepted nodes alone.  A group too large for two rows (over ``BATCH_VALUES / 2``
+values) keeps a row of its own and the batch shrinks to one node, so that group is
+added straight from its row after the verdict, with no partial sum.
+
+Rows start on 64-byte lines: numpy's float32 subtraction into a buffer that does not
+ran at half speed on this project's machine (whole-vector stores straddling two lines).
 
 The usual node (finite counts, no structural problem, float32 groups, finite values) is
 screened this way and nothing else; anything else goes through
@@ -64,7 +70,7 @@ def screen_and_mean(
     batch: list[PackedUpdate] = []
     for upd in updates:
         batch.append(upd)
-        if len(batch) == BATCH_ROWS:
+        if len(batch) == round_.rows.batch_nodes:
             round_.take(batch)
             batch = []
     if batch:
@@ -160,20 +166,29 @@ class _Rows:
         self.float32 = frozenset(self.current)
         sizes = {g: c.size for g, c in self.current.items()}
         self.k = {g: max(1, min(BATCH_ROWS, BATCH_VALUES // max(s, 1))) for g, s in sizes.items()}
+        # a group too large for two rows has a row of its own and is added node by node
+        # (a provisional partial sum would cost it one more pass per batch); the batch
+        # is then one node, so that the row still holds that node's w − c at its verdict
+        self.direct = frozenset(g for g, k in self.k.items() if k == 1)
+        self.batch_nodes = 1 if self.direct else BATCH_ROWS
         # every row starts on a cache line: numpy's SIMD loops store whole vectors, and
         # a store that straddles two lines made the subtraction twice as slow
         stride = {g: -(-s // _LINE) * _LINE for g, s in sizes.items()}
-        need = max((self.k[g] * stride[g] for g in sizes), default=0)
-        shared = aligned_empty(need)
+        shared = aligned_empty(
+            max((self.k[g] * stride[g] for g in sizes if g not in self.direct), default=0)
+        )
         # views made once: a view costs about as much as a small subtraction call
         self.matrix = {
-            g: shared[: self.k[g] * stride[g]].reshape(self.k[g], stride[g])[:, :s]
+            g: (aligned_empty(s) if g in self.direct else shared)[: self.k[g] * stride[g]].reshape(
+                self.k[g], -1
+            )[:, :s]
             for g, s in sizes.items()
         }
         self.row_views = {g: list(m) for g, m in self.matrix.items()}
-        self.partial = {g: aligned_empty(s) for g, s in sizes.items()}
-        self.spare = aligned_empty(max(sizes.values(), default=0))
-        self.filled: list[str] = []  # groups whose partial sum holds this batch
+        self.partial = {g: aligned_empty(s) for g, s in sizes.items() if g not in self.direct}
+        self.spare = aligned_empty(max((p.size for p in self.partial.values()), default=0))
+        self.filled: list[str] = []  # groups whose partial sum (or own row) holds this batch
+        self.direct_weight: dict[str, float] = {}
 
     def fill(
         self, batch: list[PackedUpdate], counts: Mapping[int, Mapping[str, float]]
@@ -191,7 +206,7 @@ class _Rows:
                 continue
             self.filled.append(g)
             k, views, matrix = self.k[g], self.row_views[g], self.matrix[g]
-            partial = self.partial[g]
+            partial = self.partial.get(g)
             for start in range(0, len(members), k):
                 chunk = members[start : start + k]
                 for i, j in enumerate(chunk):
@@ -204,7 +219,9 @@ class _Rows:
                 weights = np.array(
                     [max(float(counts[j].get(g, 0.0)), 0.0) for j in chunk], _FLOAT32
                 )
-                if start == 0:
+                if partial is None:  # its own row, one node: added at the fold
+                    self.direct_weight[g] = float(weights[0])
+                elif start == 0:
                     np.matmul(weights, rows, out=partial)
                 else:
                     spare = self.spare[: partial.size]
@@ -216,10 +233,17 @@ class _Rows:
         """Add the batch's partial sums to the running sums ``acc``."""
         for g in self.filled:
             total = acc.get(g)
-            if total is None:
-                acc[g] = aligned_copy(self.partial[g])
+            partial = self.partial.get(g)
+            if partial is None:  # a group of its own rows: n·(w − c) of the batch's node
+                n, row = self.direct_weight[g], self.row_views[g][0]
+                if total is None:
+                    acc[g] = np.multiply(row, n, out=aligned_empty(row.size))
+                elif n:
+                    axpy_in_place(total, row, n)
+            elif total is None:
+                acc[g] = aligned_copy(partial)
             else:
-                np.add(total, self.partial[g], out=total)
+                np.add(total, partial, out=total)
         self.filled = []
 
     def add_node(self, upd: PackedUpdate, counts: Mapping[str, float], acc: dict) -> None:
