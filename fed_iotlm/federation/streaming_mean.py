@@ -49,7 +49,7 @@ from .update_checks import CheckConfig, Screened, check_packed, norm_verdict
 
 # nodes screened together; a group's rows hold at most this many nodes and
 # BATCH_VALUES values (8 rows of the default model's largest group, 54 k values, are
-# 1.7 MB: cache-resident); a group larger than that takes one node at a time
+# 1.7 MB: cache-resident); a group of more than half of that has a row of its own
 BATCH_ROWS = 8
 BATCH_VALUES = 1 << 19
 
