@@ -11,10 +11,10 @@ import pytest
 from fed_iotlm.federation import streaming_mean
 from fed_iotlm.federation.aggregation import NodeUpdate
 from fed_iotlm.federation.groups import group_of
-from fed_iotlm.federation.packing import layout_of
+from fed_iotlm.federation.packing import ALIGN, aligned_empty, layout_of
 from fed_iotlm.federation.records import decode_update, packed_record
 from fed_iotlm.federation.streaming_mean import screen_and_mean
-from fed_iotlm.federation.update_checks import CheckConfig, screen_updates
+from fed_iotlm.federation.update_checks import CheckConfig, check_packed, screen_updates
 
 RNG = np.random.default_rng(3)
 # groups of different sizes, so that their batches hold different numbers of rows
@@ -101,10 +101,11 @@ def _float32_bound(nodes, accepted: set[str], key: str) -> np.ndarray:
     return 4 * eps * (len(terms) + 2) * spread + 2 * eps * np.abs(CURRENT[key])
 
 
-@pytest.mark.parametrize("batch_values", [streaming_mean.BATCH_VALUES, 5000, 1])
+@pytest.mark.parametrize("batch_values", [streaming_mean.BATCH_VALUES, 42000, 5000, 1])
 @pytest.mark.parametrize("bound", [None, 25.0])
 def test_screened_mean_equals_the_per_key_path(monkeypatch, batch_values, bound):
-    # 1: every group summed node by node (one-row batches); 5000: a mix of batch sizes
+    # 1: every group summed node by node (one-row batches); 5000: groups of their own
+    # rows next to batched ones; 42000: the audio group in chunks of 2 rows per batch
     monkeypatch.setattr(streaming_mean, "BATCH_VALUES", batch_values)
     nodes = _updates(23, seed=batch_values)
     config = CheckConfig(max_update_norm=bound)
@@ -142,3 +143,47 @@ def test_all_rejected_gives_no_mean():
         CURRENT, layout_of(CURRENT).pack(CURRENT), _packed(nodes), CheckConfig()
     )
     assert result is None and len(screened.rejected) == 3
+
+
+def test_batched_norms_are_check_packed_norms_to_the_bit():
+    # the batched screen takes each row's norm by a stacked matmul (BLAS sdot); a node
+    # sent through check_packed instead must get the very same value, or a node at the
+    # bound could be accepted by one path and rejected by the other
+    nodes = [(a, c) for i, (a, c) in enumerate(_updates(11, seed=7)) if i not in (4, 9)]
+    packed = _packed(nodes)
+    current = layout_of(CURRENT).pack(CURRENT)
+    screened, _ = screen_and_mean(CURRENT, current, packed, CheckConfig())
+    assert not screened.rejected
+    for upd in packed:
+        _, norm = check_packed(upd, current, CheckConfig())
+        assert screened.norms[upd.node] == norm, upd.node
+
+
+def test_a_node_checked_again_in_float64_is_summed_once():
+    # finite values too far apart for float32: the squared norm overflows, the node is
+    # checked again (float64 differences) and accepted; the rest of its batch is then
+    # summed node by node, and the far node only once, in float64
+    nodes = _updates(6, seed=11)
+    nodes = [(a, {g: 1.0 for g in c}) for i, (a, c) in enumerate(nodes) if i != 4]
+    far_key = "fusion.w"
+    arrays, counts = nodes[1]
+    arrays = {**arrays, far_key: CURRENT[far_key] + np.float32(3e19)}
+    counts = {**counts, "fusion": 1.0}
+    nodes[1] = (arrays, counts)
+    screened, result = screen_and_mean(
+        CURRENT, layout_of(CURRENT).pack(CURRENT), _packed(nodes), CheckConfig()
+    )
+    assert not screened.rejected and screened.norms["1"] > 3e19
+    reference = _reference_mean(nodes, {u.node for u in screened.accepted})
+    for key, value in result.state.items():
+        np.testing.assert_allclose(value, reference[key], rtol=1e-6, atol=1e-5, err_msg=key)
+
+
+def test_group_buffers_are_packed_on_cache_lines():
+    buffers = layout_of(CURRENT).pack(CURRENT)
+    assert all(b.ctypes.data % ALIGN == 0 for b in buffers.values())
+    for dtype in (np.float32, np.float64, np.int8, np.float16):
+        for size in (0, 1, 17, 4096):
+            out = aligned_empty(size, dtype)
+            assert out.size == size and out.dtype == dtype
+            assert out.ctypes.data % ALIGN == 0 or size == 0
