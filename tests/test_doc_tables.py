@@ -220,3 +220,39 @@ def test_the_shift_study_page_names_its_version_in_both_captions(tmp_path):
     found = [t for t in tables(doc.read_text(encoding="utf-8"), "shift.md") if is_results(t)]
     assert len(found) == 2
     assert all(names_version(t) for t in found), [t.caption for t in found]
+
+
+def _fedlora_study(version: str | None) -> dict:
+    """The smallest study record simulations.fedlora_study.write_report reads."""
+    rnd = {"round": 1, "loss": 1.0, "agg_error": 0.001, "fedit_error": 0.002, "update_norm": 1.0}
+    method = {
+        "rounds": [rnd], "accuracy": 0.75, "eval": {"answered": 1.0}, "ranks": [8, 8],
+        "comm": {"bytes_down_per_site_round": 1000, "bytes_up_per_site_round": 1000},
+        "train_s": 1.0, "eval_s": 1.0,
+    }  # fmt: skip
+    central = {"steps": 6, "accuracy": 0.5, "eval": {"answered": 1.0}, "loss": 1.0}
+    central |= {"train_s": 1.0, "eval_s": 1.0}
+    task = {"model": "tiny", "lora_r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    task |= {"conditioning": "prefix", "tune": {"batch_size": 4, "lr": 0.003}}
+    return {
+        "task": task, "command": "python -m simulations.fedlora_study", "data": "toy",
+        "num_sites": 2, "rounds": 1, "local_steps": 3, "train_examples": 32,
+        "eval_examples": 8, "json": "x.json", "methods": {"fedit": method},
+        "reference": {"name": "nearest class mean", "accuracy": 1.0},
+        "centralized": {"same_examples": central, "same_steps": central},
+    } | ({"code_version": version} if version else {})  # fmt: skip
+
+
+@pytest.mark.parametrize("version", ["abc1234", None])
+def test_the_fedlora_study_page_names_its_version_in_both_captions(tmp_path, version):
+    # docs/fedlora.md is written by its study; a regenerated page must pass the rules above,
+    # with the study's version, or an explicit "not recorded" for a record without one
+    from simulations.fedlora_study import write_report
+
+    doc = tmp_path / "fedlora.md"
+    write_report(_fedlora_study(version), doc)
+    found = [t for t in tables(doc.read_text(encoding="utf-8"), "fedlora.md") if is_results(t)]
+    assert len(found) == 2
+    assert all(names_version(t) for t in found), [t.caption for t in found]
+    if version:
+        assert all(f"code version `{version}`" in t.caption for t in found)
