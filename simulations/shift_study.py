@@ -165,7 +165,7 @@ def write_report(table: dict, doc: Path, run_dir: Path, seeds: int) -> None:
             )
         lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
     lines += ["", _gap_line(table, sevs), ""]
-    lines += _embedding_table(table, sevs)
+    lines += _embedding_table(table, sevs, version)
     png = doc.parent / "shift_study.png"
     _plot(table, sevs, methods, png)
     lines += [
@@ -192,9 +192,10 @@ def _gap_line(table: dict, sevs: list[str]) -> str:
     )
 
 
-def _embedding_table(table: dict, sevs: list[str]) -> list[str]:
+def _embedding_table(table: dict, sevs: list[str], version: str) -> list[str]:
     """Mean linear CKA / RBF-MMD of the shifted nodes' IMU tokens against the unshifted
-    probe, initial model (before) and final global model (after)."""
+    probe, initial model (before) and final global model (after); its heading names the
+    code version too, since a table's caption must (tests/test_doc_tables.py)."""
     rows = []
     for m in ("federated", "personal"):
         cells = []
@@ -214,7 +215,7 @@ def _embedding_table(table: dict, sevs: list[str]) -> list[str]:
     if not rows:
         return []
     head = [
-        "## Embedding shift of the shifted nodes' IMU (global model)",
+        f"## Embedding shift of the shifted nodes' IMU (global model; code version `{version}`)",
         "",
         "Linear CKA (1 = same representation) / RBF-MMD² (0 = same distribution) of the "
         "IMU encoder's tokens for a probe of test samples recorded as each shifted node "
