@@ -102,6 +102,9 @@ class MlflowRun:
                 return cls(client, resume_id, resumed=True)
         if parent is not None:
             tags[PARENT] = parent.run_id
+        from mlflow.tracking.context.registry import resolve_tags
+
+        tags = resolve_tags(tags)  # user, source, git commit: what mlflow.start_run adds
         name = experiment or mcfg["experiment"]
         found = client.get_experiment_by_name(name)
         if found is not None:
