@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from fed_iotlm.config_schema import block
+from fed_iotlm.config_schema import block, section
 
 from .atomic import atomic_write_text
 from .progress import Bars
@@ -28,8 +29,141 @@ if TYPE_CHECKING:
 console = Console(highlight=False)
 logger = logging.getLogger(__name__)
 
-# recorders whose MLflow run is open: ended FAILED by fail_open_runs() if the run dies
-_open: list[RunRecorder] = []
+# MLflow runs opened and not yet ended: ended FAILED by fail_open_runs() if the run dies
+_open: list[MlflowRun] = []
+PARAM_CHARS = 500  # a param's value limit in MLflow's stores: the whole config is an artifact
+RESUMED_FROM = "fed_iotlm.resumed_from"  # tag of a run started afresh on resume
+PARENT = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under its parent
+
+
+def config_params(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """A config as MLflow params: flat dotted keys, values cut at the store's limit (they
+    are for filtering and comparing in the UI; the whole config is the config.json artifact)."""
+    return {k: str(v)[:PARAM_CHARS] for k, v in flatten(dict(cfg)).items()}
+
+
+class MlflowRun:
+    """One MLflow run, through an explicit client rather than MLflow's per-thread stack of
+    active runs: so a run can be the child of another (a LoRA method under its app run),
+    be reopened by id when its app resumes, and be ended FAILED from wherever the run
+    dies.  :class:`RunRecorder` and the federated-LoRA app both record through it."""
+
+    def __init__(self, client: Any, run_id: str, *, resumed: bool = False) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.resumed = resumed  # an existing run reopened (its params and config are there)
+        self.ended = False
+        _open.append(self)
+
+    @classmethod
+    def open(
+        cls,
+        mcfg: Mapping[str, Any],
+        *,
+        run_name: str,
+        experiment: str | None = None,
+        params: Mapping[str, str] | None = None,
+        config: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent: MlflowRun | None = None,
+        resume_id: str | None = None,
+    ) -> MlflowRun | None:
+        """The run, or None when ``mlflow.enabled`` is false or mlflow is not installed.
+
+        ``mcfg``: the ``mlflow`` config block; ``experiment`` defaults to its
+        ``experiment``.  ``resume_id``: reopen that run if the store has it (a resumed
+        app continues its run); if not, a new run tagged :data:`RESUMED_FROM` it."""
+        mcfg = section("mlflow", mcfg)
+        if not mcfg["enabled"]:
+            return None
+        from .extras import has
+
+        if not has("mlflow"):
+            logger.warning(
+                "MLflow tracking is off: mlflow is not installed (pip install "
+                "'fed-iotlm[study]', or set mlflow.enabled=false to silence this)"
+            )
+            return None
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=mcfg["tracking_uri"])
+        tags = dict(tags or {})
+        if resume_id is not None:
+            try:
+                client.get_run(resume_id)
+            except MlflowException:
+                logger.warning(
+                    "MLflow run %s is not in %s: a new run", resume_id, mcfg["tracking_uri"]
+                )
+                tags[RESUMED_FROM] = resume_id
+            else:
+                client.update_run(resume_id, status="RUNNING")
+                return cls(client, resume_id, resumed=True)
+        if parent is not None:
+            tags[PARENT] = parent.run_id
+        from mlflow.tracking.context.registry import resolve_tags
+
+        tags = resolve_tags(tags)  # user, source, git commit: what mlflow.start_run adds
+        name = experiment or mcfg["experiment"]
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            try:
+                experiment_id = client.create_experiment(name)
+            except MlflowException:  # another process created it meanwhile
+                experiment_id = client.get_experiment_by_name(name).experiment_id
+        run = cls(
+            client, client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        )
+        if params:
+            run.log_params(params)
+        if config is not None:
+            client.log_dict(run.run_id, dict(config), "config.json")
+        return run
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(k, str(v)[:PARAM_CHARS]) for k, v in params.items()]
+        self.client.log_batch(self.run_id, params=batch)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps at which ``key`` was logged (what a reopened run already holds)."""
+        return {int(m.step) for m in self.client.get_metric_history(self.run_id, key)}
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value)[:5000])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run (FINISHED unless told)."""
+        if self in _open:
+            _open.remove(self)
+        self.ended = True
+        self.client.set_terminated(self.run_id, status=status)
+
+    def fail(self, error: BaseException | None = None) -> None:
+        """End the run as FAILED, with the error as its ``error`` tag."""
+        try:
+            if error is not None:
+                self.set_tags({"error": f"{type(error).__name__}: {error}"})
+        finally:
+            self.finish("FAILED")
 
 
 class RunRecorder:
@@ -43,7 +177,7 @@ class RunRecorder:
         self.plan = plan
         self.history: list[dict[str, float]] = []
         self.t0 = time.time()
-        self._mlflow = None
+        self._mlflow: MlflowRun | None = None
         self._round_ends: list[float] = []
         self.extra: dict[str, Any] = {}  # method-specific keys added to results.json
         self._bars: Bars | None = None  # the rounds bar, on a terminal only
@@ -52,46 +186,26 @@ class RunRecorder:
     # -- MLflow -----------------------------------------------------------------------
     def start(self) -> None:
         """Open the MLflow run (local sqlite store by default) and log the flat config."""
-        mcfg = block(self.cfg, "mlflow")
-        if not mcfg["enabled"]:
-            return
-        from .extras import has
-
-        if not has("mlflow"):
-            logger.warning(
-                "MLflow tracking is off: mlflow is not installed (pip install "
-                "'fed-iotlm[study]', or set mlflow.enabled=false to silence this)"
-            )
-            return
-        import mlflow
-
-        mlflow.set_tracking_uri(mcfg["tracking_uri"])
-        mlflow.set_experiment(mcfg["experiment"])
         run_name = f"{self.cfg['method']}-{self.dataset}-seed{self.cfg['seed']}"
-        mlflow.start_run(run_name=run_name)
-        # params are for filtering and comparing in MLflow's UI and are cut at 500
-        # characters (the store's limit); the whole config is the config.json artifact
-        params = {k: str(v)[:500] for k, v in flatten(self.cfg).items()}
-        params["plan"] = json.dumps(self.plan)[:500]
-        mlflow.log_params(params)
-        mlflow.log_dict({**self.cfg, "plan": self.plan}, "config.json")
-        self._mlflow = mlflow
-        _open.append(self)
+        self._mlflow = MlflowRun.open(
+            block(self.cfg, "mlflow"),
+            run_name=run_name,
+            params={**config_params(self.cfg), "plan": json.dumps(self.plan)[:PARAM_CHARS]},
+            config={**self.cfg, "plan": self.plan},
+        )
+
+    @property
+    def run_id(self) -> str | None:
+        """The open MLflow run's id (None: tracking off, or the run has ended)."""
+        return None if self._mlflow is None or self._mlflow.ended else self._mlflow.run_id
 
     def fail(self, error: BaseException | None = None) -> None:
-        """End this recorder's MLflow run as FAILED (MLflow's own exit hook would end
-        a run that died half-way as FINISHED)."""
+        """End this recorder's MLflow run as FAILED."""
         self._close_bars()
-        if self._mlflow is None:
-            return
-        try:
-            if error is not None:
-                self._mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-            self._mlflow.end_run(status="FAILED")
-        finally:
-            self._mlflow = None
-            if self in _open:
-                _open.remove(self)
+        if self._mlflow is not None:
+            run, self._mlflow = self._mlflow, None
+            if not run.ended:
+                run.fail(error)
 
     def log_record(self, record: RoundRecord) -> None:
         """Log a federated run's round from its record (its history row)."""
@@ -118,9 +232,7 @@ class RunRecorder:
         logger.info(round_line(rnd, total, accuracy, loss, time.time() - self.t0, eta, extra))
         self._show_round(rnd, total, accuracy, eta)
         if self._mlflow is not None:
-            self._mlflow.log_metrics(
-                {k: float(v) for k, v in row.items() if k != "round"}, step=rnd
-            )
+            self._mlflow.log_metrics({k: v for k, v in row.items() if k != "round"}, step=rnd)
 
     def _show_round(self, rnd: int, total: Any, accuracy: float, eta: float | None) -> None:
         """The rounds bar on a terminal (opened at the first round, closed at finish)."""
@@ -166,9 +278,9 @@ class RunRecorder:
         path = self.out_dir / "results.json"
         atomic_write_text(path, json.dumps(results, indent=2))
         plot = self._plot()
-        if self._mlflow is not None:
-            mlflow = self._mlflow
-            mlflow.log_metrics(
+        if self._mlflow is not None and not self._mlflow.ended:
+            run, self._mlflow = self._mlflow, None
+            run.log_metrics(
                 {
                     "test_accuracy": test["accuracy"],
                     **({"val_accuracy": val["accuracy"]} if val is not None else {}),
@@ -179,16 +291,13 @@ class RunRecorder:
                     **{f"node_accuracy.{n}": v for n, v in accuracy_by_node.items()},
                 }
             )
-            mlflow.log_artifact(str(path))
+            run.log_artifact(path)
             if plot is not None:
-                mlflow.log_artifact(str(plot))
+                run.log_artifact(plot)
             bundle = self.out_dir / "bundle"
             if bundle.is_dir():
-                mlflow.log_artifacts(str(bundle), artifact_path="bundle")
-            mlflow.end_run()
-            self._mlflow = None
-            if self in _open:
-                _open.remove(self)
+                run.log_artifacts(bundle, "bundle")
+            run.finish()
         print_table(results)
         return path
 
@@ -242,11 +351,12 @@ def round_line(rnd: int, total: Any, accuracy: float, loss: float, elapsed_s: fl
 
 
 def fail_open_runs(error: BaseException | None = None) -> None:
-    """End every MLflow run a recorder opened and did not finish as FAILED: called where
-    a run dies (the ServerApp, the in-process baselines) before the error propagates."""
-    for recorder in list(_open):
+    """End every MLflow run opened here and not finished as FAILED (children before their
+    parents): called where a run dies (the ServerApps, the in-process baselines) before
+    the error propagates."""
+    for run in reversed(list(_open)):
         try:
-            recorder.fail(error)
+            run.fail(error)
         except Exception:  # tracking must not hide the error being reported
             logger.exception("could not mark the MLflow run FAILED")
 

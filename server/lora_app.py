@@ -20,6 +20,10 @@ after every method; its per-round loss, aggregation error, FedIT error, faults a
 are views of the rounds' records.  After every round the server state, the records and
 the finished methods' results are checkpointed into ``<output_dir>/checkpoint``, and
 ``resume=true`` continues after the last saved round (:mod:`server.lora_resume`).
+Each app run is one MLflow run (``mlflow.*``, off with ``mlflow.enabled=false``) with a
+nested run per method holding its rounds' metrics, continued on resume and ended FAILED
+on an error (:mod:`server.lora_tracking`); results.json also carries ``code_version``,
+``seed``, ``wall_s`` and the whole ``config``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -48,11 +53,13 @@ from fed_iotlm.llm.federated import (
 from fed_iotlm.llm.fedlora import lora_factors
 from fed_iotlm.llm.lora_task import LoraTask, TaskData, build_model, load_task_data, task_sites
 from fed_iotlm.logs import configure as configure_logging
+from fed_iotlm.protocol import code_version
 from fed_iotlm.settings import from_run_config
 from server.engine import RoundEngine
 from server.federated_run import wait_for_nodes
 from server.lora_resume import LoraCheckpointer, LoraResumePoint
 from server.lora_step import LoraStep, Observer, lora_comm, lora_rounds
+from server.lora_tracking import LoraTracking
 from server.roster import LiveRoster, identify_nodes
 
 log = logging.getLogger(__name__)
@@ -167,13 +174,19 @@ def run_lora_federation(
     observe: Observer | None = None,
     on_record: RecordHook | None = None,
     resume: bool = False,
+    mlflow: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Every plan (method) in turn on the same sites; returns results.json's path.
 
     ``num_sites``: a number or ``auto`` (node sites: the plan's node count, which a
     number must restate).  The server state is checkpointed after every round
     (:mod:`server.lora_resume`); with ``resume`` the run continues after the
-    checkpoint's round, the methods finished before it reported as they were."""
+    checkpoint's round, the methods finished before it reported as they were.
+    ``mlflow``: the ``mlflow`` config block (None: no MLflow run), recorded through
+    :mod:`server.lora_tracking`; ``config``: the composed config the run came from (the
+    run config), kept in results.json and as the MLflow run's config artifact."""
+    t0 = time.time()
     out_dir = Path(out_dir)
     data = load_task_data(task)
     split = task_sites(task, num_sites)
@@ -188,29 +201,76 @@ def run_lora_federation(
             f"{checkpointer.directory}: finished methods {sorted(resumed.done)} do not "
             f"precede {resumed.method} in {methods}"
         )
-    # the roll call is the sites' first message: a fresh ClientApp imports torch, transformers
-    # and peft before it answers, which on a loaded machine outlasts any short fixed wait, so
-    # it gets the same deadline as a round (a dead site still fails the run, at that deadline)
-    roster = roll_call(grid, num_sites, max(fs.round_timeout_s for fs in plans))
-    doc: dict = {"task": asdict(task) | {"cfg_json": None}, "num_sites": num_sites}
-    doc |= {"sites": split.report(), "methods": {}}
-    path = out_dir / "results.json"
-    for fs in plans:
-        if resumed is not None and fs.method in resumed.done:
-            doc["methods"][fs.method] = resumed.done[fs.method]
-            log.info("federated LoRA: %s finished before the checkpoint", fs.method)
-            continue
-        here = resumed if resumed is not None and resumed.method == fs.method else None
-        log.info("federated LoRA: %s, %s sites, %s rounds", fs.method, num_sites, fs.rounds)
-        done = dict(doc["methods"])
-        doc["methods"][fs.method] = run_method(
-            grid, task, data, fs, roster, observe, on_record,
-            checkpoint=lambda state, records, done=done: checkpointer.save(state, records, done),
-            resumed=here, idle=idle,
-        )  # fmt: skip
-        atomic_write_text(path, json.dumps(doc, indent=2))
-        log.info("%s: generation accuracy %.3f", fs.method, doc["methods"][fs.method]["accuracy"])
+    run_config = run_document(task, plans, num_sites, config)
+    tracking = LoraTracking(
+        mlflow, run_config, f"fedlora-{'+'.join(methods)}-seed{task.seed}",
+        resume=resumed.mlflow if resumed is not None else None,
+    )  # fmt: skip
+    try:
+        # the roll call is the sites' first message: a fresh ClientApp imports torch,
+        # transformers and peft before it answers, which on a loaded machine outlasts any
+        # short fixed wait, so it gets the same deadline as a round (a dead site still
+        # fails the run, at that deadline)
+        roster = roll_call(grid, num_sites, max(fs.round_timeout_s for fs in plans))
+        doc: dict = {"task": asdict(task) | {"cfg_json": None}, "num_sites": num_sites}
+        doc |= {"sites": split.report(), "methods": {}, "seed": task.seed}
+        doc |= {"code_version": code_version(), "config": run_config}
+        if tracking.run_id is not None:
+            doc["mlflow"] = {"experiment": tracking.experiment, "run_id": tracking.run_id}
+        path = out_dir / "results.json"
+
+        def record_hook(method: str, record: RoundRecord) -> None:
+            tracking.log_record(record)
+            if on_record is not None:
+                on_record(method, record)
+
+        for fs in plans:
+            if resumed is not None and fs.method in resumed.done:
+                doc["methods"][fs.method] = resumed.done[fs.method]
+                log.info("federated LoRA: %s finished before the checkpoint", fs.method)
+                continue
+            here = resumed if resumed is not None and resumed.method == fs.method else None
+            log.info("federated LoRA: %s, %s sites, %s rounds", fs.method, num_sites, fs.rounds)
+            tracking.start_method(fs, here.records if here else [], resumed=here is not None)
+            done = dict(doc["methods"])
+
+            def save(state: LoraServerState, records: list[RoundRecord], done=done) -> None:
+                checkpointer.save(state, records, done, tracking.ids())
+
+            report = run_method(
+                grid, task, data, fs, roster, observe, record_hook,
+                checkpoint=save, resumed=here, idle=idle,
+            )  # fmt: skip
+            doc["methods"][fs.method] = report
+            tracking.end_method(report, fs.rounds)
+            doc["wall_s"] = round(time.time() - t0, 2)  # resumed: this process's share only
+            atomic_write_text(path, json.dumps(doc, indent=2))
+            log.info("%s: generation accuracy %.3f", fs.method, report["accuracy"])
+        tracking.finish(path)
+    except BaseException as err:
+        tracking.fail(err)  # MLflow shows the run FAILED, not RUNNING or FINISHED
+        raise
     return path
+
+
+def run_document(
+    task: LoraTask,
+    plans: Sequence[FederatedSettings],
+    num_sites: int,
+    config: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The run's whole configuration as one JSON document (results.json's ``config``,
+    the MLflow run's params and config artifact): the task, every method's settings,
+    the number of sites, and the composed config it came from (the run config's, or the
+    one a bundle task carries), if any."""
+    if config is None and task.cfg_json:
+        config = json.loads(task.cfg_json)
+    return {
+        "task": asdict(task) | {"cfg_json": None},
+        "plans": [asdict(fs) for fs in plans],
+        "num_sites": num_sites,
+        **({"config": dict(config)} if config is not None else {}),
+    }
 
 
 def make_lora_server_app(
@@ -221,9 +281,11 @@ def make_lora_server_app(
     observe: Observer | None = None,
     on_record: RecordHook | None = None,
     resume: bool | None = None,
+    mlflow: Mapping[str, Any] | None = None,
 ) -> ServerApp:
-    """Bound to explicit settings (Python entry point) or, if None, to the run config
-    (``llm.*`` with ``llm.federated``; ``resume`` and ``output_dir`` as the federation's)."""
+    """Bound to explicit settings (Python entry point; ``mlflow``: the ``mlflow`` block,
+    None for no MLflow run) or, if None, to the run config (``llm.*`` with
+    ``llm.federated``; ``resume``, ``output_dir`` and ``mlflow.*`` as the federation's)."""
     app = ServerApp()
 
     @app.main()
@@ -238,7 +300,11 @@ def make_lora_server_app(
             cfg.get("output_dir") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-fedlora"
         )
         again = bool(cfg.get("resume", False)) if resume is None else resume
-        path = run_lora_federation(grid, the_task, the_plans, n, out, observe, on_record, again)
+        tracking = mlflow if given else cfg.get("mlflow", mlflow)
+        path = run_lora_federation(
+            grid, the_task, the_plans, n, out, observe, on_record, again, tracking,
+            config=None if given else cfg,
+        )  # fmt: skip
         print(path, flush=True)
 
     return app

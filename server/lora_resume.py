@@ -202,6 +202,7 @@ class LoraResumePoint:
     records: list[RoundRecord]
     done: dict[str, dict] = field(default_factory=dict)
     rng: tuple[dict, dict[str, np.ndarray]] | None = None
+    mlflow: dict[str, str] = field(default_factory=dict)  # the runs to continue (lora_tracking)
 
     def restore_rng(self) -> None:
         """Put the server's RNG states back as they were after the saved round: call it
@@ -227,10 +228,16 @@ class LoraCheckpointer:
         self.resume = resume
 
     def save(
-        self, state: LoraServerState, records: Sequence[RoundRecord], done: Mapping[str, dict]
+        self,
+        state: LoraServerState,
+        records: Sequence[RoundRecord],
+        done: Mapping[str, dict],
+        mlflow: Mapping[str, str] | None = None,
     ) -> None:
         """The state after the last of ``records`` (the current method's rounds so far);
-        ``done``: the results blocks of the methods that finished before it."""
+        ``done``: the results blocks of the methods that finished before it; ``mlflow``:
+        the MLflow run ids a resumed run continues (:meth:`LoraTracking.ids
+        <server.lora_tracking.LoraTracking.ids>`)."""
         last = records[-1]
         rounds, local_steps = self.rounds[state.method]
         state_meta, sections = state_sections(state)
@@ -246,6 +253,7 @@ class LoraCheckpointer:
             "rng": rng_meta,
             "records": [r.to_json() for r in records],
             "done": dict(done),
+            "mlflow": dict(mlflow or {}),
         }
         save_checkpoint(self.directory, Checkpoint(last.round, last.phase, sections, meta))
 
@@ -278,4 +286,7 @@ class LoraCheckpointer:
         records[-1] = replace(records[-1], arrays=ArrayRecord())  # the engine's token
         log.info("resuming federated LoRA after %s round %s", state.method, ckpt.round)
         rng = (ckpt.meta["rng"], ckpt.sections["rng"])
-        return LoraResumePoint(state.method, ckpt.round, state, records, ckpt.meta["done"], rng)
+        return LoraResumePoint(
+            state.method, ckpt.round, state, records, ckpt.meta["done"], rng,
+            dict(ckpt.meta.get("mlflow") or {}),
+        )  # fmt: skip

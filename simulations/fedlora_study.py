@@ -53,10 +53,12 @@ def run_lora_simulation(
     client_mods: Sequence = (),
     on_record=None,
     resume: bool = False,
+    mlflow=None,
 ) -> dict:
     """All ``plans`` under Flower's simulation engine, one virtual SuperNode per site
     (``client_mods``: Flower client mods around every site's handlers; ``observe``,
-    ``on_record`` and ``resume``: :func:`server.lora_app.make_lora_server_app`'s).
+    ``on_record``, ``resume`` and ``mlflow`` (the ``mlflow`` config block; None: no MLflow
+    run): :func:`server.lora_app.make_lora_server_app`'s).
     ``num_sites``: a number or ``auto`` (node sites: one SuperNode per node of the plan)."""
     from flwr.simulation import run_simulation
 
@@ -70,7 +72,7 @@ def run_lora_simulation(
     num_sites = task_sites(task, num_sites).num_sites  # a plan contradicting it fails here
     run_simulation(
         server_app=make_lora_server_app(
-            task, plans, num_sites, out_dir, observe, on_record, resume
+            task, plans, num_sites, out_dir, observe, on_record, resume, mlflow
         ),
         client_app=make_lora_client_app(task, mods=client_mods),
         num_supernodes=num_sites,

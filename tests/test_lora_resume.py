@@ -290,6 +290,7 @@ def _each_site(rounds) -> list[tuple[int, int]]:
 
 def _without_times(doc: dict) -> dict:
     out = json.loads(json.dumps(doc))
+    out.pop("wall_s")
     for block in out["methods"].values():
         block.pop("train_s"), block.pop("eval_s")
     return out

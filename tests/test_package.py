@@ -111,9 +111,10 @@ def test_a_failed_run_ends_failed_in_mlflow(tmp_path):
     cfg = {"method": "federated", "seed": 0, "rounds": 1, "mlflow": {"tracking_uri": uri}}
     recorder = RunRecorder(cfg, tmp_path / "out", dataset="d", plan={})
     recorder.start()
-    run_id = mlflow.active_run().info.run_id
+    run_id = recorder.run_id
+    assert mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "RUNNING"
     fail_open_runs(RuntimeError("boom"))
-    assert mlflow.active_run() is None
+    assert recorder.run_id is None
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: boom"
 

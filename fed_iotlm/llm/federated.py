@@ -160,7 +160,10 @@ def freeze_lora_a(model: SensorLM, adapter: str = "default") -> None:
     """FFA-LoRA: A stays at the shared init, which makes averaging B exact.
 
     ``tune`` builds its optimiser from ``requires_grad`` parameters only, so a frozen A
-    gets no update, no momentum and no weight decay."""
+    gets no update, no momentum and no weight decay; ``lora_a_frozen`` keeps ``tune``'s
+    :meth:`~fed_iotlm.llm.sensor_lm.SensorLM.set_lora_trainable` from unfreezing it."""
+    if adapter == model.adapter_name:
+        model.lora_a_frozen = True
     for name, param in model.peft.named_parameters():
         if f".lora_A.{adapter}." in name:
             param.requires_grad_(False)

@@ -99,6 +99,9 @@ class SensorLM(nn.Module):
         from peft import LoraConfig, PeftModel, get_peft_model
 
         self.cond = cond
+        # FFA-LoRA keeps A at its shared init (fed_iotlm.llm.federated.freeze_lora_a):
+        # set_lora_trainable(True) then unfreezes B only
+        self.lora_a_frozen = False
         n_layers = int(lm.model.config.num_hidden_layers)
         top = lora_layer_count(lora.top_layers, n_layers)
         layers = (
@@ -194,9 +197,12 @@ class SensorLM(nn.Module):
 
     def set_lora_trainable(self, trainable: bool) -> None:
         """Freeze or unfreeze this model's own LoRA factors (the align phase trains the
-        sensor conditioning alone; LoRA's B is still zero then, so frozen is also off)."""
+        sensor conditioning alone; LoRA's B is still zero then, so frozen is also off).
+        A frozen for FFA (``lora_a_frozen``) stays frozen."""
         for n, p in self.peft.named_parameters():
-            if f".lora_A.{self.adapter_name}." in n or f".lora_B.{self.adapter_name}." in n:
+            if f".lora_A.{self.adapter_name}." in n:
+                p.requires_grad_(trainable and not self.lora_a_frozen)
+            elif f".lora_B.{self.adapter_name}." in n:
                 p.requires_grad_(trainable)
 
     def activate(self) -> None:
