@@ -17,6 +17,7 @@ from fed_iotlm.federation.normalization import norm_from_message, normalization_
 from fed_iotlm.federation.secure import SecureSettings
 from fed_iotlm.federation.secure_statistics import (
     KEY_MODALITIES,
+    KEY_TASKS,
     STATS_PHASE,
     StatsLayout,
     held_modalities,
@@ -64,7 +65,8 @@ def secure_stats_reply(msg: Message, node: NodeRuntime, settings: dict) -> Messa
         mods = [m for m in modalities.split(",") if m]
         layout = StatsLayout.of({m: (1,) for m in mods}, secure)
         return _legacy_reply(msg, layout.census(held_modalities(node.raw.train)))
-    layout = StatsLayout.from_message(modalities, templates, secure)
+    tasks = str(config.get(KEY_TASKS, ""))  # class_weighting=balanced: class counts too
+    layout = StatsLayout.from_message(modalities, templates, secure, tasks)
     vector = layout.encode(node.raw.train, secure, released(msg) or set(), f"node {node.node}")
     return _legacy_reply(msg, vector)
 

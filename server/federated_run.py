@@ -246,17 +246,14 @@ def pooled_statistics(
             )
         return grid, None
     secure = SecureSettings.from_config(cfg)
-    if balanced and secure.enabled:
-        raise ValueError(
-            "train.class_weighting=balanced does not run under secagg.enabled yet: the "
-            "secure statistics round does not sum class counts"
-        )
+    tasks = {t: s.num_classes for t, s in layout.dataset.meta.tasks.items()}
     if secure.enabled:  # one SecAgg+ sum: no node's sums reach the server
-        stats_layout = StatsLayout.of(training_channel_shapes(layout), secure)
+        shapes = training_channel_shapes(layout)
+        stats_layout = StatsLayout.of(shapes, secure, tasks if balanced else None)
         found = secure_statistics_round(grid, stats_layout, secure, len(list(node_ids)))
         if found.withheld:
             withheld.extend(found.withheld)
-        scaler = found.scaler
+        scaler, counts = found.scaler, found.class_counts
     else:
         # every node must answer, cold ClientApp starts included: the roll call's patience
         wait = max(timeout, STATISTICS_TIMEOUT_S)
@@ -264,12 +261,14 @@ def pooled_statistics(
         scaler = sums.standardizer()
     weights = None
     if balanced:
-        tasks = {t: s.num_classes for t, s in layout.dataset.meta.tasks.items()}
         counts = {t: counts.get(t, np.zeros(k, np.int64)) for t, k in tasks.items()}
         found = balanced_weights(counts, "federation's training data (summed over nodes)")
         weights = weights_record(found)
         if balance is not None:
-            balance.update(weights_block(GLOBAL_COUNTS, counts, found))
+            how = GLOBAL_COUNTS + (
+                " under SecAgg+ (the server saw only the sum)" if secure.enabled else ""
+            )
+            balance.update(weights_block(how, counts, found))
     return StatisticsGrid(grid, norm_record(scaler), weights), scaler
 
 

@@ -31,6 +31,7 @@ from fed_iotlm.federation.normalization import NORM_KEY, STATS_MESSAGE, sums_fro
 from fed_iotlm.federation.secure import SecureSettings
 from fed_iotlm.federation.secure_statistics import (
     KEY_MODALITIES,
+    KEY_TASKS,
     STATS_PHASE,
     SecureStatistics,
     StatsLayout,
@@ -109,6 +110,8 @@ def secure_statistics_round(
     minimum = int(settings.min_holders)
     release = [m for m in layout.modalities if holders[m] >= minimum]
     config = {"phase": STATS_PHASE, KEY_MODALITIES: modalities, "release": ",".join(release)}
+    if layout.tasks:  # train.class_weighting=balanced: the class counts in the same sum
+        config[KEY_TASKS] = layout.tasks_text()
     sums = rounds.secure_sum(0, layout.templates(), config)
     _check_everyone(rounds, num_nodes, "sum")
     found = layout.decode(sums, settings)
