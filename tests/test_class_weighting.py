@@ -301,3 +301,33 @@ def test_none_records_no_class_weighting(quick_cfg, tmp_path):
 
     cfg = quick_cfg("method=centralized", "mlflow.enabled=false", "rounds=1", "train.steps=1")
     assert "class_weighting" not in json.loads(run_centralized(cfg, tmp_path).read_text())
+
+
+# ------------------------------------------------------------------- a whole (tiny) run
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("secagg", ["false", "true"])
+def test_a_federated_run_trains_every_node_on_the_global_weights(quick_cfg, tmp_path, secagg):
+    """Flower's simulation engine, one round: every node's train handler finds the
+    weights on its message (it fails otherwise), and results.json records the global
+    counts, which equal the sum of the nodes' counts, plaintext or under SecAgg+."""
+    from simulations.run import run_experiment
+
+    cfg = quick_cfg(
+        "train.class_weighting=balanced", "partition.label_fraction=0.5", f"secagg.enabled={secagg}",
+        "mlflow.enabled=false", "rounds=1", "train.steps=2",
+    )  # fmt: skip
+    res = json.loads(run_experiment(cfg, tmp_path / "run").read_text())
+    # a node whose message lacked the weights would have failed its round (and a failed
+    # round does not fail the run): every node answered every round
+    assert not res.get("faults_by_round"), res.get("faults_by_round")
+    assert [h.get("round_skipped", 0.0) for h in res["history"]] == [0.0]
+    if secagg == "true":  # SecAgg+ rounds report the nodes summed instead
+        assert [h["secagg.nodes"] for h in res["history"]] == [3.0]
+    block = res["class_weighting"]
+    expected = _expected_global_counts(cfg)
+    assert block["counts"] == {t: c.tolist() for t, c in expected.items()}
+    assert ("SecAgg+" in block["counts_from"]) == (secagg == "true")
+    for t, w in block["weights"].items():
+        np.testing.assert_allclose(w, balanced_weights(expected)[t])
