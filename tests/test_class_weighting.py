@@ -132,6 +132,35 @@ def test_none_leaves_the_loss_bit_identical():
     assert train_config({"train": {"class_weighting": "balanced"}}).class_weights is None
 
 
+def test_mmbind_weighs_its_own_and_its_pseudo_pair_supervised_terms(monkeypatch):
+    """MMBind's supervised terms (own modalities, and fused with partners) take the same
+    class weights as plain training."""
+    import fed_iotlm.binding.training as bt
+    from fed_iotlm.models.multisensory import ModelSpec, MultisensoryModel
+    from fed_iotlm.models.training import SplitTensors, TrainConfig
+
+    seen = []
+
+    def recording(logits, labels, weights=None, class_weights=None, sample_weight=None):
+        seen.append((class_weights, sample_weight is not None))
+        return multitask_loss(logits, labels, weights, class_weights, sample_weight)
+
+    monkeypatch.setattr(bt, "multitask_loss", recording)
+    torch.manual_seed(0)
+    mods = {m: {"kind": "tabular", "feature_shape": [3]} for m in ("a", "b")}
+    model = MultisensoryModel(ModelSpec(mods, {"t": 2}, dim=8, fusion_heads=2))
+    n = 8
+    data = SplitTensors(
+        {"a": torch.randn(n, 3)}, {"a": torch.ones(n, dtype=torch.bool)},
+        {"t": torch.tensor([0, 0, 0, 0, 0, 0, 1, -1])},
+    )  # fmt: skip
+    partners = {"b": bt.PartnerTensors(torch.randn(n, 2, 8), torch.full((n, 2), 0.5))}
+    cw = {"t": (0.5, 3.0)}
+    cfg = TrainConfig(epochs=1, batch_size=8, class_weights=cw)
+    bt.train_with_partners(model, data, partners, cfg, bt.BindTrainConfig(), seed=0)
+    assert seen == [(cw, False), (cw, True)]
+
+
 # ---------------------------------------------------------- the federation's global counts
 
 
