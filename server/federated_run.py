@@ -262,13 +262,13 @@ def pooled_statistics(
     weights = None
     if balanced:
         counts = {t: counts.get(t, np.zeros(k, np.int64)) for t, k in tasks.items()}
-        found = balanced_weights(counts, "federation's training data (summed over nodes)")
-        weights = weights_record(found)
+        by_task = balanced_weights(counts, "federation's training data (summed over nodes)")
+        weights = weights_record(by_task)
         if balance is not None:
             how = GLOBAL_COUNTS + (
                 " under SecAgg+ (the server saw only the sum)" if secure.enabled else ""
             )
-            balance.update(weights_block(how, counts, found))
+            balance.update(weights_block(how, counts, by_task))
     return StatisticsGrid(grid, norm_record(scaler), weights), scaler
 
 

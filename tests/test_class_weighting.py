@@ -180,7 +180,8 @@ class _AppGrid:
         replies = []
         for m in messages:
             self.sent.append(m)
-            context = Context(1, m.metadata.dst_node_id, {"partition-id": self.nodes[m.metadata.dst_node_id]}, RecordDict(), {})  # fmt: skip
+            node = m.metadata.dst_node_id
+            context = Context(1, node, {"partition-id": self.nodes[node]}, RecordDict(), {})
             replies.append(self.app(m, context))
         return replies
 
@@ -344,8 +345,8 @@ def test_a_federated_run_trains_every_node_on_the_global_weights(quick_cfg, tmp_
     from simulations.run import run_experiment
 
     cfg = quick_cfg(
-        "train.class_weighting=balanced", "partition.label_fraction=0.5", f"secagg.enabled={secagg}",
-        "mlflow.enabled=false", "rounds=1", "train.steps=2",
+        "train.class_weighting=balanced", "partition.label_fraction=0.5",
+        f"secagg.enabled={secagg}", "mlflow.enabled=false", "rounds=1", "train.steps=2",
     )  # fmt: skip
     res = json.loads(run_experiment(cfg, tmp_path / "run").read_text())
     # a node whose message lacked the weights would have failed its round (and a failed
