@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from fed_iotlm.binding.training import train_with_partners
 from fed_iotlm.experiment import bind_train_config
 from fed_iotlm.federation.attacks import attack_config, maybe_attack
+from fed_iotlm.federation.class_balance import weights_from_message
 from fed_iotlm.federation.groups import select_groups
 from fed_iotlm.federation.privacy import update_clipping_mod
 from fed_iotlm.federation.records import (
@@ -35,6 +36,7 @@ from fed_iotlm.federation.records import (
     state_to_numpy,
 )
 from fed_iotlm.federation.secure import SecureSettings
+from fed_iotlm.models.class_weights import class_weighting_mode
 from fed_iotlm.models.training import (
     evaluate,
     mean_accuracy,
@@ -113,6 +115,23 @@ def _load_global_model(
     return node, received
 
 
+def received_class_weights(
+    msg: Message, settings: dict, node: int
+) -> dict[str, tuple[float, ...]] | None:
+    """The federation's class weights the server attached (``train.class_weighting=
+    balanced``); None under ``none``.  A balanced run whose message lacks them fails
+    here rather than train this node on a different objective from the others."""
+    if class_weighting_mode(settings) != "balanced":
+        return None
+    weights = weights_from_message(msg)
+    if weights is None:
+        raise RuntimeError(
+            f"node {node}: train.class_weighting=balanced but the server's "
+            f"{msg.metadata.message_type} message carries no class weights ('class_weights')"
+        )
+    return weights
+
+
 def make_client_app(cfg: dict | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp bound to ``cfg`` (Python entry point) or, if None, to the run config.
 
@@ -141,7 +160,9 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
         mark_train_start(context.node_config, node.node, int(config.get("server-round", 0)))
         maybe_hang(context.node_config, int(config.get("server-round", 0)))  # test hook
         tcfg = dataclasses.replace(
-            node.train_cfg, proximal_mu=float(config.get("proximal-mu", 0.0))
+            node.train_cfg,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            class_weights=received_class_weights(msg, settings, node.node),
         )
         round_seed = int(config.get("server-round", 0)) * 10_007 + node.node
         pstats = train_personal(  # personal adapters first (personal.enabled; else no-op)

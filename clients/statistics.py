@@ -12,25 +12,34 @@ from flwr.common import parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
 
 from fed_iotlm.data.preprocess import ChannelSums
+from fed_iotlm.federation.class_balance import ASK_COUNTS, COUNTS_KEY, counts_record
 from fed_iotlm.federation.normalization import norm_from_message, normalization_mode, sums_record
 from fed_iotlm.federation.secure import SecureSettings
 from fed_iotlm.federation.secure_statistics import (
     KEY_MODALITIES,
+    KEY_TASKS,
     STATS_PHASE,
     StatsLayout,
     held_modalities,
 )
+from fed_iotlm.models.class_weights import class_counts
 
 from .node import NodeRuntime
 from .secure import LEGACY_PARAMS, _legacy_reply, census_of, phase, released, train_config
 
 
 def stats_reply(msg: Message, node: NodeRuntime) -> Message:
-    """Sums, sums of squares and counts per channel of the node's training data."""
+    """Sums, sums of squares and counts per channel of the node's training data, and,
+    when the server asks (``train.class_weighting=balanced``), its per-task class counts
+    of labelled training samples (:mod:`fed_iotlm.federation.class_balance`)."""
     if node.raw is None:
         raise RuntimeError(f"node {node.node} keeps no unstandardised data to sum")
     sums = ChannelSums.of(node.raw.train)
-    return Message(RecordDict({"stats": sums_record(sums)}), reply_to=msg)
+    reply = RecordDict({"stats": sums_record(sums)})
+    if bool(train_config(msg).get(ASK_COUNTS, False)):
+        counts = class_counts(node.raw.train.y, node.model.spec.tasks)
+        reply[COUNTS_KEY] = counts_record(counts)
+    return Message(reply, reply_to=msg)
 
 
 def is_secure_statistics(msg: Message) -> bool:
@@ -56,7 +65,8 @@ def secure_stats_reply(msg: Message, node: NodeRuntime, settings: dict) -> Messa
         mods = [m for m in modalities.split(",") if m]
         layout = StatsLayout.of({m: (1,) for m in mods}, secure)
         return _legacy_reply(msg, layout.census(held_modalities(node.raw.train)))
-    layout = StatsLayout.from_message(modalities, templates, secure)
+    tasks = str(config.get(KEY_TASKS, ""))  # class_weighting=balanced: class counts too
+    layout = StatsLayout.from_message(modalities, templates, secure, tasks)
     vector = layout.encode(node.raw.train, secure, released(msg) or set(), f"node {node.node}")
     return _legacy_reply(msg, vector)
 

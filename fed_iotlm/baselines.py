@@ -24,10 +24,18 @@ from fed_iotlm.experiment import model_spec, plan_by_node, train_config
 from fed_iotlm.federation.bundle import save_bundle, statistics_meta
 from fed_iotlm.federation.normalization import normalization_mode
 from fed_iotlm.federation.records import state_to_numpy
+from fed_iotlm.models.class_weights import (
+    as_train_weights,
+    balanced_weights,
+    class_counts,
+    class_weighting_mode,
+    weights_block,
+)
 from fed_iotlm.models.device import train_placement
 from fed_iotlm.models.multisensory import MultisensoryModel
 from fed_iotlm.models.training import (
     SplitTensors,
+    TrainConfig,
     evaluate,
     mean_accuracy,
     mean_loss,
@@ -47,6 +55,7 @@ class _LocalNode:
     own_test: SplitTensors
     val: SplitTensors
     test: SplitTensors
+    tcfg: TrainConfig  # with the node's own class weights (train.class_weighting)
 
 
 def run_local_only(cfg: dict, out_dir: Path) -> Path:
@@ -58,12 +67,16 @@ def run_local_only(cfg: dict, out_dir: Path) -> Path:
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
     nodes = []
+    weighted: dict[str, dict] = {}  # node -> its class weights block (balanced only)
     for i in range(layout.num_nodes):
         torch.manual_seed(int(cfg["seed"]) + i)
         raw = layout.node_raw(i)
         scaler = Standardizer.fit(raw.train)
         own = raw.standardized(scaler)
         refs = reference_sets(layout, None if per_site else scaler, normalization_mode(cfg))
+        node_cfg, weighted[str(i)] = weighted_config(
+            cfg, tcfg, spec.tasks, raw.train.y, f"node {i}"
+        )
         nodes.append(
             _LocalNode(
                 place.model(MultisensoryModel(spec)),
@@ -71,13 +84,20 @@ def run_local_only(cfg: dict, out_dir: Path) -> Path:
                     SplitTensors.from_split(s).placed(place)
                     for s in (own.train, own.test, refs.val, refs.test)
                 ),
+                node_cfg,
             )
         )
+    if class_weighting_mode(cfg) == "balanced":
+        recorder.extra["class_weighting"] = {
+            "mode": "balanced",
+            "counts_from": "local: each node's own labelled training samples",
+            "by_node": weighted,
+        }
     spent = []
     for rnd in range(1, int(cfg["rounds"]) + 1):
         accs, losses, vals = [], [], []
         for i, node in enumerate(nodes):
-            spent.append(train_local(node.model, node.train, tcfg, seed=rnd * 10_007 + i))
+            spent.append(train_local(node.model, node.train, node.tcfg, seed=rnd * 10_007 + i))
             per_task = evaluate(node.model, node.test, layout.plan[i])
             accs.append(mean_accuracy(per_task))
             losses.append(mean_loss(per_task))
@@ -98,6 +118,19 @@ def run_local_only(cfg: dict, out_dir: Path) -> Path:
         {"bytes_up_per_node_round": 0, "bytes_down_per_node_round": 0, "model_bytes": model_bytes},
         val=val,
     )
+
+
+def weighted_config(
+    cfg: dict, tcfg: TrainConfig, tasks: dict[str, int], y: dict[str, np.ndarray], where: str
+) -> tuple[TrainConfig, dict | None]:
+    """``tcfg`` with balanced class weights from the labels ``y`` (and the block
+    results.json records), or ``tcfg`` unchanged and None under ``class_weighting=none``."""
+    if class_weighting_mode(cfg) != "balanced":
+        return tcfg, None
+    counts = class_counts(y, tasks)
+    weights = balanced_weights(counts, f"training data of {where}")
+    block = weights_block(where, counts, weights)
+    return replace(tcfg, class_weights=as_train_weights(weights)), block
 
 
 def _budget(spent: list[dict]) -> dict:
@@ -133,11 +166,15 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
     pooled = layout.dataset.train.subset(np.concatenate(layout.train_parts))
     pooled = hide_labels(pooled, layout.label_fraction, int(cfg["seed"]))
     scaler, refs = pooled_reference(cfg, layout)
+    tcfg, weighted = weighted_config(cfg, tcfg, spec.tasks, pooled.y, "the pooled training data")
     train = SplitTensors.from_split(scaler.transform(pooled)).placed(place)
     test = SplitTensors.from_split(refs.test).placed(place)
     val = SplitTensors.from_split(refs.val).placed(place)
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
+    if weighted is not None:
+        recorder.extra["class_weighting"] = {**weighted, "counts_from": "pooled: every node's "
+            "labelled training samples, at one place"}  # fmt: skip
     for rnd in range(1, int(cfg["rounds"]) + 1):
         done = train_local(model, train, tcfg, seed=rnd)
         per_task = evaluate(model, test)
@@ -208,9 +245,14 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
     scaler, refs = pooled_reference(cfg, layout)
     nodes = [layout.node_data(i, scaler) for i in range(layout.num_nodes)]
     trains = [SplitTensors.from_split(tr) for tr, _ in nodes]
+    pooled_y = {t: np.concatenate([tr.y[t] for tr, _ in nodes]) for t in spec.tasks}
+    tcfg, weighted = weighted_config(cfg, tcfg, spec.tasks, pooled_y, "the pooled training data")
     test, val = SplitTensors.from_split(refs.test), SplitTensors.from_split(refs.val)
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=plan_by_node(cfg))
     recorder.start()
+    if weighted is not None:
+        recorder.extra["class_weighting"] = {**weighted, "counts_from": "pooled: every node's "
+            "labelled training samples, at one place"}  # fmt: skip
     n_nodes, ssl_rounds = layout.num_nodes, int(b["pretrain_rounds"])
     per_round = ssl_train_config(cfg, tcfg)  # one federated SSL round's budget at a node
     ssl_cfg = replace(

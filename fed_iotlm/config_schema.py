@@ -298,6 +298,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     # e.g. {activity: 1.0, location: 0.5}
     task_weights: dict[str, float] = field(default_factory=dict)
+    # none | balanced: per task, class c's cross-entropy weight is n / (K · n_c) over the
+    # labelled training samples (fed_iotlm/models/class_weights.py); the counts are the
+    # federation's global ones (summed by the statistics round), the centralized
+    # baseline's pooled ones, the local-only baseline's own; results.json records them
+    class_weighting: str = "none"
     # auto (a GPU share from Ray / a visible GPU, else CPU) | cpu | cuda (fed_iotlm/models/device.py)
     device: str = "auto"
 

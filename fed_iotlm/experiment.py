@@ -10,6 +10,7 @@ from fed_iotlm.binding.ssl import SSLConfig, rotation_groups
 from fed_iotlm.binding.training import BindTrainConfig
 from fed_iotlm.config_schema import block, section
 from fed_iotlm.data.federation import build_layout
+from fed_iotlm.models.class_weights import class_weighting_mode
 from fed_iotlm.models.device import binding_device
 from fed_iotlm.models.multisensory import ModelSpec
 from fed_iotlm.models.training import TrainConfig
@@ -76,7 +77,10 @@ def shared_modality(cfg: dict, ds=None) -> str:
 
 
 def train_config(cfg: dict) -> TrainConfig:
+    """Local training settings; class weights (``train.class_weighting=balanced``) are
+    added where the class counts are known (statistics round, baselines)."""
     t = block(cfg, "train")
+    class_weighting_mode(cfg)  # a bad value fails here, before any data is read
     return TrainConfig(
         epochs=int(t["epochs"]),
         batch_size=int(t["batch_size"]),

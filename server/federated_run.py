@@ -20,6 +20,7 @@ from fed_iotlm.evaluation import test_report
 from fed_iotlm.experiment import check_method, model_spec
 from fed_iotlm.federation.adapter_sync import sync_meta
 from fed_iotlm.federation.bundle import save_bundle, statistics_meta
+from fed_iotlm.federation.class_balance import weights_record
 from fed_iotlm.federation.normalization import norm_record, normalization_mode
 from fed_iotlm.federation.privacy import attach_privacy, dp_config, privacy_report
 from fed_iotlm.federation.records import (
@@ -44,6 +45,7 @@ from fed_iotlm.federation.run_model import sync_model
 from fed_iotlm.federation.secure import SecureSettings, check_composable
 from fed_iotlm.federation.secure_statistics import StatsLayout, channel_shape
 from fed_iotlm.federation.strategy import ModalityAwareFedAvg, build_strategy
+from fed_iotlm.models.class_weights import balanced_weights, class_weighting_mode, weights_block
 from fed_iotlm.models.device import train_placement
 from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
 from fed_iotlm.protocol import protocol_record
@@ -59,8 +61,8 @@ from .secure_rounds import SecureRounds
 from .statistics import (
     STATISTICS_TIMEOUT_S,
     StatisticsGrid,
+    gather_statistics,
     secure_statistics_round,
-    statistics_round,
 )
 
 
@@ -85,8 +87,9 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     roster = identify_nodes(grid, layout.num_nodes)  # deployed sites report their own plan
     # input statistics from the nodes' training data; every later message carries them
     stats_withheld: list[str] = []  # SecAgg+: modalities with too few holders
+    balance: dict = {}  # train.class_weighting=balanced: the global counts and weights
     grid, scaler = pooled_statistics(
-        grid, cfg, roster.node_ids.values(), round_timeout, layout, stats_withheld
+        grid, cfg, roster.node_ids.values(), round_timeout, layout, stats_withheld, balance
     )
     # deployed sites: the config's dataset is not their data, so the nodes score each round
     where = evaluation_mode(cfg, roster.deployed)
@@ -110,6 +113,8 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=roster.plan)
     checkpointer = ServerCheckpointer(cfg, out_dir, strategy)
     recorder.start()
+    if balance:
+        recorder.extra["class_weighting"] = balance
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> dict[str, float]:
         """The round's evaluation: on the server's reference sets, or (evaluation=nodes)
@@ -217,25 +222,57 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     return recorder.finish(report, node_accuracy, comm, val=val_report)
 
 
-def pooled_statistics(grid: Grid, cfg: dict, node_ids, timeout: float, layout, withheld: list[str]):
+def pooled_statistics(
+    grid: Grid,
+    cfg: dict,
+    node_ids,
+    timeout: float,
+    layout,
+    withheld: list[str],
+    balance: dict | None = None,
+):
     """``normalization=federated``: the statistics round (under SecAgg+ with
     ``secagg.enabled``; modalities it did not release are appended to ``withheld``), and
     a Grid that attaches its result to every later message; ``per_site``: the Grid as
-    it is, no statistics."""
+    it is, no statistics.  ``train.class_weighting=balanced``: the same round sums the
+    nodes' class counts; the weights travel with every later message and ``balance``
+    receives what results.json records."""
+    balanced = class_weighting_mode(cfg) == "balanced"
     if normalization_mode(cfg) != "federated":
+        if balanced:
+            raise ValueError(
+                "train.class_weighting=balanced needs normalization=federated: the global "
+                "class counts are summed by the statistics round, which per_site skips"
+            )
         return grid, None
     secure = SecureSettings.from_config(cfg)
+    tasks = {t: s.num_classes for t, s in layout.dataset.meta.tasks.items()}
     if secure.enabled:  # one SecAgg+ sum: no node's sums reach the server
-        stats_layout = StatsLayout.of(training_channel_shapes(layout), secure)
+        shapes = training_channel_shapes(layout)
+        stats_layout = StatsLayout.of(shapes, secure, tasks if balanced else None)
         found = secure_statistics_round(grid, stats_layout, secure, len(list(node_ids)))
         if found.withheld:
             withheld.extend(found.withheld)
-        scaler = found.scaler
+        scaler, counts = found.scaler, found.class_counts
     else:
         # every node must answer, cold ClientApp starts included: the roll call's patience
         wait = max(timeout, STATISTICS_TIMEOUT_S)
-        scaler = statistics_round(grid, node_ids, wait).standardizer()
-    return StatisticsGrid(grid, norm_record(scaler)), scaler
+        sums, counts = gather_statistics(grid, node_ids, wait, class_counts=balanced)
+        scaler = sums.standardizer()
+    weights = None
+    if balanced:
+        counts = {t: counts.get(t, np.zeros(k, np.int64)) for t, k in tasks.items()}
+        by_task = balanced_weights(counts, "federation's training data (summed over nodes)")
+        weights = weights_record(by_task)
+        if balance is not None:
+            how = GLOBAL_COUNTS + (
+                " under SecAgg+ (the server saw only the sum)" if secure.enabled else ""
+            )
+            balance.update(weights_block(how, counts, by_task))
+    return StatisticsGrid(grid, norm_record(scaler), weights), scaler
+
+
+GLOBAL_COUNTS = "global: every node's labelled training samples, summed by the statistics round"
 
 
 def training_channel_shapes(layout) -> dict[str, tuple[int, ...]]:

@@ -16,18 +16,27 @@ import logging
 from collections.abc import Iterable
 from dataclasses import replace
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fed_iotlm.data.preprocess import ChannelSums
+from fed_iotlm.federation.class_balance import (
+    ASK_COUNTS,
+    COUNTS_KEY,
+    WEIGHTS_KEY,
+    counts_from_record,
+)
 from fed_iotlm.federation.normalization import NORM_KEY, STATS_MESSAGE, sums_from_record
 from fed_iotlm.federation.secure import SecureSettings
 from fed_iotlm.federation.secure_statistics import (
     KEY_MODALITIES,
+    KEY_TASKS,
     STATS_PHASE,
     SecureStatistics,
     StatsLayout,
 )
+from fed_iotlm.models.class_weights import add_counts
 
 from .chunked import send_and_receive_chunked
 from .roster import LiveNodesGrid
@@ -42,10 +51,20 @@ STATISTICS_TIMEOUT_S = 900.0
 def statistics_round(grid: Grid, node_ids: Iterable[int], timeout: float) -> ChannelSums:
     """Σ over nodes of their training data's per-channel sums; every node must answer
     (statistics from some sites only would standardise the others' data wrongly)."""
+    return gather_statistics(grid, node_ids, timeout)[0]
+
+
+def gather_statistics(
+    grid: Grid, node_ids: Iterable[int], timeout: float, class_counts: bool = False
+) -> tuple[ChannelSums, dict[str, np.ndarray] | None]:
+    """:func:`statistics_round`, and with ``class_counts`` (``train.class_weighting=
+    balanced``) also Σ over nodes of their per-task class counts (the global counts,
+    :mod:`fed_iotlm.federation.class_balance`); None without."""
     ids = list(node_ids)
+    config = ConfigRecord({ASK_COUNTS: True} if class_counts else {})
     messages = [
         Message(
-            RecordDict({"config": ConfigRecord()}),
+            RecordDict({"config": config}),
             message_type=STATS_MESSAGE,
             dst_node_id=node_id,
         )
@@ -59,10 +78,18 @@ def statistics_round(grid: Grid, node_ids: Iterable[int], timeout: float) -> Cha
             f"{len(failed)} failed ({failed}); the pooled input statistics need every node"
         )
     total = ChannelSums({}, {}, {})
+    counts: dict[str, np.ndarray] | None = {} if class_counts else None
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # a fixed float order
         total = total + sums_from_record(reply.content.array_records["stats"])
+        if counts is not None:
+            if COUNTS_KEY not in reply.content.array_records:
+                raise RuntimeError(
+                    f"statistics round: node {reply.metadata.src_node_id} sent no class "
+                    "counts though train.class_weighting=balanced asked for them"
+                )
+            counts = add_counts(counts, counts_from_record(reply.content.array_records[COUNTS_KEY]))
     log.info("statistics round: %s nodes, modalities %s", len(replies), sorted(total.count))
-    return total
+    return total, counts
 
 
 def secure_statistics_round(
@@ -83,6 +110,8 @@ def secure_statistics_round(
     minimum = int(settings.min_holders)
     release = [m for m in layout.modalities if holders[m] >= minimum]
     config = {"phase": STATS_PHASE, KEY_MODALITIES: modalities, "release": ",".join(release)}
+    if layout.tasks:  # train.class_weighting=balanced: the class counts in the same sum
+        config[KEY_TASKS] = layout.tasks_text()
     sums = rounds.secure_sum(0, layout.templates(), config)
     _check_everyone(rounds, num_nodes, "sum")
     found = layout.decode(sums, settings)
@@ -107,11 +136,13 @@ def _check_everyone(rounds, num_nodes: int, what: str) -> None:
 
 
 class StatisticsGrid(LiveNodesGrid):
-    """A Grid that adds the pooled statistics (``norm``) to every message it sends."""
+    """A Grid that adds the pooled statistics (``norm``) to every message it sends, and
+    the class weights (``class_weights``) where ``train.class_weighting=balanced``."""
 
-    def __init__(self, inner: Grid, norm: ArrayRecord) -> None:
+    def __init__(self, inner: Grid, norm: ArrayRecord, weights: ArrayRecord | None = None) -> None:
         super().__init__(inner, [])
         self.norm = norm
+        self.weights = weights
 
     def get_node_ids(self) -> Iterable[int]:
         return self.inner.get_node_ids()
@@ -121,6 +152,8 @@ class StatisticsGrid(LiveNodesGrid):
         for msg in out:
             if NORM_KEY not in msg.content.array_records:
                 msg.content[NORM_KEY] = self.norm
+            if self.weights is not None and WEIGHTS_KEY not in msg.content.array_records:
+                msg.content[WEIGHTS_KEY] = self.weights
         return out
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

@@ -124,3 +124,47 @@ def test_a_node_with_another_channel_layout_is_refused_by_name():
     layout = StatsLayout.of({"imu": (1, 1, 4), "depth": (1, 2, 1, 1), "vec": (1, 5)}, SETTINGS)
     with pytest.raises(ValueError, match=r"node 2: 'imu' has channel shape \(1, 3\)"):
         layout.encode(split, SETTINGS, ["imu"], "node 2")
+
+
+def test_class_counts_in_the_secure_sum_equal_the_sum_of_the_nodes_counts():
+    """train.class_weighting=balanced under SecAgg+: each node's class counts end its
+    vector; through the quantiser and summed they decode to the global counts, and the
+    pooled mean/std are unchanged by them."""
+    from fed_iotlm.models.class_weights import add_counts, class_counts
+
+    rng = np.random.default_rng(1)
+    splits = _federation(rng)
+    tasks = {"activity": 5, "place": 3}
+    for i, s in enumerate(splits):  # skewed labels, some unlabelled, a class only one node has
+        n = len(s)
+        s.y["activity"] = rng.choice([-1, 0, 1, 1, 2, 4 if i == 0 else 2], size=n)
+        s.y["place"] = rng.choice([-1, 0, 2], size=n)
+    layout = _layout(splits)
+    counted = StatsLayout.of(
+        dict(zip(layout.modalities, layout.shapes, strict=True)), SETTINGS, tasks
+    )
+    rebuilt = StatsLayout.from_message(
+        ",".join(layout.modalities), counted.templates(), SETTINGS, counted.tasks_text()
+    )
+    assert rebuilt == counted  # what a node rebuilds from the server's message
+    release = list(layout.modalities)
+    vectors = [counted.encode(s, SETTINGS, release, f"node {i}") for i, s in enumerate(splits)]
+    found = counted.decode(_through_secagg(vectors, SETTINGS), SETTINGS)
+    expected: dict[str, np.ndarray] = {}
+    for s in splits:
+        expected = add_counts(expected, class_counts(s.y, tasks))
+    assert {t: c.tolist() for t, c in found.class_counts.items()} == {
+        t: c.tolist() for t, c in expected.items()
+    }
+    assert found.class_counts["activity"][4] > 0 and found.class_counts["activity"][3] == 0
+    plain = layout.decode(
+        _through_secagg([layout.encode(s, SETTINGS, release) for s in splits], SETTINGS), SETTINGS
+    )
+    for m in plain.scaler.mean:
+        np.testing.assert_allclose(found.scaler.mean[m], plain.scaler.mean[m], rtol=1e-6)
+    assert plain.class_counts == {}  # without tasks the vector is as before
+
+
+def test_a_bad_task_entry_in_the_statistics_message_is_refused():
+    with pytest.raises(ValueError, match="bad task entry"):
+        StatsLayout.from_message("imu", [np.zeros((1, 1, 3))], SETTINGS, "activity")

@@ -112,7 +112,9 @@ def _batch_loss(model, src: BoundData, idx, gen, cfg, bcfg, stats) -> torch.Tens
     partners, the pseudo-pair terms."""
     x, mask, y = src.data.batch(idx)
     tokens = model.encode(x)
-    own, _ = multitask_loss(model.logits_from_tokens(tokens, mask), y, cfg.task_weights)
+    own, _ = multitask_loss(
+        model.logits_from_tokens(tokens, mask), y, cfg.task_weights, cfg.class_weights
+    )
     stats["loss_own"].append(float(own.detach()))
     loss = own
     if bcfg.own_pair_weight > 0 and len(tokens) > 1:
@@ -171,5 +173,7 @@ def _partner_terms(model, tokens, mask, y, partners, idx, gen, cfg, bcfg):
     any_partner = torch.stack([ppresent[m] for m in partners], 1).any(1)
     sample_w = torch.where(any_partner, sample_w, torch.zeros_like(sample_w))
     logits = model.logits_from_tokens(ptokens, ppresent)
-    pseudo, _ = multitask_loss(logits, y, cfg.task_weights, sample_weight=sample_w)
+    pseudo, _ = multitask_loss(
+        logits, y, cfg.task_weights, cfg.class_weights, sample_weight=sample_w
+    )
     return pseudo, contrastive

@@ -27,6 +27,11 @@ and is quantised with an error ≤ step, so the sum is off by about ``nodes · s
 of the std; the test's stated tolerance is 1e-5); with two limbs that case is off by
 2 %.
 
+With ``train.class_weighting=balanced`` the vector ends with each task's class counts of
+the node's labelled training samples, ``counts / max_count`` as limbs (``tasks`` of the
+layout, sent down as ``stats-tasks``): the server learns only their sum over every
+node, the global counts the balanced weights need (:mod:`.class_balance`).
+
 A census first (a SecAgg+ sum of the holder flags alone) tells the server how many nodes
 hold each modality; a modality with fewer than ``secagg.min_holders`` holders is not
 released: nodes submit zeros for it and the run logs and records it.  What the server
@@ -36,17 +41,19 @@ learns: the holders per modality and, per released modality, the pooled totals.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fed_iotlm.data.dataset import Split
 from fed_iotlm.data.preprocess import Standardizer
+from fed_iotlm.models.class_weights import class_counts
 
 from .secure import SecureRangeError, SecureSettings
 
 STATS_PHASE = "stats"  # the SecAgg+ train message's phase for the statistics sum
 KEY_MODALITIES = "stats-modalities"  # config: the federation's modalities, in vector order
+KEY_TASKS = "stats-tasks"  # config: "task:classes,..." whose class counts the vector ends with
 
 
 def _channel_axes(ndim: int) -> tuple[int, ...]:
@@ -95,18 +102,32 @@ class StatsLayout:
     shapes: tuple[tuple[int, ...], ...]
     centre: tuple[float, ...]
     bound: tuple[float, ...]
+    # (task, classes) whose class counts end the vector (class_weighting=balanced); () none
+    tasks: tuple[tuple[str, int], ...] = ()
 
     @classmethod
-    def of(cls, shapes: Mapping[str, Sequence[int]], settings: SecureSettings) -> StatsLayout:
+    def of(
+        cls,
+        shapes: Mapping[str, Sequence[int]],
+        settings: SecureSettings,
+        tasks: Mapping[str, int] | None = None,
+    ) -> StatsLayout:
         """Layout for ``shapes`` (modality -> keepdims channel shape) and the config's
-        ``stats_centre``/``stats_bound`` (a number, or a number per modality)."""
+        ``stats_centre``/``stats_bound`` (a number, or a number per modality); with
+        ``tasks`` (task -> classes) the class counts of those tasks as well."""
         mods = tuple(sorted(shapes))
         centre = tuple(_per_modality(settings.stats_centre, m, "stats_centre") for m in mods)
         bound = tuple(_per_modality(settings.stats_bound, m, "stats_bound") for m in mods)
         for m, b in zip(mods, bound, strict=True):
             if not b > 0:
                 raise ValueError(f"secagg.stats_bound for {m!r} must be > 0, got {b}")
-        return cls(mods, tuple(tuple(int(d) for d in shapes[m]) for m in mods), centre, bound)
+        counted = tuple((t, int(k)) for t, k in sorted((tasks or {}).items()))
+        shaped = tuple(tuple(int(d) for d in shapes[m]) for m in mods)
+        return cls(mods, shaped, centre, bound, counted)
+
+    def tasks_text(self) -> str:
+        """``tasks`` as the config carries them (``KEY_TASKS``)."""
+        return ",".join(f"{t}:{k}" for t, k in self.tasks)
 
     def templates(self) -> list[np.ndarray]:
         """Zeros of each modality's channel shape: what the server sends down, so a node
@@ -115,7 +136,11 @@ class StatsLayout:
 
     @classmethod
     def from_message(
-        cls, modalities: str, templates: Sequence[np.ndarray], settings: SecureSettings
+        cls,
+        modalities: str,
+        templates: Sequence[np.ndarray],
+        settings: SecureSettings,
+        tasks: str = "",
     ) -> StatsLayout:
         """The layout a node rebuilds from the server's message."""
         mods = [m for m in modalities.split(",") if m]
@@ -124,7 +149,14 @@ class StatsLayout:
                 f"statistics message: {len(mods)} modalities ({modalities!r}) but "
                 f"{len(templates)} shape templates"
             )
-        return cls.of({m: np.shape(t) for m, t in zip(mods, templates, strict=True)}, settings)
+        counted = {}
+        for item in (t for t in tasks.split(",") if t):
+            name, _, k = item.rpartition(":")
+            if not name or not k.isdigit():
+                raise ValueError(f"statistics message: bad task entry {item!r} in {tasks!r}")
+            counted[name] = int(k)
+        shapes = {m: np.shape(t) for m, t in zip(mods, templates, strict=True)}
+        return cls.of(shapes, settings, counted)
 
     def census(self, held: Collection[str]) -> list[np.ndarray]:
         """A node's holder flags alone (1 per modality it holds present samples of)."""
@@ -178,7 +210,25 @@ class StatsLayout:
                 shares[i], flags[i] = n / max_count, 1.0
             vector.extend((*split_limbs(s1, step), *split_limbs(s2, step)))
         vector.extend((*split_limbs(shares, step), flags))
+        vector.extend(self._class_counts(split, max_count, step, node))
         return vector
+
+    def _class_counts(
+        self, split: Split, max_count: float, step: float, node: str
+    ) -> list[np.ndarray]:
+        """Per task of ``tasks``: the node's class counts / max_count, as limbs."""
+        if not self.tasks:
+            return []
+        counts = class_counts(split.y, dict(self.tasks))
+        out: list[np.ndarray] = []
+        for task, _ in self.tasks:
+            if counts[task].sum() > max_count:
+                raise SecureRangeError(
+                    f"{node}: {int(counts[task].sum())} labels of {task!r} exceed "
+                    f"secagg.max_count={max_count:.0f}"
+                )
+            out.extend(split_limbs(counts[task] / max_count, step))
+        return out
 
     def _scaled(self, present: np.ndarray, i: int, node: str) -> np.ndarray:
         """(x − c) / B, refusing any value beyond the public bound."""
@@ -198,10 +248,16 @@ class StatsLayout:
         """Pooled mean/std per released modality from the sum of every node's vector; a
         modality below ``secagg.min_holders`` holders in this sum is withheld."""
         per, k = 2 * LIMBS, LIMBS
-        expected = per * len(self.modalities) + k + 1
+        base = per * len(self.modalities) + k + 1
+        expected = base + LIMBS * len(self.tasks)
         if len(sums) != expected:
             raise ValueError(f"statistics sum has {len(sums)} arrays, expected {expected}")
         step, max_count = settings.step(), float(settings.max_count)
+        counted: dict[str, np.ndarray] = {}
+        for i, (t, _) in enumerate(self.tasks):
+            limbs = sums[base + LIMBS * i : base + LIMBS * (i + 1)]
+            counted[t] = np.rint(join_limbs(limbs, step) * max_count).astype(np.int64)
+        sums = sums[:base]
         shares = join_limbs(sums[-k - 1 : -1], step) * max_count
         flags = np.rint(np.asarray(sums[-1], dtype=np.float64)).astype(int)
         mean, std, counts, holders, withheld = {}, {}, {}, {}, []
@@ -220,7 +276,7 @@ class StatsLayout:
             var = np.maximum(s2 - np.square(s1), 0.0) * b * b
             std[m] = np.maximum(np.sqrt(var), 1e-6).astype(np.float32)
             counts[m] = n
-        return SecureStatistics(Standardizer(mean, std), counts, holders, sorted(withheld))
+        return SecureStatistics(Standardizer(mean, std), counts, holders, sorted(withheld), counted)
 
 
 @dataclass(frozen=True)
@@ -231,6 +287,8 @@ class SecureStatistics:
     counts: dict[str, float]  # pooled samples per released modality
     holders: dict[str, int]  # holders per modality held by anyone
     withheld: list[str]  # held, but by fewer than secagg.min_holders nodes
+    # per task, the class counts summed over every node (layout.tasks; else empty)
+    class_counts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _present(split: Split, m: str) -> np.ndarray | None:

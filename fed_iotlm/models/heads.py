@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -49,6 +51,7 @@ def multitask_loss(
     logits: dict[str, torch.Tensor],
     labels: dict[str, torch.Tensor],
     weights: dict[str, float] | None = None,
+    class_weights: Mapping[str, Sequence[float]] | None = None,
     sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Weighted sum over tasks of the mean cross-entropy on labelled (>= 0) entries.
@@ -56,7 +59,11 @@ def multitask_loss(
     Returns the loss and, per task, how many labelled entries contributed; a task with
     no labelled entry in the batch contributes nothing (not a NaN).  With
     ``sample_weight`` (>= 0, e.g. MMBind pair weights) each task's term is the
-    weighted mean Σ w_i ℓ_i / Σ w_i over its labelled entries.
+    weighted mean Σ w_i ℓ_i / Σ w_i over its labelled entries.  With ``class_weights``
+    (per task, one weight per class: ``train.class_weighting=balanced``) entry i also
+    weighs ``cw[y_i]``: Σ cw[y_i] ℓ_i / Σ cw[y_i] (times ``w_i`` in both sums), PyTorch's
+    weighted mean; a batch whose labelled entries all weigh 0 contributes nothing.
+    Without them the computation is the unweighted one, unchanged.
     """
     total = next(iter(logits.values())).new_zeros(())
     counts: dict[str, int] = {}
@@ -67,6 +74,11 @@ def multitask_loss(
         if counts[task] == 0:
             continue
         w = 1.0 if weights is None else float(weights.get(task, 1.0))
+        if class_weights is not None and task in class_weights:
+            term = _class_weighted(out[keep], y[keep], class_weights[task], sample_weight, keep)
+            if term is not None:
+                total = total + w * term
+            continue
         if sample_weight is None:
             total = total + w * F.cross_entropy(out[keep], y[keep])
             continue
@@ -76,3 +88,28 @@ def multitask_loss(
         per = F.cross_entropy(out[keep], y[keep], reduction="none")
         total = total + w * (sw * per).sum() / sw.sum()
     return total, counts
+
+
+def _class_weighted(
+    out: torch.Tensor,
+    y: torch.Tensor,
+    cw: Sequence[float],
+    sample_weight: torch.Tensor | None,
+    keep: torch.Tensor,
+) -> torch.Tensor | None:
+    """Σ v_i cw[y_i] ℓ_i / Σ v_i cw[y_i] over labelled entries (v_i = sample weight or 1);
+    None when the denominator is 0 (nothing of weight in this batch)."""
+    weight = torch.as_tensor(cw, dtype=torch.float32, device=out.device)
+    if weight.shape[0] != out.shape[1]:
+        raise ValueError(
+            f"class weights: {weight.shape[0]} weights for a task of {out.shape[1]} classes"
+        )
+    per = F.cross_entropy(out, y, weight=weight, reduction="none")  # cw[y_i] · ℓ_i
+    each = weight[y]
+    if sample_weight is not None:
+        sw = sample_weight[keep].to(per.dtype)
+        per, each = sw * per, sw * each
+    denom = each.sum()
+    if float(denom) <= 0:
+        return None
+    return per.sum() / denom

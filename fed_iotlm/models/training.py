@@ -70,6 +70,9 @@ class TrainConfig:
     proximal_mu: float = 0.0
     task_weights: dict[str, float] | None = None
     steps: int | None = None  # optimiser steps per node per round; None = epochs over the data
+    # per task, one cross-entropy weight per class (train.class_weighting=balanced:
+    # fed_iotlm/models/class_weights.py); None = the unweighted loss
+    class_weights: dict[str, tuple[float, ...]] | None = None
 
 
 def train_local(
@@ -104,7 +107,7 @@ def train_local(
     for batch in batch_schedule(index, cfg, gen):
         x, mask, y = data.batch(batch)
         with place.autocast():
-            loss, _ = multitask_loss(model(x, mask), y, cfg.task_weights)
+            loss, _ = multitask_loss(model(x, mask), y, cfg.task_weights, cfg.class_weights)
         if anchor is not None:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
             loss = loss + 0.5 * cfg.proximal_mu * prox
