@@ -20,6 +20,34 @@ from .sensor_lm import SensorLM
 from .sequences import SequenceBuilder
 
 
+def greedy_answers(
+    model: SensorLM,
+    builder: SequenceBuilder,
+    feats: SensorFeatures,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 10,
+    sensors: bool = True,
+    shots: Callable[[Example], Sequence[Example]] | None = None,
+) -> list[str]:
+    """The decoded greedy answer to each example's last question, in order: the one
+    generation loop every generation scorer (classification, the other question types)
+    parses its own way."""
+    texts: list[str] = []
+    for i in range(0, len(examples), batch_size):
+        chunk = list(examples[i : i + batch_size])
+        encs = [builder.encode(ex, shots(ex) if shots else (), prompt_only=True) for ex in chunk]
+        batch = builder.collate(encs, left_pad=True).to(feats.present.device)
+        if sensors:
+            out = model.generate(batch, feats, builder.eos_id, max_new_tokens)
+        else:
+            with model.peft.disable_adapter():  # the LM as shipped: no LoRA, no sensors
+                out = model.generate(batch, feats, builder.eos_id, max_new_tokens, sensors=False)
+        texts += [builder.tok.decode(ids, skip_special_tokens=True).strip() for ids in out]
+    return texts
+
+
 def generation_accuracy(
     model: SensorLM,
     builder: SequenceBuilder,
@@ -37,28 +65,22 @@ def generation_accuracy(
     ``accuracy`` is the mean over tasks (as everywhere in results.json)."""
     correct: dict[str, list[bool]] = {}
     answered, samples = [], []
-    for i in range(0, len(examples), batch_size):
-        chunk = list(examples[i : i + batch_size])
-        encs = [builder.encode(ex, shots(ex) if shots else (), prompt_only=True) for ex in chunk]
-        batch = builder.collate(encs, left_pad=True).to(feats.present.device)
-        if sensors:
-            out = model.generate(batch, feats, builder.eos_id, max_new_tokens)
-        else:
-            with model.peft.disable_adapter():  # the LM as shipped: no LoRA, no sensors
-                out = model.generate(batch, feats, builder.eos_id, max_new_tokens, sensors=False)
-        for ex, ids in zip(chunk, out, strict=True):
-            text = builder.tok.decode(ids, skip_special_tokens=True).strip()
-            pred = answer_to_class(text, meta.tasks[ex.task])
-            answered.append(pred is not None)
-            correct.setdefault(ex.task, []).append(pred == ex.label)
-            if len(samples) < keep:
-                samples.append(
-                    {
-                        "question": ex.turns[-1].question,
-                        "answer": text,
-                        "label": meta.tasks[ex.task].classes[ex.label],
-                    }
-                )
+    texts = greedy_answers(
+        model, builder, feats, examples,
+        batch_size=batch_size, max_new_tokens=max_new_tokens, sensors=sensors, shots=shots,
+    )  # fmt: skip
+    for ex, text in zip(examples, texts, strict=True):
+        pred = answer_to_class(text, meta.tasks[ex.task])
+        answered.append(pred is not None)
+        correct.setdefault(ex.task, []).append(pred == ex.label)
+        if len(samples) < keep:
+            samples.append(
+                {
+                    "question": ex.turns[-1].question,
+                    "answer": text,
+                    "label": meta.tasks[ex.task].classes[ex.label],
+                }
+            )
     by_task = {t: float(np.mean(v)) for t, v in correct.items()}
     return {
         "accuracy": float(np.mean(list(by_task.values()))) if by_task else float("nan"),

@@ -23,6 +23,7 @@ import numpy as np
 
 from fed_iotlm.data.dataset import DatasetMeta
 
+from .evaluation import greedy_answers
 from .features import SensorFeatures
 from .instructions import Example
 from .questions import TWO_TASK_ANSWERS, parse_count, parse_two_tasks, parse_yes_no, two_task_answer
@@ -113,23 +114,14 @@ def generation_scores(
     keep: int = 3,
 ) -> dict:
     """Greedy answers parsed back and scored (see the module docstring)."""
-    preds, samples = [], []
-    for i in range(0, len(examples), batch_size):
-        chunk = list(examples[i : i + batch_size])
-        encs = [builder.encode(ex, prompt_only=True) for ex in chunk]
-        batch = builder.collate(encs, left_pad=True).to(feats.present.device)
-        out = model.generate(batch, feats, builder.eos_id, max_new_tokens)
-        for ex, ids in zip(chunk, out, strict=True):
-            text = builder.tok.decode(ids, skip_special_tokens=True).strip()
-            preds.append(parse(ex, text, meta))
-            if len(samples) < keep:
-                samples.append(
-                    {
-                        "question": ex.turns[-1].question,
-                        "answer": text,
-                        "truth": ex.turns[-1].answer,
-                    }
-                )
+    texts = greedy_answers(
+        model, builder, feats, examples, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+    preds = [parse(ex, text, meta) for ex, text in zip(examples, texts, strict=True)]
+    samples = [
+        {"question": ex.turns[-1].question, "answer": text, "truth": ex.turns[-1].answer}
+        for ex, text in zip(examples[:keep], texts, strict=False)
+    ]
     return metrics(examples, preds) | {"samples": samples}
 
 
