@@ -34,7 +34,7 @@ compare: $(STAMP)  ## federated vs fedavg (zero-filled) vs local-only vs central
 	for m in federated fedavg local centralized; do $(BIN)/python -m simulations.run method=$$m || exit 1; done
 
 test: $(STAMP)  ## exit code 5 (no test collected) is reported as the failure it is here
-	@$(BIN)/python -m pytest -q -m "not long" tests; rc=$$?; \
+	@$(BIN)/python -m pytest -q --durations=25 -m "not long" tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing"; fi; exit $$rc
 
 test-long: $(STAMP)  ## the ~30-minute real-process runs `make test` leaves out (server kill + resume)
