@@ -238,3 +238,55 @@ def test_a_held_out_task_the_data_lacks_is_refused_before_tuning() -> None:
     with pytest.raises(ValueError, match="nothing left to tune"):
         check_held_out("location", ["location"], 4, ["prefix"])
     check_held_out(None, ["activity"], 4, ["adapter"])
+
+
+# ---------------------------------------------------------------- the study
+
+
+def fake_run(seed: int, val: dict, test: float, kind: str = "prefix") -> dict:
+    """A results.json as the stage writes it, held-out part only: ``val`` maps
+    (shots, scoring) to a validation accuracy; every test figure is ``test``."""
+
+    def part(figs):
+        return {
+            "zero_shot": {s: {"accuracy": figs("zero_shot", s), "answered": 1.0}
+                          for s in ("generation", "loglik")},
+            "few_shot": None if kind != "prefix" else {
+                s: {"accuracy": figs("few_shot", s), "answered": 1.0}
+                for s in ("generation", "loglik")},
+        }  # fmt: skip
+
+    fs = {
+        "val": part(lambda shots, s: val.get((shots, s), 0.1)),
+        "test": part(lambda shots, s: test),
+        "shots_refused": None if kind == "prefix" else "refused: one unordered set",
+        "majority": {"accuracy": 0.3},
+        "chance": 0.25,
+    }
+    return {"seed": seed, "test": {"accuracy": 0.6}, "code_version": {"commit": "abc1234", "dirty": False},
+            "llm": {"conditioning": {kind: {"fewshot": fs}}}}  # fmt: skip
+
+
+def test_the_study_chooses_on_validation_only_and_names_its_code_version() -> None:
+    from simulations.transfer_study import choose, markdown, one_code_version, table, val_cells
+
+    good = {("few_shot", "loglik"): 0.6}
+    runs = {
+        ("baseline", "prefix"): [fake_run(0, {}, test=0.9)],  # best on test, not on val
+        ("+options", "prefix"): [fake_run(0, good, test=0.2)],
+    }
+    chosen = choose(val_cells(runs))
+    assert chosen == ("+options", "few_shot", "loglik")
+    runs[("+options", "prefix")] = [fake_run(0, good, test=0.95)]  # test moves: no change
+    assert choose(val_cells(runs)) == chosen
+    runs[("+options", "adapter")] = [fake_run(0, {}, test=0.3, kind="adapter")]
+    assert ("+options", "few_shot", "loglik") in val_cells(runs)
+    assert {k[1] for k in val_cells(runs, "adapter")} == {"zero_shot"}  # shots refused
+    every = [r for rs in runs.values() for r in rs]
+    doc = markdown(table(runs, "location", 4), chosen, "location", one_code_version(every),
+                   {"majority": [0.3], "chance": 0.25}, "python -m simulations.transfer_study")  # fmt: skip
+    assert "code `abc1234`" in doc and "refused" in doc
+    from tests.test_doc_tables import VERSION, tables
+
+    for t in tables(doc, "transfer.md"):
+        assert VERSION.search(t.caption), t.caption
