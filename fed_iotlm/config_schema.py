@@ -177,10 +177,20 @@ class LlmSeedAdapterConfig:
 
 @dataclass
 class LlmFewshotConfig:
-    """A task held out from tuning, asked with k in-context examples."""
+    """A task held out from tuning, asked with k in-context examples, and the wording
+    knobs that may help transfer to it (docs/llm.md "Transfer to a held-out task"; each
+    off by default, and each changes the training questions too)."""
 
     task: str | None = None
+    # in-context examples before each question of the held-out task (0: zero-shot only);
+    # prefix conditioning only (the adapters take a sequence's recordings as one set)
     k: int = 4
+    # every classification question ends "Answer with one of: a, b, c."
+    options: bool = False
+    # ... with each class in words: meta.json tasks.<t>.descriptions, else "<class> (<task>)"
+    descriptions: bool = False
+    # training questions from a larger pool of phrasings (held-out templates stay held out)
+    diversity: bool = False
 
 
 @dataclass
@@ -657,6 +667,7 @@ RANGES: dict[str, Range] = {
     "llm.seed_adapter.rank": AT_LEAST_1,
     "llm.lora.r": AT_LEAST_1,
     "llm.count_recordings": Range(2, 9),
+    "llm.fewshot.k": AT_LEAST_0,
     "llm.federated.rounds": AT_LEAST_1,
     "llm.federated.local_steps": AT_LEAST_1,
     "llm.federated.sites": AT_LEAST_1,

@@ -63,7 +63,7 @@ CHANNEL_AXIS: dict[str, int] = {
 }
 
 _MODALITY_FIELDS = frozenset({"kind", "rate_hz", "channels"})
-_TASK_FIELDS = frozenset({"type", "classes"})
+_TASK_FIELDS = frozenset({"type", "classes", "descriptions"})
 _OPTIONAL_INT_KEYS: tuple[str, ...] = ("site", "subject")
 
 
@@ -201,7 +201,28 @@ def _parse_task(path: Path, name: str, entry: Any) -> TaskSpec:
     dups = sorted(c for c, count in Counter(classes).items() if count > 1)
     if dups:
         raise _fail(path, f"duplicate class name(s) {dups}", f"{key}.classes")
-    return TaskSpec(name=name, classes=tuple(classes), type=task_type)
+    descriptions = _parse_descriptions(path, key, classes, entry.get("descriptions"))
+    return TaskSpec(name=name, classes=tuple(classes), type=task_type, descriptions=descriptions)
+
+
+def _parse_descriptions(path: Path, key: str, classes: list[str], given: Any) -> tuple[str, ...]:
+    """Optional ``tasks.<t>.descriptions``: ``{"<class>": "words", ...}`` for some or all
+    classes, aligned to ``classes`` ("" where none is given; () when the key is absent).
+    A key that is not a class is an error: a misspelt class would silently lose its words."""
+    if given is None:
+        return ()
+    where = f"{key}.descriptions"
+    if not isinstance(given, dict):
+        raise _fail(
+            path, f"expected an object {{class: description}}, got {type(given).__name__}", where
+        )
+    unknown = sorted(set(given) - set(classes))
+    if unknown:
+        raise _fail(path, f"not class name(s) {unknown}; the classes are {classes}", where)
+    bad = sorted(c for c, d in given.items() if not isinstance(d, str) or not d.strip())
+    if bad:
+        raise _fail(path, f"expected a non-empty string for class(es) {bad}", where)
+    return tuple(given.get(c, "").strip() for c in classes)
 
 
 # ------------------------------------------------------------------------------- <split>.npz

@@ -91,10 +91,25 @@ class TaskSpec:
     name: str
     classes: tuple[str, ...]
     type: str = "classification"
+    # optional words per class, aligned with ``classes`` ("" = none given): what the LM
+    # stage shows beside a class name when it lists the options (meta.json
+    # ``tasks.<t>.descriptions``); empty: no descriptions at all
+    descriptions: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def description(self, label: int) -> str:
+        """Class ``label`` in words: its description if the data gives one, else its
+        name with the task's ("kitchen (location)"), so every class has one."""
+        given = self.descriptions[label] if label < len(self.descriptions) else ""
+        return given or f"{self.classes[label]} ({self.name.replace('_', ' ')})"
+
     def to_json(self) -> dict:
-        return {"type": self.type, "classes": list(self.classes)}
+        out: dict = {"type": self.type, "classes": list(self.classes)}
+        if any(self.descriptions):
+            out["descriptions"] = {
+                c: d for c, d in zip(self.classes, self.descriptions, strict=True) if d
+            }
+        return out

@@ -99,10 +99,12 @@ def option_accuracy(
     meta: DatasetMeta,
     *,
     batch_size: int = 32,
+    shots: Callable[[Example], Sequence[Example]] | None = None,
     **_: object,
 ) -> dict:
     """Score each class name (as the bare answer form the LM is tuned on, plus the end of
-    turn) and pick the likeliest; every question is answered by construction."""
+    turn) and pick the likeliest; every question is answered by construction.  ``shots``:
+    answered in-context examples before each question, as in generation."""
     correct: dict[str, list[bool]] = {}
     by_task: dict[str, list[Example]] = {}
     for ex in examples:
@@ -114,7 +116,8 @@ def option_accuracy(
         for i in range(0, len(exs), step):
             chunk = exs[i : i + step]
             batch = builder.collate(
-                [builder.encode(ex, prompt_only=True) for ex in chunk], left_pad=True
+                [builder.encode(ex, shots(ex) if shots else (), prompt_only=True) for ex in chunk],
+                left_pad=True,
             ).to(feats.present.device)
             pred = model.option_scores(batch, feats, options, builder.pad_id).argmax(-1)
             correct.setdefault(task, []).extend(

@@ -62,8 +62,80 @@ FOLLOW_UPS: dict[str, tuple[str, ...]] = {
     "train": ("And what is the {task}?", "What about the {task}?", "Now tell me the {task}."),
     "heldout": ("One more thing: which {task} is it?", "Can you also give the {task}?"),
 }
+# llm.fewshot.diversity: more training phrasings, drawn with the seven above (worded
+# unlike the held-out set, which stays as it is and stays held out)
+MORE_TASK_QUESTIONS: tuple[str, ...] = (
+    "What {task} is this?",
+    "Name the {task} of this sample.",
+    "From this sample, determine the {task}.",
+    "What {task} do the {sensors} signals indicate?",
+    "Give the {task} for this sample.",
+    "Report the {task}.",
+    "Which of {options} is the {task}?",
+    "Label this recording's {task}.",
+    "What would you say the {task} is?",
+    "Predict the {task}.",
+    "Infer the {task} from the {sensors} signals.",
+    "Select the {task}: {options}.",
+    "Decide the {task} of this recording.",
+    "State the {task} shown by the sensors.",
+)
+MORE_FOLLOW_UPS: tuple[str, ...] = (
+    "Also, what is the {task}?",
+    "Next, the {task}?",
+    "And the {task}?",
+)
 ANSWER_FORMS = ("{cls}", "The {task} is {cls}.", "It looks like {cls}.")
 _JSONL_KEYS = ("index", "question", "answer", "task", "present")
+
+
+@dataclass(frozen=True)
+class Phrasing:
+    """How classification questions are worded (``llm.fewshot.*``; all off: as before).
+
+    ``options``: every classification question ends with the task's classes, "Answer
+    with one of: a, b, c.", so the LM learns to pick from a list it is given rather than
+    from the classes of the task it was tuned on; ``descriptions``: that list describes
+    each class in words (:meth:`TaskSpec.description`); ``diversity``: training
+    questions are drawn from a larger pool of phrasings (held-out ones stay held out)."""
+
+    options: bool = False
+    descriptions: bool = False
+    diversity: bool = False
+
+    def __post_init__(self) -> None:
+        if self.descriptions and not self.options:
+            raise ValueError(
+                "llm.fewshot.descriptions describes the listed classes: set "
+                "llm.fewshot.options=true too"
+            )
+
+    def questions(self, templates: str) -> tuple[str, ...]:
+        """The task-question pool of a template set."""
+        more = MORE_TASK_QUESTIONS if self.diversity and templates == "train" else ()
+        return TASK_QUESTIONS[templates] + more
+
+    def follow_ups(self, templates: str) -> tuple[str, ...]:
+        more = MORE_FOLLOW_UPS if self.diversity and templates == "train" else ()
+        return FOLLOW_UPS[templates] + more
+
+    def suffix(self, spec: TaskSpec) -> str:
+        """What follows the question: the class list, or nothing."""
+        if not self.options:
+            return ""
+        n = range(spec.num_classes)
+        named = [spec.description(i) for i in n] if self.descriptions else list(spec.classes)
+        return f" Answer with one of: {', '.join(named)}."
+
+
+def phrasing_of(fewshot: dict | None) -> Phrasing:
+    """The ``llm.fewshot`` block's wording knobs (absent: all off)."""
+    fs = fewshot or {}
+    return Phrasing(
+        bool(fs.get("options", False)),
+        bool(fs.get("descriptions", False)),
+        bool(fs.get("diversity", False)),
+    )
 
 
 @dataclass(frozen=True)
@@ -151,6 +223,7 @@ def _task_turn(
     spec: TaskSpec,
     label: int,
     present: tuple[str, ...],
+    phrasing: Phrasing = Phrasing(),
 ) -> tuple[int, Turn]:
     """A question about ``spec`` and an answer naming class ``label`` so it can be recovered."""
     task = spec.name.replace("_", " ")
@@ -160,7 +233,7 @@ def _task_turn(
     answer = form.format(task=task, cls=spec.classes[label])
     if answer_to_class(answer, spec) != label:  # e.g. the task name contains a class name
         answer = spec.classes[label]
-    return j, Turn(q.format(**fill), answer)
+    return j, Turn(q.format(**fill) + phrasing.suffix(spec), answer)
 
 
 def _presence_turn(
@@ -181,6 +254,7 @@ def _example(
     labelled: list[str],
     templates: str,
     presence: bool = True,
+    phrasing: Phrasing = Phrasing(),
 ) -> Example:
     """One example of ``kind`` for row ``i``; ``labelled`` are the tasks answerable for it.
     Without ``presence`` a dialog opens with its task question (a sensor-availability
@@ -190,7 +264,8 @@ def _example(
         return Example(i, present, (turn,), kind, None, None, f"presence:{templates}:{j}")
     _, task = _pick(rng, labelled)
     label = int(split.y[task][i])
-    q, turn = _task_turn(rng, TASK_QUESTIONS[templates], meta.tasks[task], label, present)
+    spec = meta.tasks[task]
+    q, turn = _task_turn(rng, phrasing.questions(templates), spec, label, present, phrasing)
     if kind == "task":
         return Example(i, present, (turn,), kind, task, label, f"{task}:{templates}:{q}")
     if presence:
@@ -202,8 +277,9 @@ def _example(
     if others:  # a follow-up about another task the sample is labelled for
         _, other = _pick(rng, others)
         f, follow = _task_turn(
-            rng, FOLLOW_UPS[templates], meta.tasks[other], int(split.y[other][i]), present
-        )
+            rng, phrasing.follow_ups(templates), meta.tasks[other], int(split.y[other][i]),
+            present, phrasing,
+        )  # fmt: skip
         turns, ids = [*turns, follow], f"{ids}.{f}"
     return Example(i, present, tuple(turns), "dialog", task, None, f"dialog:{templates}:{ids}")
 
@@ -252,6 +328,7 @@ def build_instructions(
     seed: int = 0,
     indices: Sequence[int] | None = None,
     presence_turns: bool = True,
+    phrasing: Phrasing = Phrasing(),
 ) -> list[Example]:
     """``per_sample`` seeded draws per sample: a kind uniformly, then a task among those labelled.
     ``presence_turns=False``: dialogs open with their task question instead of a sensor
@@ -272,7 +349,18 @@ def build_instructions(
         for _ in range(per_sample if usable else 0):
             _, kind = _pick(rng, usable)
             out.append(
-                _example(rng, meta, split, i, present, kind, labelled, templates, presence_turns)
+                _example(
+                    rng,
+                    meta,
+                    split,
+                    i,
+                    present,
+                    kind,
+                    labelled,
+                    templates,
+                    presence_turns,
+                    phrasing,
+                )  # fmt: skip
             )
     if not out:
         raise ValueError(
@@ -291,11 +379,13 @@ def task_examples(
     templates: str = "train",
     seed: int = 0,
     indices: Sequence[int] | None = None,
+    phrasing: Phrasing = Phrasing(),
 ) -> list[Example]:
     """Exactly one single-turn example per labelled sample with a present modality (for evaluation)."""
     return build_instructions(
-        meta, split, templates=templates, tasks=[task], kinds=("task",), seed=seed, indices=indices
-    )
+        meta, split, templates=templates, tasks=[task], kinds=("task",), seed=seed,
+        indices=indices, phrasing=phrasing,
+    )  # fmt: skip
 
 
 def _bad(where: str, key: str, problem: str) -> ValueError:

@@ -31,7 +31,7 @@ from fed_iotlm.data.dataset import DatasetMeta, Split
 from fed_iotlm.models.multisensory import MultisensoryModel
 
 from .features import SensorFeatures, sensor_features
-from .instructions import Example, build_instructions, load_jsonl, task_examples
+from .instructions import Example, build_instructions, load_jsonl, phrasing_of, task_examples
 from .questions import EXTRA_TYPES, check_types, type_examples
 from .uploads import (
     features_from_rows,
@@ -214,9 +214,11 @@ def stage_questions(data: StageData, lc: dict, seed: int, tasks: list[str]) -> S
     val = _cap(val, int(lc["val_samples"]), rng)
     test = _cap(np.arange(len(data.test)), int(lc["eval_samples"]), rng)
     kinds = tuple(lc["kinds"] or DEFAULT_KINDS)
+    phrasing = phrasing_of(lc["fewshot"])  # the wording knobs (all off by default)
     train = build_instructions(
         data.meta, data.train, templates="train", tasks=tasks, kinds=kinds,
         per_sample=int(lc["per_sample"]), seed=seed, indices=fit, presence_turns="presence" in kinds,
+        phrasing=phrasing,
     )  # fmt: skip
     if lc["instructions_jsonl"]:
         train += load_jsonl(Path(lc["instructions_jsonl"]), len(data.train))
@@ -225,7 +227,7 @@ def stage_questions(data: StageData, lc: dict, seed: int, tasks: list[str]) -> S
 
     def asked(split: Split, rows, templates: str, s: int, shift: int) -> dict:
         return {
-            t: [replace(ex, index=ex.index + shift) for ex in task_examples(data.meta, split, t, templates=templates, seed=s, indices=rows)]
+            t: [replace(ex, index=ex.index + shift) for ex in task_examples(data.meta, split, t, templates=templates, seed=s, indices=rows, phrasing=phrasing)]
             for t in all_tasks
         }  # fmt: skip
 

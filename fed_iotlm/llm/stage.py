@@ -26,7 +26,6 @@ from fed_iotlm.protocol import code_version
 from fed_iotlm.tracking import console
 
 from .evaluation import (
-    generation_accuracy,
     head_accuracy,
     majority_accuracy,
     score,
@@ -213,6 +212,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     data = stage_data(cfg, encoder, scaler) if data is None else data
     meta, feats = data.meta, data.feats.to(device)
     fewshot = lc["fewshot"]["task"]
+    check_held_out(fewshot, list(meta.tasks), int(lc["fewshot"]["k"]), list(lc["conditioning"]))
     tasks = [t for t in meta.tasks if t != fewshot]
     plan = phase_plan(lc["phases"], lc["phase_steps"], int(lc["steps"]))
     check_task_weights(lc["task_weights"], list(meta.tasks))  # refuse a typo before any tuning
@@ -294,11 +294,10 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
                 # ‖V_{l,τ}‖ per layer and task: how far A moved from its zero start
                 "up_norm": model.seed_adapter.up.detach().flatten(2).norm(dim=-1).tolist(),
             }
-        if fewshot and kind == "prefix":
-            report["fewshot"] = _fewshot(
-                model, builder, feats, meta, data.train, qs.fit_rows, qs.test[fewshot],
-                int(lc["fewshot"]["k"]), seed, gen,
-            )  # fmt: skip
+        if fewshot and model.sensor_part is not None:  # not the text-only control
+            report["fewshot"] = held_out_report(
+                model, builder, feats, data, qs, fewshot, lc, seed, scorings, gen
+            )
         reports[kind] = report
         figures = {s: round(report["val"][s]["accuracy"], 3) for s in scorings}
         console.print(f"  {kind}: validation accuracy {figures} (tuned {tune_s:.0f}s)")
@@ -437,21 +436,76 @@ def _type_table(
     return out
 
 
-def _fewshot(model, builder, feats, meta, train, rows, evals, k: int, seed: int, gen: dict) -> dict:
-    """Task held out from tuning: k answered in-context examples (with their own sensor
-    tokens, from the fit rows) before each question, against the same questions with none."""
-    task = evals[0].task
-    pool = task_examples(meta, train, task, templates="train", seed=seed, indices=rows)
+# why in-context examples run with prefix tokens only (said in results.json and docs)
+SHOTS_NEED_PREFIX = (
+    "in-context examples need each example's readings beside its own answer; {kind} "
+    "conditioning feeds all recordings of a sequence to the adapter as one unordered set "
+    "(adapter keys carry no position), so it cannot tell which example's readings go with "
+    "which answer: use prefix conditioning for k > 0"
+)
+
+
+def check_held_out(task: str | None, tasks: list[str], k: int, kinds: list[str]) -> None:
+    """Refuse a held-out task the data lacks, or one that would leave nothing to tune,
+    before any tuning; say once that non-prefix conditionings answer it zero-shot only."""
+    if task is None:
+        return
+    if task not in tasks:
+        raise ValueError(f"llm.fewshot.task={task!r}: the data's tasks are {tasks}")
+    if len(tasks) < 2:
+        raise ValueError(f"llm.fewshot.task={task!r} is the only task: nothing left to tune on")
+    for kind in kinds:
+        if k > 0 and kind != "prefix":
+            console.print(
+                f"  {kind}: zero-shot only on {task}; {SHOTS_NEED_PREFIX.format(kind=kind)}"
+            )
+
+
+def held_out_report(model, builder, feats, data, qs, task, lc, seed, scorings, gen) -> dict:
+    """The task held out from tuning (``llm.fewshot.task``), asked on its validation and
+    test questions (held-out templates, worded like the training ones: ``llm.fewshot``'s
+    options/descriptions) with no example and, for prefix conditioning, with k answered
+    in-context examples from the fit rows, each with its own sensor tokens; both scorings,
+    the held-out task's majority class and chance beside them.  Validation figures are
+    what a study may choose on; test is only reported."""
+    from .instructions import phrasing_of
+
+    fs, meta = lc["fewshot"], data.meta
+    k, kind = int(fs["k"]), builder.conditioning
+    phrasing = phrasing_of(fs)
+    pool = task_examples(meta, data.train, task, templates="train", seed=seed,
+                         indices=qs.fit_rows, phrasing=phrasing)  # fmt: skip
+    refused = SHOTS_NEED_PREFIX.format(kind=kind) if k > 0 and kind != "prefix" else None
+    out: dict = {"task": task, "k": k, "phrasing": vars(phrasing), "shots_refused": refused}
+    for part, evals in (("val", qs.val[task]), ("test", qs.test[task])):
+        shots = None if k == 0 or refused else draw_shots(pool, evals, k, seed + (part == "val"))
+        res = {"zero_shot": {}, "few_shot": {} if shots else None}
+        for s in scorings:
+            res["zero_shot"][s] = score(s, model, builder, feats, evals, meta, **gen)
+            if shots:
+                res["few_shot"][s] = score(s, model, builder, feats, evals, meta,
+                                           shots=shots.__getitem__, **gen)  # fmt: skip
+        out[part] = res
+    out["majority"] = majority_accuracy(data.train, qs.fit_rows, qs.test[task])
+    out["chance"] = 1.0 / meta.tasks[task].num_classes
+    # the first version's two figures (test, generation), kept under their old names
+    out["zero_shot"] = out["test"]["zero_shot"].get("generation", {}).get("accuracy")
+    few = out["test"]["few_shot"] or {}
+    out["few_shot"] = few.get("generation", {}).get("accuracy")
+    return out
+
+
+def draw_shots(pool, evals, k: int, seed: int) -> dict:
+    """k in-context examples per question, drawn once (seeded, without replacement, never
+    the question's own sample) so every scoring sees the same ones."""
+    if len(pool) < k + 1:
+        raise ValueError(f"llm.fewshot.k={k}: only {len(pool)} answered examples to draw from")
     rng = np.random.default_rng(seed + 1)
-    pick = lambda ex: [pool[j] for j in rng.choice(len(pool), k, replace=False)]  # noqa: E731
-    return {
-        "task": task,
-        "k": k,
-        "zero_shot": generation_accuracy(model, builder, feats, evals, meta, **gen)["accuracy"],
-        "few_shot": generation_accuracy(model, builder, feats, evals, meta, shots=pick, **gen)[
-            "accuracy"
-        ],
-    }
+    out = {}
+    for ex in evals:
+        picks = [pool[j] for j in rng.permutation(len(pool))[: k + 1] if pool[j].index != ex.index]
+        out[ex] = picks[:k]
+    return out
 
 
 def _log_mlflow(cfg: dict, doc: dict, path: Path) -> None:
