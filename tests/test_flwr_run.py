@@ -169,15 +169,17 @@ def _run_as_written(doc_run, tmp_path, timeout_s: float):
         log = flwr_home / "local-superlink" / "superlink.log"
         return log.read_text()[-3000:] if log.exists() else "(no superlink.log)"
 
+    cli_log = tmp_path / "flwr-run.log"
     try:
-        submitted = subprocess.run(
-            args, cwd=work, env=env, capture_output=True, text=True, timeout=120,
-            start_new_session=True,
-        )  # fmt: skip
-        run_procs.scan()
-        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-        started = re.search(r"Successfully started run (\d+)", submitted.stdout)
-        assert started, submitted.stdout + submitted.stderr
+        unbuffered = {**env, "PYTHONUNBUFFERED": "1"}  # its lines reach the log as written
+        proc = run_procs.start(args, cli_log, cwd=work, env=unbuffered)  # --stream: to the end
+        started, deadline = None, time.monotonic() + 120
+        while started is None and time.monotonic() < deadline:
+            started = re.search(r"Successfully started run (\d+)", cli_log.read_text())
+            if started is None and proc.poll() is not None:
+                break
+            time.sleep(1)  # the CLI's own output is all there is to wait on
+        assert started, cli_log.read_text()[-4000:]
         run_id = started.group(1)
 
         status, deadline = "", time.monotonic() + timeout_s
@@ -188,6 +190,8 @@ def _run_as_written(doc_run, tmp_path, timeout_s: float):
             status = json.loads(listed[listed.index("{") :])["runs"][0]["status"]
         shown = flwr("log", run_id, "--show")[-5000:]
         assert status == "finished:completed", f"{status}\n{shown}\n{context()}"
+        proc.wait(timeout=60)  # a streaming CLI ends with its run
+        assert proc.returncode == 0, cli_log.read_text()[-4000:]
     finally:
         run_procs.stop(graceful=("flower-superlink",))
 
