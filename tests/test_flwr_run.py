@@ -246,5 +246,7 @@ def test_the_documented_fedlora_command_runs_as_written(tmp_path):
     assert report["method"] == "fedit" and [r["round"] for r in report["rounds"]] == [1]
     assert report["faults_by_round"] == {}  # both sites answered
     assert 0.0 <= report["accuracy"] <= 1.0
-    assert res["config"]["llm"]["federated"]["local_steps"] == 2
+    # results.json "config": the app's resolved settings (task, plans, sites) and the run config
+    assert res["config"]["plans"][0]["local_steps"] == 2
+    assert res["config"]["config"]["llm"]["federated"]["local_steps"] == 2
     assert (work / "mlflow.db").is_file() and res["mlflow"]["run_id"]
