@@ -11,11 +11,16 @@
   server's clipping norm (:mod:`fed_iotlm.federation.privacy`); a no-op otherwise.
 * ``attack`` (studies only, off by default): the first partition ids poison what
   ``train`` sends (:mod:`fed_iotlm.federation.attacks`).
+
+The registered ClientApp (``app``, what ``flwr run .`` and a deployed SuperNode load) hands
+each message to the app the run config's ``app`` key names (:mod:`fed_iotlm.flwr_apps`):
+this one (the default) or federated LoRA's (:mod:`clients.lora_app`, imported only then).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -36,6 +41,7 @@ from fed_iotlm.federation.records import (
     state_to_numpy,
 )
 from fed_iotlm.federation.secure import SecureSettings
+from fed_iotlm.flwr_apps import FEDERATION, FEDLORA, chosen_app
 from fed_iotlm.models.class_weights import class_weighting_mode
 from fed_iotlm.models.training import (
     evaluate,
@@ -259,5 +265,41 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
     return app
 
 
+# every message type either app handles (Flower routes by exact type, so the registered
+# app lists them all); tests/test_flwr_apps.py checks the list against both apps
+DISPATCHED = (
+    "train", "train.pretrain", "train.bind", "evaluate",
+    "query.identify", "query.stats", "query.embed",
+)  # fmt: skip
+
+
+def _lora_client_app() -> ClientApp:
+    from clients.lora_app import app as lora_app  # transformers, peft: the llm extra
+
+    return lora_app
+
+
+def make_registered_client_app(
+    apps: Mapping[str, Callable[[], ClientApp]] | None = None,
+) -> ClientApp:
+    """The ClientApp ``pyproject.toml`` registers: each message goes, whole, to the
+    federation's ClientApp (:func:`make_client_app`, its mods included) or to the
+    federated-LoRA one, as the run config's ``app`` says; the ServerApp (``server/app.py``)
+    dispatches on the same key, so a site always answers the app the server runs.
+    ``apps``: app name -> the ClientApp (tests stand in their own)."""
+    federation = make_client_app()
+    choices = apps or {FEDERATION: lambda: federation, FEDLORA: _lora_client_app}
+    app = ClientApp()
+
+    def handle(msg: Message, context: Context) -> Message:
+        return choices[chosen_app(context.run_config)]()(msg, context)
+
+    for message_type in DISPATCHED:
+        category, _, action = message_type.partition(".")
+        register = {"train": app.train, "evaluate": app.evaluate, "query": app.query}[category]
+        (register(action) if action else register())(handle)
+    return app
+
+
 # `flwr run .` loads this object; it reads its settings from the Flower run config.
-app = make_client_app()
+app = make_registered_client_app()

@@ -24,6 +24,7 @@ from fed_iotlm.config_schema import (
     describe,
     register,
 )
+from fed_iotlm.flwr_apps import APP_KEY
 
 __all__ = ["ConfigError", "compose", "config_dir", "from_run_config", "run_config_overrides"]
 
@@ -107,10 +108,11 @@ def run_config_overrides(run_config: dict[str, Any]) -> list[str]:
     every dotted key set to something other than ``""`` (``flwr run . --run-config
     'secagg.enabled=true rounds=5'``), so a dotted key wins over the same key in
     ``overrides``.  Defaults stay in the schema alone (config_schema.py): pyproject.toml
-    declares the keys (the SuperLink refuses undeclared ones) with ``""``, not their values."""
+    declares the keys (the SuperLink refuses undeclared ones) with ``""``, not their values.
+    ``app`` picks the app (:mod:`fed_iotlm.flwr_apps`) and is no config key: left out."""
     out = shlex.split(str(run_config.get(OVERRIDES_KEY, "") or ""))
     for key, value in run_config.items():
-        if key == OVERRIDES_KEY or value == UNSET:
+        if key in (OVERRIDES_KEY, APP_KEY) or value == UNSET:
             continue
         if isinstance(value, bool):
             text = "true" if value else "false"

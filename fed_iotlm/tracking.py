@@ -42,6 +42,36 @@ def config_params(cfg: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v)[:PARAM_CHARS] for k, v in flatten(dict(cfg)).items()}
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: ``mlruns/`` beside
+    the database file.  MLflow's own default is ``./mlruns`` under the working directory
+    of whichever process creates the experiment (a test's, a managed SuperLink's), which
+    leaves one store's artifacts wherever that was; for the default ``sqlite:///mlflow.db``
+    (relative to the working directory) both are the same folder.  None: not a sqlite
+    file (MLflow's default applies)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    database = tracking_uri[len(prefix) :].split("?", 1)[0]
+    if not database or database == ":memory:":
+        return None
+    return (Path(database).resolve().parent / "mlruns").as_uri()
+
+
+def experiment_id(client: Any, name: str, tracking_uri: str) -> str:
+    """The experiment ``name``'s id, created if the store lacks it (artifacts at
+    :func:`artifact_location`)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
+    except MlflowException:  # another process created it meanwhile
+        return client.get_experiment_by_name(name).experiment_id
+
+
 class MlflowRun:
     """One MLflow run, through an explicit client rather than MLflow's per-thread stack of
     active runs: so a run can be the child of another (a LoRA method under its app run),
@@ -91,11 +121,15 @@ class MlflowRun:
         tags = dict(tags or {})
         if resume_id is not None:
             try:
-                client.get_run(resume_id)
+                found = client.get_run(resume_id)
             except MlflowException:
+                found = None
+            if found is None or found.info.lifecycle_stage != "active":
                 logger.warning(
-                    "MLflow run %s is not in %s: a new run", resume_id, mcfg["tracking_uri"]
-                )
+                    "MLflow run %s is not in %s%s: a new run, tagged %s=%s",
+                    resume_id, mcfg["tracking_uri"], "" if found is None else " (deleted)",
+                    RESUMED_FROM, resume_id,
+                )  # fmt: skip
                 tags[RESUMED_FROM] = resume_id
             else:
                 client.update_run(resume_id, status="RUNNING")
@@ -106,17 +140,8 @@ class MlflowRun:
 
         tags = resolve_tags(tags)  # user, source, git commit: what mlflow.start_run adds
         name = experiment or mcfg["experiment"]
-        found = client.get_experiment_by_name(name)
-        if found is not None:
-            experiment_id = found.experiment_id
-        else:
-            try:
-                experiment_id = client.create_experiment(name)
-            except MlflowException:  # another process created it meanwhile
-                experiment_id = client.get_experiment_by_name(name).experiment_id
-        run = cls(
-            client, client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        )
+        exp_id = experiment_id(client, name, mcfg["tracking_uri"])
+        run = cls(client, client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id)
         if params:
             run.log_params(params)
         if config is not None:
@@ -184,15 +209,44 @@ class RunRecorder:
         self._bar = None
 
     # -- MLflow -----------------------------------------------------------------------
-    def start(self) -> None:
-        """Open the MLflow run (local sqlite store by default) and log the flat config."""
+    def start(self, resume_id: str | None = None) -> None:
+        """Open the MLflow run (local sqlite store by default) and log the flat config.
+
+        ``resume_id``: the run a checkpoint saved (``resume=true``), reopened so that the
+        resumed rounds land in the same run; a store without it gets a new run tagged
+        :data:`RESUMED_FROM` it (:meth:`MlflowRun.open`), and with tracking off the
+        resumed rounds go nowhere, which is said once."""
+        mcfg = block(self.cfg, "mlflow")
+        if resume_id is not None and not mcfg["enabled"]:
+            logger.warning(
+                "resume: mlflow.enabled=false, so the checkpoint's MLflow run %s is not "
+                "continued and the resumed rounds are not logged (set mlflow.enabled=true "
+                "and the same mlflow.tracking_uri to continue it)",
+                resume_id,
+            )
         run_name = f"{self.cfg['method']}-{self.dataset}-seed{self.cfg['seed']}"
         self._mlflow = MlflowRun.open(
-            block(self.cfg, "mlflow"),
+            mcfg,
             run_name=run_name,
             params={**config_params(self.cfg), "plan": json.dumps(self.plan)[:PARAM_CHARS]},
             config={**self.cfg, "plan": self.plan},
+            resume_id=resume_id,
         )
+
+    def restore(self, records: list[RoundRecord]) -> None:
+        """A resumed run's history is the checkpoint's training rounds; those the MLflow
+        run does not hold yet (a new run, or a crash between a round's checkpoint and its
+        metrics) are logged at their steps, so every round is there exactly once."""
+        from .federation.round_record import history_of
+
+        self.history = history_of(records)
+        if self._mlflow is None:
+            return
+        held = self._mlflow.logged_steps("accuracy") if self._mlflow.resumed else set()
+        for row in self.history:
+            if row["round"] not in held:
+                metrics = {k: v for k, v in row.items() if k != "round"}
+                self._mlflow.log_metrics(metrics, step=row["round"])
 
     @property
     def run_id(self) -> str | None:

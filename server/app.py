@@ -1,13 +1,19 @@
-"""Flower ServerApp: runs the configured strategy and writes the run's outputs."""
+"""Flower ServerApp: runs the configured strategy and writes the run's outputs.
+
+The registered ServerApp (``app``, what ``flwr run .`` loads) runs the app the run config's
+``app`` key names (:mod:`fed_iotlm.flwr_apps`): the federation below (the default) or
+federated LoRA (:mod:`server.lora_app`, imported only then: it needs the ``llm`` extra).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fed_iotlm.flwr_apps import FEDERATION, FEDLORA, chosen_app
 from fed_iotlm.logs import configure as configure_logging
 from fed_iotlm.settings import from_run_config
 from fed_iotlm.tracking import fail_open_runs
@@ -42,5 +48,30 @@ def make_server_app(
     return app
 
 
+def _lora_server_app() -> ServerApp:
+    from server.lora_app import app as lora_app  # transformers, peft: the llm extra
+
+    return lora_app
+
+
+def make_registered_server_app(
+    apps: Mapping[str, Callable[[], ServerApp]] | None = None,
+) -> ServerApp:
+    """The ServerApp ``pyproject.toml`` registers: the run config's ``app`` picks the
+    federation (:func:`make_server_app`, unchanged) or the federated-LoRA ServerApp, which
+    then reads its own settings from the same run config.  The sites' registered ClientApp
+    (``clients/app.py``) dispatches on the same key.  ``apps``: app name -> the ServerApp
+    (tests stand in their own)."""
+    federation = make_server_app()
+    choices = apps or {FEDERATION: lambda: federation, FEDLORA: _lora_server_app}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        choices[chosen_app(context.run_config)]()(grid, context)
+
+    return app
+
+
 # `flwr run .` loads this object; it reads its settings from the Flower run config.
-app = make_server_app()
+app = make_registered_server_app()

@@ -20,6 +20,7 @@ from fed_iotlm.evaluation import test_report
 from fed_iotlm.experiment import check_method, model_spec
 from fed_iotlm.federation.adapter_sync import sync_meta
 from fed_iotlm.federation.bundle import save_bundle, statistics_meta
+from fed_iotlm.federation.checkpoint import rng_untouched
 from fed_iotlm.federation.class_balance import weights_record
 from fed_iotlm.federation.normalization import norm_record, normalization_mode
 from fed_iotlm.federation.privacy import attach_privacy, dp_config, privacy_report
@@ -35,7 +36,6 @@ from fed_iotlm.federation.round_record import (
     TRAIN,
     RoundRecord,
     communication_totals,
-    history_of,
     releases_of,
     results_blocks,
     robustness_block,
@@ -112,7 +112,6 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     )
     recorder = RunRecorder(cfg, out_dir, dataset=layout.dataset.meta.name, plan=roster.plan)
     checkpointer = ServerCheckpointer(cfg, out_dir, strategy)
-    recorder.start()
     if balance:
         recorder.extra["class_weighting"] = balance
 
@@ -137,14 +136,20 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         }
 
     resumed = checkpointer.restore()  # resume=true: the state after the last saved round
+    # after the checkpoint's checks (a refused resume leaves its MLflow run as it was),
+    # without moving the RNG states restore() just put back
+    with rng_untouched():
+        recorder.start(resume_id=resumed.mlflow_run if resumed else None)
     arrays = resumed.arrays if resumed else initial
     records: list[RoundRecord] = resumed.records if resumed else []  # the run's rounds
-    recorder.history = history_of(records)
+    recorder.restore(records)  # resumed: its rounds, logged where the MLflow run lacks them
 
     def on_record(record: RoundRecord) -> None:
+        # checkpoint first: a crash before the metrics are logged leaves the round to
+        # recorder.restore() on resume, not to be run and logged again
+        checkpointer.save(records, mlflow_run=recorder.run_id)
         if record.phase == TRAIN:
             recorder.log_record(record)
-        checkpointer.save(records)
 
     first = resumed.next_round(TRAIN, int(cfg["rounds"])) if resumed else 1
     train_step = secure_rounds or StrategyStep(

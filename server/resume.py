@@ -6,7 +6,8 @@ node was sent and keeps in its state), the server's RNG states (node sampling dr
 from Python's), and the run's round records (:mod:`fed_iotlm.federation.round_record`:
 the history, the holders, rejections, DP releases, rejoins ... that results.json
 reports for every round of the run, before a crash too; the DP accountant composes
-over them).
+over them), and the id of the MLflow run the rounds are logged to, which the resumed run
+reopens (:meth:`fed_iotlm.tracking.RunRecorder.start`), so one MLflow run holds them all.
 All of it is saved after every round (:mod:`fed_iotlm.federation.checkpoint`), and a
 run started with ``resume=true`` and the same config continues after the last saved
 round.  Clients need nothing saved: they seed local training from
@@ -52,6 +53,7 @@ class ResumePoint:
     arrays: ArrayRecord
     partners: dict[str, ArrayRecord] = field(default_factory=dict)
     records: list[RoundRecord] = field(default_factory=list)
+    mlflow_run: str | None = None  # the run the rounds were logged to (None: tracking off)
 
     def next_round(self, phase: str, total: int) -> int:
         """First round of ``phase`` (of ``total``) still to run."""
@@ -72,9 +74,10 @@ class ServerCheckpointer:
         # MMBind: partition id -> the partners record that node was last sent (train.bind)
         self.partners: dict[str, ArrayRecord] = {}
 
-    def save(self, records: list[RoundRecord]) -> None:
+    def save(self, records: list[RoundRecord], mlflow_run: str | None = None) -> None:
         """The state after the last of ``records`` (the run's rounds so far, whose last
-        one carries the global model)."""
+        one carries the global model); ``mlflow_run``: the MLflow run they are logged to,
+        which a resumed run reopens."""
         last = records[-1]
         if last.arrays is None:
             raise ValueError(f"{last.phase} round {last.round}: its record holds no model")
@@ -91,6 +94,7 @@ class ServerCheckpointer:
             "strategy": strategy_meta,
             "rng": rng_meta,
             "records": [r.to_json() for r in records],
+            "mlflow_run": mlflow_run,
         }
         save_checkpoint(self.directory, Checkpoint(rnd, phase, sections, meta))
 
@@ -131,7 +135,8 @@ class ServerCheckpointer:
         arrays = numpy_to_record(ckpt.sections["arrays"])
         if records:  # the last record holds the model, as it did when it was made
             records[-1] = replace(records[-1], arrays=arrays)
-        return ResumePoint(ckpt.phase, ckpt.round, arrays, self.partners, records)
+        mlflow_run = ckpt.meta.get("mlflow_run")  # absent: written before runs were linked
+        return ResumePoint(ckpt.phase, ckpt.round, arrays, self.partners, records, mlflow_run)
 
     def _check(self, ckpt: Checkpoint) -> None:
         where = self.directory

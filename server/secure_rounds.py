@@ -46,7 +46,12 @@ from fed_iotlm.config_schema import section
 from fed_iotlm.federation.groups import group_of
 from fed_iotlm.federation.privacy import CentralPrivacy, DPConfig
 from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
-from fed_iotlm.federation.round_record import RoundRecord, StepResult, releases_of
+from fed_iotlm.federation.round_record import (
+    Participation,
+    RoundRecord,
+    StepResult,
+    releases_of,
+)
 from fed_iotlm.federation.secure import PUBLIC_WEIGHT, SecureSettings, SumLayout
 from fed_iotlm.federation.secure_dp import round_config
 
@@ -91,6 +96,46 @@ class _SumCollector(Strategy):
         return None
 
 
+class _FaultWatch:
+    """The Grid as the SecAgg+ workflow uses it for one sum, noting each node whose reply
+    is an error (with its reason) or that did not answer, over all the protocol's stages.
+
+    The workflow keeps its failures to itself and, once too few nodes are left, stops
+    without a word to the strategy; a round none of whose masked vectors arrived is then
+    reported from these notes, as a plaintext round with no usable reply is."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.sent: set[int] = set()
+        self.failed: dict[int, str] = {}  # node id -> the first error it replied
+        self.silent: set[int] = set()
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        asked = {m.metadata.dst_node_id for m in messages}
+        self.sent |= asked
+        for reply in replies:
+            if reply.has_error():
+                self.failed.setdefault(reply.metadata.src_node_id, reply.error.reason)
+        answered = {r.metadata.src_node_id for r in replies}
+        self.silent |= asked - answered - set(self.failed)
+        return replies
+
+    def participation(self) -> Participation:
+        """A sum that produced nothing: nobody answered usably, so the round is skipped."""
+        return Participation(
+            sent=len(self.sent),
+            answered=0,
+            failed=tuple(f"node {n}: {why}" for n, why in sorted(self.failed.items())),
+            missing=tuple(f"node {n}" for n in sorted(self.silent)),
+            skipped=True,
+        )
+
+
 class SecureRounds:
     """The round engine's step (:mod:`server.engine`) with SecAgg+ aggregation."""
 
@@ -127,6 +172,7 @@ class SecureRounds:
             timeout=float(settings.timeout_s),
         )
         self.base_config = dict(fit_config)
+        self.watch = _FaultWatch(grid)  # the last sum's faults (_sum replaces it)
 
     def __call__(
         self, rnd: int, arrays: ArrayRecord, records: Sequence[RoundRecord] = ()
@@ -136,7 +182,7 @@ class SecureRounds:
         minimum = int(self.settings.min_holders)
         census = self._sum(rnd, [], {"phase": "census", "census-of": self.phase})
         if census is None:
-            return self._skip(rnd, "the census of holders got no sum", [])
+            return self._skip(rnd, "the census of holders got no sum", [], failed=True)
         holders = layout.holders(census)
         release = [g for g in layout.groups if holders[g] >= minimum]
         few = [g for g in layout.groups if 0 < holders[g] < minimum]
@@ -151,7 +197,7 @@ class SecureRounds:
             config.update(round_config(self.privacy.config, {g: holders[g] for g in release}))
         sums = self._sum(rnd, list(current.values()), config)
         if sums is None:
-            return self._skip(rnd, "the round got no sum", few)
+            return self._skip(rnd, "the round got no sum", few, failed=True)
         decoded = layout.decode(sums, current, float(self.settings.max_count), minimum)
         state, withheld = decoded.state, set(decoded.withheld)
         if self.privacy is not None:  # fewer holders than counted: the sum lacks noise
@@ -195,20 +241,32 @@ class SecureRounds:
     def _sum(self, rnd: int, arrays: list[np.ndarray], config: dict) -> list[np.ndarray] | None:
         """One SecAgg+ run: every sampled node's vector summed (None if it failed)."""
         self.collector.fit_config = {**self.base_config, **config}
-        self.collector.mean, self.collector.nodes = None, 0
-        self.workflow(self.grid, self._legacy_context(rnd, arrays))
+        self.collector.mean, self.collector.nodes, self.collector.failures = None, 0, 0
+        self.watch = _FaultWatch(self.grid)
+        self.workflow(self.watch, self._legacy_context(rnd, arrays))
         if self.collector.mean is None:
             return None
         return [m.astype(np.float64) * self.collector.nodes for m in self.collector.mean]
 
-    def _skip(self, rnd: int, why: str, withheld: list[str]) -> StepResult:
+    def _skip(self, rnd: int, why: str, withheld: list[str], failed: bool = False) -> StepResult:
+        """A round that releases nothing; ``failed``: because a sum produced nothing (no
+        node's masked vector arrived), which is the round's fault, counted and reported
+        with each node's reason (results.json ``faults_by_round``), as the plaintext
+        rounds report a round with no usable reply."""
         log.warning("round %s: %s; keeping the model", rnd, why)
+        participation = self.watch.participation() if failed else None
+        if participation is not None:
+            for fault in (*participation.failed, *participation.missing):
+                log.warning("round %s: SecAgg+ got nothing from %s", rnd, fault)
         stats = {
             "secagg.nodes": 0.0,
-            "secagg.failures": float(self.collector.failures),
+            "secagg.failures": float(
+                self.collector.failures if participation is None else len(participation.failed)
+            ),
             "secagg.withheld_groups": float(len(withheld)),
+            **(participation.metrics() if participation is not None else {}),
         }
-        return StepResult(None, stats=stats, withheld=tuple(withheld))
+        return StepResult(None, participation, stats=stats, withheld=tuple(withheld))
 
     def _legacy_context(self, rnd: int, arrays: list[np.ndarray]) -> LegacyContext:
         """A fresh legacy context per sum: the nodes now connected, what goes down."""

@@ -15,6 +15,8 @@ import pytest
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
 from fed_iotlm.config_schema import node_count
+from fed_iotlm.flwr_apps import FEDLORA, chosen_app
+from fed_iotlm.llm.sites import AUTO, TOY_SITES
 from fed_iotlm.settings import compose, run_config_overrides
 from tests.doc_commands import FLOWER_DEFAULT_SUPERNODES, ROOT, FlwrRun, documented, parse
 
@@ -23,10 +25,17 @@ RUNS = documented(env={"DEPLOY": "/tmp/fed-deploy"})
 
 
 def _nodes(run: FlwrRun) -> int:
-    """The node count of the federation ``run``'s run config describes."""
+    """The node count of the federation ``run``'s run config describes; for the
+    federated-LoRA app (``app="fedlora"``), its number of sites."""
     fused = get_fused_config_from_dir(ROOT, parse_config_args(run.run_config))
-    part = compose(run_config_overrides(fused))["partition"]
-    return node_count(part)
+    cfg = compose(run_config_overrides(fused))
+    if chosen_app(fused) == FEDLORA:
+        sites = cfg["llm"]["federated"]["sites"]
+        if sites != AUTO:
+            return int(sites)
+        assert not cfg["llm"]["bundle"], f"{run.where}: a bundle's plan is not checked here"
+        return TOY_SITES
+    return node_count(cfg["partition"])
 
 
 def _supernodes(run: FlwrRun) -> int:
@@ -40,6 +49,8 @@ def test_the_docs_show_the_commands_the_tests_rely_on():
     assert {"README.md", "deploy.md", "flwr-run.md"} <= docs
     secagg = [r for r in RUNS if r.doc.name == "flwr-run.md" and "secagg.enabled=true" in r.text]
     assert len(secagg) == 1, [r.text for r in secagg]
+    fedlora = [r.doc.name for r in RUNS if 'app="fedlora"' in r.text]
+    assert sorted(fedlora) == ["flwr-run.md", "llm.md"], fedlora
 
 
 @pytest.mark.parametrize("run", RUNS, ids=lambda r: r.where)

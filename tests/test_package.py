@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fed_iotlm import cli, extras
+from fed_iotlm.flwr_apps import APP_KEY, FEDERATION
 from fed_iotlm.settings import compose, config_dir, flatten, run_config_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +58,7 @@ def test_declared_run_config_keys_exist_in_the_tree_and_restate_no_default():
     declared = _app_config()
     tree = flatten(compose())
     groups = {"experiment", "strategy"}  # config groups: chosen, not values
+    assert declared.pop(APP_KEY) == FEDERATION  # which app runs: no config key, no Hydra default
     for key, value in declared.items():
         assert value == "", f"{key} restates a default; configs/ holds the defaults"
         assert key == "overrides" or key in groups or key in tree, f"{key} is not a config key"
@@ -103,10 +105,13 @@ def test_require_names_the_extra_and_keeps_real_import_errors(monkeypatch):
     assert extras.require("json", "x").dumps([]) == "[]"
 
 
-def test_a_failed_run_ends_failed_in_mlflow(tmp_path):
+def test_a_failed_run_ends_failed_in_mlflow(tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     from fed_iotlm.tracking import RunRecorder, fail_open_runs
 
+    cwd = tmp_path / "cwd"  # MLflow's default artifact root is ./mlruns of the process
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = {"method": "federated", "seed": 0, "rounds": 1, "mlflow": {"tracking_uri": uri}}
     recorder = RunRecorder(cfg, tmp_path / "out", dataset="d", plan={})
@@ -117,6 +122,29 @@ def test_a_failed_run_ends_failed_in_mlflow(tmp_path):
     assert recorder.run_id is None
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["error"] == "RuntimeError: boom"
+    # the config artifact lies beside the store, nothing in the working directory
+    assert run.info.artifact_uri.startswith((tmp_path.resolve() / "mlruns").as_uri())
+    assert list((tmp_path / "mlruns").rglob("config.json"))
+    assert not list(cwd.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("sqlite:///mlflow.db", "{cwd}/mlruns"),  # MLflow's own default: unchanged
+        ("sqlite:////data/runs/mlflow.db", "/data/runs/mlruns"),
+        ("sqlite:///sub/m.db?timeout=5", "{cwd}/sub/mlruns"),
+        ("sqlite:///:memory:", None),
+        ("http://127.0.0.1:5000", None),
+        ("file:///tmp/mlruns", None),
+    ],
+)
+def test_a_sqlite_store_keeps_its_artifacts_beside_it(uri, expected, tmp_path, monkeypatch):
+    from fed_iotlm.tracking import artifact_location
+
+    monkeypatch.chdir(tmp_path)
+    want = None if expected is None else Path(expected.format(cwd=tmp_path.resolve())).as_uri()
+    assert artifact_location(uri) == want
 
 
 @pytest.mark.integration

@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +161,18 @@ def restore_rng(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     n = meta["numpy"]
     np.random.set_state(("MT19937", arrays["numpy_keys"], n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(torch.from_numpy(np.array(arrays["torch"], dtype=np.uint8)))
+
+
+@contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Whatever runs inside leaves the generators :func:`capture_rng` covers as they were:
+    for work between a resumed run's RNG restore and its first round (opening the MLflow
+    run, whose store may draw retry delays from Python's ``random``)."""
+    meta, arrays = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(meta, arrays)
 
 
 # --------------------------------------------------------------------------- config

@@ -515,9 +515,13 @@ def _log_mlflow(cfg: dict, doc: dict, path: Path) -> None:
     import mlflow
 
     from fed_iotlm.settings import flatten
+    from fed_iotlm.tracking import experiment_id
 
     mlflow.set_tracking_uri(m["tracking_uri"])
-    mlflow.set_experiment(m["experiment"] + "-llm")
+    client = mlflow.MlflowClient(tracking_uri=m["tracking_uri"])  # artifacts beside the store
+    mlflow.set_experiment(
+        experiment_id=experiment_id(client, m["experiment"] + "-llm", m["tracking_uri"])
+    )
     with mlflow.start_run(run_name=f"iotlm-{doc['dataset']}-seed{doc['seed']}"):
         mlflow.log_params({k: str(v)[:500] for k, v in flatten({"llm": cfg["llm"]}).items()})
         for h in doc["history"]:
