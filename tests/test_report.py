@@ -257,3 +257,23 @@ def test_the_whole_config_is_an_artifact_though_params_are_cut(tmp_path):
     path = client.download_artifacts(run.info.run_id, "config.json", str(tmp_path))
     logged = json.loads(Path(path).read_text())
     assert logged["note"] == long_value and logged["plan"] == {"0": ["imu"]}
+
+
+def test_a_one_round_group_is_drawn_as_a_point(tmp_path, monkeypatch):
+    """Local-only runs are one long round: a line through one point draws nothing, so the
+    group must carry a marker to be seen in the accuracy-per-round panel."""
+    from fed_iotlm.report import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.setdefault("fig", fig))
+    plots.rounds_plot(
+        {
+            "local": {"steps=600": [[(1, 0.4)], [(1, 0.5)]]},
+            "federated": {"x": [[(1, 0.3), (2, 0.6)]]},
+        },
+        tmp_path / "p.png",
+    )
+    means = {ax.get_title(): ax.get_lines()[-1] for ax in drawn["fig"].axes if ax.get_visible()}
+    assert means["local"].get_marker() == "o"
+    assert means["local"].get_ydata()[0] == pytest.approx(0.45)
+    assert means["federated"].get_marker() in (None, "None", "")

@@ -59,7 +59,12 @@ def rounds_plot(facets: Mapping[str, Mapping[str, Sequence[History]]], path: Pat
                 ax.plot(*zip(*h, strict=True), color=color, alpha=0.3, lw=0.8)
             rounds = sorted({r for h in runs for r, _ in h})
             mean = [np.mean([a for h in runs for r2, a in h if r2 == r]) for r in rounds]
-            ax.plot(rounds, mean, color=color, lw=2, label=f"{label} (n={len(runs)})")
+            # a one-round run (local-only training, one long round) is a point, not a line:
+            # without a marker it would not show at all
+            marker = "o" if len(rounds) == 1 else None
+            ax.plot(
+                rounds, mean, color=color, lw=2, marker=marker, label=f"{label} (n={len(runs)})"
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy")
