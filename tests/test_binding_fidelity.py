@@ -287,3 +287,16 @@ def test_ssl_rounds_take_their_own_step_budget_when_given_one(quick_cfg, tmp_pat
     res = json.loads(run_centralized_mmbind(cfg, tmp_path).read_text())
     assert res["ssl"]["steps"] == 5 * 2 * 3  # SSL steps x SSL rounds x nodes
     assert [r["steps"] for r in res["history"]] == [9]  # supervised rounds keep train.steps
+
+
+def test_pair_accuracy_counts_only_pairs_whose_two_samples_are_labelled():
+    """Real data leaves minutes unlabelled (-1) for a task: two unlabelled samples are
+    not "the same class", a labelled against an unlabelled one is not "different"."""
+    from fed_iotlm.binding.stats import labelled_agreement
+
+    own = np.array([[0, 0], [1, 1], [-1, -1], [2, 2]])
+    partner = np.array([[0, 1], [-1, 1], [-1, 3], [2, -2]])  # -2: no pair made
+    ok = np.array([[True, True], [True, True], [True, True], [True, False]])
+    agree = labelled_agreement(own, partner, ok)
+    # labelled pairs: (0,0) same, (0,1) diff, (1,1) same, (2,2) same
+    assert agree.tolist() == [True, False, True, True]

@@ -49,7 +49,7 @@ def binding_stats(
                 for j in np.unique(p.partner_node[ok]):
                     sel = ok & (p.partner_node == j)
                     y_partner[sel] = labels[order[j]][t][p.partner_ids[sel]]
-                same.setdefault(t, []).append((y_own == y_partner)[ok])
+                same.setdefault(t, []).append(labelled_agreement(y_own, y_partner, ok))
     # a binding that made no pair has no similarity and no pair accuracy to report: None
     # (valid JSON in results.json), never a NaN mean over nothing
     out = {
@@ -57,6 +57,18 @@ def binding_stats(
         "refused": refused,
         "mean_similarity": float(np.concatenate(sims).mean()) if pairs else None,
     }
-    if same and pairs:
-        out["pair_accuracy"] = {t: float(np.concatenate(v).mean()) for t, v in same.items()}
+    agree = {t: np.concatenate(v) for t, v in same.items()}
+    if pairs and any(a.size for a in agree.values()):
+        out["pair_accuracy"] = {t: float(a.mean()) for t, a in agree.items() if a.size}
+        out["labelled_pairs"] = {t: int(a.size) for t, a in agree.items()}
     return out
+
+
+def labelled_agreement(y_own: np.ndarray, y_partner: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Whether each made pair's two samples share the class, over the pairs whose two
+    samples both carry a label for the task.  A real dataset leaves samples unlabelled
+    (-1) for a task (ExtraSensory: most minutes for some tasks); counting two unlabelled
+    samples as "the same class" and a labelled one against an unlabelled one as
+    "different" would measure label coverage, not the embedding."""
+    both = ok & (y_own >= 0) & (y_partner >= 0)
+    return (y_own == y_partner)[both]
