@@ -45,7 +45,10 @@ def meta_split(n: int = 60, seed: int = 0) -> tuple[DatasetMeta, Split]:
     rng = np.random.default_rng(seed)
     meta = DatasetMeta(
         "words",
-        {"acc": ModalitySpec("acc", "tabular"), "gyro": ModalitySpec("gyro", "tabular")},
+        {
+            "acc": ModalitySpec("acc", "tabular"),
+            "watch_acceleration": ModalitySpec("watch_acceleration", "tabular"),
+        },
         {"activity": ACTIVITY, "phone_position": PHONE},
     )
     x = {m: np.zeros((n, 2), np.float32) for m in meta.modalities}
@@ -77,10 +80,11 @@ def test_instructions_options_and_captions_use_words_never_identifiers():
                                   presence_turns=False, phrasing=phrasing)  # fmt: skip
     texts = [t.question + " " + t.answer for ex in examples for t in ex.turns]
     identifiers = [c for spec in meta.tasks.values() for c in spec.classes if "_" in c]
-    identifiers += ["phone_position"]
+    identifiers += ["phone_position", "watch_acceleration"]
     for text in texts:
         assert not [c for c in identifiers if c in text], text
     assert any("walking upstairs" in t for t in texts) and any("in pocket" in t for t in texts)
+    assert any("acc and watch acceleration" in t for t in texts)  # sensors in words too
     for ex in examples:  # every supervised answer still maps back to its label
         turn = ex.turns[-1] if ex.kind == "task" else ex.turns[0]
         assert answer_to_class(turn.answer, meta.tasks[ex.task]) == split.y[ex.task][ex.index]
@@ -91,7 +95,8 @@ def test_instructions_options_and_captions_use_words_never_identifiers():
         "phone_position", PHONE.classes, descriptions=("in a trouser pocket",) + ("",) * 3
     )
     assert "in a trouser pocket" in Phrasing(options=True, descriptions=True).suffix(given)
-    assert caption_text(meta, ("acc",), "phone_position", 0).endswith("Phone position: in pocket.")
+    caption = caption_text(meta, ("acc", "watch_acceleration"), "phone_position", 0)
+    assert caption == "Sensors: acc and watch acceleration. Phone position: in pocket."
     listed = with_options(examples[:1], meta)[0].turns[-1].question
     assert "_" not in listed.split("Answer with one of:")[1]
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fed_iotlm.data.dataset import DatasetMeta, Split
-from fed_iotlm.data.modalities import TaskSpec, name_key
+from fed_iotlm.data.modalities import TaskSpec, in_words, name_key
 
 TEMPLATE_SETS = ("train", "heldout")
 KINDS = ("task", "presence", "dialog")
@@ -180,8 +180,9 @@ class Example:
 
 
 def describe_present(present: Sequence[str]) -> str:
-    """``("imu", "audio", "depth")`` -> ``"imu, audio and depth"``: how answers name sensors."""
-    names = list(present)
+    """``("imu", "audio", "depth")`` -> ``"imu, audio and depth"``: how prompts and answers
+    name sensors, in words (``watch_acceleration`` -> "watch acceleration")."""
+    names = [in_words(m) for m in present]
     if not names:
         return "no sensors"
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
