@@ -315,3 +315,12 @@ def test_hapt_tune_and_ask_a_window(tmp_path, capsys):
     assert "names: activity = " in out and "recorded activity of test row 0: " in out
     assert "sensors used: acc, gyro (adapter conditioning)" in out
     assert "sensors missing" not in out
+
+
+def test_the_pipeline_asks_about_a_labelled_test_row():
+    from simulations.pipeline import first_labelled
+
+    assert first_labelled(np.array([-1, -1, 3, 0])) == 2  # ExtraSensory: unlabelled minutes first
+    assert first_labelled(np.array([0, 1])) == 0
+    with pytest.raises(RuntimeError, match="no test sample is labelled"):
+        first_labelled(np.array([-1, -1]))
