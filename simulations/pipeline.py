@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from simulations.run import hydra_command, run_experiment
 
 
@@ -34,17 +36,30 @@ def run_pipeline(cfg: dict, out_dir: Path) -> Path:
     path = run_stage(llm_cfg, out_dir / "llm")
     t2 = time.time()
     ds = build_layout(cfg).dataset
-    task, index = next(iter(ds.meta.tasks)), 0
-    question = f"What is the {task.replace('_', ' ')} in this recording?"
+    task = next(iter(ds.meta.tasks))
+    index = first_labelled(ds.test.y[task])
+    spec = ds.meta.tasks[task]
+    question = f"What is the {spec.title} in this recording?"
     answer = Assistant(out_dir / "llm").ask(ds.test, index, question)
-    truth = ds.meta.tasks[task].classes[int(ds.test.y[task][index])]
+    truth = spec.classes[int(ds.test.y[task][index])]
     console.print(f"[bold]Q[/bold] (test sample {index}): {question}")
-    console.print(f"[bold]A[/bold]: {answer.text}   (true {task}: {truth})")
+    console.print(f"[bold]A[/bold]: {answer.text}   (names {answer.label}; true {task}: {truth})")
     console.print(f"sensors used: {', '.join(answer.sensors)} ({answer.conditioning} conditioning)")
+    if answer.missing:
+        console.print(f"sensors missing (masked, no token): {', '.join(answer.missing)}")
     console.print(
         f"federation {t1 - t0:.0f}s, LM stage {t2 - t1:.0f}s, answer {time.time() - t2:.0f}s"
     )
     return path
+
+
+def first_labelled(y) -> int:
+    """The first test row labelled for the task asked about (real data has unlabelled
+    rows: ExtraSensory minutes without a main activity)."""
+    rows = np.flatnonzero(np.asarray(y) >= 0)
+    if rows.size == 0:
+        raise RuntimeError("no test sample is labelled for the first task: nothing to ask")
+    return int(rows[0])
 
 
 main = hydra_command(run_pipeline)

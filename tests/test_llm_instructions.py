@@ -101,9 +101,9 @@ def test_task_answers_name_the_class_and_map_back() -> None:
         for e in build_instructions(meta, split, templates=ts, kinds=("task",), per_sample=5):
             spec = meta.tasks[e.task]
             assert e.label == split.y[e.task][e.index] >= 0
-            assert len(e.turns) == 1 and spec.classes[e.label] in e.turns[0].answer
+            assert len(e.turns) == 1 and spec.words(e.label) in e.turns[0].answer
             assert answer_to_class(e.turns[0].answer, spec) == e.label
-            forms.add(e.turns[0].answer == spec.classes[e.label])
+            forms.add(e.turns[0].answer == spec.words(e.label))
             assert "{" not in e.turns[0].question
     assert forms == {True, False}  # both bare names and sentences are used
 

@@ -113,10 +113,10 @@ def test_count_answers_are_the_count_and_spread_over_every_value() -> None:
         (t,) = e.tasks
         assert e.labels == tuple(split.y[t][r] for r in rows) and min(e.labels) >= 0
         assert e.target == sum(lab == e.label for lab in e.labels)  # the asked class
-        assert meta.tasks[t].classes[e.label] in e.turns[0].question
+        assert meta.tasks[t].words(e.label) in e.turns[0].question
         assert parse_count(e.turns[0].answer) == e.target
         assert e.turns[0].question in {
-            q.format(n=3, task=t.replace("_", " "), cls=meta.tasks[t].classes[e.label])
+            q.format(n=3, task=t.replace("_", " "), cls=meta.tasks[t].words(e.label))
             for q in COUNT_QUESTIONS["train"]
         }
     with pytest.raises(ValueError, match="count_recordings"):
@@ -169,7 +169,7 @@ def test_scoring_and_baselines() -> None:
     assert got["by_task"] == {"room_type": 1.0, "mood": pytest.approx(1 / 3)}
     assert got["answered"] == pytest.approx(2 / 3)
     texts, meaning = options(two[0], meta)
-    assert len(texts) == 9 and meaning[texts.index("lab, very_agitated")] == (2, 2)
+    assert len(texts) == 9 and meaning[texts.index("lab, very agitated")] == (2, 2)
 
     count = [_ex("count", task="mood", target=k, samples=(1, 2, 3)) for k in (0, 3, 2, 2)]
     got = metrics(count, [0, 1, None, 2])

@@ -1,5 +1,7 @@
-"""``fed-iotlm ask --run DIR --data DIR --index I "question"``: answer a question about
-one sample with a tuned stage run, and list the sensors the answer used."""
+"""``fed-iotlm ask --run DIR --data DIR [--split test|val|train] --index I "question"``:
+answer a question about one sample (one row of one split of an exchange-format dataset,
+e.g. one ExtraSensory minute or one HAPT window) with a tuned stage run; say which class
+the answer names, the sample's recorded label, and the sensors the answer used."""
 
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--data", type=Path, required=True, help="dataset directory in the exchange format"
     )
-    parser.add_argument("--index", type=int, required=True, help="sample row")
-    parser.add_argument("--split", choices=("test", "train"), default="test")
+    parser.add_argument("--index", type=int, required=True, help="row of the split (from 0)")
+    parser.add_argument(
+        "--split", choices=("test", "val", "train"), default="test", help="which split file"
+    )
     parser.add_argument(
         "--conditioning", default=None, help="prefix or adapter (default: the run's best)"
     )
@@ -28,19 +32,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fed_iotlm.data.exchange import load_dataset
-    from fed_iotlm.data.preprocess import featurize_dataset
+    from fed_iotlm.data.exchange import load_meta, load_split
+    from fed_iotlm.data.preprocess import featurize_split
     from fed_iotlm.llm.ask import Assistant
 
     try:
-        ds = featurize_dataset(load_dataset(args.data))
-        answer = Assistant(args.run, args.conditioning).ask(
-            getattr(ds, args.split), args.index, args.question
-        )
+        meta = load_meta(args.data)
+        split = featurize_split(load_split(args.data, meta, args.split), meta.modalities)
+        answer = Assistant(args.run, args.conditioning).ask(split, args.index, args.question)
     except (ValueError, OSError, IndexError) as exc:
         print(f"fed-iotlm ask: error: {exc}", file=sys.stderr)
         return 2
     print(f"Q: {args.question}")
     print(f"A: {answer.text}")
+    print(f"names: {answer.task} = {answer.label or '(no class of this task)'}")
+    if answer.task in split.y:
+        y = int(split.y[answer.task][args.index])
+        recorded = meta.tasks[answer.task].classes[y] if y >= 0 else "(unlabelled)"
+        print(f"recorded {answer.task} of {args.split} row {args.index}: {recorded}")
     print(f"sensors used: {', '.join(answer.sensors)} ({answer.conditioning} conditioning)")
+    if answer.missing:
+        print(f"sensors missing (masked, no token): {', '.join(answer.missing)}")
     return 0

@@ -8,6 +8,7 @@ modality ``"wrist"`` or ``"ceiling_cam"`` and still get the right treatment.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 # kind -> rank of ONE raw sample in the exchange format (the [N] axis excluded)
@@ -38,6 +39,25 @@ FEATURE_LAYOUT: dict[str, str] = {
 }
 
 KINDS: tuple[str, ...] = tuple(RAW_SAMPLE_RANK)
+
+
+def in_words(name: str) -> str:
+    """An identifier as the words the LM reads and writes: ``walking_upstairs`` ->
+    ``walking upstairs``, ``main_activity`` -> ``main activity``.
+
+    Importers keep class and task names as identifiers (they are keys in meta.json and
+    results.json); the LM stage never shows it ``in_pocket``, which a tokenizer splits
+    oddly and no instruction-tuned LM would write.  This is the one mapping: training
+    answers, option lists, option scoring and captions use it, and :func:`name_key`
+    compares text with names under it, so an answer "walking upstairs" is the class
+    ``walking_upstairs``."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def name_key(text: str) -> str:
+    """How text and names are compared: lower case, ``_``/``-`` as spaces, single
+    spaces; ``name_key(in_words(c)) == name_key(c)`` for every name ``c``."""
+    return " ".join(re.sub(r"[_\-]", " ", text.lower()).split())
 
 
 class UnknownKindError(ValueError):
@@ -96,15 +116,39 @@ class TaskSpec:
     # ``tasks.<t>.descriptions``); empty: no descriptions at all
     descriptions: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for c in self.classes:
+            other = seen.setdefault(name_key(c), c)
+            if other != c:
+                raise ValueError(
+                    f"task {self.name!r}: classes {other!r} and {c!r} read the same in words "
+                    f"({in_words(c)!r}), so an answer naming one could not be told apart"
+                )
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def title(self) -> str:
+        """The task's name in words (``main activity``), as questions ask it."""
+        return in_words(self.name)
+
+    def words(self, label: int) -> str:
+        """Class ``label`` as the LM reads and writes it (:func:`in_words`)."""
+        return in_words(self.classes[label])
+
+    @property
+    def class_words(self) -> tuple[str, ...]:
+        """Every class in words, in label order."""
+        return tuple(in_words(c) for c in self.classes)
+
     def description(self, label: int) -> str:
         """Class ``label`` in words: its description if the data gives one, else its
-        name with the task's ("kitchen (location)"), so every class has one."""
+        name in words with the task's ("in pocket (phone position)"), so every class has one."""
         given = self.descriptions[label] if label < len(self.descriptions) else ""
-        return given or f"{self.classes[label]} ({self.name.replace('_', ' ')})"
+        return given or f"{self.words(label)} ({self.title})"
 
     def to_json(self) -> dict:
         out: dict = {"type": self.type, "classes": list(self.classes)}

@@ -110,7 +110,7 @@ def option_accuracy(
     for ex in examples:
         by_task.setdefault(ex.task, []).append(ex)
     for task, exs in by_task.items():
-        classes = meta.tasks[task].classes
+        classes = meta.tasks[task].class_words  # as the answers are written in training
         options = [builder.answer_ids(c) for c in classes]
         step = max(1, batch_size // max(1, len(classes) // 4))  # cache grows with options
         for i in range(0, len(exs), step):
@@ -193,7 +193,7 @@ def with_options(examples: Sequence[Example], meta: DatasetMeta) -> list[Example
     answer in the task's vocabulary."""
     out = []
     for ex in examples:
-        options = ", ".join(meta.tasks[ex.task].classes)
+        options = ", ".join(meta.tasks[ex.task].class_words)
         last = ex.turns[-1]
         turn = Turn(f"{last.question} Answer with one of: {options}.", last.answer)
         out.append(replace(ex, turns=(*ex.turns[:-1], turn)))

@@ -4,8 +4,10 @@ Questions are generated from ``meta`` alone (task names, class names, modality n
 so any dataset in the exchange format gets instructions without hand-written prompts.
 Each task has a *train* template set and a disjoint, differently worded *heldout* set:
 training on one and evaluating on the other measures whether the LM learned the task or
-only the phrasing.  Every answer names its class verbatim, so :func:`answer_to_class`
-maps generated text back to a label and accuracy is computed like a classifier's.
+only the phrasing.  Task and class names appear in words (``walking_upstairs`` ->
+"walking upstairs", :func:`fed_iotlm.data.modalities.in_words`), and every answer names
+its class, so :func:`answer_to_class` maps generated text back to a label and
+accuracy is computed like a classifier's.
 
 A sample with no present modality has nothing to ask about and yields no example; a
 sample unlabelled for a task (``y == -1``) is never given an answer for that task.
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fed_iotlm.data.dataset import DatasetMeta, Split
-from fed_iotlm.data.modalities import TaskSpec
+from fed_iotlm.data.modalities import TaskSpec, in_words, name_key
 
 TEMPLATE_SETS = ("train", "heldout")
 KINDS = ("task", "presence", "dialog")
@@ -124,7 +126,7 @@ class Phrasing:
         if not self.options:
             return ""
         n = range(spec.num_classes)
-        named = [spec.description(i) for i in n] if self.descriptions else list(spec.classes)
+        named = [spec.description(i) for i in n] if self.descriptions else list(spec.class_words)
         return f" Answer with one of: {', '.join(named)}."
 
 
@@ -178,23 +180,25 @@ class Example:
 
 
 def describe_present(present: Sequence[str]) -> str:
-    """``("imu", "audio", "depth")`` -> ``"imu, audio and depth"``: how answers name sensors."""
-    names = list(present)
+    """``("imu", "audio", "depth")`` -> ``"imu, audio and depth"``: how prompts and answers
+    name sensors, in words (``watch_acceleration`` -> "watch acceleration")."""
+    names = [in_words(m) for m in present]
     if not names:
         return "no sensors"
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def _norm(text: str) -> str:
-    """Lower case, ``_``/``-`` as spaces, single spaces: how class names are matched."""
-    return " ".join(re.sub(r"[_\-]", " ", text.lower()).split())
+_norm = name_key  # how class names are matched (one rule: fed_iotlm.data.modalities)
 
 
 def answer_to_class(text: str, task: TaskSpec) -> int | None:
     """The class named earliest in ``text`` (longest name on ties), or None if none is named.
 
     Whole-word matching keeps ``"walking"`` from matching inside ``"sleepwalking"``; the
-    earliest mention wins because answers state the class first and may mention others.
+    earliest mention wins because answers state the class first and may mention others,
+    and at one position the longest name wins, so "walking upstairs" is
+    ``walking_upstairs``, not ``walking``.  Names are compared in words
+    (:func:`~fed_iotlm.data.modalities.name_key`): ``in pocket`` and ``in_pocket`` alike.
     """
     norm = _norm(text or "")
     best: tuple[int, int, int] | None = None
@@ -226,13 +230,13 @@ def _task_turn(
     phrasing: Phrasing = Phrasing(),
 ) -> tuple[int, Turn]:
     """A question about ``spec`` and an answer naming class ``label`` so it can be recovered."""
-    task = spec.name.replace("_", " ")
+    task, words = spec.title, spec.class_words
     j, q = _pick(rng, questions)
-    fill = {"task": task, "options": ", ".join(spec.classes), "sensors": describe_present(present)}
+    fill = {"task": task, "options": ", ".join(words), "sensors": describe_present(present)}
     _, form = _pick(rng, ANSWER_FORMS)
-    answer = form.format(task=task, cls=spec.classes[label])
+    answer = form.format(task=task, cls=words[label])
     if answer_to_class(answer, spec) != label:  # e.g. the task name contains a class name
-        answer = spec.classes[label]
+        answer = words[label]
     return j, Turn(q.format(**fill) + phrasing.suffix(spec), answer)
 
 

@@ -95,8 +95,8 @@ def phase_plan(phases: Sequence[str], phase_steps: Sequence[int] | None, steps: 
 
 def caption_text(meta: DatasetMeta, present: Sequence[str], task: str, label: int) -> str:
     """``Sensors: imu and audio. Activity: walking.`` (what the align phase teaches)."""
-    name = task.replace("_", " ")
-    return f"Sensors: {describe_present(present)}. {name.capitalize()}: {meta.tasks[task].classes[label]}."
+    spec = meta.tasks[task]
+    return f"Sensors: {describe_present(present)}. {spec.title.capitalize()}: {spec.words(label)}."
 
 
 def caption_examples(

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fed_iotlm.data.dataset import DatasetMeta, Split
-from fed_iotlm.data.modalities import TaskSpec
+from fed_iotlm.data.modalities import TaskSpec, in_words
 
 from .instructions import (
     TEMPLATE_SETS,
@@ -105,7 +105,7 @@ def check_types(types: Sequence[str]) -> list[str]:
 
 
 def _spaced(name: str) -> str:
-    return name.replace("_", " ")
+    return in_words(name)
 
 
 def _rngs(seed: int, qtype: str, templates: str):
@@ -137,12 +137,7 @@ def _pool(meta: DatasetMeta, split: Split, rows: Sequence[int], tasks: Sequence[
 
 def two_task_answer(spec_a: TaskSpec, spec_b: TaskSpec, ca: int, cb: int, form: str) -> str:
     """An answer naming class ``ca`` of ``spec_a`` and ``cb`` of ``spec_b`` in ``form``."""
-    return form.format(
-        a=_spaced(spec_a.name),
-        b=_spaced(spec_b.name),
-        ca=spec_a.classes[ca],
-        cb=spec_b.classes[cb],
-    )
+    return form.format(a=spec_a.title, b=spec_b.title, ca=spec_a.words(ca), cb=spec_b.words(cb))
 
 
 def parse_two_tasks(text: str, spec_a: TaskSpec, spec_b: TaskSpec) -> tuple[int | None, int | None]:
@@ -339,7 +334,7 @@ def count_examples(
         chosen = [int(chosen[p]) for p in group_rng.permutation(recordings)]
         j = int(word_rng.integers(len(COUNT_QUESTIONS[templates])))
         spec = meta.tasks[t]
-        q = COUNT_QUESTIONS[templates][j].format(n=recordings, task=_spaced(t), cls=spec.classes[c])
+        q = COUNT_QUESTIONS[templates][j].format(n=recordings, task=_spaced(t), cls=spec.words(c))
         answer = _choice(word_rng, COUNT_ANSWERS).format(n=k)
         out.append(
             Example(

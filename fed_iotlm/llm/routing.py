@@ -16,12 +16,9 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 
+from fed_iotlm.data.modalities import name_key as _norm  # as class names are matched
+
 log = logging.getLogger(__name__)
-
-
-def _norm(text: str) -> str:
-    """Lower case, ``_``/``-`` as spaces, single spaces (as class names are matched)."""
-    return " ".join(re.sub(r"[_\-]", " ", text.lower()).split())
 
 
 def _mentions(text: str, name: str) -> bool:
