@@ -230,6 +230,18 @@ def ask(run: Path, data: Path, index: int, question: str, capsys) -> str:
     return out
 
 
+def tune_tiny(experiment: str, data: Path, conditioning: str, tmp_path: Path) -> tuple[Path, dict]:
+    """`fed-iotlm tune` at the tiny settings on a 2-node federation of ``data`` with a random
+    bundle: the run folder and its results.json."""
+    exp = [f"experiment={experiment}", f"data.path={data}", "partition.num_nodes=2"]
+    save_random_bundle(exp, tmp_path / "bundle")
+    run = tmp_path / "run"
+    args = [*exp, *TINY, f"llm.bundle={tmp_path / 'bundle'}",
+            f"llm.conditioning=[{conditioning}]", f"output_dir={run}"]  # fmt: skip
+    assert main(["tune", *args]) == 0
+    return run, json.loads((run / "results.json").read_text())
+
+
 def test_extrasensory_tune_and_ask_a_minute_with_the_watch_missing(tmp_path, capsys):
     from fed_iotlm.data.exchange import load_meta, load_split
     from fed_iotlm.data.importers.extrasensory import import_extrasensory
@@ -239,13 +251,7 @@ def test_extrasensory_tune_and_ask_a_minute_with_the_watch_missing(tmp_path, cap
     write_es_fixture(tmp_path / "src")
     data = tmp_path / "es"
     import_extrasensory(tmp_path / "src", data, gap_minutes=0)
-    exp = ["experiment=extrasensory_natural", f"data.path={data}", "partition.num_nodes=2"]
-    save_random_bundle(exp, tmp_path / "bundle")
-    run = tmp_path / "run"
-    args = [*exp, *TINY, f"llm.bundle={tmp_path / 'bundle'}", "llm.conditioning=[prefix]",
-            f"output_dir={run}"]  # fmt: skip
-    assert main(["tune", *args]) == 0
-    doc = json.loads((run / "results.json").read_text())
+    run, doc = tune_tiny("extrasensory_natural", data, "prefix", tmp_path)
     assert doc["llm"]["task_classes"]["phone_position"] == list(PHONE.classes)
     assert set(doc["test"]["by_task"]) == {"main_activity", "indoors", "phone_position"}
 
@@ -303,13 +309,7 @@ def test_hapt_tune_and_ask_a_window(tmp_path, capsys):
     write_hapt(tmp_path / "src", users=(1, 2, 3))
     data = tmp_path / "hapt"
     import_hapt(tmp_path / "src", data, split="within", drop_unlabelled=True)
-    exp = ["experiment=hapt_fedmultimodal", f"data.path={data}", "partition.num_nodes=2"]
-    save_random_bundle(exp, tmp_path / "bundle")
-    run = tmp_path / "run"
-    args = [*exp, *TINY, f"llm.bundle={tmp_path / 'bundle'}", "llm.conditioning=[adapter]",
-            f"output_dir={run}"]  # fmt: skip
-    assert main(["tune", *args]) == 0
-    doc = json.loads((run / "results.json").read_text())
+    run, doc = tune_tiny("hapt_fedmultimodal", data, "adapter", tmp_path)
     assert set(doc["test"]["by_task"]) == {"activity"}
     out = ask(run, data, 0, "Is this walking upstairs or walking downstairs?", capsys)
     assert "names: activity = " in out and "recorded activity of test row 0: " in out
