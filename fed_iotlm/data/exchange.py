@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .dataset import DatasetMeta, MultisensoryDataset, Split
-from .modalities import ModalitySpec, TaskSpec, UnknownKindError, check_kind, name_key
+from .modalities import ModalitySpec, TaskSpec, UnknownKindError, check_kind, names_read_alike
 
 META_FILE = "meta.json"
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -201,7 +201,7 @@ def _parse_task(path: Path, name: str, entry: Any) -> TaskSpec:
     dups = sorted(c for c, count in Counter(classes).items() if count > 1)
     if dups:
         raise _fail(path, f"duplicate class name(s) {dups}", f"{key}.classes")
-    alike = _read_alike(classes)
+    alike = names_read_alike(classes)
     if alike:
         raise _fail(
             path,
@@ -211,16 +211,6 @@ def _parse_task(path: Path, name: str, entry: Any) -> TaskSpec:
         )
     descriptions = _parse_descriptions(path, key, classes, entry.get("descriptions"))
     return TaskSpec(name=name, classes=tuple(classes), type=task_type, descriptions=descriptions)
-
-
-def _read_alike(classes: list[str]) -> list[str]:
-    """The first two class names that differ only in case, ``_`` or ``-`` ([] if none)."""
-    seen: dict[str, str] = {}
-    for c in classes:
-        other = seen.setdefault(name_key(c), c)
-        if other != c:
-            return [other, c]
-    return []
 
 
 def _parse_descriptions(path: Path, key: str, classes: list[str], given: Any) -> tuple[str, ...]:

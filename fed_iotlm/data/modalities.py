@@ -60,6 +60,17 @@ def name_key(text: str) -> str:
     return " ".join(re.sub(r"[_\-]", " ", text.lower()).split())
 
 
+def names_read_alike(names: tuple[str, ...] | list[str]) -> list[str]:
+    """The first two names that differ only in case, ``_`` or ``-`` ([] if none): under
+    :func:`name_key` they are one name, so the LM stage could not tell them apart."""
+    seen: dict[str, str] = {}
+    for n in names:
+        other = seen.setdefault(name_key(n), n)
+        if other != n:
+            return [other, n]
+    return []
+
+
 class UnknownKindError(ValueError):
     """A modality declared a kind that the registry does not know."""
 
@@ -117,14 +128,12 @@ class TaskSpec:
     descriptions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        seen: dict[str, str] = {}
-        for c in self.classes:
-            other = seen.setdefault(name_key(c), c)
-            if other != c:
-                raise ValueError(
-                    f"task {self.name!r}: classes {other!r} and {c!r} read the same in words "
-                    f"({in_words(c)!r}), so an answer naming one could not be told apart"
-                )
+        alike = names_read_alike(self.classes)
+        if alike:
+            raise ValueError(
+                f"task {self.name!r}: classes {alike[0]!r} and {alike[1]!r} read the same in "
+                f"words ({in_words(alike[1])!r}), so an answer naming one could not be told apart"
+            )
 
     @property
     def num_classes(self) -> int:

@@ -188,9 +188,6 @@ def describe_present(present: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-_norm = name_key  # how class names are matched (one rule: fed_iotlm.data.modalities)
-
-
 def answer_to_class(text: str, task: TaskSpec) -> int | None:
     """The class named earliest in ``text`` (longest name on ties), or None if none is named.
 
@@ -200,10 +197,10 @@ def answer_to_class(text: str, task: TaskSpec) -> int | None:
     ``walking_upstairs``, not ``walking``.  Names are compared in words
     (:func:`~fed_iotlm.data.modalities.name_key`): ``in pocket`` and ``in_pocket`` alike.
     """
-    norm = _norm(text or "")
+    norm = name_key(text or "")
     best: tuple[int, int, int] | None = None
     for idx, cls in enumerate(task.classes):
-        name = _norm(cls)
+        name = name_key(cls)
         found = re.search(rf"(?<!\w){re.escape(name)}(?!\w)", norm) if name else None
         if found and (best is None or (found.start(), -len(name), idx) < best):
             best = (found.start(), -len(name), idx)

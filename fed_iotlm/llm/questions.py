@@ -27,13 +27,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from fed_iotlm.data.dataset import DatasetMeta, Split
-from fed_iotlm.data.modalities import TaskSpec, in_words
+from fed_iotlm.data.modalities import TaskSpec, in_words, name_key
 
 from .instructions import (
     TEMPLATE_SETS,
     Example,
     Turn,
-    _norm,
     _present,
     answer_to_class,
     describe_present,
@@ -104,10 +103,6 @@ def check_types(types: Sequence[str]) -> list[str]:
     return types
 
 
-def _spaced(name: str) -> str:
-    return in_words(name)
-
-
 def _rngs(seed: int, qtype: str, templates: str):
     """(group generator, wording generator): groups do not depend on the template set."""
     if templates not in TEMPLATE_SETS:
@@ -144,9 +139,9 @@ def parse_two_tasks(text: str, spec_a: TaskSpec, spec_b: TaskSpec) -> tuple[int 
     """The class of each task named in ``text`` (None for a task it names no class of).
     The task names are taken out first ("The room type is hall way" must not read as
     class ``room``), unless a task name is part of a class name itself."""
-    norm = _norm(text or "")
-    classes = [_norm(c) for c in (*spec_a.classes, *spec_b.classes)]
-    for name in (_norm(spec_a.name), _norm(spec_b.name)):
+    norm = name_key(text or "")
+    classes = [name_key(c) for c in (*spec_a.classes, *spec_b.classes)]
+    for name in (name_key(spec_a.name), name_key(spec_b.name)):
         if not any(name in c for c in classes):
             norm = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", " ", norm)
     return answer_to_class(norm, spec_a), answer_to_class(norm, spec_b)
@@ -180,7 +175,7 @@ def two_task_examples(
         ca, cb = int(split.y[ta][i]), int(split.y[tb][i])
         j = int(word_rng.integers(len(TWO_TASK_QUESTIONS[templates])))
         q = TWO_TASK_QUESTIONS[templates][j].format(
-            a=_spaced(ta), b=_spaced(tb), sensors=describe_present(present[i])
+            a=in_words(ta), b=in_words(tb), sensors=describe_present(present[i])
         )
         answer = two_task_answer(sa, sb, ca, cb, _choice(word_rng, TWO_TASK_ANSWERS))
         if parse_two_tasks(answer, sa, sb) != (ca, cb):  # a class name inside another's
@@ -253,8 +248,8 @@ def comparison_examples(
             if group_rng.random() < 0.5:
                 a, b = b, a
         j = int(word_rng.integers(len(COMPARISON_QUESTIONS[templates])))
-        q = COMPARISON_QUESTIONS[templates][j].format(task=_spaced(t))
-        answer = _choice(word_rng, COMPARISON_ANSWERS[same]).format(task=_spaced(t))
+        q = COMPARISON_QUESTIONS[templates][j].format(task=in_words(t))
+        answer = _choice(word_rng, COMPARISON_ANSWERS[same]).format(task=in_words(t))
         labels = (int(split.y[t][a]), int(split.y[t][b]))
         out.append(
             Example(
@@ -334,7 +329,7 @@ def count_examples(
         chosen = [int(chosen[p]) for p in group_rng.permutation(recordings)]
         j = int(word_rng.integers(len(COUNT_QUESTIONS[templates])))
         spec = meta.tasks[t]
-        q = COUNT_QUESTIONS[templates][j].format(n=recordings, task=_spaced(t), cls=spec.words(c))
+        q = COUNT_QUESTIONS[templates][j].format(n=recordings, task=in_words(t), cls=spec.words(c))
         answer = _choice(word_rng, COUNT_ANSWERS).format(n=k)
         out.append(
             Example(

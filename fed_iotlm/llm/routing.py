@@ -16,13 +16,13 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 
-from fed_iotlm.data.modalities import name_key as _norm  # as class names are matched
+from fed_iotlm.data.modalities import name_key  # as class names are matched
 
 log = logging.getLogger(__name__)
 
 
 def _mentions(text: str, name: str) -> bool:
-    name = _norm(name)
+    name = name_key(name)
     return bool(name) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
 
 
@@ -39,7 +39,7 @@ class TaskRouter:
 
     def scores(self, question: str) -> list[tuple[int, int]]:
         """Per task: (task name mentioned, number of its class names mentioned)."""
-        text = _norm(question)
+        text = name_key(question)
         return [
             (int(_mentions(text, t)), sum(_mentions(text, c) for c in self.classes[t]))
             for t in self.tasks
