@@ -678,6 +678,18 @@ RANGES: dict[str, Range] = {
     "llm.federated.sites": AT_LEAST_1,
 }
 
+# keys a method decides whatever the config says: ``method=harmony`` builds a late-fusion
+# model (modality-wise FedAvg averages per-modality logits) even under model.fusion=attention.
+# fed_iotlm/experiment.py builds the model from it; the report labels runs by it.
+METHOD_FORCES: dict[str, dict[str, str]] = {"harmony": {"model.fusion": "late"}}
+
+
+def effective(method: str, key: str, configured: Any) -> Any:
+    """What ``key`` is in a run of ``method``: the method's forced value, if any, else
+    ``configured``."""
+    return METHOD_FORCES.get(method, {}).get(key, configured)
+
+
 # (steps key, epochs key) of each local-training budget: steps when set, else epochs
 # passes; both at 0 (or steps at 0) would send rounds in which no node trains
 BUDGETS = (("train.steps", "train.epochs"),)
