@@ -23,7 +23,6 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 import numpy as np
-import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -43,6 +42,7 @@ from fed_iotlm.federation.records import (
 from fed_iotlm.federation.secure import SecureSettings
 from fed_iotlm.flwr_apps import FEDERATION, FEDLORA, chosen_app
 from fed_iotlm.models.class_weights import class_weighting_mode
+from fed_iotlm.models.threads import apply_threads
 from fed_iotlm.models.training import (
     evaluate,
     mean_accuracy,
@@ -103,8 +103,9 @@ def _node_for(context: Context, cfg: dict | None) -> NodeRuntime:
 
 
 def _node_with_global_model(msg: Message, context: Context, cfg: dict | None) -> NodeRuntime:
-    """The node, its model loaded with the arrays the server sent (one core per node),
-    and its own personal adapters put back (``personal.enabled``; no-op otherwise)."""
+    """The node, its model loaded with the arrays the server sent (``train.threads``
+    torch threads, default one per node), and its own personal adapters put back
+    (``personal.enabled``; no-op otherwise)."""
     return _load_global_model(msg, context, cfg)[0]
 
 
@@ -112,7 +113,7 @@ def _load_global_model(
     msg: Message, context: Context, cfg: dict | None
 ) -> tuple[NodeRuntime, dict[str, np.ndarray]]:
     """:func:`_node_with_global_model` and the arrays as received, by key."""
-    torch.set_num_threads(1)
+    apply_threads(_settings(context, cfg))  # train.threads: as the in-process baselines
     node = standardized_for(msg, _node_for(context, cfg), _settings(context, cfg))
     shared = without_personal(state_to_numpy(node.model), node.personal_keys)
     received = received_state(msg, shared)

@@ -6,6 +6,7 @@ the same :class:`RunRecorder`, validation beside test.  Inputs are standardised 
 training statistics only: a local node with its own, the centralized model with the
 pooled training data's (the same statistics the federation's statistics round
 computes); a reference set never with its own unless ``normalization=per_site``.
+Each trains with ``train.threads`` torch threads, as each federated node does.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fed_iotlm.models.class_weights import (
 )
 from fed_iotlm.models.device import train_placement
 from fed_iotlm.models.multisensory import MultisensoryModel
+from fed_iotlm.models.threads import with_train_threads
 from fed_iotlm.models.training import (
     SplitTensors,
     TrainConfig,
@@ -58,6 +60,7 @@ class _LocalNode:
     tcfg: TrainConfig  # with the node's own class weights (train.class_weighting)
 
 
+@with_train_threads  # train.threads, as each federated node
 def run_local_only(cfg: dict, out_dir: Path) -> Path:
     """Each node trains alone on its own modalities; figures are means over nodes."""
     layout = build_layout(cfg)
@@ -150,6 +153,7 @@ def pooled_reference(cfg: dict, layout) -> tuple[Standardizer, ReferenceSets]:
     return scaler, reference_sets(layout, scaler, normalization_mode(cfg))
 
 
+@with_train_threads  # train.threads, as each federated node
 def run_centralized(cfg: dict, out_dir: Path) -> Path:
     """Upper bound: all training data pooled with every modality, one model.
 
@@ -212,6 +216,7 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
     )
 
 
+@with_train_threads  # train.threads, as each federated node
 def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
     """MMBind with everything at one place: the fair reference for ``method=mmbind``.
 

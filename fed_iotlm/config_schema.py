@@ -315,6 +315,10 @@ class TrainConfig:
     class_weighting: str = "none"
     # auto (a GPU share from Ray / a visible GPU, else CPU) | cpu | cuda (fed_iotlm/models/device.py)
     device: str = "auto"
+    # torch CPU threads per training process: each simulated node and each in-process
+    # baseline (centralized, local-only, centralized MMBind) alike, so every method gets
+    # the same threads per process (fed_iotlm/models/threads.py)
+    threads: int = 1
 
 
 @dataclass
@@ -614,6 +618,7 @@ RANGES: dict[str, Range] = {
     "train.batch_size": AT_LEAST_1,
     "train.lr": POSITIVE,
     "train.weight_decay": AT_LEAST_0,
+    "train.threads": AT_LEAST_1,
     "strategy.fraction_train": FRACTION,
     "strategy.wait_for_nodes_s": POSITIVE,
     "strategy.round_timeout_s": POSITIVE,
@@ -673,22 +678,39 @@ RANGES: dict[str, Range] = {
     "llm.federated.sites": AT_LEAST_1,
 }
 
+# keys a method decides whatever the config says: ``method=harmony`` builds a late-fusion
+# model (modality-wise FedAvg averages per-modality logits) even under model.fusion=attention.
+# fed_iotlm/experiment.py builds the model from it; the report labels runs by it.
+METHOD_FORCES: dict[str, dict[str, str]] = {"harmony": {"model.fusion": "late"}}
+
+
+def effective(method: str, key: str, configured: Any) -> Any:
+    """What ``key`` is in a run of ``method``: the method's forced value, if any, else
+    ``configured``."""
+    return METHOD_FORCES.get(method, {}).get(key, configured)
+
+
 # (steps key, epochs key) of each local-training budget: steps when set, else epochs
 # passes; both at 0 (or steps at 0) would send rounds in which no node trains
 BUDGETS = (("train.steps", "train.epochs"),)
 
 
+def check_range(path: str, value: float) -> None:
+    """Raise :class:`ConfigError` for ``value`` outside the range :data:`RANGES` gives
+    ``path`` (for a reader of a caller's dict, which composition never checked)."""
+    allowed = RANGES[path]
+    if not allowed.holds(value):
+        raise ConfigError(f"config: {path}={value!r} is out of range: expected {allowed.text()}")
+
+
 def check_ranges(cfg: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` for a value of :data:`RANGES` outside its range, or a
     local-training budget of zero steps, naming the key and what it accepts."""
-    for path, allowed in RANGES.items():
+    for path in RANGES:
         value = _at(cfg, path)
         if value is None or isinstance(value, bool) or not isinstance(value, int | float):
             continue  # absent, null where allowed, or not a number (the schema checks types)
-        if not allowed.holds(value):
-            raise ConfigError(
-                f"config: {path}={value!r} is out of range: expected {allowed.text()}"
-            )
+        check_range(path, value)
     for steps_key, epochs_key in BUDGETS:
         steps, epochs = _at(cfg, steps_key), _at(cfg, epochs_key)
         if steps == 0 or (steps is None and epochs == 0):

@@ -8,7 +8,7 @@ from fed_iotlm.binding.index import SearchConfig
 from fed_iotlm.binding.matching import MatchConfig
 from fed_iotlm.binding.ssl import SSLConfig, rotation_groups
 from fed_iotlm.binding.training import BindTrainConfig
-from fed_iotlm.config_schema import block, section
+from fed_iotlm.config_schema import block, effective, section
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.models.class_weights import class_weighting_mode
 from fed_iotlm.models.device import binding_device
@@ -46,11 +46,10 @@ def spec_for_dataset(cfg: dict, ds) -> ModelSpec:
         fusion_heads=int(m["fusion_heads"]),
         use_mask=cfg["method"] != "fedavg",
     )
-    spec = replace(spec, fusion=str(section("model", m)["fusion"]))
-    if spec.fusion not in ("attention", "late"):
-        raise ValueError(f"model.fusion={spec.fusion!r}: expected 'attention' or 'late'")
-    if cfg["method"] == "harmony":
-        return replace(spec, fusion="late")
+    fusion = str(section("model", m)["fusion"])
+    if fusion not in ("attention", "late"):
+        raise ValueError(f"model.fusion={fusion!r}: expected 'attention' or 'late'")
+    spec = replace(spec, fusion=effective(cfg["method"], "model.fusion", fusion))  # harmony: late
     if cfg["method"] in ("mmbind", "centralized_mmbind"):
         return replace(spec, extra=ssl_extra(cfg, ds))
     return spec

@@ -36,6 +36,7 @@ from fed_iotlm.federation.round_record import (
     facts_of,
     releases_of,
 )
+from fed_iotlm.federation.strategy import budget_metrics
 
 from .participation import sort_replies
 from .roster import LiveRoster
@@ -161,8 +162,10 @@ class StrategyStep:
             return StepResult(None, outcome.summary(), stats=outcome.metrics(), **down)
         new, metrics = strategy.aggregate_train(rnd, outcome.answered)
         facts = facts_of(metrics)
-        if facts is None:  # flwr's own strategies (method=fedavg): no facts to record
-            return StepResult(new, outcome.summary(), stats=outcome.metrics(), **down)
+        if facts is None:  # flwr's own strategies (method=fedavg): no facts to record,
+            # but the budget the nodes report, read beside the aggregation, not by it
+            stats = {**budget_metrics(outcome.answered), **outcome.metrics()}
+            return StepResult(new, outcome.summary(), stats=stats, **down)
         stats = dict(facts.stats)
         release = None
         privacy = getattr(strategy, "privacy", None)

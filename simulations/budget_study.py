@@ -33,7 +33,7 @@ from pathlib import Path
 from fed_iotlm.atomic import atomic_write_text
 from fed_iotlm.config_schema import ConfigError
 from fed_iotlm.settings import compose
-from simulations.mmbind_study import incompleteness_plan, plan_override
+from simulations.mmbind_study import EXPERIMENT, incompleteness_plan, plan_override
 from simulations.study_progress import study_progress
 from simulations.study_runner import REPO, fmt_mean_ci, one_code_version, point_key, run_one
 
@@ -137,9 +137,9 @@ def run(out: Path, method: str, steps: int, seed: int, base: list[str]) -> dict:
     overrides = [*METHODS[method], f"seed={seed}", *point]
     t0 = time.time()
     res = run_one(
-        out / point_key(point) / f"{method}-seed{seed}",
+        out / point_key(point, experiment=EXPERIMENT) / f"{method}-seed{seed}",
         overrides,
-        experiment="mmbind_study",
+        experiment=EXPERIMENT,
         mlflow_experiment="budget-study",
     )
     print(
@@ -171,7 +171,9 @@ def check_grid_extras(
                 )
             for value in values:
                 try:
-                    compose(["experiment=mmbind_study", *METHODS[method], *extra, f"{key}={value}"])
+                    compose(
+                        [f"experiment={EXPERIMENT}", *METHODS[method], *extra, f"{key}={value}"]
+                    )
                 except ConfigError as err:
                     raise ValueError(f"--grid-extra {method}:{key}={value}: {err}") from err
 

@@ -26,6 +26,7 @@ from simulations.study_runner import REPO, fmt_mean_std, one_code_version, point
 
 RULES = ("mean", "median", "trimmed_mean", "krum")
 ATTACKS = ("scale", "sign_flip")
+EXPERIMENT = "default"  # configs/experiment/default.yaml
 FRACTION = 0.25  # 2 of the default experiment's 8 nodes (attack.fraction rounds to a count)
 SCALE = 10.0
 # per rule, the parameters used here: trim one holder of 4 (an encoder) and two of 8 per
@@ -136,12 +137,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         for attack, rule, overrides in points:
             overrides = [*overrides, *extra]
             for seed in range(args.seeds):
-                out = args.out / point_key(overrides) / f"seed{seed}"
+                out = args.out / point_key(overrides, experiment=EXPERIMENT) / f"seed{seed}"
                 t0 = time.time()
                 res = run_one(
                     out,
                     ["method=federated", f"seed={seed}", *overrides],
-                    experiment="default",
+                    experiment=EXPERIMENT,
                     mlflow_experiment="byzantine-study",
                 )
                 row = {**res["test"], "code_version": res.get("code_version")}

@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         keyed = [*overrides, f"seed={seed}"]
         t0 = time.time()
         res = study_runner.run_one(
-            args.out / point_key(keyed),
+            args.out / point_key(keyed, experiment=EXPERIMENT),
             keyed,
             experiment=EXPERIMENT,
             mlflow_experiment=MLFLOW_EXPERIMENT,

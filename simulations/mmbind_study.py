@@ -28,6 +28,7 @@ from simulations.study_runner import REPO, point_key
 # row label -> overrides (method and fusion choice per row, stated in docs/results.md).
 # The mmbind_* rows are ablations; ssl_spine is MMBind's SSL rounds + the spine without
 # binding, the baseline that isolates what binding adds.
+EXPERIMENT = "mmbind_study"  # configs/experiment/mmbind_study.yaml (the budget study's too)
 METHODS: dict[str, list[str]] = {
     "local": ["method=local"],
     "fedavg": ["method=fedavg"],
@@ -104,7 +105,7 @@ def sweep_points(name: str) -> list[tuple[str, list[str]]]:
 def run_one(out: Path, overrides: list[str]) -> dict:
     """One resumable run of the MMBind study federation (logged to ``mmbind-study``)."""
     return study_runner.run_one(
-        out, overrides, experiment="mmbind_study", mlflow_experiment="mmbind-study"
+        out, overrides, experiment=EXPERIMENT, mlflow_experiment="mmbind-study"
     )
 
 
@@ -129,7 +130,7 @@ def run_point(args, extra: list[str], sweep: str, label: str, overrides: list[st
     for seed in range(seeds) if isinstance(seeds, int) else seeds:
         for method in methods:
             point = [*overrides, *extra]
-            out = args.out / point_key(point) / f"{method}-seed{seed}"
+            out = args.out / point_key(point, experiment=EXPERIMENT) / f"{method}-seed{seed}"
             t0 = time.time()
             res = record(run_one(out, [f"seed={seed}", *METHODS[method], *point]))
             table.setdefault(sweep, {}).setdefault(label, {}).setdefault(method, []).append(res)

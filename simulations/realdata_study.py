@@ -132,7 +132,7 @@ def run_points(args: argparse.Namespace) -> list[dict]:
                         *([f"rounds={args.rounds}"] if args.rounds else []),
                         *args.extra,
                     ]
-                    out = Path(args.out) / point_key(overrides)
+                    out = Path(args.out) / point_key(overrides, experiment=study["experiment"])
                     res = study_runner.run_one(
                         out,
                         overrides,

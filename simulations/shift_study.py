@@ -288,7 +288,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
             overrides = point_overrides(sev, args.rounds)
             for method in methods:
                 for seed in range(args.seeds):
-                    out = args.out / point_key(overrides) / f"{method}-seed{seed}"
+                    out = (
+                        args.out
+                        / point_key(overrides, experiment=EXPERIMENT)
+                        / f"{method}-seed{seed}"
+                    )
                     t0 = time.time()
                     res = run_one(out, [*METHODS[method], f"seed={seed}", *overrides])
                     row = summarise(res)

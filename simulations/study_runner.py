@@ -2,8 +2,8 @@
 
 Each run is ``python -m simulations.run`` in its own process so that every federation
 gets a fresh Ray; a run whose results.json exists is not repeated, so an interrupted
-study resumes where it stopped.  The cache is keyed on the code version as well as the
-overrides (commit, and a hash of the uncommitted diff when the tree is dirty), so rows
+study resumes where it stopped.  The cache is keyed on the code version and the experiment
+as well as the overrides (commit, and a hash of the uncommitted diff when the tree is dirty), so rows
 computed by different code never sit side by side; :func:`one_code_version` refuses a
 table that would mix them anyway (results copied in by hand).
 """
@@ -25,10 +25,18 @@ from simulations.study_progress import current, follow_child
 REPO = Path(__file__).resolve().parents[1]
 
 
-def point_key(overrides: list[str], version: str | None = None) -> str:
-    """Run folder of a point: the same overrides under the same code version share
-    their runs (``version`` defaults to this checkout's, :func:`code_key`)."""
-    key = f"{version if version is not None else code_key()}|{' '.join(sorted(overrides))}"
+def point_key(overrides: list[str], version: str | None = None, *, experiment: str | None) -> str:
+    """Run folder of a point: the same experiment and overrides under the same code
+    version share their runs (``version`` defaults to this checkout's, :func:`code_key`).
+
+    ``experiment`` is the ``experiment=NAME`` :func:`run_one` composes the run from: it
+    picks the config without being one of ``overrides``, so two studies with equal
+    overrides (ExtraSensory natural and withheld) would otherwise share a folder and the
+    second would read the first's results.  None only for a command that composes no
+    experiment (``fed-iotlm tune`` in the transfer study): its runs keep their keys."""
+    version = version if version is not None else code_key()
+    picked = "" if experiment is None else f"experiment={experiment}|"
+    key = f"{version}|{picked}{' '.join(sorted(overrides))}"
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 

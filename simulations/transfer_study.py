@@ -62,7 +62,7 @@ def overrides(bundle: str, task: str, k: int, steps: int, variant: str, kind: st
 
 def run_tune(out_root: Path, name: str, args: list[str]) -> dict:
     """results.json of ``fed-iotlm tune args`` (run unless cached under this code version)."""
-    out = out_root / f"{name}-{point_key(args)}"
+    out = out_root / f"{name}-{point_key(args, experiment=None)}"  # tune: no experiment=
     results = out / "results.json"
     with current() as view:
         if results.is_file():

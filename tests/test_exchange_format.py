@@ -275,6 +275,29 @@ def test_meta_duplicate_classes(tmp_path: Path) -> None:
     assert "tasks.activity.classes" in msg and "duplicate" in msg and "sit" in msg
 
 
+def test_a_task_title_is_read_and_written_back(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "ds", meta=with_task(title="  kind of movement "))
+    meta = load_meta(root)
+    assert meta.tasks["activity"].title == "kind of movement"  # what questions call it
+    assert meta.to_json()["tasks"]["activity"]["title"] == "kind of movement"
+    untitled = load_meta(write_dataset(tmp_path / "plain"))
+    assert untitled.tasks["activity"].title == "activity"  # absent: the name in words
+    assert "title" not in untitled.to_json()["tasks"]["activity"]
+
+
+@pytest.mark.parametrize("title", ["", "   ", 3, None, ["a"]])
+def test_meta_task_title_not_a_non_empty_string(tmp_path: Path, title: Any) -> None:
+    meta = with_task()
+    meta["tasks"]["activity"]["title"] = title  # None too: present, so it must be a string
+    msg = meta_error(tmp_path, meta)
+    assert "tasks.activity.title" in msg and "non-empty string" in msg
+
+
+def test_meta_task_title_naming_a_class(tmp_path: Path) -> None:
+    msg = meta_error(tmp_path, with_task(title="sit or walk"))
+    assert "tasks.activity.title" in msg and "sit" in msg and "class" in msg
+
+
 def test_meta_channels_not_list_of_strings(tmp_path: Path) -> None:
     msg = meta_error(tmp_path, with_modality(channels=["ax", 2, "az"]))
     assert "modalities.imu.channels" in msg and "list of non-empty strings" in msg

@@ -112,6 +112,79 @@ def test_two_task_and_count_questions_use_words():
         assert "_" not in ex.turns[0].question
 
 
+# ------------------------------------------------------------------- a task's title
+
+TITLED = TaskSpec("indoors", ("indoors", "outdoors"), given_title="indoor or outdoor setting")
+
+
+def _indoors_meta_split(spec: TaskSpec, n: int = 40) -> tuple[DatasetMeta, Split]:
+    """ExtraSensory's two tasks whose names are not how one asks about them."""
+    meta = DatasetMeta(
+        "titled", {"acc": ModalitySpec("acc", "tabular")}, {"indoors": spec, "main_activity": MAIN}
+    )
+    y = {"indoors": np.arange(n) % 2, "main_activity": np.arange(n) % 6}
+    x = {"acc": np.zeros((n, 2), np.float32)}
+    return meta, Split(x, {"acc": np.ones(n, bool)}, {t: v.astype(np.int64) for t, v in y.items()})
+
+
+def test_questions_ask_about_a_task_by_its_title():
+    meta, split = _indoors_meta_split(TITLED)
+    examples = build_instructions(meta, split, tasks=["indoors"], kinds=("task",), per_sample=4)
+    questions = [ex.turns[-1].question for ex in examples]
+    assert all("indoor or outdoor setting" in q for q in questions)
+    assert not any("the indoors" in q for q in questions)  # never "What is the indoors?"
+    # "The indoor or outdoor setting is outdoors." reads back as outdoors, in every form
+    assert {ex.turns[-1].answer for ex in examples if ex.label == 1} >= {
+        "The indoor or outdoor setting is outdoors."
+    }
+    for ex in examples:
+        assert answer_to_class(ex.turns[-1].answer, TITLED) == ex.label
+    rows = list(range(len(split)))
+    both = two_task_examples(meta, split, rows, ["indoors", "main_activity"])
+    assert all("indoor or outdoor setting" in ex.turns[0].question for ex in both)
+    counted = count_examples(meta, split, rows, ["indoors"], 4, 3)
+    assert all("indoor or outdoor setting" in ex.turns[0].question for ex in counted)
+    caption = caption_text(meta, ("acc",), "indoors", 1)
+    assert caption == "Sensors: acc. Indoor or outdoor setting: outdoors."
+    # untitled, the name in words as before
+    plain, _ = _indoors_meta_split(INDOORS)
+    assert plain.tasks["indoors"].title == "indoors"
+
+
+def test_routing_reaches_a_task_asked_about_by_its_title():
+    tasks = [MAIN, TITLED, PHONE]
+    classes = {t.name: t.classes for t in tasks}
+    titled = TaskRouter([t.name for t in tasks], classes, {t.name: t.title for t in tasks})
+    assert titled.route("What is the indoor or outdoor setting?") == 1
+    assert titled.route("Which indoor or outdoor setting does this recording show?") == 1
+    assert titled.route("What is the main activity?") == 0  # names still route
+    # without titles the question names no task and no class (falls back to the first)
+    assert TaskRouter([t.name for t in tasks], classes).scores(
+        "What is the indoor or outdoor setting?"
+    )[1] == (0, 0)
+
+
+def test_a_title_naming_a_class_is_refused():
+    with pytest.raises(ValueError, match="title.*names the class"):
+        TaskSpec("indoors", ("indoors", "outdoors"), given_title="indoors or outdoors")
+
+
+def test_the_extrasensory_importer_titles_its_tasks(tmp_path):
+    from fed_iotlm.data.exchange import load_meta
+    from fed_iotlm.data.importers.extrasensory import import_extrasensory
+
+    write_es_fixture(tmp_path / "src", minutes=20)
+    import_extrasensory(tmp_path / "src", tmp_path / "es", gap_minutes=0)
+    meta = load_meta(tmp_path / "es")  # read back through the exchange format's checks
+    assert {t: s.title for t, s in meta.tasks.items()} == {
+        "main_activity": "main activity",
+        "indoors": "indoor or outdoor setting",
+        "phone_position": "phone position",
+    }
+    raw = json.loads((tmp_path / "es" / "meta.json").read_text())
+    assert raw["tasks"]["indoors"]["title"] == "indoor or outdoor setting"
+
+
 class _Recording:
     """Stands in for the builder and the LM in option scoring: records the option texts
     and scores the option it is told is right highest."""
@@ -253,6 +326,7 @@ def test_extrasensory_tune_and_ask_a_minute_with_the_watch_missing(tmp_path, cap
     import_extrasensory(tmp_path / "src", data, gap_minutes=0)
     run, doc = tune_tiny("extrasensory_natural", data, "prefix", tmp_path)
     assert doc["llm"]["task_classes"]["phone_position"] == list(PHONE.classes)
+    assert doc["llm"]["task_titles"]["indoors"] == "indoor or outdoor setting"  # ask routes by it
     assert set(doc["test"]["by_task"]) == {"main_activity", "indoors", "phone_position"}
 
     meta = load_meta(data)

@@ -82,6 +82,21 @@ def test_the_withheld_study_runs_its_experiment_with_every_new_row(monkeypatch, 
     assert "python -m simulations.realdata_study extrasensory_withheld " in text
 
 
+def test_two_studies_with_equal_overrides_into_one_out_get_two_runs(monkeypatch, tmp_path):
+    """ExtraSensory natural and withheld differ only in their experiment, not in any
+    override: one ``--out`` must still hold a run of each, not one run read twice."""
+    calls = _fake_runs(monkeypatch)
+    for study in ("extrasensory", "extrasensory_withheld"):
+        realdata_study.main([study, "--data", str(tmp_path), "--seeds", "0",
+                             "--methods", "federated", "--out", str(tmp_path / "runs")])  # fmt: skip
+    natural, withheld = calls
+    assert natural["overrides"] == withheld["overrides"]
+    assert (natural["experiment"], withheld["experiment"]) == (
+        "extrasensory_natural", "extrasensory_withheld",
+    )  # fmt: skip
+    assert natural["out"] != withheld["out"]
+
+
 def test_missing_rate_points_say_the_binding_rows_partition_differs(monkeypatch, tmp_path, capsys):
     calls = _fake_runs(monkeypatch)
     argv = ["hapt", "--data", str(tmp_path), "--seeds", "0", "--alphas", "0.1",

@@ -187,14 +187,20 @@ def test_params_expand_shift_entries_and_ignore_later_added_keys():
     assert distinguishing(["method", "fusion", "p"], fused) == ["method", "p"]
 
 
-def _log_study_run(uri: str, root: Path, method: str, seed: int, commit: str) -> dict:
-    """A study run as RunRecorder logs it: val and test, budget, code version, binding."""
+def _log_study_run(
+    uri: str, root: Path, method: str, seed: int, commit: str, fusion: str | None = None
+) -> dict:
+    """A study run as RunRecorder logs it: val and test, budget, code version, binding
+    (and ``model.fusion`` as configured, when given)."""
     from fed_iotlm.tracking import RunRecorder
 
     acc = round(0.8 + 0.05 * (method == "mmbind") + 0.01 * seed, 4)
     cfg = {"method": method, "seed": seed, "rounds": 1,
            "mlflow": {"tracking_uri": uri, "experiment": EXPERIMENT}}  # fmt: skip
-    rec = RunRecorder(cfg, root / f"{method}-{seed}-{commit}", dataset="toy", plan={"0": ["imu"]})
+    if fusion is not None:
+        cfg["model"] = {"fusion": fusion}
+    name = f"{method}-{seed}-{commit}-{fusion}"
+    rec = RunRecorder(cfg, root / name, dataset="toy", plan={"0": ["imu"]})
     rec.extra["code_version"] = {"commit": commit, "dirty": False}
     rec.extra["budget"] = {"steps_per_node_round": 20.0, "examples_per_node_round": 640.0}
     if method == "mmbind":
@@ -232,6 +238,40 @@ def test_study_table_puts_val_beside_test_and_never_mixes_code_versions(tmp_path
     assert rows["mmbind"][6] == f"{np.mean(first):.3f} ± {np.std(first):.3f}"
     other = _table(md, "Code version `beef00`: 1 runs.")
     assert [r[0] for r in other] == ["harmony"] and other[0][1] == "1"
+
+
+def test_groups_are_labelled_by_the_fusion_the_method_built(tmp_path):
+    """method=harmony builds late fusion whatever model.fusion says: its runs are labelled
+    ``fusion=late`` (as the late-fusion MMBind runs beside them), not ``attention``."""
+    uri = _store(tmp_path)
+    for method, fusion in (("federated", "attention"), ("harmony", "attention"),
+                           ("mmbind", "late")):  # fmt: skip
+        for seed in (0, 1):
+            _log_study_run(uri, tmp_path, method, seed, "c0ffee", fusion)
+    out = tmp_path / "report"
+    assert main(["report", EXPERIMENT, "--tracking-uri", uri, "--out", str(out),
+                 "--format", "md"]) == 0  # fmt: skip
+    md = (out / "report.md").read_text()
+    labels = {r[0] for r in _table(md, "Code version `c0ffee`: 6 runs.")}
+    assert labels == {
+        "federated · fusion=attention",
+        "harmony · fusion=late",
+        "mmbind · fusion=late",
+    }
+    assert "harmony · fusion=attention" not in md
+
+
+def test_effective_params_override_only_what_the_method_decides():
+    from fed_iotlm.config_schema import effective
+    from fed_iotlm.report.params import effective_params
+
+    assert effective("harmony", "model.fusion", "attention") == "late"  # what the model uses
+
+    harmony = {"method": "harmony", "model.fusion": "attention", "seed": "0"}
+    assert effective_params(harmony) == {**harmony, "model.fusion": "late"}
+    assert effective_params({"method": "harmony"}) == {"method": "harmony"}  # not logged: absent
+    federated = {"method": "federated", "model.fusion": "attention"}
+    assert effective_params(federated) == federated
 
 
 def test_the_whole_config_is_an_artifact_though_params_are_cut(tmp_path):

@@ -20,10 +20,16 @@ def test_a_table_refuses_to_mix_code_versions():
         one_code_version([_res("abc"), _res("abc", dirty=True)])
 
 
-def test_the_run_cache_is_keyed_on_the_code_version():
+def test_the_run_cache_is_keyed_on_the_code_version_and_the_experiment():
     overrides = ["method=federated", "seed=0"]
-    assert point_key(overrides, "v1") == point_key(list(reversed(overrides)), "v1")
-    assert point_key(overrides, "v1") != point_key(overrides, "v2")
+    key = point_key(overrides, "v1", experiment="a")
+    assert key == point_key(list(reversed(overrides)), "v1", experiment="a")
+    assert key != point_key(overrides, "v2", experiment="a")  # issue 11: code version
+    assert key != point_key(overrides, "v1", experiment="b")  # the experiment picks the config
+    assert point_key(overrides, "v1", experiment=None) not in {
+        key,
+        point_key(overrides, "v2", experiment=None),
+    }
 
 
 def test_only_code_changes_make_a_checkout_dirty(tmp_path):

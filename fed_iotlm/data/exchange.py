@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from .dataset import DatasetMeta, MultisensoryDataset, Split
-from .modalities import ModalitySpec, TaskSpec, UnknownKindError, check_kind, names_read_alike
+from .modalities import (
+    ModalitySpec,
+    TaskSpec,
+    UnknownKindError,
+    check_kind,
+    names_read_alike,
+    title_problem,
+)
 
 META_FILE = "meta.json"
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -63,7 +70,7 @@ CHANNEL_AXIS: dict[str, int] = {
 }
 
 _MODALITY_FIELDS = frozenset({"kind", "rate_hz", "channels"})
-_TASK_FIELDS = frozenset({"type", "classes", "descriptions"})
+_TASK_FIELDS = frozenset({"type", "classes", "descriptions", "title"})
 _OPTIONAL_INT_KEYS: tuple[str, ...] = ("site", "subject")
 
 
@@ -210,7 +217,14 @@ def _parse_task(path: Path, name: str, entry: Any) -> TaskSpec:
             f"{key}.classes",
         )
     descriptions = _parse_descriptions(path, key, classes, entry.get("descriptions"))
-    return TaskSpec(name=name, classes=tuple(classes), type=task_type, descriptions=descriptions)
+    title = entry.get("title", "")  # optional: what questions call the task
+    problem = title_problem(title, classes) if "title" in entry else None
+    if problem:
+        raise _fail(path, problem, f"{key}.title")
+    return TaskSpec(
+        name=name, classes=tuple(classes), type=task_type, descriptions=descriptions,
+        given_title=title.strip(),
+    )  # fmt: skip
 
 
 def _parse_descriptions(path: Path, key: str, classes: list[str], given: Any) -> tuple[str, ...]:

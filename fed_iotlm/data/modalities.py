@@ -71,6 +71,33 @@ def names_read_alike(names: tuple[str, ...] | list[str]) -> list[str]:
     return []
 
 
+def names_mentioned(text: str, names: tuple[str, ...] | list[str]) -> list[str]:
+    """The ``names`` that ``text`` mentions as whole words under :func:`name_key` (how an
+    answer is read back into a class)."""
+    norm = name_key(text)
+    return [
+        n
+        for n in names
+        if name_key(n) and re.search(rf"(?<!\w){re.escape(name_key(n))}(?!\w)", norm)
+    ]
+
+
+def title_problem(title: object, classes: tuple[str, ...] | list[str]) -> str | None:
+    """Why ``title`` cannot be a task's title, or None.  It must be a non-empty string
+    and name none of the task's classes: an answer "The <title> is <class>" is read back
+    by the first class it names, so a title naming one would turn every answer into it
+    (ExtraSensory's ``indoors``: "The indoors or outdoors is outdoors" reads indoors)."""
+    if not isinstance(title, str) or not title.strip():
+        return f"expected a non-empty string, got {title!r}"
+    named = names_mentioned(title, classes)
+    if named:
+        return (
+            f"{title!r} names the class(es) {named}; an answer 'The {title.strip()} is ...' "
+            "would read as that class, so choose words without a class name"
+        )
+    return None
+
+
 class UnknownKindError(ValueError):
     """A modality declared a kind that the registry does not know."""
 
@@ -126,6 +153,9 @@ class TaskSpec:
     # stage shows beside a class name when it lists the options (meta.json
     # ``tasks.<t>.descriptions``); empty: no descriptions at all
     descriptions: tuple[str, ...] = ()
+    # what questions call the task (meta.json ``tasks.<t>.title``, e.g. "indoor or outdoor
+    # setting" for a task named ``indoors``); "" = the name in words (:attr:`title`)
+    given_title: str = ""
 
     def __post_init__(self) -> None:
         alike = names_read_alike(self.classes)
@@ -134,6 +164,9 @@ class TaskSpec:
                 f"task {self.name!r}: classes {alike[0]!r} and {alike[1]!r} read the same in "
                 f"words ({in_words(alike[1])!r}), so an answer naming one could not be told apart"
             )
+        problem = title_problem(self.given_title, self.classes) if self.given_title else None
+        if problem:
+            raise ValueError(f"task {self.name!r}: title {problem}")
 
     @property
     def num_classes(self) -> int:
@@ -141,8 +174,10 @@ class TaskSpec:
 
     @property
     def title(self) -> str:
-        """The task's name in words (``main activity``), as questions ask it."""
-        return in_words(self.name)
+        """What questions call the task: its given title, else its name in words
+        (``main activity``).  A name is an identifier and may be one of its classes
+        (``indoors``), which asks "What is the indoors?"; a title says it in words."""
+        return self.given_title.strip() or in_words(self.name)
 
     def words(self, label: int) -> str:
         """Class ``label`` as the LM reads and writes it (:func:`in_words`)."""
@@ -161,6 +196,8 @@ class TaskSpec:
 
     def to_json(self) -> dict:
         out: dict = {"type": self.type, "classes": list(self.classes)}
+        if self.given_title:
+            out["title"] = self.given_title
         if any(self.descriptions):
             out["descriptions"] = {
                 c: d for c, d in zip(self.classes, self.descriptions, strict=True) if d

@@ -63,11 +63,14 @@ class Assistant:
         self.model.eval()
         # the stage's class names route a question to its task's adapter queries (a run
         # written before they were recorded routes by task names alone)
+        # and their titles (what the stage's questions called each task; older runs: none)
         classes = doc["llm"].get("task_classes")
+        titles = doc["llm"].get("task_titles") or {}
         self.specs = {t: TaskSpec(t, tuple(c)) for t, c in (classes or {}).items()}
         self.builder = SequenceBuilder(
-            lm.tokenizer, names, tasks, cond.tokens_per_modality, self.kind, classes=classes
-        )
+            lm.tokenizer, names, tasks, cond.tokens_per_modality, self.kind, classes=classes,
+            titles=titles,
+        )  # fmt: skip
 
     def prompt(
         self, split: Split, index: int, question: str, standardized: bool = False

@@ -31,7 +31,7 @@ from fed_iotlm.data.modalities import TaskSpec, in_words, name_key
 TEMPLATE_SETS = ("train", "heldout")
 KINDS = ("task", "presence", "dialog")
 
-# {task}: task name, underscores as spaces; {options}: class names; {sensors}: present modalities
+# {task}: the task's title (meta.json tasks.<t>.title, else its name in words); {options}: class names; {sensors}: present modalities
 TASK_QUESTIONS: dict[str, tuple[str, ...]] = {
     "train": (
         "What is the {task}?",

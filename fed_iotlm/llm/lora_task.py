@@ -247,5 +247,6 @@ def build_model(task: LoraTask, data: TaskData, rank: int) -> tuple[SensorLM, Se
     builder = SequenceBuilder(
         base.tokenizer, data.feats.names, data.tasks, task.tokens_per_modality,
         task.conditioning, classes=classes,
+        titles={t: data.meta.tasks[t].title for t in data.tasks},
     )  # fmt: skip
     return model, builder

@@ -115,7 +115,7 @@ def caption_examples(
             if label < 0:
                 continue
             turn = Turn(
-                CAPTION_QUESTION.format(task=task.replace("_", " ")),
+                CAPTION_QUESTION.format(task=meta.tasks[task].title),
                 caption_text(meta, present, task, label),
             )
             out.append(Example(i, present, (turn,), "caption", task, label, f"caption:{task}"))

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fed_iotlm.data.dataset import DatasetMeta, Split
-from fed_iotlm.data.modalities import TaskSpec, in_words, name_key
+from fed_iotlm.data.modalities import TaskSpec, name_key
 
 from .instructions import (
     TEMPLATE_SETS,
@@ -41,7 +41,7 @@ from .instructions import (
 QUESTION_TYPES = ("classification", "two_tasks", "comparison", "count")
 EXTRA_TYPES = QUESTION_TYPES[1:]
 
-# {a}, {b}: the two task names; {sensors}: present modalities
+# {a}, {b}: the two tasks' titles; {sensors}: present modalities
 TWO_TASK_QUESTIONS: dict[str, tuple[str, ...]] = {
     "train": (
         "What is the {a} and the {b}?",
@@ -137,11 +137,12 @@ def two_task_answer(spec_a: TaskSpec, spec_b: TaskSpec, ca: int, cb: int, form: 
 
 def parse_two_tasks(text: str, spec_a: TaskSpec, spec_b: TaskSpec) -> tuple[int | None, int | None]:
     """The class of each task named in ``text`` (None for a task it names no class of).
-    The task names are taken out first ("The room type is hall way" must not read as
-    class ``room``), unless a task name is part of a class name itself."""
+    The task names and titles are taken out first ("The room type is hall way" must not
+    read as class ``room``), unless one is part of a class name itself."""
     norm = name_key(text or "")
     classes = [name_key(c) for c in (*spec_a.classes, *spec_b.classes)]
-    for name in (name_key(spec_a.name), name_key(spec_b.name)):
+    names = dict.fromkeys(name_key(n) for s in (spec_a, spec_b) for n in (s.name, s.title))
+    for name in names:
         if not any(name in c for c in classes):
             norm = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", " ", norm)
     return answer_to_class(norm, spec_a), answer_to_class(norm, spec_b)
@@ -175,7 +176,7 @@ def two_task_examples(
         ca, cb = int(split.y[ta][i]), int(split.y[tb][i])
         j = int(word_rng.integers(len(TWO_TASK_QUESTIONS[templates])))
         q = TWO_TASK_QUESTIONS[templates][j].format(
-            a=in_words(ta), b=in_words(tb), sensors=describe_present(present[i])
+            a=sa.title, b=sb.title, sensors=describe_present(present[i])
         )
         answer = two_task_answer(sa, sb, ca, cb, _choice(word_rng, TWO_TASK_ANSWERS))
         if parse_two_tasks(answer, sa, sb) != (ca, cb):  # a class name inside another's
@@ -248,8 +249,9 @@ def comparison_examples(
             if group_rng.random() < 0.5:
                 a, b = b, a
         j = int(word_rng.integers(len(COMPARISON_QUESTIONS[templates])))
-        q = COMPARISON_QUESTIONS[templates][j].format(task=in_words(t))
-        answer = _choice(word_rng, COMPARISON_ANSWERS[same]).format(task=in_words(t))
+        title = meta.tasks[t].title
+        q = COMPARISON_QUESTIONS[templates][j].format(task=title)
+        answer = _choice(word_rng, COMPARISON_ANSWERS[same]).format(task=title)
         labels = (int(split.y[t][a]), int(split.y[t][b]))
         out.append(
             Example(
@@ -329,7 +331,7 @@ def count_examples(
         chosen = [int(chosen[p]) for p in group_rng.permutation(recordings)]
         j = int(word_rng.integers(len(COUNT_QUESTIONS[templates])))
         spec = meta.tasks[t]
-        q = COUNT_QUESTIONS[templates][j].format(n=recordings, task=in_words(t), cls=spec.words(c))
+        q = COUNT_QUESTIONS[templates][j].format(n=recordings, task=spec.title, cls=spec.words(c))
         answer = _choice(word_rng, COUNT_ANSWERS).format(n=k)
         out.append(
             Example(

@@ -5,7 +5,8 @@ set of the task it is about.  The first version used the example's *first* task 
 whole dialog (so a follow-up about another task got the wrong set) and a "general" slot,
 never trained by classification, for ``fed-iotlm ask``.  Now every sequence is routed by
 its last question, the one being answered, the same way in training, evaluation and
-``ask``: the task whose name is in the question wins, else the task with the most class
+``ask``: the task whose name (or title, meta.json ``tasks.<t>.title``: what the stage's
+questions call it) is in the question wins, else the task with the most class
 names in it; ties go to the earlier task.  A question naming nothing goes to the
 example's own task if it has one, else to the first task, with a logged notice.
 """
@@ -27,21 +28,31 @@ def _mentions(text: str, name: str) -> bool:
 
 
 class TaskRouter:
-    """Keyword routing over ``tasks`` (names, in the adapter's slot order) and their
-    ``classes`` (from the dataset's meta; a task without an entry is matched by name)."""
+    """Keyword routing over ``tasks`` (names, in the adapter's slot order), their
+    ``classes`` (from the dataset's meta; a task without an entry is matched by name) and
+    their ``titles`` (a task without one: its name only)."""
 
-    def __init__(self, tasks: Sequence[str], classes: Mapping[str, Sequence[str]] | None = None):
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        classes: Mapping[str, Sequence[str]] | None = None,
+        titles: Mapping[str, str] | None = None,
+    ):
         if not tasks:
             raise ValueError("task routing needs at least one task")
         self.tasks = list(tasks)
         self.classes = {t: list((classes or {}).get(t, ())) for t in self.tasks}
+        self.names = {t: [t, *([titles[t]] if titles and titles.get(t) else [])] for t in tasks}
         self._noticed: set[str] = set()
 
     def scores(self, question: str) -> list[tuple[int, int]]:
-        """Per task: (task name mentioned, number of its class names mentioned)."""
+        """Per task: (its name or title mentioned, number of its class names mentioned)."""
         text = name_key(question)
         return [
-            (int(_mentions(text, t)), sum(_mentions(text, c) for c in self.classes[t]))
+            (
+                int(any(_mentions(text, n) for n in self.names[t])),
+                sum(_mentions(text, c) for c in self.classes[t]),
+            )
             for t in self.tasks
         ]
 

@@ -117,6 +117,7 @@ class SequenceBuilder:
         describe: Callable[[int], str] | None = None,
         classes: Mapping[str, Sequence[str]] | None = None,
         task_weights: Mapping[str, float] | None = None,
+        titles: Mapping[str, str] | None = None,
     ):
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"llm.conditioning={conditioning!r}; choose one of {CONDITIONINGS}")
@@ -124,7 +125,7 @@ class SequenceBuilder:
             raise ValueError("text conditioning needs a describe(sample) function")
         self.tok, self.names, self.tasks, self.k = tokenizer, list(names), list(tasks), k
         # the adapter's query set per sequence: the task its last question asks about
-        self.router = TaskRouter(self.tasks, classes) if self.tasks else None
+        self.router = TaskRouter(self.tasks, classes, titles) if self.tasks else None
         self.conditioning, self.describe = conditioning, describe
         # None: batches carry no weights (the unweighted loss, exactly as before)
         self.task_weights = (

@@ -106,9 +106,10 @@ def build_model(
     seed: int,
     classes: dict[str, list[str]] | None = None,
     task_weights: dict[str, float] | None = None,
+    titles: dict[str, str] | None = None,
 ):
     """A SensorLM of conditioning ``kind`` and its sequence builder (which routes each
-    question to its task by the task and ``classes`` names, and weighs each example by
+    question to its task by the task, ``titles`` and ``classes`` names, and weighs each example by
     ``task_weights``).  Every conditioning shares ``base``'s weights (one more named
     LoRA adapter each; no deep copy)."""
     torch.manual_seed(seed)
@@ -117,7 +118,7 @@ def build_model(
     base.model = model.peft  # the next conditioning adds its adapter to the same PeftModel
     builder = SequenceBuilder(
         base.tokenizer, feats.names, tasks, cond.tokens_per_modality, kind, classes=classes,
-        task_weights=task_weights,
+        task_weights=task_weights, titles=titles,
     )  # fmt: skip
     return model, builder
 
@@ -224,6 +225,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
         else []
     )
     classes = {t: list(meta.tasks[t].classes) for t in tasks}  # for routing (ask reads it too)
+    titles = {t: meta.tasks[t].title for t in tasks}  # what the questions call each task
     val_q = [ex for t in tasks for ex in qs.val[t]]
     test_q = [ex for t in tasks for ex in qs.test[t]]
     scorings = list(lc["scoring"])
@@ -243,7 +245,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
     models: dict = {}  # kind -> (model, builder); they share the base, so keeping them is cheap
     kinds = [*lc["conditioning"], *(["names"] if "text_lora" in controls else [])]
     for kind in kinds:
-        model, builder = build_model(base, lc, kind, feats, tasks, seed, classes, weights)
+        model, builder = build_model(base, lc, kind, feats, tasks, seed, classes, weights, titles)
         t1 = time.time()
         bars = Bars(console, enabled=rank == 0)
         # the text-only control has nothing to align: every step on the instructions
@@ -313,6 +315,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
         "conditioning": reports,
         "lm": lc["model"],
         "task_classes": classes,
+        "task_titles": titles,
         # the seed's recipe as run: phases (the encoders one is the federation) and the
         # per-task loss weights (unlisted tasks: 1)
         "recipe": {

@@ -2,7 +2,8 @@
 
 A study varies a few knobs (method, seed, a severity, a label fraction) among ~100
 logged params; the report shows only those.  Runs that differ only in seed form a
-group (one line of a table, mean ± std).  Params that are absent from some runs and
+group (one line of a table, mean ± std).  A key the run's method overrides shows the value
+the method used (:func:`effective_params`).  Params that are absent from some runs and
 constant in the rest are config keys added after those runs were made, not a sweep.
 """
 
@@ -12,6 +13,8 @@ import ast
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from fed_iotlm.config_schema import METHOD_FORCES
 
 # Params that differ between runs without being a knob of the experiment.
 EXCLUDED = {"output_dir", "plan", "resume", "llm.bundle"}  # plan: drawn from partition.*
@@ -30,6 +33,18 @@ def expand_params(params: Mapping[str, str]) -> dict[str, str]:
         if isinstance(parsed, list) and any(isinstance(v, dict) for v in parsed):
             out.update(_flatten(parsed, key))
         else:
+            out[key] = value
+    return out
+
+
+def effective_params(params: Mapping[str, str]) -> dict[str, str]:
+    """``params`` with each key the run's method overrides set to what the method built
+    (``model.fusion=late`` for ``method=harmony``, whatever was configured), so a group is
+    labelled by the model that ran, not by a config key the method ignored.  A key the
+    run did not log stays absent (runs made before the key existed)."""
+    out = dict(params)
+    for key, value in METHOD_FORCES.get(params.get("method", ""), {}).items():
+        if key in out:
             out[key] = value
     return out
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from .params import expand_params
+from .params import effective_params, expand_params
 
 
 class ReportError(ValueError):
@@ -102,7 +102,7 @@ def _to_run(client: Any, mlrun: Any, tmp: Path) -> Run:
         run_id=run_id,
         name=mlrun.info.run_name or run_id[:8],
         status=mlrun.info.status,
-        params=expand_params(mlrun.data.params),
+        params=effective_params(expand_params(mlrun.data.params)),  # harmony: late fusion
         metrics=dict(mlrun.data.metrics),
         accuracy_by_round=sorted((int(m.step), float(m.value)) for m in history),
         results=_results_json(mlrun.info.artifact_uri, tmp),

@@ -22,7 +22,8 @@ What the import makes of it, and why:
   ``main_activity`` (lying, sitting, standing, walking, running, bicycling from
   LYING_DOWN, SITTING, OR_standing, FIX_walking, FIX_running, BICYCLING),
   ``indoors`` (indoors, outdoors from OR_indoors, OR_outside) and ``phone_position``
-  (in_pocket, in_hand, in_bag, on_table from PHONE_IN_*).
+  (in_pocket, in_hand, in_bag, on_table from PHONE_IN_*); each with a ``title``, what
+  questions call it (``indoors``: "indoor or outdoor setting").
 - ``site`` and ``subject`` are the user's index in sorted-UUID order (printed).
 - **Split per user, in time order**: the first minutes are train, then val, then test
   (``val.npz`` is written beside ``train.npz`` and ``test.npz``); a val or test minute
@@ -79,6 +80,14 @@ TASKS: dict[str, tuple[tuple[str, str], ...]] = {
         ("in_bag", "PHONE_IN_BAG"),
         ("on_table", "PHONE_ON_TABLE"),
     ),
+}
+# what questions call each task (meta.json tasks.<t>.title): ``indoors`` is also a class
+# name, so its name in words would ask "What is the indoors?", and a title naming a class
+# would make every answer read as that class; the other two say their names in words
+TITLES: dict[str, str] = {
+    "main_activity": "main activity",
+    "indoors": "indoor or outdoor setting",
+    "phone_position": "phone position",
 }
 USER_FILE = re.compile(r"^(?P<uuid>[0-9A-Fa-f-]+)\.features_labels\.csv(\.gz)?$")
 _EMPTY_FIELD = re.compile(r"(?:^|(?<=,))(?=,|$)", re.MULTILINE)
@@ -138,7 +147,10 @@ def import_extrasensory(
     meta = DatasetMeta(
         name=name,
         modalities={b: ModalitySpec(b, "tabular", None, columns.features(b)) for b in BLOCKS},
-        tasks={t: TaskSpec(t, tuple(c for c, _ in pairs)) for t, pairs in TASKS.items()},
+        tasks={
+            t: TaskSpec(t, tuple(c for c, _ in pairs), given_title=TITLES[t])
+            for t, pairs in TASKS.items()
+        },
     )
     ds = MultisensoryDataset(meta, parts["train"], parts["test"])
     notes = _notes(users, sides, parts, filled, sensorless, gap_minutes, drop_unlabelled)
