@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -39,6 +38,7 @@ from fed_iotlm.llm.lora_task import ALL_LINEAR, LoraTask, build_model, load_task
 from fed_iotlm.llm.tuning import tune
 from fed_iotlm.logs import configure as configure_logging
 from fed_iotlm.protocol import code_version, version_label
+from simulations.ray_cluster import backend_config, ray_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,14 +76,20 @@ def run_lora_simulation(
         ),
         client_app=make_lora_client_app(task, mods=client_mods),
         num_supernodes=num_sites,
-        backend_config={
-            "client_resources": {"num_cpus": 1.0, "num_gpus": gpus_per_site},
-            "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
-        },
+        backend_config=lora_backend_config(gpus_per_site),
     )
     if not results.is_file():
         raise RuntimeError(f"the federation ended without writing {results}; see the log above")
     return json.loads(results.read_text())
+
+
+def lora_backend_config(gpus_per_site: float) -> dict:
+    """Flower's ``backend_config`` for the LoRA federation: one CPU (and ``gpus_per_site``)
+    per site on a private local Ray, built by the federation's own
+    :func:`simulations.ray_cluster.backend_config` so both start Ray the same way
+    (``address="local"``: never silently joining a cluster ``RAY_ADDRESS`` or the last
+    ``ray start`` on this machine names)."""
+    return backend_config(ray_settings({"cpus_per_node": 1.0, "gpus_per_node": gpus_per_site}))
 
 
 def centralized(task: LoraTask, steps: int) -> dict:

@@ -232,3 +232,16 @@ def test_attaching_refuses_while_this_process_is_joined_elsewhere(ray_head):
             pass
     finally:
         ray.shutdown()
+
+
+def test_the_lora_federation_starts_a_private_local_ray_like_the_federation():
+    """``address="local"``: without it ``ray.init`` silently joins whatever cluster
+    ``RAY_ADDRESS`` or the last ``ray start`` here names (the LoRA study once did)."""
+    from simulations.fedlora_study import lora_backend_config
+
+    cfg = lora_backend_config(0.5)
+    assert cfg["init_args"]["address"] == "local"
+    assert cfg["init_args"]["include_dashboard"] is False
+    assert cfg["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    with pytest.raises(ValueError, match="gpus_per_node"):
+        lora_backend_config(-1.0)
