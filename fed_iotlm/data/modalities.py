@@ -71,15 +71,19 @@ def names_read_alike(names: tuple[str, ...] | list[str]) -> list[str]:
     return []
 
 
+def find_name(norm_text: str, name: str) -> re.Match | None:
+    """Where ``name`` occurs in ``norm_text`` (already :func:`name_key`-ed) as whole words,
+    or None: the one rule by which answers are read back into classes, questions routed
+    to tasks and titles checked against classes."""
+    key = name_key(name)
+    return re.search(rf"(?<!\w){re.escape(key)}(?!\w)", norm_text) if key else None
+
+
 def names_mentioned(text: str, names: tuple[str, ...] | list[str]) -> list[str]:
     """The ``names`` that ``text`` mentions as whole words under :func:`name_key` (how an
     answer is read back into a class)."""
     norm = name_key(text)
-    return [
-        n
-        for n in names
-        if name_key(n) and re.search(rf"(?<!\w){re.escape(name_key(n))}(?!\w)", norm)
-    ]
+    return [n for n in names if find_name(norm, n)]
 
 
 def title_problem(title: object, classes: tuple[str, ...] | list[str]) -> str | None:

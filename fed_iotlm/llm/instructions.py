@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fed_iotlm.data.dataset import DatasetMeta, Split
-from fed_iotlm.data.modalities import TaskSpec, in_words, name_key
+from fed_iotlm.data.modalities import TaskSpec, find_name, in_words, name_key
 
 TEMPLATE_SETS = ("train", "heldout")
 KINDS = ("task", "presence", "dialog")
@@ -200,10 +199,9 @@ def answer_to_class(text: str, task: TaskSpec) -> int | None:
     norm = name_key(text or "")
     best: tuple[int, int, int] | None = None
     for idx, cls in enumerate(task.classes):
-        name = name_key(cls)
-        found = re.search(rf"(?<!\w){re.escape(name)}(?!\w)", norm) if name else None
-        if found and (best is None or (found.start(), -len(name), idx) < best):
-            best = (found.start(), -len(name), idx)
+        found = find_name(norm, cls)
+        if found and (best is None or (found.start(), -len(found.group()), idx) < best):
+            best = (found.start(), -len(found.group()), idx)
     return None if best is None else best[2]
 
 

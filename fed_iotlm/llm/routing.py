@@ -14,17 +14,15 @@ example's own task if it has one, else to the first task, with a logged notice.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 
-from fed_iotlm.data.modalities import name_key  # as class names are matched
+from fed_iotlm.data.modalities import find_name, name_key  # as class names are matched
 
 log = logging.getLogger(__name__)
 
 
 def _mentions(text: str, name: str) -> bool:
-    name = name_key(name)
-    return bool(name) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
+    return find_name(text, name) is not None
 
 
 class TaskRouter:
