@@ -38,7 +38,7 @@ from fed_iotlm.llm.lora_task import ALL_LINEAR, LoraTask, build_model, load_task
 from fed_iotlm.llm.tuning import tune
 from fed_iotlm.logs import configure as configure_logging
 from fed_iotlm.protocol import code_version, version_label
-from simulations.ray_cluster import backend_config, ray_settings
+from simulations.ray_cluster import RAY_START_HINT, backend_config, ray_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,20 +60,19 @@ def run_lora_simulation(
     ``on_record``, ``resume`` and ``mlflow`` (the ``mlflow`` config block; None: no MLflow
     run): :func:`server.lora_app.make_lora_server_app`'s).
     ``num_sites``: a number or ``auto`` (node sites: one SuperNode per node of the plan)."""
-    from flwr.simulation import run_simulation
-
     from clients.lora_app import make_lora_client_app
     from server.lora_app import make_lora_server_app
+    from simulations.runtime_watch import run_watched
 
     out_dir = Path(out_dir)
     results = out_dir / "results.json"
     results.unlink(missing_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     num_sites = task_sites(task, num_sites).num_sites  # a plan contradicting it fails here
-    run_simulation(
-        server_app=make_lora_server_app(
-            task, plans, num_sites, out_dir, observe, on_record, resume, mlflow
-        ),
+    run_watched(  # a backend that fails to start stops the ServerApp at once too
+        make_lora_server_app(task, plans, num_sites, out_dir, observe, on_record, resume, mlflow),
+        f"Each site holds 1 CPU and gpus_per_site={gpus_per_site:g} GPU of a private Ray "
+        f"instance (a GPU share needs a GPU). {RAY_START_HINT}",
         client_app=make_lora_client_app(task, mods=client_mods),
         num_supernodes=num_sites,
         backend_config=lora_backend_config(gpus_per_site),

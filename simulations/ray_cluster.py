@@ -152,6 +152,32 @@ def backend_config(s: RaySettings) -> dict[str, Any]:
     return {"client_resources": client_resources, "init_args": init_args}
 
 
+RAY_START_HINT = (
+    "If Ray itself failed to start (e.g. its raylet aborted or timed out on a loaded "
+    "machine), retry when the machine is quieter"
+)
+
+
+def backend_hint(s: RaySettings) -> str:
+    """What to check when Flower's Ray backend fails to start: the ``simulation``
+    settings that shaped the start, by name."""
+    shares = (
+        f"simulation.cpus_per_node={s.cpus_per_node:g} and "
+        f"simulation.gpus_per_node={s.gpus_per_node:g} (one simulated node's share)"
+    )
+    if s.attach:
+        return (
+            f"Check simulation.ray_address={s.address!r} (is the head up?) and that {shares} "
+            f"fit one machine of the cluster; {HOW_TO_START}"
+        )
+    size = "null: every core" if s.num_cpus is None else s.num_cpus
+    return (
+        f"Check that {shares} fit the private Ray instance (simulation.num_cpus={size}; "
+        f"a GPU share needs a GPU). {RAY_START_HINT}, or start a head once and attach to "
+        "it with simulation.ray_address (docs/cluster.md)"
+    )
+
+
 def resolve_address(address: str) -> str:
     """``host:port`` as given; ``auto``: ``RAY_ADDRESS``, else the cluster the last
     ``ray start`` on this machine recorded. Never Ray's own last resort for ``auto``

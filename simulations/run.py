@@ -22,7 +22,13 @@ from fed_iotlm.experiment import check_method
 from fed_iotlm.logs import RUN_LOG, run_log
 from fed_iotlm.models.device import check_devices
 from fed_iotlm.settings import config_dir
-from simulations.ray_cluster import attached, backend_config, for_cluster, ray_settings
+from simulations.ray_cluster import (
+    attached,
+    backend_config,
+    backend_hint,
+    for_cluster,
+    ray_settings,
+)
 
 CONFIG_DIR = str(config_dir())  # the checkout's configs/, or the wheel's fed_iotlm/configs
 
@@ -74,13 +80,12 @@ def run_flower_simulation(
 ) -> Path:
     """The federation under Flower's simulation engine, one virtual SuperNode per node:
     on a private local Ray instance, or on the cluster at ``simulation.ray_address``."""
-    from flwr.simulation import run_simulation
-
     from clients.app import make_client_app
     from fed_iotlm.data.federation import build_layout
     from fed_iotlm.federation.privacy import check_dp_run
     from fed_iotlm.federation.secure import check_composable
     from server.app import make_server_app
+    from simulations.runtime_watch import run_watched
 
     num_nodes = build_layout(cfg).num_nodes  # fail fast on a bad plan or dataset
     check_dp_run(cfg)  # ... and on DP settings the run cannot honour
@@ -99,8 +104,11 @@ def run_flower_simulation(
     results.unlink(missing_ok=True)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     with attached(ray_cfg) if ray_cfg.attach else nullcontext():
-        run_simulation(
-            server_app=make_server_app(cfg, out_dir, grid_hook),
+        # a backend that fails to start stops the ServerApp too, instead of leaving it
+        # in its roll call for 900 s: simulations/runtime_watch.py
+        run_watched(
+            make_server_app(cfg, out_dir, grid_hook),
+            backend_hint(ray_cfg),
             client_app=make_client_app(cfg, client_mods),
             num_supernodes=num_nodes,
             backend_name=backend_name,
