@@ -334,17 +334,7 @@ class RunRecorder:
         plot = self._plot()
         if self._mlflow is not None and not self._mlflow.ended:
             run, self._mlflow = self._mlflow, None
-            run.log_metrics(
-                {
-                    "test_accuracy": test["accuracy"],
-                    **({"val_accuracy": val["accuracy"]} if val is not None else {}),
-                    **{
-                        f"test_{k}": test[k] for k in ("f1_macro", "balanced_accuracy") if k in test
-                    },
-                    **{f"test_accuracy.{m}": v for m, v in test["accuracy_by_modality"].items()},
-                    **{f"node_accuracy.{n}": v for n, v in accuracy_by_node.items()},
-                }
-            )
+            self._log_final(run, test, accuracy_by_node, val)
             run.log_artifact(path)
             if plot is not None:
                 run.log_artifact(plot)
@@ -354,6 +344,35 @@ class RunRecorder:
             run.finish()
         print_table(results)
         return path
+
+    def _log_final(
+        self, run: MlflowRun, test: dict, accuracy_by_node: dict[str, float], val: dict | None
+    ) -> None:
+        """The final model's figures, at step = its last round (as the LoRA app logs its
+        final evaluation), so a finished run resumed with more ``rounds`` adds its new
+        figures at the new last round instead of a second value at one step.  A reopened
+        run that already holds them at that step (resumed with nothing left to run, or
+        after a crash between them and the run's end) logs none: the same model's again.
+        ``val_accuracy`` is also a per-round key: where the last round's history row has
+        it, that row (logged at the same step) stands for it."""
+        last = self.history[-1] if self.history else {}
+        step = int(last.get("round", 0))
+        if run.resumed and step in run.logged_steps("test_accuracy"):
+            return
+        run.log_metrics(
+            {
+                "test_accuracy": test["accuracy"],
+                **(
+                    {"val_accuracy": val["accuracy"]}
+                    if val is not None and "val_accuracy" not in last
+                    else {}
+                ),
+                **{f"test_{k}": test[k] for k in ("f1_macro", "balanced_accuracy") if k in test},
+                **{f"test_accuracy.{m}": v for m, v in test["accuracy_by_modality"].items()},
+                **{f"node_accuracy.{n}": v for n, v in accuracy_by_node.items()},
+            },
+            step=step,
+        )
 
     def _plot(self) -> Path | None:
         if not self.history:

@@ -34,9 +34,9 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-def _cfg(quick_cfg, store: Path, *overrides: str) -> dict:
+def _cfg(quick_cfg, store: Path, *overrides: str, rounds: int = ROUNDS) -> dict:
     return quick_cfg(
-        f"rounds={ROUNDS}", "train.steps=2", f"mlflow.tracking_uri=sqlite:///{store}",
+        f"rounds={rounds}", "train.steps=2", f"mlflow.tracking_uri=sqlite:///{store}",
         f"mlflow.experiment={EXPERIMENT}", *overrides,
     )  # fmt: skip
 
@@ -99,18 +99,26 @@ def _copy(crashed, tmp_path: Path) -> tuple[Path, Path, str]:
 
 def _assert_every_round_once(store: Path, run, results: dict) -> None:
     """``run`` holds each history key of every round exactly once, the values results.json
-    reports."""
-    history = results["history"]
-    assert [h["round"] for h in history] == list(range(1, ROUNDS + 1))
+    reports, and the final test figure once, at the last round."""
+    history, rounds = results["history"], results["rounds"]
+    assert [h["round"] for h in history] == list(range(1, rounds + 1))
     for key in ("accuracy", "loss", "val_accuracy", "nodes_answered"):
         logged = _history(store, run, key)
-        if key == "val_accuracy":  # the final validation figure: once, at step 0
-            assert [v for s, v in logged if s == 0] == [pytest.approx(results["val"]["accuracy"])]
-            logged = [(s, v) for s, v in logged if s != 0]
         assert logged == [(h["round"], pytest.approx(h[key])) for h in history], key
-    assert _history(store, run, "test_accuracy") == [
-        (0, pytest.approx(results["test"]["accuracy"]))
-    ]
+    # the final validation figure is the last round's: the same model on the same split
+    assert results["val"]["accuracy"] == pytest.approx(history[-1]["val_accuracy"])
+    assert _history(store, run, "test_accuracy")[-1] == (
+        rounds, pytest.approx(results["test"]["accuracy"])
+    )  # fmt: skip
+    _assert_once_per_step(store, run)
+
+
+def _assert_once_per_step(store: Path, run) -> None:
+    """No metric of ``run`` has two values at one step."""
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    for key in client.get_run(run.info.run_id).data.metrics:
+        steps = [s for s, _ in _history(store, run, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
 
 
 def test_a_resumed_run_continues_its_mlflow_run(crashed, quick_cfg, tmp_path, task_identity):
@@ -119,6 +127,30 @@ def test_a_resumed_run_continues_its_mlflow_run(crashed, quick_cfg, tmp_path, ta
     (run,) = _runs(store)  # the same run, no second one
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     _assert_every_round_once(store, run, json.loads((out / "results.json").read_text()))
+
+
+def test_a_finished_run_resumed_with_more_rounds_logs_each_metric_once_per_step(
+    crashed, quick_cfg, tmp_path, task_identity
+):
+    """Finished after 3 rounds, then resumed with rounds=5: the new final figures land at
+    step 5 beside the old ones at step 3, never a second value at one step."""
+    out, store, run_id = _copy(crashed, tmp_path)
+    _serve(_cfg(quick_cfg, store, "resume=true"), out)
+    first = json.loads((out / "results.json").read_text())
+    _serve(_cfg(quick_cfg, store, "resume=true", rounds=ROUNDS + 2), out)
+    (run,) = _runs(store)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    results = json.loads((out / "results.json").read_text())
+    _assert_every_round_once(store, run, results)
+    assert _history(store, run, "test_accuracy") == [
+        (ROUNDS, pytest.approx(first["test"]["accuracy"])),
+        (ROUNDS + 2, pytest.approx(results["test"]["accuracy"])),
+    ]
+    # resumed once more with nothing left to run: the same model, nothing logged again
+    _serve(_cfg(quick_cfg, store, "resume=true", rounds=ROUNDS + 2), out)
+    (run,) = _runs(store)
+    assert [s for s, _ in _history(store, run, "test_accuracy")] == [ROUNDS, ROUNDS + 2]
+    _assert_once_per_step(store, run)
 
 
 def test_a_round_checkpointed_but_not_logged_is_logged_on_resume(
