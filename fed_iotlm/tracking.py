@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 _open: list[MlflowRun] = []
 PARAM_CHARS = 500  # a param's value limit in MLflow's stores: the whole config is an artifact
 RESUMED_FROM = "fed_iotlm.resumed_from"  # tag of a run started afresh on resume
+ERROR = "error"  # tag of a FAILED run: the error it died of
+# a reopened run that then FINISHED: the error an earlier attempt died of (was ERROR)
+EARLIER_ERROR = "fed_iotlm.earlier_error"
 PARENT = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the run under its parent
 
 
@@ -78,10 +81,13 @@ class MlflowRun:
     be reopened by id when its app resumes, and be ended FAILED from wherever the run
     dies.  :class:`RunRecorder` and the federated-LoRA app both record through it."""
 
-    def __init__(self, client: Any, run_id: str, *, resumed: bool = False) -> None:
+    def __init__(
+        self, client: Any, run_id: str, *, resumed: bool = False, earlier_error: str | None = None
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.resumed = resumed  # an existing run reopened (its params and config are there)
+        self.earlier_error = earlier_error  # a reopened run's ERROR tag, from its crash
         self.ended = False
         _open.append(self)
 
@@ -133,7 +139,8 @@ class MlflowRun:
                 tags[RESUMED_FROM] = resume_id
             else:
                 client.update_run(resume_id, status="RUNNING")
-                return cls(client, resume_id, resumed=True)
+                earlier = found.data.tags.get(ERROR)
+                return cls(client, resume_id, resumed=True, earlier_error=earlier)
         if parent is not None:
             tags[PARENT] = parent.run_id
         from mlflow.tracking.context.registry import resolve_tags
@@ -176,17 +183,24 @@ class MlflowRun:
         self.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the run (FINISHED unless told)."""
+        """End the run (FINISHED unless told).  A reopened run that FINISHED no longer
+        carries the ``error`` tag of the attempt that crashed (MLflow's UI would show a
+        finished run with an error): it moves to :data:`EARLIER_ERROR`, so the crash is
+        still on record."""
         if self in _open:
             _open.remove(self)
         self.ended = True
+        if status == "FINISHED" and self.earlier_error is not None:
+            self.set_tags({EARLIER_ERROR: self.earlier_error})
+            self.client.delete_tag(self.run_id, ERROR)
+            self.earlier_error = None
         self.client.set_terminated(self.run_id, status=status)
 
     def fail(self, error: BaseException | None = None) -> None:
         """End the run as FAILED, with the error as its ``error`` tag."""
         try:
             if error is not None:
-                self.set_tags({"error": f"{type(error).__name__}: {error}"})
+                self.set_tags({ERROR: f"{type(error).__name__}: {error}"})
         finally:
             self.finish("FAILED")
 

@@ -127,6 +127,9 @@ def test_a_resumed_run_continues_its_mlflow_run(crashed, quick_cfg, tmp_path, ta
     (run,) = _runs(store)  # the same run, no second one
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     _assert_every_round_once(store, run, json.loads((out / "results.json").read_text()))
+    # FINISHED, so no longer tagged with the crash's error; the crash stays on record
+    assert "error" not in run.data.tags
+    assert "Crash: " in run.data.tags["fed_iotlm.earlier_error"]
 
 
 def test_a_finished_run_resumed_with_more_rounds_logs_each_metric_once_per_step(
