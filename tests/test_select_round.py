@@ -228,3 +228,99 @@ def test_permuting_test_labels_changes_no_selection(identity, compose_quick, tmp
     assert a["val"] == b["val"]
     assert _same_arrays(wa, wb)
     assert a["test"]["accuracy"] != b["test"]["accuracy"]  # only the test figures moved
+
+
+# ------------------------------------------------------------- evaluation on the nodes
+
+
+def test_the_nodes_val_macro_f1_is_weighted_by_their_validation_counts():
+    from server.node_evaluation import NodeScores
+
+    scores = NodeScores(
+        {
+            0: {"accuracy": 0.9, "val_f1_macro": 0.8, "val_examples": 30.0},
+            1: {"accuracy": 0.3, "val_f1_macro": 0.2, "val_examples": 10.0},
+            2: {"accuracy": 0.5},  # no validation share: not part of the figure
+        }
+    )
+    assert scores.weighted_val_metric("val_f1_macro") == pytest.approx((0.8 * 30 + 0.2 * 10) / 40)
+    # SecAgg+ hides every count: each node that reports the figure weighs the same
+    hidden = NodeScores({0: {"val_f1_macro": 0.8}, 1: {"val_f1_macro": 0.2}})
+    assert hidden.weighted_val_metric("val_f1_macro") == pytest.approx(0.5)
+    assert math.isnan(NodeScores().weighted_val_metric("val_f1_macro"))  # nobody answered
+
+
+def test_nodes_that_report_no_val_macro_f1_refuse_best_val():
+    """Sites whose ClientApp predates val_f1_macro answer with accuracy only."""
+    from server.node_evaluation import NodeScores
+
+    old = NodeScores({0: {"accuracy": 0.9, "val_accuracy": 0.8}, 1: {"accuracy": 0.3}})
+    with pytest.raises(RuntimeError, match="none of the 2 node.*val_f1_macro.*select_round=last"):
+        old.weighted_val_metric("val_f1_macro")
+
+
+def _val_f1_mod(score_of_round):
+    """A client mod that replaces (None: removes) the ``val_f1_macro`` a node's evaluate
+    reply carries, by the round it scores: the server's choice must follow it."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "evaluate" and not reply.has_error():
+            metrics = reply.content["metrics"]
+            rnd = int(msg.content["config"]["server-round"])
+            score = score_of_round(rnd)
+            if score is None:
+                del metrics["val_f1_macro"]
+            else:
+                metrics["val_f1_macro"] = score
+        return reply
+
+    return mod
+
+
+def _serve_with(cfg: dict, out: Path, mod) -> RecordingGrid:
+    from flwr.app import Context, RecordDict
+
+    from clients.app import make_client_app
+    from server.app import make_server_app
+
+    grid = RecordingGrid(make_client_app(cfg, mods=[mod]))
+    make_server_app(cfg, out)(grid, Context(1, 0, {}, RecordDict(), {}))
+    return grid
+
+
+def test_best_val_with_evaluation_on_the_nodes_follows_their_val_macro_f1(
+    identity, compose_quick, tmp_path
+):
+    """The nodes report round 1 as their best (0.9, then 0.1): the server reports round
+    1's model, and its final per-node evaluation re-scores that model."""
+    out = tmp_path / "nodes"
+    cfg = compose_quick(*BEST, "evaluation=nodes")
+    grid = _serve_with(cfg, out, _val_f1_mod(lambda rnd: 0.9 if rnd == 1 else 0.1))
+    res = _results(out)
+    assert res["evaluation"] == "nodes"
+    assert [h["val_f1_macro"] for h in res["history"]] == pytest.approx([0.9, 0.1])
+    assert res["protocol"]["selected_round"] == 1
+    assert _same_arrays(_bundle(out), grid.sent_models[2])
+    assert res["test"]["accuracy"] == pytest.approx(res["history"][0]["accuracy"])
+    assert res["test"]["accuracy"] != pytest.approx(res["history"][1]["accuracy"])
+
+
+def test_best_val_on_nodes_that_report_no_val_macro_f1_is_refused(
+    identity, compose_quick, tmp_path
+):
+    cfg = compose_quick(*BEST, "evaluation=nodes")
+    with pytest.raises(RuntimeError, match="none of the 3 node.*val_f1_macro"):
+        _serve_with(cfg, tmp_path / "old", _val_f1_mod(lambda rnd: None))
+
+
+# ------------------------------------------------------- checkpoints from before the key
+
+
+def test_a_checkpoint_written_before_the_key_resumes_under_last_only(compose_quick):
+    from fed_iotlm.federation.checkpoint import config_differences, resumable_config
+
+    cfg = compose_quick(*SKEWED)
+    older = {k: v for k, v in resumable_config(cfg).items() if k != "select_round"}
+    assert config_differences(older, cfg) == []
+    assert config_differences(older, compose_quick(*BEST)) == ["select_round"]
