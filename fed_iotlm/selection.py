@@ -81,6 +81,40 @@ class BestRound(Generic[T]):
         return None if self.round is None else {"round": self.round, "score": self.score}
 
 
+class InProcessSelection:
+    """The rule for a runner that trains in this process (the baselines): per round the
+    history's extra key, the offer of the round's model, and at the end the round to
+    report with its state (None under ``last``: the model as it is).
+
+    ``scores`` are validation per-task figures (:func:`~fed_iotlm.models.training.evaluate`
+    on the validation reference set), one dict per model the round trained (local-only:
+    one per node); the round's score is their mean macro-F1."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.mode = select_round_mode(cfg)
+        self.rounds = int(cfg["rounds"])
+        self.best: BestRound[Any] = BestRound()
+
+    def round_metrics(self, val_tasks: list[dict[str, dict[str, float]]]) -> dict[str, float]:
+        """``{val_f1_macro: ...}`` for the history row under ``best_val``; nothing under
+        ``last`` (its history stays as it was)."""
+        if self.mode != BEST_VAL:
+            return {}
+        from fed_iotlm.models.training import mean_metric
+
+        return {SCORE: sum(mean_metric(v, "f1_macro") for v in val_tasks) / len(val_tasks)}
+
+    def offer(self, rnd: int, metrics: Mapping[str, float], state: Callable[[], Any]) -> None:
+        if self.mode == BEST_VAL:
+            self.best.offer(rnd, metrics[SCORE], state)
+
+    def chosen(self) -> tuple[int, Any | None]:
+        """(the round to report, its state to load, or None: keep the model as it is)."""
+        if self.mode != BEST_VAL:
+            return self.rounds, None
+        return self.best.chosen()
+
+
 def choice_record(mode: str, selected_round: int) -> dict:
     """results.json's ``protocol`` keys of the choice: the rule, in words under
     ``choices.model`` as before, the key's value and the round reported."""
