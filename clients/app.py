@@ -233,7 +233,11 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
         metrics.update({f"accuracy.{t}": v["accuracy"] for t, v in per_task.items()})
         if node.val is not None and len(node.val) > 0:  # the node's validation share
             val_task = evaluate(node.model, node.val)
-            metrics.update(val_accuracy=mean_accuracy(val_task), val_loss=mean_loss(val_task))
+            metrics.update(
+                val_accuracy=mean_accuracy(val_task),
+                val_loss=mean_loss(val_task),
+                val_f1_macro=mean_metric(val_task, "f1_macro"),  # select_round=best_val
+            )
             if "num-examples" in metrics:
                 metrics["val_examples"] = float(len(node.val))
         for key in ("f1_macro", "balanced_accuracy"):  # class-balanced scores, same split

@@ -7,6 +7,8 @@ training statistics only: a local node with its own, the centralized model with 
 pooled training data's (the same statistics the federation's statistics round
 computes); a reference set never with its own unless ``normalization=per_site``.
 Each trains with ``train.threads`` torch threads, as each federated node does.
+Each reports the round ``select_round`` chooses (:mod:`fed_iotlm.selection`), as the
+federation does, so every row of a study table is under one rule.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from fed_iotlm.evaluation import mean_reports, test_report
 from fed_iotlm.experiment import model_spec, plan_by_node, train_config
 from fed_iotlm.federation.bundle import save_bundle, statistics_meta
 from fed_iotlm.federation.normalization import normalization_mode
-from fed_iotlm.federation.records import state_to_numpy
+from fed_iotlm.federation.records import load_into, state_to_numpy
 from fed_iotlm.models.class_weights import (
     as_train_weights,
     balanced_weights,
@@ -44,6 +46,7 @@ from fed_iotlm.models.training import (
     train_local,
 )
 from fed_iotlm.protocol import protocol_record
+from fed_iotlm.selection import InProcessSelection
 from fed_iotlm.tracking import RunRecorder
 
 
@@ -62,7 +65,13 @@ class _LocalNode:
 
 @with_train_threads  # train.threads, as each federated node
 def run_local_only(cfg: dict, out_dir: Path) -> Path:
-    """Each node trains alone on its own modalities; figures are means over nodes."""
+    """Each node trains alone on its own modalities; figures are means over nodes.
+
+    ``select_round=best_val`` picks one round for every node, the one whose mean over the
+    nodes of their validation macro-F1 is best: the figures stay means over nodes at one
+    budget, as the federation's are at one round (a round per node would be another
+    rule, and would favour local-only)."""
+    selection = InProcessSelection(cfg)
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
     per_site = normalization_mode(cfg) == "per_site"
@@ -98,23 +107,32 @@ def run_local_only(cfg: dict, out_dir: Path) -> Path:
         }
     spent = []
     for rnd in range(1, int(cfg["rounds"]) + 1):
-        accs, losses, vals = [], [], []
+        accs, losses, vals, val_tasks = [], [], [], []
         for i, node in enumerate(nodes):
             spent.append(train_local(node.model, node.train, node.tcfg, seed=rnd * 10_007 + i))
             per_task = evaluate(node.model, node.test, layout.plan[i])
             accs.append(mean_accuracy(per_task))
             losses.append(mean_loss(per_task))
-            vals.append(mean_accuracy(evaluate(node.model, node.val, layout.plan[i])))
+            val_tasks.append(evaluate(node.model, node.val, layout.plan[i]))
+            vals.append(mean_accuracy(val_tasks[-1]))
+        chosen_by = selection.round_metrics(val_tasks)
         recorder.log_round(
-            rnd, float(np.mean(accs)), float(np.mean(losses)), val_accuracy=float(np.mean(vals))
-        )
+            rnd, float(np.mean(accs)), float(np.mean(losses)), val_accuracy=float(np.mean(vals)),
+            **chosen_by,
+        )  # fmt: skip
+        selection.offer(rnd, chosen_by, lambda: [state_to_numpy(n.model) for n in nodes])
+    selected_round, states = selection.chosen()
+    for node, state in zip(nodes, states or [], strict=False):  # best_val: that round's
+        load_into(node.model, state)
     report = mean_reports(
         [test_report(n.model, n.test, layout.plan[i]) for i, n in enumerate(nodes)]
     )
     val = mean_reports([test_report(n.model, n.val, layout.plan[i]) for i, n in enumerate(nodes)])
     by_node = {str(i): mean_accuracy(evaluate(n.model, n.own_test)) for i, n in enumerate(nodes)}
     model_bytes = sum(v.nbytes for v in state_to_numpy(nodes[0].model).values())
-    recorder.extra.update(protocol_record(cfg, layout, [], budget=_budget(spent)))
+    recorder.extra.update(
+        protocol_record(cfg, layout, [], budget=_budget(spent), selected_round=selected_round)
+    )
     return recorder.finish(
         report,
         by_node,
@@ -161,6 +179,7 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
     steps of all nodes together (``steps`` x nodes), as in centralized MMBind: the
     pooled model sees as many examples per round as the whole federation, so an
     equal-budget table does not starve the reference it is compared with."""
+    selection = InProcessSelection(cfg)
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
     tcfg = replace(tcfg, steps=None if tcfg.steps is None else tcfg.steps * layout.num_nodes)
@@ -181,12 +200,17 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
             "labelled training samples, at one place"}  # fmt: skip
     for rnd in range(1, int(cfg["rounds"]) + 1):
         done = train_local(model, train, tcfg, seed=rnd)
-        per_task = evaluate(model, test)
-        val_acc = mean_accuracy(evaluate(model, val))
+        per_task, val_task = evaluate(model, test), evaluate(model, val)
+        chosen_by = selection.round_metrics([val_task])
         recorder.log_round(
-            rnd, mean_accuracy(per_task), mean_loss(per_task), val_accuracy=val_acc,
+            rnd, mean_accuracy(per_task), mean_loss(per_task),
+            val_accuracy=mean_accuracy(val_task), **chosen_by,
             steps=done["steps"], examples=done["examples"],
         )  # fmt: skip
+        selection.offer(rnd, chosen_by, lambda: state_to_numpy(model))
+    selected_round, best_state = selection.chosen()
+    if best_state is not None:  # best_val: every figure and the bundle are of that round
+        load_into(model, best_state)
     by_node = {}
     for i in range(layout.num_nodes):
         _, own_test = layout.node_data(i, scaler)
@@ -200,10 +224,13 @@ def run_centralized(cfg: dict, out_dir: Path) -> Path:
         {
             "method": "centralized",
             "dataset": layout.dataset.meta.name,
+            **({"selected_round": selected_round} if best_state is not None else {}),
             **statistics_meta(scaler),
         },
     )
-    recorder.extra.update(protocol_record(cfg, layout, recorder.history))
+    recorder.extra.update(
+        protocol_record(cfg, layout, recorder.history, selected_round=selected_round)
+    )
     return recorder.finish(
         test_report(model, test),
         by_node,
@@ -241,6 +268,7 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
         ssl_train_config,
     )
 
+    selection = InProcessSelection(cfg)
     layout = build_layout(cfg)
     spec, tcfg = model_spec(cfg), train_config(cfg)
     b = cfg["binding"]
@@ -292,17 +320,24 @@ def run_centralized_mmbind(cfg: dict, out_dir: Path) -> Path:
             ]
         sources = [BoundData(d, partners[i]) for i, d in enumerate(trains)]
         done = train_bound(sources, model, round_cfg, bcfg, seed=rnd * 10_007)
-        per_task = evaluate(model, test)
+        per_task, val_task = evaluate(model, test), evaluate(model, val)
+        chosen_by = selection.round_metrics([val_task])
         recorder.log_round(
             rnd, mean_accuracy(per_task), mean_loss(per_task),
-            val_accuracy=mean_accuracy(evaluate(model, val)),
+            val_accuracy=mean_accuracy(val_task), **chosen_by,
             steps=done["steps"], examples=done["examples"],
         )  # fmt: skip
+        selection.offer(rnd, chosen_by, lambda: state_to_numpy(model))
+    selected_round, best_state = selection.chosen()
+    if best_state is not None:  # best_val: every figure is of that round
+        load_into(model, best_state)
     by_node = {
         str(i): mean_accuracy(evaluate(model, SplitTensors.from_split(te)))
         for i, (_, te) in enumerate(nodes)
     }
-    recorder.extra.update(protocol_record(cfg, layout, recorder.history))
+    recorder.extra.update(
+        protocol_record(cfg, layout, recorder.history, selected_round=selected_round)
+    )
     return recorder.finish(
         test_report(model, test),
         by_node,

@@ -491,6 +491,10 @@ class Config:
     # where each round is scored: auto (nodes if a site reads its own data, else server) |
     # server (its copy of the test split) | nodes (each node's own test split, weighted by its count)
     evaluation: str = "auto"
+    # which round's model the run reports (test, val, per node, the bundle): last (the model
+    # after the last round) | best_val (the round with the best validation macro-F1, chosen
+    # on validation only; fed_iotlm/selection.py)
+    select_round: str = "last"
     # what a shift entry's "site" is: node (partition id) | site (data's split.site)
     shift_unit: str = "node"
     # federated: every node and reference set uses the nodes' pooled training statistics
@@ -677,6 +681,19 @@ RANGES: dict[str, Range] = {
     "llm.federated.local_steps": AT_LEAST_1,
     "llm.federated.sites": AT_LEAST_1,
 }
+
+# keys whose value is one of a few words, checked once the config is composed
+CHOICES: dict[str, tuple[str, ...]] = {"select_round": ("last", "best_val")}
+
+
+def check_choices(cfg: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a value of :data:`CHOICES` that is not one of its
+    words, naming the key and the words it accepts."""
+    for path, allowed in CHOICES.items():
+        value = _at(cfg, path)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"config: {path}={value!r}: expected one of {', '.join(allowed)}")
+
 
 # keys a method decides whatever the config says: ``method=harmony`` builds a late-fusion
 # model (modality-wise FedAvg averages per-modality logits) even under model.fusion=attention.

@@ -24,6 +24,7 @@ import numpy as np
 from fed_iotlm.config_schema import block
 from fed_iotlm.data.federation import FederationLayout
 from fed_iotlm.federation.normalization import normalization_mode
+from fed_iotlm.selection import LAST, choice_record, select_round_mode
 
 REPO = Path(__file__).resolve().parents[1]
 DIST = "fed-iotlm"  # the distribution's name (pyproject.toml)
@@ -45,10 +46,6 @@ def first_binding_pair_accuracy(results: dict) -> dict[str, float]:
     """Same-class pair accuracy per task at a run's first binding (MMBind; else empty)."""
     pairs = (results.get("binding") or {}).get("pair_accuracy_by_binding") or {}
     return pairs[min(pairs, key=int)] if pairs else {}
-
-
-# what the federation itself chooses: nothing; the model reported is the last round's
-FINAL_MODEL_CHOICE = {"model": "last round (fixed budget, no selection)"}
 
 
 # paths whose changes cannot change a figure: a study rewrites its own docs page (and plot)
@@ -126,18 +123,30 @@ def protocol_record(
     history: list[dict],
     choices: dict | None = None,
     budget: dict | None = None,
+    selected_round: int | None = None,
 ) -> dict:
-    """The ``protocol``, ``budget`` and ``code_version`` keys of results.json."""
+    """The ``protocol``, ``budget`` and ``code_version`` keys of results.json.
+
+    ``selected_round``: the round whose model the run reports (``select_round=best_val``
+    must say; ``last``: ``rounds``), recorded with the rule beside ``choices``."""
     train = block(cfg, "train")
+    mode = select_round_mode(cfg)
+    if selected_round is None:
+        if mode != LAST:
+            raise ValueError(f"select_round={mode}: the caller must say which round it reports")
+        selected_round = int(cfg["rounds"])
+    chosen = choice_record(mode, selected_round)
     return {
         "protocol": {
             "normalization": normalization_mode(cfg),
             "val_source": "val.npz" if layout.val_source == "val" else "carved from node train",
             "val_fraction": float(block(cfg, "partition")["val_fraction"]),
             "val_samples": int(sum(len(p) for p in layout.val_parts)),
-            "choices": dict(choices or FINAL_MODEL_CHOICE),
+            "choices": dict(choices or chosen["choices"]),
             "choices_made_on": "val",
             "test_feeds_back": False,
+            "select_round": chosen["select_round"],
+            "selected_round": chosen["selected_round"],
         },
         "budget": {
             "epochs": train["epochs"],

@@ -16,6 +16,7 @@ from typing import Any
 
 from fed_iotlm.config_schema import (
     ConfigError,
+    check_choices,
     check_data_source,
     check_declared,
     check_node_count,
@@ -77,6 +78,7 @@ def _compose_cached(overrides: tuple[str, ...], directory: str) -> str:
     check_required(plain)
     check_declared(plain)
     check_ranges(plain)
+    check_choices(plain)
     check_data_source(plain)
     check_node_count(plain)
     return json.dumps(plain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import asdict
@@ -47,8 +48,15 @@ from fed_iotlm.federation.secure_statistics import StatsLayout, channel_shape
 from fed_iotlm.federation.strategy import ModalityAwareFedAvg, build_strategy
 from fed_iotlm.models.class_weights import balanced_weights, class_weighting_mode, weights_block
 from fed_iotlm.models.device import train_placement
-from fed_iotlm.models.training import SplitTensors, evaluate, mean_accuracy, mean_loss
+from fed_iotlm.models.training import (
+    SplitTensors,
+    evaluate,
+    mean_accuracy,
+    mean_loss,
+    mean_metric,
+)
 from fed_iotlm.protocol import protocol_record
+from fed_iotlm.selection import BEST_VAL, SCORE, BestRound, select_round_mode
 from fed_iotlm.tracking import RunRecorder
 
 from .engine import RoundEngine, StrategyStep
@@ -65,6 +73,8 @@ from .statistics import (
     secure_statistics_round,
 )
 
+log = logging.getLogger(__name__)
+
 
 def default_out_dir(cfg: dict) -> Path:
     return Path(cfg.get("output_dir") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg['method']}")
@@ -75,6 +85,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     method = check_method(cfg)
     if method not in ("federated", "fedavg", "harmony", "mmbind"):
         raise ValueError(f"method={method!r} does not run on a Flower Grid")
+    select = select_round_mode(cfg)  # a bad value fails before any node is contacted
     seed_everything(int(cfg["seed"]))
     layout = build_layout(cfg)
     spec = model_spec(cfg)
@@ -98,6 +109,11 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         refs = reference_sets(layout, scaler, normalization_mode(cfg))
         test = SplitTensors.from_split(refs.test).placed(place)
         val = SplitTensors.from_split(refs.val).placed(place)
+        if select == BEST_VAL and len(val) == 0:
+            raise ValueError(
+                "select_round=best_val needs validation samples, and the validation "
+                "reference set is empty (partition.val_fraction=0 and no val.npz)"
+            )
     # sites that die and come back (maybe under a new node id) are picked up per round
     live = LiveRoster(roster, layout.num_nodes, identify_timeout_s=round_timeout, wait_s=wait_s)
     strategy = build_strategy(
@@ -120,20 +136,27 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         each node on its own test split, weighted."""
         if test is None:
             live_grid = LiveNodesGrid(grid, live.refresh(grid, rnd))
-            scored = evaluate_on_nodes(live_grid, arrays, round_timeout, rnd).weighted()
-            return {
+            nodes = evaluate_on_nodes(live_grid, arrays, round_timeout, rnd)
+            scored = nodes.weighted()
+            out = {
                 "accuracy": scored["accuracy"],
                 "loss": scored["loss"],
                 "val_accuracy": scored.get("val_accuracy", float("nan")),
                 "evaluated_nodes": float(scored["nodes"]),
             }
+            if select == BEST_VAL:  # the nodes' own validation shares, weighted
+                out[SCORE] = nodes.weighted_val_metric(SCORE)
+            return out
         load_into(model, record_to_numpy(arrays))
         per_task, val_task = evaluate(model, test), evaluate(model, val)
-        return {
+        out = {
             "accuracy": mean_accuracy(per_task),
             "loss": mean_loss(per_task),
             "val_accuracy": mean_accuracy(val_task),
         }
+        if select == BEST_VAL:  # only then: select_round=last keeps its history as it was
+            out[SCORE] = mean_metric(val_task, "f1_macro")
+        return out
 
     resumed = checkpointer.restore()  # resume=true: the state after the last saved round
     # after the checkpoint's checks (a refused resume leaves its MLflow run as it was),
@@ -143,11 +166,15 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     arrays = resumed.arrays if resumed else initial
     records: list[RoundRecord] = resumed.records if resumed else []  # the run's rounds
     recorder.restore(records)  # resumed: its rounds, logged where the MLflow run lacks them
+    # select_round=best_val: the best training round so far and its model (checkpointed)
+    best: BestRound[ArrayRecord] = resumed.best if resumed else BestRound()
 
     def on_record(record: RoundRecord) -> None:
+        if select == BEST_VAL and record.phase == TRAIN:
+            best.offer(record.round, record.metrics[SCORE], lambda: record.arrays)
         # checkpoint first: a crash before the metrics are logged leaves the round to
         # recorder.restore() on resume, not to be run and logged again
-        checkpointer.save(records, mlflow_run=recorder.run_id)
+        checkpointer.save(records, mlflow_run=recorder.run_id, best=best)
         if record.phase == TRAIN:
             recorder.log_record(record)
 
@@ -175,6 +202,10 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         redeliver_on_resume(grid, cfg, first, checkpointer.partners, roster.node_ids)
         engine.before_round = rebinder(grid, cfg, sites, checkpointer.partners)
     arrays = engine.run(arrays, first, int(cfg["rounds"]))
+    selected_round = int(cfg["rounds"])  # select_round=last: the model after the last round
+    if select == BEST_VAL:  # every figure and the bundle from here on are of that round
+        selected_round, arrays = best.chosen()
+        log.info("select_round=best_val: round %s (%s %.4f)", selected_round, SCORE, best.score)
     final = record_to_numpy(arrays)
     load_into(model, final)
     final_grid = LiveNodesGrid(grid, live.refresh(grid))  # one live node per partition
@@ -196,6 +227,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             "method": method,
             "dataset": layout.dataset.meta.name,
             "rounds": int(cfg["rounds"]),
+            **({"selected_round": selected_round} if select == BEST_VAL else {}),
             **sync_meta(cfg),
             **statistics_meta(scaler),
         },
@@ -223,7 +255,9 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
         recorder.extra["privacy"] = privacy
     if (privacy := privacy_report(strategy, releases_of(records))) is not None:
         recorder.extra["privacy"] = privacy
-    recorder.extra.update(protocol_record(cfg, layout, recorder.history))
+    recorder.extra.update(
+        protocol_record(cfg, layout, recorder.history, selected_round=selected_round)
+    )
     return recorder.finish(report, node_accuracy, comm, val=val_report)
 
 

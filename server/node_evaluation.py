@@ -66,6 +66,29 @@ class NodeScores:
         }  # fmt: skip
         return NodeScores(val).weighted()
 
+    def weighted_val_metric(self, key: str) -> float:
+        """``key`` (``val_f1_macro``) over the nodes that report it, each weighted by its
+        validation count (equally where a node reports none: SecAgg+ hides counts).  NaN
+        when no node answered; an error when nodes answered and none reports ``key``
+        (a site running an older ClientApp, or none holds a validation share): a choice
+        that needs it cannot be made, and silently falling back would make another."""
+        if not self.by_partition:
+            return float("nan")
+        having = {p: m for p, m in self.by_partition.items() if key in m}
+        if not having:
+            raise RuntimeError(
+                f"select_round=best_val with evaluation=nodes: none of the "
+                f"{len(self.by_partition)} node(s) that answered reports {key} (their "
+                "ClientApp predates it, or no node holds a validation share); use "
+                "select_round=last"
+            )
+        by_count = all("val_examples" in m for m in having.values())
+        weights = {p: float(m["val_examples"]) if by_count else 1.0 for p, m in having.items()}
+        total = sum(weights.values())
+        if total <= 0:
+            return float("nan")
+        return sum(having[p][key] * w for p, w in weights.items()) / total
+
     def weighted(self) -> dict:
         """Accuracy and loss over every node's test samples: each node weighted by its
         test count, so the figures are those of the union of the nodes' test splits.

@@ -6,7 +6,9 @@ node was sent and keeps in its state), the server's RNG states (node sampling dr
 from Python's), and the run's round records (:mod:`fed_iotlm.federation.round_record`:
 the history, the holders, rejections, DP releases, rejoins ... that results.json
 reports for every round of the run, before a crash too; the DP accountant composes
-over them), and the id of the MLflow run the rounds are logged to, which the resumed run
+over them), under ``select_round=best_val`` the model of the best round so far and its
+round (:class:`~fed_iotlm.selection.BestRound`: a resumed run reports the round an
+uninterrupted one would, even one before the crash), and the id of the MLflow run the rounds are logged to, which the resumed run
 reopens (:meth:`fed_iotlm.tracking.RunRecorder.start`), so one MLflow run holds them all.
 All of it is saved after every round (:mod:`fed_iotlm.federation.checkpoint`), and a
 run started with ``resume=true`` and the same config continues after the last saved
@@ -37,11 +39,13 @@ from fed_iotlm.federation.checkpoint import (
 from fed_iotlm.federation.records import numpy_to_record, record_to_numpy
 from fed_iotlm.federation.round_record import PRETRAIN, TRAIN, RoundRecord
 from fed_iotlm.federation.strategy_state import capture_strategy, restore_strategy
+from fed_iotlm.selection import BestRound
 
 log = logging.getLogger(__name__)
 
 __all__ = ["PRETRAIN", "TRAIN", "ResumePoint", "ServerCheckpointer"]
 PARTNERS = "partners."
+BEST = "best"  # select_round=best_val: the section of the best round's model, its meta key
 
 
 @dataclass
@@ -54,6 +58,7 @@ class ResumePoint:
     partners: dict[str, ArrayRecord] = field(default_factory=dict)
     records: list[RoundRecord] = field(default_factory=list)
     mlflow_run: str | None = None  # the run the rounds were logged to (None: tracking off)
+    best: BestRound[ArrayRecord] = field(default_factory=BestRound)  # select_round=best_val
 
     def next_round(self, phase: str, total: int) -> int:
         """First round of ``phase`` (of ``total``) still to run."""
@@ -74,10 +79,16 @@ class ServerCheckpointer:
         # MMBind: partition id -> the partners record that node was last sent (train.bind)
         self.partners: dict[str, ArrayRecord] = {}
 
-    def save(self, records: list[RoundRecord], mlflow_run: str | None = None) -> None:
+    def save(
+        self,
+        records: list[RoundRecord],
+        mlflow_run: str | None = None,
+        best: BestRound[ArrayRecord] | None = None,
+    ) -> None:
         """The state after the last of ``records`` (the run's rounds so far, whose last
         one carries the global model); ``mlflow_run``: the MLflow run they are logged to,
-        which a resumed run reopens."""
+        which a resumed run reopens; ``best``: the best round so far and its model
+        (``select_round=best_val``; None or empty: nothing to keep)."""
         last = records[-1]
         if last.arrays is None:
             raise ValueError(f"{last.phase} round {last.round}: its record holds no model")
@@ -88,6 +99,9 @@ class ServerCheckpointer:
         sections["rng"] = rng_arrays
         for pid, record in self.partners.items():
             sections[PARTNERS + pid] = record_to_numpy(record)
+        kept = best.to_json() if best is not None else None
+        if kept is not None:
+            sections[BEST] = record_to_numpy(best.state)
         meta = {
             "method": self.cfg["method"],
             "config": resumable_config(self.cfg),
@@ -96,6 +110,8 @@ class ServerCheckpointer:
             "records": [r.to_json() for r in records],
             "mlflow_run": mlflow_run,
         }
+        if kept is not None:  # absent otherwise: a select_round=last checkpoint is unchanged
+            meta[BEST] = kept
         save_checkpoint(self.directory, Checkpoint(rnd, phase, sections, meta))
 
     def restore(self) -> ResumePoint | None:
@@ -136,7 +152,20 @@ class ServerCheckpointer:
         if records:  # the last record holds the model, as it did when it was made
             records[-1] = replace(records[-1], arrays=arrays)
         mlflow_run = ckpt.meta.get("mlflow_run")  # absent: written before runs were linked
-        return ResumePoint(ckpt.phase, ckpt.round, arrays, self.partners, records, mlflow_run)
+        return ResumePoint(
+            ckpt.phase, ckpt.round, arrays, self.partners, records, mlflow_run, self._best(ckpt)
+        )
+
+    def _best(self, ckpt: Checkpoint) -> BestRound[ArrayRecord]:
+        """The best round the checkpoint kept (empty: none kept, or select_round=last)."""
+        kept = ckpt.meta.get(BEST)
+        if kept is None:
+            return BestRound()
+        if BEST not in ckpt.sections:
+            raise CheckpointError(f"{self.directory}: names a best round but holds no model of it")
+        return BestRound(
+            int(kept["round"]), float(kept["score"]), numpy_to_record(ckpt.sections[BEST])
+        )
 
     def _check(self, ckpt: Checkpoint) -> None:
         where = self.directory

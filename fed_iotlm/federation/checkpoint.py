@@ -45,6 +45,10 @@ RESUMABLE_NESTED = {
     "strategy": ("round_timeout_s", "wait_for_nodes_s"),
     "secagg": ("timeout_s",),
 }
+# keys added after checkpoints were first written, with the value their absence meant:
+# at that value a key is left out of the comparison, so a checkpoint written before the
+# key existed still resumes under the default (and one written under another value does not)
+ADDED_KEYS = {"select_round": "last"}
 
 
 class CheckpointError(ValueError):
@@ -181,6 +185,9 @@ def rng_untouched() -> Iterator[None]:
 def resumable_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of the config a resumed run must share with the interrupted one."""
     kept = json.loads(json.dumps({k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}))
+    for key, absent in ADDED_KEYS.items():
+        if kept.get(key) == absent:
+            del kept[key]
     for block, keys in RESUMABLE_NESTED.items():
         if isinstance(kept.get(block), dict):
             for key in keys:
