@@ -362,15 +362,21 @@ class RunRecorder:
     def _log_final(
         self, run: MlflowRun, test: dict, accuracy_by_node: dict[str, float], val: dict | None
     ) -> None:
-        """The final model's figures, at step = its last round (as the LoRA app logs its
-        final evaluation), so a finished run resumed with more ``rounds`` adds its new
+        """The final model's figures, at step = the round it is (its last round, as the
+        LoRA app logs its final evaluation; under ``select_round=best_val`` the selected
+        one), so a finished run resumed with more ``rounds`` adds its new
         figures at the new last round instead of a second value at one step.  A reopened
         run that already holds them at that step (resumed with nothing left to run, or
         after a crash between them and the run's end) logs none: the same model's again.
-        ``val_accuracy`` is also a per-round key: where the last round's history row has
-        it, that row (logged at the same step) stands for it."""
+        ``val_accuracy`` is also a per-round key: where that round's history row has it,
+        the row (logged at the same step) stands for it."""
         last = self.history[-1] if self.history else {}
-        step = int(last.get("round", 0))
+        # select_round=best_val reports an earlier round's model: its figures sit at that
+        # round, where its per-round val_accuracy already is (protocol.selected_round)
+        selected = self.extra.get("protocol", {}).get("selected_round")
+        step = int(selected if selected is not None else last.get("round", 0))
+        if selected is not None:
+            last = next((h for h in self.history if h.get("round") == step), {})
         if run.resumed and step in run.logged_steps("test_accuracy"):
             return
         run.log_metrics(

@@ -324,3 +324,26 @@ def test_a_checkpoint_written_before_the_key_resumes_under_last_only(compose_qui
     older = {k: v for k, v in resumable_config(cfg).items() if k != "select_round"}
     assert config_differences(older, cfg) == []
     assert config_differences(older, compose_quick(*BEST)) == ["select_round"]
+
+
+def test_mlflow_holds_the_reported_figures_at_the_selected_round(identity, compose_quick, tmp_path):
+    """The final figures in MLflow are those of the round reported: logged at its step,
+    where that round's own val_accuracy already is, not at the last round's."""
+    mlflow = pytest.importorskip("mlflow")
+    store = tmp_path / "mlflow.db"
+    on = [o for o in BEST if not o.startswith("mlflow.")]
+    out = tmp_path / "out"
+    _serve(compose_quick(*on, f"mlflow.tracking_uri=sqlite:///{store}"), out)
+    res = _results(out)
+    chosen = res["protocol"]["selected_round"]
+    assert chosen == _expected_round(res["history"]) and chosen != ROUNDS, res["history"]
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+    def steps(key: str) -> dict[int, float]:
+        return {int(m.step): m.value for m in client.get_metric_history(run.info.run_id, key)}
+
+    assert steps("test_accuracy") == {chosen: pytest.approx(res["test"]["accuracy"])}
+    assert steps("val_accuracy")[chosen] == pytest.approx(res["val"]["accuracy"])
+    assert sorted(steps("val_accuracy")) == list(range(1, ROUNDS + 1))  # once a round
