@@ -28,8 +28,10 @@ One resumable subprocess per (point, method, seed) (:mod:`simulations.study_runn
 every method gets the experiment's rounds and local training settings (equal budgets;
 ``ssl_spine`` and ``mmbind`` take their SSL rounds before them, as in the MMBind study,
 and each row prints the steps and examples per node per round its runs report).
-Nothing is chosen here: each run reports its last round's model, so the test split
-feeds back into no decision.  The table's caption names the code version (git commit,
+Nothing is chosen on test: each run reports its last round's model, or with the
+override ``select_round=best_val`` the round with the best validation macro-F1 (every
+row under one rule; the caption says which), so the test split feeds back into no
+decision.  The table's caption names the code version (git commit,
 ``+dirty`` for uncommitted changes) and the command.
 """
 
@@ -44,7 +46,14 @@ from fed_iotlm.atomic import atomic_write_text
 from simulations import study_runner
 from simulations.budget_study import budget_cells
 from simulations.study_progress import study_progress
-from simulations.study_runner import fmt_mean_ci, fmt_mean_std, one_code_version, point_key
+from simulations.study_runner import (
+    fmt_mean_ci,
+    fmt_mean_std,
+    model_rule,
+    one_code_version,
+    one_model_rule,
+    point_key,
+)
 
 # FedMultimodal (Feng et al., KDD 2023), UCI-HAR acc+gyro, macro-F1 (%), its README
 PUBLISHED: dict[float, dict[str, float]] = {
@@ -143,7 +152,8 @@ def run_points(args: argparse.Namespace) -> list[dict]:
                     rows.append({"point": " ".join(point), "method": method, "seed": seed, **scores,
                                  "rounds": res["rounds"], "nodes": res["num_nodes"],
                                  "wall_s": res["wall_s"], "budget": res.get("budget", {}),
-                                 "code_version": res.get("code_version")})  # fmt: skip
+                                 "code_version": res.get("code_version"),
+                                 **model_rule(res)})  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -177,7 +187,7 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         getattr(args, "argv", sys.argv[1:])
     )
     caption = (
-        f"Task `{study['task']}`, last round's model (nothing chosen on any split); val: "
+        f"Task `{study['task']}`, {one_model_rule(rows)}; val: "
         f"mean ± std over seeds; test: mean ± std [95 % interval of the mean]. "
         f"Code version `{one_code_version(rows)}`; `{command}`." + shared_note(rows, args)
     )

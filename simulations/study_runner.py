@@ -67,6 +67,36 @@ def one_code_version(results: list[dict]) -> str:
     return versions.pop()
 
 
+def model_rule(res: dict) -> dict:
+    """A row's ``select_round`` and ``selected_round`` from its results.json (none before
+    the key existed: the last round)."""
+    protocol = res.get("protocol", {})
+    rule = {"select_round": protocol.get("select_round", "last")}
+    if "selected_round" in protocol:
+        rule["selected_round"] = int(protocol["selected_round"])
+    return rule
+
+
+def one_model_rule(results: list[dict]) -> str:
+    """Which round's model every result in a table reports, in words for its caption, or
+    a clear refusal: a row of last rounds beside one of validation-chosen rounds would
+    compare two protocols.  Results written before ``select_round`` existed are ``last``."""
+    rules = {r.get("select_round", "last") for r in results}
+    if len(rules) != 1:
+        raise ValueError(
+            f"a table would mix runs under select_round={sorted(rules)}; "
+            "run every row under one rule"
+        )
+    rule = rules.pop()
+    if rule == "last":
+        return "last round's model (nothing chosen on any split)"
+    rounds = sorted({int(r["selected_round"]) for r in results if "selected_round" in r})
+    return (
+        "the model of the round with the best validation macro-F1 (`select_round=best_val`, "
+        f"chosen on validation only; rounds {', '.join(map(str, rounds))})"
+    )
+
+
 def run_one(out: Path, overrides: list[str], *, experiment: str, mlflow_experiment: str) -> dict:
     """results.json of ``experiment`` with ``overrides`` written to ``out`` (run if missing)."""
     results = out / "results.json"

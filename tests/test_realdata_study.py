@@ -55,3 +55,15 @@ def test_table_refuses_runs_of_two_code_versions():
 def test_unknown_task_is_a_key_error():
     with pytest.raises(KeyError):
         task_scores(_results(0.8, 0.9, 0.7), "main_activity", STUDIES["extrasensory"]["metrics"])
+
+
+def test_the_caption_names_the_round_rule_and_refuses_two_rules():
+    args = argparse.Namespace(study="hapt", alphas=[5.0])
+    chosen = [{**r, "select_round": "best_val", "selected_round": 7 + i}
+              for i, r in enumerate(_rows("a" * 40))]  # fmt: skip
+    md = table(chosen, args)
+    assert "best validation macro-F1 (`select_round=best_val`" in md and "rounds 7, 8" in md
+    assert "last round's model" not in md
+    assert "last round's model (nothing chosen on any split)" in table(_rows("a" * 40), args)
+    with pytest.raises(ValueError, match="select_round="):
+        table(chosen[:1] + _rows("a" * 40)[1:], args)
