@@ -25,7 +25,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from fed_iotlm.selection import SCORE
+from fed_iotlm.selection import SCORE, BestRound
 
 FALLBACK = "val_accuracy"  # what runs made before select_round recorded per round
 
@@ -36,8 +36,10 @@ def chosen_round(history: list[dict]) -> tuple[dict, str]:
     missing = [h.get("round") for h in history if key not in h]
     if not history or missing:
         raise ValueError(f"no per-round {key} to choose on (rounds {missing or 'none'})")
-    best = max(range(len(history)), key=lambda i: (history[i][key], -i))
-    return history[best], key
+    best: BestRound[dict] = BestRound()  # the rule select_round=best_val runs by
+    for h in history:
+        best.offer(h["round"], h[key], lambda h=h: h)
+    return best.chosen()[1], key
 
 
 def method_label(res: dict) -> str:
