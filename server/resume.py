@@ -9,7 +9,8 @@ reports for every round of the run, before a crash too; the DP accountant compos
 over them), under ``select_round=best_val`` the model of the best round so far and its
 round (:class:`~fed_iotlm.selection.BestRound`: a resumed run reports the round an
 uninterrupted one would, even one before the crash), and the id of the MLflow run the
-rounds are logged to, which the resumed run reopens (:meth:`fed_iotlm.tracking.RunRecorder.start`), so one MLflow run holds them all.
+rounds are logged to, which the resumed run reopens
+(:meth:`fed_iotlm.tracking.RunRecorder.start`), so one MLflow run holds them all.
 All of it is saved after every round (:mod:`fed_iotlm.federation.checkpoint`), and a
 run started with ``resume=true`` and the same config continues after the last saved
 round.  Clients need nothing saved: they seed local training from
