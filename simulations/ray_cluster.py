@@ -99,6 +99,8 @@ def ray_settings(sim: Mapping[str, Any]) -> RaySettings:
             )
         if isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1:
             raise ValueError(f"simulation.num_cpus={num_cpus!r}: expected null or an integer >= 1")
+    if address is None:  # a private instance: its size is known before Ray starts
+        _check_one_node_fits(cpus, num_cpus)
     timeout = _number(sim, "ray_connect_timeout_s")
     if timeout <= 0:
         raise ValueError(f"simulation.ray_connect_timeout_s={timeout}: must be > 0")
@@ -110,6 +112,24 @@ def ray_settings(sim: Mapping[str, Any]) -> RaySettings:
         ship_code=bool(sim["ray_ship_code"]),
         connect_timeout_s=timeout,
     )
+
+
+def _check_one_node_fits(cpus_per_node: float, num_cpus: int | None) -> None:
+    """Refuse a private instance too small for one simulated node before Ray starts:
+    Flower would otherwise start Ray (30-70 s on a loaded machine) only to find that no
+    node fits."""
+    size = num_cpus if num_cpus is not None else os.cpu_count() or 1
+    if cpus_per_node > size:
+        named = (
+            f"simulation.num_cpus={num_cpus}"
+            if num_cpus is not None
+            else f"simulation.num_cpus=null (every core: {size} here)"
+        )
+        raise ValueError(
+            f"simulation.cpus_per_node={cpus_per_node:g} does not fit the private Ray "
+            f"instance of {named}: not one simulated node could run; lower "
+            "simulation.cpus_per_node or raise simulation.num_cpus"
+        )
 
 
 def _number(sim: Mapping[str, Any], key: str) -> float:

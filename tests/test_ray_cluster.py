@@ -41,12 +41,22 @@ from tests.flower_procs import REPO, free_port
         ({"gpus_per_node": "half"}, "simulation.gpus_per_node='half'"),
         ({"cpus_per_node": 0}, "simulation.cpus_per_node=0"),
         ({"ray_connect_timeout_s": 0}, "simulation.ray_connect_timeout_s=0"),
+        ({"num_cpus": 2, "cpus_per_node": 3}, "simulation.cpus_per_node=3 does not fit"),
+        ({"num_cpus": 2, "cpus_per_node": 2.5}, "simulation.num_cpus=2"),
+        ({"cpus_per_node": 1e6}, "simulation.num_cpus=null (every core"),
     ],
 )
 def test_bad_simulation_settings_name_the_key(sim, named):
     with pytest.raises(ValueError) as err:
         ray_settings(sim)
     assert named in str(err.value)
+
+
+def test_a_node_that_fills_the_private_instance_or_an_attached_cluster_is_accepted():
+    # the whole instance for one node is allowed; an attached cluster's size is not
+    # known here (check_capacity asks the cluster itself)
+    assert ray_settings({"num_cpus": 2, "cpus_per_node": 2}).cpus_per_node == 2
+    assert ray_settings({"ray_address": "10.0.0.5:6379", "cpus_per_node": 64}).attach
 
 
 def test_private_ray_never_joins_another_cluster_and_attaching_passes_no_sizes():

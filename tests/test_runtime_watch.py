@@ -134,12 +134,13 @@ class Recorder(LiveNodesGrid):
 
 @pytest.mark.integration
 def test_a_simulation_whose_ray_backend_cannot_start_fails_at_once(quick_cfg, tmp_path):
-    """One simulated node needs 2 CPUs of a 1-CPU private Ray: Flower's actor pool is
-    empty and its backend fails; the run must fail with that error and the settings to
+    """One simulated node needs 1000 GPUs of a private Ray (the CPU share fits, so the
+    settings check before Ray starts passes): Flower's actor pool is empty and its
+    backend fails; the run must fail with that error and the settings to
     change, the ServerApp thread must be gone, its roll call cut short (not timed out)."""
     from simulations.run import run_experiment
 
-    cfg = quick_cfg("simulation.num_cpus=1", "simulation.cpus_per_node=2")
+    cfg = quick_cfg("simulation.num_cpus=1", "simulation.gpus_per_node=1000")
     calls: list = []
     threads: list[threading.Thread] = []
 
@@ -155,7 +156,7 @@ def test_a_simulation_whose_ray_backend_cannot_start_fails_at_once(quick_cfg, tm
     cause = root_cause(err.value)
     assert cause is not err.value and str(cause) in text, text
     assert "simulation backend failed" in text
-    assert "simulation.cpus_per_node=2" in text and "simulation.num_cpus=1" in text
+    assert "simulation.gpus_per_node=1000" in text and "simulation.num_cpus=1" in text
     assert len(threads) == 1 and not threads[0].is_alive()  # the ServerApp thread ended
     # no exchange with the nodes ever returned (a roll call that times out returns)
     assert all(c == ("raised", "SimulationBackendError") for c in calls), calls
