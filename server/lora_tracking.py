@@ -130,8 +130,9 @@ class LoraTracking:
             self.child.log_metrics(method_metrics(report), step=rounds)
         self.child.finish()
         self.child = None
-        if self.parent is not None:
-            self.parent.log_metrics({f"accuracy.{report['method']}": float(report["accuracy"])})
+        key = f"accuracy.{report['method']}"
+        if self.parent is not None and not (self.parent.resumed and self.parent.logged_steps(key)):
+            self.parent.log_metrics({key: float(report["accuracy"])})
 
     def finish(self, results: Any) -> None:
         """results.json as the parent's artifact, and the end of the app run."""

@@ -158,3 +158,34 @@ def test_a_resume_against_another_store_starts_a_linked_run_with_every_round(tmp
     assert parent.data.tags["fed_iotlm.resumed_from"] == old
     assert set(children) == {"fedex"}  # fedit finished in the first store
     assert _steps(client, children["fedex"], "loss") == [1, 2]
+
+
+def test_a_method_evaluated_again_on_resume_is_logged_once(tmp_path, identity, monkeypatch):
+    """The server dies after FedIT's evaluation was logged and before FedEx's first
+    checkpoint: the resumed app evaluates FedIT again (its last checkpoint is its last
+    round) and must not log its final figures a second time, in its run or the app's."""
+    from server.lora_tracking import LoraTracking
+
+    mcfg = _mlflow(tmp_path)
+    out = tmp_path / "out"
+    start = LoraTracking.start_method
+
+    def dies_before_fedex(self, fs, restored, resumed):
+        if fs.method == "fedex":
+            raise Crash("before fedex's first round")
+        return start(self, fs, restored, resumed)
+
+    with monkeypatch.context() as m:
+        m.setattr(LoraTracking, "start_method", dies_before_fedex)
+        with pytest.raises(Crash):
+            _run(out, mcfg)
+    client, parent, children = _runs(mcfg)
+    assert _steps(client, parent, "accuracy.fedit") == [0]
+    assert _steps(client, children["fedit"], "accuracy") == [2]
+
+    _run(out, mcfg, resume=True)
+    client, parent, children = _runs(mcfg)
+    assert parent.info.status == "FINISHED" and set(children) == {"fedit", "fedex"}
+    assert _steps(client, parent, "accuracy.fedit") == [0]  # not logged again
+    assert _steps(client, children["fedit"], "accuracy") == [2]
+    assert _steps(client, parent, "accuracy.fedex") == [0]
