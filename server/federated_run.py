@@ -141,7 +141,7 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             out = {
                 "accuracy": scored["accuracy"],
                 "loss": scored["loss"],
-                "val_accuracy": scored.get("val_accuracy", float("nan")),
+                "val_accuracy": nodes.val_accuracy(),
                 "evaluated_nodes": float(scored["nodes"]),
             }
             if select == BEST_VAL:  # the nodes' own validation shares, weighted

@@ -66,6 +66,15 @@ class NodeScores:
         }  # fmt: skip
         return NodeScores(val).weighted()
 
+    def val_accuracy(self) -> float:
+        """The round's validation accuracy: :meth:`weighted_val`'s, each node weighted by
+        its validation count as results.json's ``val`` is (not by its test count, which
+        would give the last round a figure other than the final report's); NaN where no
+        node reports one."""
+        if not any("val_accuracy" in m for m in self.by_partition.values()):
+            return float("nan")
+        return float(self.weighted_val()["accuracy"])
+
     def weighted_val_metric(self, key: str) -> float:
         """``key`` (``val_f1_macro``) over the nodes that report it, each weighted by its
         validation count (equally where a node reports none: SecAgg+ hides counts).  NaN
@@ -116,7 +125,6 @@ class NodeScores:
         out = {
             "accuracy": mean("accuracy"),
             "loss": mean("loss"),
-            **({"val_accuracy": mean("val_accuracy")} if _all_have(scored, "val_accuracy") else {}),
             "accuracy_by_modality": {},  # a node scores with its own modalities only
             "by_task": {
                 t: {"accuracy": mean(prefix + t), "accuracy_by_modality": {}} for t in tasks
@@ -163,7 +171,3 @@ def evaluate_on_nodes(
         metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
         scores.by_partition[int(metrics["partition-id"])] = metrics
     return scores
-
-
-def _all_have(scored: dict[int, dict[str, float]], key: str) -> bool:
-    return bool(scored) and all(key in m for m in scored.values())

@@ -5,6 +5,7 @@ says so; a simulation keeps scoring on the server's copy unless configured."""
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import uuid
 from pathlib import Path
@@ -38,6 +39,33 @@ def test_node_figures_are_weighted_by_their_test_counts():
     assert out["by_task"]["activity"]["accuracy"] == pytest.approx((0.8 * 30 + 0.2 * 10) / 40)
     assert (out["num_examples"], out["nodes"]) == (40, 2)
     assert scores.accuracy_by_node() == {"0": 0.9, "1": 0.3, "2": 0.5}
+
+
+def test_the_rounds_val_accuracy_weighs_nodes_by_their_validation_counts():
+    """Per round as in results.json's ``val``: by validation count, not test count (a
+    node with many test samples and few validation ones must not dominate it)."""
+    scores = NodeScores(
+        {
+            0: {
+                "accuracy": 0.9,
+                "loss": 0.2,
+                "num-examples": 90.0,
+                "val_accuracy": 1.0,
+                "val_examples": 10.0,
+            },
+            1: {
+                "accuracy": 0.3,
+                "loss": 1.4,
+                "num-examples": 10.0,
+                "val_accuracy": 0.0,
+                "val_examples": 30.0,
+            },
+        }
+    )
+    assert scores.val_accuracy() == pytest.approx(10 / 40)
+    assert scores.val_accuracy() == scores.weighted_val()["accuracy"]
+    assert "val_accuracy" not in scores.weighted()  # the test block carries no val figure
+    assert math.isnan(NodeScores({0: {"accuracy": 0.5, "loss": 1.0}}).val_accuracy())
 
 
 def test_without_counts_every_node_weighs_the_same():
