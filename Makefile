@@ -35,10 +35,10 @@ compare: $(STAMP)  ## federated vs fedavg (zero-filled) vs local-only vs central
 
 # two pytest workers (pytest-xdist): the real-process tests mostly wait (SuperLink/SuperNode and
 # Ray start-up, round deadlines), so the other worker runs the in-process tests meanwhile.
-# loadgroup: a file stays on one worker (its module fixtures are built once) and the files that
-# start real federations run on one worker, first and one at a time (tests/conftest.py,
-# tests/flower_procs.py: ONE_WORKER); --no-loadscope-reorder keeps that order.
-XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
+# loadfile: a file stays on one worker (its module fixtures are built once); the files that start
+# real federations are one unit, run first and one at a time (tests/work_units.py, chosen by
+# tests/conftest.py); --no-loadscope-reorder keeps that order.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)  ## exit code 5 (no test collected) is reported as the failure it is here
 	@$(BIN)/python -m pytest -q $(XDIST) --durations=25 -m "not long" tests; rc=$$?; \

@@ -1,5 +1,5 @@
 """Shared fixtures: composed configs that write into a temporary directory; how
-``make test``'s two pytest workers (pytest-xdist, ``--dist loadgroup``) share the suite."""
+``make test``'s two pytest workers share the suite (tests/work_units.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.flower_procs import REAL_PROCESSES
+from tests.work_units import make_scheduler, real_processes_first
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -16,25 +16,18 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # before xdist's own; no hook without xdist
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadfile``: a file per unit, the real-process files one unit."""
+    return make_scheduler(config, log) if config.getvalue("dist") == "loadfile" else None
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """On an xdist worker under ``--dist loadgroup``: every test without an
-    ``xdist_group`` is grouped by its file, so a file runs on one worker and its
-    module-scoped fixtures (a real federation, a trained model) are built once, as
-    ``--dist loadfile`` would; and the real-process group goes first, because it is the
-    longest unit of work (with ``--no-loadscope-reorder``, units start in this order).
-    The order is the same on every worker, as xdist requires."""
-    if not config.getoption("loadgroup", default=False):
-        return
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(Path(item.nodeid.split("::")[0]).stem))
-    items.sort(key=lambda item: _group(item) != REAL_PROCESSES)
-
-
-def _group(item: pytest.Item) -> str:
-    mark = item.get_closest_marker("xdist_group")
-    return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+    """On an xdist worker (the same order on each, as xdist requires): the real-process
+    unit first, so the longest unit starts at once (tests/work_units.py)."""
+    if hasattr(config, "workerinput"):
+        items[:] = real_processes_first(items)
 
 
 @pytest.fixture

@@ -27,19 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FLWR = BIN / "flwr"
 
-# `make test` runs two pytest workers (pytest-xdist, --dist loadgroup). The files that
-# start a real federation (SuperLink, SuperNodes, ClientApps, a Ray head) run on ONE of
-# them, one file after another: each already loads both cores for minutes, and its runs
-# have deadlines (round timeouts, waits for nodes) that two such runs at once on 2 cores
-# would miss; the other worker runs the in-process tests meanwhile. tests/conftest.py
-# starts this group first (it is the longest).
-REAL_PROCESSES = "real-processes"
-ONE_WORKER = pytest.mark.xdist_group(REAL_PROCESSES)
-
 # the marks of every test that starts real SuperLink/SuperNode processes
 REAL_PROCESS_MARKS = [
     pytest.mark.integration,
-    ONE_WORKER,
     pytest.mark.skipif(
         not sys.platform.startswith("linux"), reason="finds the processes it started in /proc"
     ),

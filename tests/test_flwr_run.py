@@ -21,15 +21,7 @@ import time
 import pytest
 
 from tests.doc_commands import documented
-from tests.flower_procs import (
-    FLWR,
-    ONE_WORKER,
-    REPO,
-    ProcessTracker,
-    flower_env,
-    free_port,
-    port_open,
-)
+from tests.flower_procs import FLWR, REPO, ProcessTracker, flower_env, free_port, port_open
 
 CONNECTION = "fed-iotlm-test"
 NUM_NODES = 3  # experiment=quick has a 3-node partition.plan
@@ -37,12 +29,9 @@ RUN_TIMEOUT_S = 240
 SECAGG_TIMEOUT_S = 420  # 5 SecAgg+ rounds: ~40 s alone on 2 cores, minutes under load
 FEDLORA_TIMEOUT_S = 900  # SmolLM2 loaded by the server and each site, one round, evaluation
 
-pytestmark = [
-    pytest.mark.skipif(
-        not sys.platform.startswith("linux"), reason="finds the processes it started in /proc"
-    ),
-    ONE_WORKER,  # real SuperLink + simulation runs: one worker, one at a time (flower_procs)
-]
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="finds the processes it started in /proc"
+)
 
 
 @pytest.mark.integration

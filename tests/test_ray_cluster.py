@@ -23,7 +23,7 @@ from simulations.ray_cluster import (
     ray_settings,
     runtime_env,
 )
-from tests.flower_procs import ONE_WORKER, REPO, free_port
+from tests.flower_procs import REPO, free_port
 
 # ---------------------------------------------------------------------- settings
 
@@ -170,7 +170,6 @@ def _records(path: Path) -> list[dict]:
 
 
 @pytest.mark.integration
-@ONE_WORKER  # a real Ray head (tests/flower_procs.py)
 def test_federation_runs_on_the_attached_cluster_with_shipped_code(ray_head, quick_cfg, tmp_path):
     from simulations.run import run_experiment
 
@@ -203,7 +202,6 @@ def test_federation_runs_on_the_attached_cluster_with_shipped_code(ray_head, qui
 
 
 @pytest.mark.integration
-@ONE_WORKER  # a real Ray head (tests/flower_procs.py)
 def test_private_run_ignores_ray_address_in_the_environment(
     ray_head, quick_cfg, tmp_path, monkeypatch
 ):
@@ -222,7 +220,6 @@ def test_private_run_ignores_ray_address_in_the_environment(
 
 
 @pytest.mark.integration
-@ONE_WORKER  # a real Ray head (tests/flower_procs.py)
 def test_attaching_refuses_while_this_process_is_joined_elsewhere(ray_head):
     import ray
 
