@@ -33,8 +33,15 @@ tune: $(STAMP)  ## the IoT-LM stage on an existing bundle: make tune BUNDLE=<run
 compare: $(STAMP)  ## federated vs fedavg (zero-filled) vs local-only vs centralized
 	for m in federated fedavg local centralized; do $(BIN)/python -m simulations.run method=$$m || exit 1; done
 
+# two pytest workers (pytest-xdist): the real-process tests mostly wait (SuperLink/SuperNode and
+# Ray start-up, round deadlines), so the other worker runs the in-process tests meanwhile.
+# loadfile: a file stays on one worker (its module fixtures are built once); the files that start
+# real federations are one unit, run first and one at a time (tests/work_units.py, chosen by
+# tests/conftest.py); --no-loadscope-reorder keeps that order.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)  ## exit code 5 (no test collected) is reported as the failure it is here
-	@$(BIN)/python -m pytest -q --durations=25 -m "not long" tests; rc=$$?; \
+	@$(BIN)/python -m pytest -q $(XDIST) --durations=25 -m "not long" tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite is missing"; fi; exit $$rc
 
 test-long: $(STAMP)  ## the ~30-minute real-process runs `make test` leaves out (server kill + resume)

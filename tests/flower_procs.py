@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import lease_port
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FLWR = BIN / "flwr"
@@ -36,9 +38,8 @@ REAL_PROCESS_MARKS = [
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port no other pytest process (xdist worker) is handed meanwhile."""
+    return lease_port()
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
