@@ -95,3 +95,30 @@ def test_min_nodes_reaches_flwr_sampling():
     cfg = {"name": "fedavg", "min_nodes": 2, "aggregation": "mean"}
     strategy = build_strategy("federated", cfg, 3)
     assert strategy.min_train_nodes == 2 and strategy.min_available_nodes == 2
+
+
+@pytest.mark.parametrize(
+    ("fraction", "min_nodes", "named"),
+    [
+        (0.1, None, "strategy.min_nodes=null (every node) asks for 105"),
+        (0.1, 20, "strategy.min_nodes=20 asks for 20"),
+        (0.5, None, "Set strategy.min_nodes=53"),
+    ],
+)
+def test_a_fraction_that_min_nodes_overrides_is_refused(fraction, min_nodes, named):
+    """flwr samples max(int(fraction · N), min_nodes): with the default min_nodes a
+    fraction would silently train every node every round."""
+    cfg = {"name": "fedavg", "fraction_train": fraction, "min_nodes": min_nodes}
+    with pytest.raises(ValueError, match="strategy.fraction_train") as err:
+        build_strategy("federated", cfg, 105)
+    assert named in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("fraction", "nodes", "min_nodes"),
+    [(0.1, 105, 11), (0.01, 1000, 10), (7 / 30, 30, 7), (0.01, 50, 1)],
+)
+def test_a_fraction_with_a_min_nodes_it_can_meet_samples(fraction, nodes, min_nodes):
+    cfg = {"name": "fedavg", "fraction_train": fraction, "min_nodes": min_nodes}
+    strategy = build_strategy("federated", cfg, nodes)
+    assert strategy.fraction_train == fraction and strategy.min_train_nodes == min_nodes

@@ -17,6 +17,7 @@ groups are averaged with equal weights and released with Gaussian noise per grou
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -297,6 +298,23 @@ def min_nodes_of(cfg: dict, num_nodes: int) -> int:
     return value
 
 
+def check_sampling(fraction: float, min_nodes: int, num_nodes: int, given: object) -> None:
+    """Refuse a ``strategy.fraction_train`` that ``strategy.min_nodes`` overrides: flwr
+    samples ``max(int(fraction · N), min_nodes)`` nodes a round, so with the default
+    ``min_nodes`` (null: every node) ``fraction_train=0.1`` would silently train every
+    node every round."""
+    # the share's own count, rounded up (int() of m/N · N may land on m − 1), at least 1
+    sampled = max(math.ceil(fraction * num_nodes - 1e-9), 1)
+    if fraction < 1.0 and min_nodes > sampled:
+        said = "null (every node)" if given is None else repr(given)
+        raise ValueError(
+            f"strategy.fraction_train={fraction:g} samples {sampled} of {num_nodes} nodes a "
+            f"round, but strategy.min_nodes={said} asks for {min_nodes}, and the larger wins: "
+            f"every round would train {min_nodes} nodes. Set strategy.min_nodes={sampled} "
+            "(or lower) to sample, or strategy.fraction_train=1"
+        )
+
+
 def build_strategy(method: str, cfg: dict, num_nodes: int) -> FedAvg:
     """Instantiate the configured server optimiser for ``method`` from ``cfg['strategy']``."""
     name = cfg["name"]
@@ -309,6 +327,7 @@ def build_strategy(method: str, cfg: dict, num_nodes: int) -> FedAvg:
         ) from err
     min_nodes = min_nodes_of(cfg, num_nodes)
     cfg = section("strategy", cfg)  # the schema's defaults for what a caller left out
+    check_sampling(float(cfg["fraction_train"]), min_nodes, num_nodes, cfg.get("min_nodes"))
     kwargs: dict = {
         "fraction_train": float(cfg["fraction_train"]),
         "fraction_evaluate": 0.0,  # nodes are evaluated once, after the last round
