@@ -17,12 +17,16 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
+from fed_iotlm.report.page import Table
+from fed_iotlm.report.render import markdown_table
+from fed_iotlm.report.runs import Run
+from fed_iotlm.report.study_table import Column, result, study_table
 from simulations.study_progress import study_progress
-from simulations.study_runner import REPO, fmt_mean_std, one_code_version, point_key, run_one
+from simulations.study_runner import REPO, logged_runs, point_key, run_one
 
 RULES = ("mean", "median", "trimmed_mean", "krum")
 ATTACKS = ("scale", "sign_flip")
@@ -38,6 +42,7 @@ RULE_OVERRIDES: dict[str, list[str]] = {
     "krum": ["strategy.krum_f=2"],
 }
 CLEAN = "none"
+MLFLOW_EXPERIMENT = "byzantine-study"
 
 
 def study_points(
@@ -73,12 +78,38 @@ ATTACK_LABELS = {
 }
 
 
+def attack_row(run: Run) -> tuple[str] | None:
+    """A run's row: its attack (``attack.kind``; the clean runs' is ``none``)."""
+    attack = run.params.get("attack.kind", CLEAN)
+    return (ATTACK_LABELS[attack],) if attack in ATTACK_LABELS else None
+
+
+def rule_accuracy(rule: str) -> Callable[[Run], float | None]:
+    """Test accuracy of the runs aggregated by ``rule`` (None for the other rules' runs)."""
+    test = result("test", "accuracy")
+    return lambda run: test(run) if run.params.get("strategy.aggregation") == rule else None
+
+
+def tables(runs: list[Run], experiment: str = MLFLOW_EXPERIMENT, caption: str = "") -> list[Table]:
+    """One table: a row per attack, a column per rule, test accuracy over seeds (also
+    what ``fed-iotlm report byzantine-study --study byzantine`` prints)."""
+    rows = list(ATTACK_LABELS.values())
+    rules = [r for r in RULES if any(rule_accuracy(r)(run) is not None for run in runs)]
+    table = study_table(
+        runs, attack_row, ["attack"], [Column(f"`{r}`", value=rule_accuracy(r)) for r in rules],
+        caption=caption or "Test accuracy (mean over the two tasks, all modalities present).",
+        order=lambda g: rows.index(g[0]),
+    )  # fmt: skip
+    return [table]
+
+
 def write_report(
-    table: dict, doc: Path, run_dir: Path, seeds: int, extra: list[str], command: str
+    runs: list[Run], doc: Path, run_dir: Path, seeds: int, extra: list[str], command: str
 ) -> None:
-    """docs/byzantine.md: one row per attack, one column per rule, test accuracy."""
-    rules = [r for r in RULES if any(r in row for row in table.values())]
-    version = one_code_version([r for row in table.values() for rs in row.values() for r in rs])
+    """docs/byzantine.md: the study's runs (read back from MLflow) as one table, one row
+    per attack, one column per rule, test accuracy."""
+    (table,) = tables(runs, caption=f"Test accuracy over {seeds} seed(s)"
+                      + (f", extra overrides `{' '.join(extra)}`" if extra else "") + ".")  # fmt: skip
     lines = [
         "# Byzantine robustness of per-group aggregation",
         "",
@@ -90,21 +121,12 @@ def write_report(
         "holds. Robust rules run per group over its holders, unweighted:",
         "`trimmed_mean` trims 25 % per side (1 of an encoder's 4 holders, 2 of 8 for the",
         "fusion and heads), `krum` assumes f = 2 and keeps the single best update.",
-        "Accuracy: mean over the two tasks on the full test set, all modalities present;",
-        f"mean ± std over {seeds} seed(s)"
-        + (f"; extra overrides `{' '.join(extra)}`" if extra else "")
-        + f". Produced by code version `{version}`.",
+        "Accuracy: mean over the two tasks on the full test set, all modalities present.",
         "",
-        "| attack | " + " | ".join(f"`{r}`" for r in rules) + " |",
-        "|---|" + "---:|" * len(rules),
-    ]
-    for attack, row in table.items():
-        cells = [fmt_mean_std([r["accuracy"] for r in row[r]]) if row.get(r) else "" for r in rules]
-        lines.append(f"| {ATTACK_LABELS.get(attack, attack)} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+        markdown_table(table),
         f"Runs: `{run_dir}` (one results.json each; per round `history` has the screening",
-        "counts) and MLflow experiment `byzantine-study`.",
+        f"counts) and MLflow experiment `{MLFLOW_EXPERIMENT}`, whose runs this table is read",
+        f"from (`fed-iotlm report {MLFLOW_EXPERIMENT} --study byzantine` prints it).",
         f"Reproduce: `{command}`.",
         "",
     ]
@@ -132,6 +154,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         parser.error(f"unknown rule or attack: {unknown}")
     run_dir = args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out
     table: dict[str, dict[str, list[dict]]] = {}
+    outs: list[Path] = []
     points = list(study_points(*split))
     with study_progress(len(points) * args.seeds):
         for attack, rule, overrides in points:
@@ -143,8 +166,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
                     out,
                     ["method=federated", f"seed={seed}", *overrides],
                     experiment=EXPERIMENT,
-                    mlflow_experiment="byzantine-study",
+                    mlflow_experiment=MLFLOW_EXPERIMENT,
                 )
+                outs.append(out)
                 row = {**res["test"], "code_version": res.get("code_version")}
                 table.setdefault(attack, {}).setdefault(rule, []).append(row)
                 print(
@@ -154,7 +178,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
                 )
             # rewritten after each point, so an interrupted study keeps its results
             atomic_write_text(args.out / "summary.json", json.dumps(table, indent=2))
-            write_report(table, args.doc, run_dir, args.seeds, extra, command)
+            runs = logged_runs(MLFLOW_EXPERIMENT, outs)
+            write_report(runs, args.doc, run_dir, args.seeds, extra, command)
     print(args.doc)
 
 

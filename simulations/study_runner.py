@@ -20,9 +20,14 @@ import numpy as np
 
 from fed_iotlm.protocol import NOT_CODE, code_version, version_label
 from fed_iotlm.report.page import mean_ci95
+from fed_iotlm.report.runs import Run, load_runs
 from simulations.study_progress import current, follow_child
 
 REPO = Path(__file__).resolve().parents[1]
+# the store every study run logs to and every study page is read from: the config's own
+# default (``mlflow.tracking_uri: sqlite:///mlflow.db``) as the runs resolve it, their
+# working directory being the checkout, spelled out so a page read from elsewhere finds it
+TRACKING_URI = f"sqlite:///{REPO / 'mlflow.db'}"
 
 
 def point_key(overrides: list[str], version: str | None = None, *, experiment: str | None) -> str:
@@ -105,7 +110,8 @@ def run_one(out: Path, overrides: list[str], *, experiment: str, mlflow_experime
             view.end(cached=True)
             return json.loads(results.read_text())
         cmd = [sys.executable, "-m", "simulations.run", f"experiment={experiment}", *overrides,
-               f"mlflow.experiment={mlflow_experiment}", f"output_dir={out}"]  # fmt: skip
+               f"mlflow.experiment={mlflow_experiment}", f"mlflow.tracking_uri={TRACKING_URI}",
+               f"output_dir={out}"]  # fmt: skip
         # the child's progress (one line per round, with its ETA) streams into run.log as
         # it runs; the study follows that log and shows the latest line (study_progress)
         out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +123,32 @@ def run_one(out: Path, overrides: list[str], *, experiment: str, mlflow_experime
             raise RuntimeError(f"{' '.join(cmd)} failed (log: {log}):\n{log.read_text()[-3000:]}")
         view.end()
     return json.loads(results.read_text())
+
+
+def logged_runs(
+    mlflow_experiment: str, outs: list[Path], tracking_uri: str = TRACKING_URI
+) -> list[Run]:
+    """The MLflow runs a study made into the run folders ``outs``, read back from the
+    store for its tables (the store also holds runs of other code versions and other
+    settings, which a study page must not pick up).  A folder run twice (a failed run,
+    then its retry) gives its latest FINISHED run, else its latest; a folder without a
+    run is refused, naming it (a run made with ``mlflow.enabled=false``)."""
+    runs, _ = load_runs(tracking_uri, mlflow_experiment, include_unfinished=True)
+    wanted = {str((REPO / o).resolve()): str(o) for o in outs}  # the child's cwd is REPO
+    latest: dict[str, Run] = {}
+    for run in runs:  # oldest first
+        key = str((REPO / run.params.get("output_dir", "")).resolve())
+        if key in wanted and (key not in latest or run.status == "FINISHED"
+                              or latest[key].status != "FINISHED"):  # fmt: skip
+            latest[key] = run
+    missing = [wanted[k] for k in wanted if k not in latest]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the study's runs are not in MLflow experiment "
+            f"{mlflow_experiment!r} of {tracking_uri} (e.g. {missing[0]}); was it run with "
+            "mlflow.enabled=false or another mlflow.tracking_uri?"
+        )
+    return [latest[k] for k in wanted]
 
 
 def fmt_mean_std(values: list[float]) -> str:

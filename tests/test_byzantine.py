@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
 
+from fed_iotlm.cli import main
 from fed_iotlm.config_schema import node_count
 from fed_iotlm.settings import compose
-from simulations.byzantine_study import RULES, study_points, write_report
+from simulations.byzantine_study import MLFLOW_EXPERIMENT, RULES, study_points, write_report
 from simulations.run import run_experiment
+from simulations.study_runner import logged_runs
+from tests.study_store import Store, version
 
 
 @pytest.mark.integration
@@ -44,7 +49,7 @@ def test_sign_flip_attacker_is_rejected_and_median_aggregates_the_rest(quick_cfg
         assert holders["enc.imu"] == ["1"]
 
 
-def test_study_plan_covers_clean_fedavg_and_each_rule_under_each_attack(tmp_path):
+def test_study_plan_covers_clean_fedavg_and_each_rule_under_each_attack():
     points = study_points(list(RULES), ["scale", "sign_flip"], ["mean"])
     assert [(a, r) for a, r, _ in points] == [
         ("none", "mean"),
@@ -56,16 +61,35 @@ def test_study_plan_covers_clean_fedavg_and_each_rule_under_each_attack(tmp_path
         assert cfg["attack"]["kind"] == attack
         assert cfg["attack"]["fraction"] == (0.0 if attack == "none" else 0.25)  # 2 of 8
         assert node_count(cfg["partition"]) == 8
-    fake = {"accuracy": 0.5, "code_version": {"commit": "abc123", "dirty": False}}
-    table = {"none": {"mean": [fake, fake]}, "scale": {"median": [fake], "krum": [fake]}}
+
+
+def test_the_study_page_is_read_back_from_the_mlflow_store(tmp_path):
+    store = Store(tmp_path)
+    points = {(a, r): o for a, r, o in study_points(list(RULES), ["scale"], ["mean"])}
+    outs = []
+    for (attack, rule), accs in {("none", "mean"): [0.5, 0.7], ("scale", "median"): [0.4],
+                                 ("scale", "krum"): [0.6]}.items():  # fmt: skip
+        for seed, acc in enumerate(accs):
+            overrides = ["experiment=default", "method=federated", f"seed={seed}"]
+            res = {"test": {"accuracy": acc}, "code_version": version("abc1234")}
+            outs.append(store.log(MLFLOW_EXPERIMENT, [*overrides, *points[attack, rule]], res))
+    # a run of another code version in the same experiment, not one of this study's
+    store.log(MLFLOW_EXPERIMENT, ["experiment=default"], {"code_version": version("0ld0ld0")})
+    runs = logged_runs(MLFLOW_EXPERIMENT, outs, tracking_uri=store.uri)
     doc = tmp_path / "byzantine.md"
     command = "python -m simulations.byzantine_study --extra rounds=3"
-    write_report(table, doc, tmp_path, seeds=2, extra=["rounds=3"], command=command)
+    write_report(runs, doc, tmp_path, seeds=2, extra=["rounds=3"], command=command)
     text = doc.read_text()
-    assert "| no attack | 0.500 ± 0.000 |  |  |" in text
-    assert "| 25% scaled ×10 |  | 0.500 ± 0.000 | 0.500 ± 0.000 |" in text
+    assert "| attack | `mean` | `median` | `krum` |" in text  # rules without runs: no column
+    assert "| no attack | 0.600 ± 0.100 [-0.671, 1.871] | – | – |" in text
+    assert "| 25% scaled ×10 | – | 0.400 | 0.600 |" in text
     assert f"Reproduce: `{command}`" in text and "extra overrides `rounds=3`" in text
-    assert "Produced by code version `abc123`" in text
-    other = {**fake, "code_version": {"commit": "def456", "dirty": False}}
-    with pytest.raises(ValueError, match="2 code versions"):  # a table never mixes versions
-        write_report({"none": {"mean": [fake, other]}}, doc, tmp_path, 2, [], command)
+    assert "Code version `abc1234`: 4 runs." in text
+    # the same table from the CLI, for the experiment as a whole: it has two versions
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["report", MLFLOW_EXPERIMENT, "--tracking-uri", store.uri,
+                     "--study", "byzantine"])  # fmt: skip
+    assert code == 2 and "2 code versions (0ld0ld0, abc1234)" in err.getvalue()
+    with pytest.raises(ValueError, match="1 of the study's runs are not in MLflow"):
+        logged_runs(MLFLOW_EXPERIMENT, [*outs, tmp_path / "never"], tracking_uri=store.uri)

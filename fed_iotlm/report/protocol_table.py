@@ -13,15 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_iotlm.protocol import first_binding_pair_accuracy, version_label
+from fed_iotlm.protocol import first_binding_pair_accuracy
 
 from .groups import Study
-from .page import Section, Table, fmt, mean_ci95, mean_std
+from .page import Section, Table, fmt, mean_std
 from .runs import Run
-
-
-def code_version_of(run: Run) -> str:
-    return version_label((run.results or {}).get("code_version"))
+from .study_table import code_version_of, interval
 
 
 def _val(run: Run) -> float | None:
@@ -49,15 +46,6 @@ def _budget(runs: list[Run]) -> tuple[str, str]:
 
 def _first_binding(run: Run) -> dict[str, float]:
     return first_binding_pair_accuracy(run.results or {})
-
-
-def interval(values: list[float | None]) -> str:
-    """``mean ± std [lo, hi]`` over seeds (95 % interval of the mean); one value bare."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "–"
-    mean, half = mean_ci95(vals)
-    return f"{mean_std(vals)} [{mean - half:.3f}, {mean + half:.3f}]"
 
 
 def protocol_tables(study: Study, out: Path) -> Section | str:

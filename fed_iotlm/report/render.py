@@ -16,7 +16,7 @@ from markupsafe import Markup, escape
 
 from fed_iotlm.atomic import atomic_write_text
 
-from .page import Page
+from .page import Page, Table
 
 MARKDOWN = """\
 # {{ page.title }}
@@ -87,6 +87,16 @@ code { background: #f3f3f3; padding: 0 .2rem; }
 
 def _md_cell(value: object) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(table: Table) -> str:
+    """One table as Markdown, its caption above it: what a study page embeds and what
+    ``fed-iotlm report --study`` prints (the same cells the page template writes)."""
+    lines = [table.caption, ""] if table.caption else []
+    lines.append("| " + " | ".join(_md_cell(c) for c in table.columns) + " |")
+    lines.append("|" + "".join("---:|" if n else "---|" for n in table.numeric))
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
+    return "\n".join(lines) + "\n"
 
 
 def _inline(text: str) -> Markup:
