@@ -23,17 +23,22 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from fed_iotlm.atomic import atomic_write_text
+from fed_iotlm.report.page import Table
+from fed_iotlm.report.render import markdown_table
+from fed_iotlm.report.runs import Run
+from fed_iotlm.report.study_table import Column, label_of, seeds_column, study_table
 from simulations import study_runner
 from simulations.study_progress import study_progress
-from simulations.study_runner import REPO, fmt_mean_std, one_code_version, point_key
+from simulations.study_runner import REPO, logged_runs, point_key
 
 EXPERIMENT = "shift_study"
+MLFLOW_EXPERIMENT = "shift-study"
 SEVERITIES = (0.0, 0.25, 0.5, 1.0)
 SHIFTED = (0, 1, 2)  # node ids the experiment rotates (shift.0.sites)
 # method -> overrides; "personal" is the federated method with site adapters on
@@ -76,7 +81,7 @@ def summarise(res: dict) -> dict:
 def run_one(out: Path, overrides: list[str]) -> dict:
     """One resumable run of the study federation (logged to MLflow ``shift-study``)."""
     return study_runner.run_one(
-        out, overrides, experiment=EXPERIMENT, mlflow_experiment="shift-study"
+        out, overrides, experiment=EXPERIMENT, mlflow_experiment=MLFLOW_EXPERIMENT
     )
 
 
@@ -138,42 +143,85 @@ mean ± std over seeds. `personal` spends one extra (adapter-only) epoch per rou
 """
 
 
-def write_report(table: dict, doc: Path, run_dir: Path, seeds: int) -> None:
-    """``docs/shift.md``: accuracy table, embedding-shift table and the plot."""
-    sevs = sorted(table, key=float)
-    methods = list(dict.fromkeys(m for s in sevs for m in table[s]))
+def point_of(run: Run) -> tuple[str, str] | None:
+    """A run's row: its severity (``shift.0.severity``) and its method's label."""
+    method = label_of(run.params, METHODS)
+    severity = run.params.get("shift.0.severity")
+    return None if method is None or severity is None else (f"{float(severity):g}", method)
+
+
+def figure(key: str) -> Callable[[Run], float | None]:
+    """One of :func:`summarise`'s figures of a run (None where it has none)."""
+    return lambda run: summarise(run.results).get(key) if run.results else None
+
+
+def _order(group: tuple[str, ...]) -> tuple[float, int]:
+    return float(group[0]), list(METHODS).index(group[1])
+
+
+def _embedding_row(run: Run) -> tuple[str, str] | None:
+    point = point_of(run)
+    keep = point is not None and point[1] in ("federated", "personal")
+    return point if keep and figure("cka_after")(run) is not None else None
+
+
+def tables(runs: list[Run], experiment: str = MLFLOW_EXPERIMENT) -> list[Table]:
+    """Own-test accuracy per severity and method, then (where the federated runs have
+    ``diagnostics``) the embedding shift of the shifted nodes' IMU."""
+    accuracy = study_table(
+        runs, point_of, ["severity", "method"],
+        [seeds_column(), Column("shifted nodes", value=figure("shifted")),
+         Column("other nodes", value=figure("others")),
+         Column("global model, global test", value=figure("global_test"))],
+        caption="Accuracy of each node on its own test data (mean over the two tasks), "
+        "averaged over the shifted nodes and over the others.",
+        order=_order,
+    )  # fmt: skip
+    if not any(_embedding_row(r) for r in runs if r.status == "FINISHED"):
+        return [accuracy]
+    embedding = study_table(
+        runs, _embedding_row, ["severity", "method"],
+        [Column(f"{name} {stage}", value=figure(f"{key}_{stage}"))
+         for name, key in (("CKA", "cka"), ("MMD²", "mmd")) for stage in ("before", "after")],
+        caption="Linear CKA (1 = same representation) / RBF-MMD² (0 = same distribution) of "
+        "the IMU encoder's tokens for a probe of test samples recorded as each shifted node "
+        "vs unshifted; initial model (before) and final global model (after); `diagnostics` "
+        "in results.json.",
+        order=_order,
+    )  # fmt: skip
+    return [accuracy, embedding]
+
+
+def write_report(runs: list[Run], doc: Path, run_dir: Path, seeds: int) -> None:
+    """``docs/shift.md``: the study's runs (read back from MLflow) as the accuracy table,
+    the embedding-shift table and the plot."""
     lines = ["# Domain shift: toolkit and study", "", TOOLKIT, "## The study", "", SETTING]
-    if not sevs:
+    done = [r for r in runs if r.status == "FINISHED" and point_of(r) is not None]
+    if not done:
         lines += ["No results yet: `python -m simulations.shift_study` fills this page in.", ""]
         atomic_write_text(doc, "\n".join(lines))
         return
-    version = one_code_version([r for s in sevs for runs in table[s].values() for r in runs])
-    lines += [
-        f"## Accuracy on the shifted nodes' own test data (others in brackets; code version "
-        f"`{version}`)",
-        "",
-    ]
-    lines += ["| method | " + " | ".join(f"severity {s}" for s in sevs) + " |"]
-    lines += ["|---|" + "---|" * len(sevs)]
-    for m in methods:
-        cells = []
-        for s in sevs:
-            runs = table[s].get(m, [])
-            others = np.mean([r["others"] for r in runs]) if runs else float("nan")
-            cells.append(
-                f"{fmt_mean_std([r['shifted'] for r in runs])} ({others:.3f})" if runs else ""
-            )
-        lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
-    lines += ["", _gap_line(table, sevs), ""]
-    lines += _embedding_table(table, sevs, version)
+    accuracy, *embedding = tables(runs)
+    lines += ["## Accuracy on the shifted nodes' own test data", "", markdown_table(accuracy)]
+    table: dict[str, dict[str, list[dict]]] = {}  # severity -> method -> figures, for prose
+    for run in done:
+        severity, method = point_of(run)  # type: ignore[misc]
+        table.setdefault(severity, {}).setdefault(method, []).append(summarise(run.results))
+    sevs = sorted(table, key=float)
+    methods = [m for m in METHODS if any(m in table[s] for s in sevs)]
+    lines += [_gap_line(table, sevs), ""]
+    for t in embedding:
+        lines += ["## Embedding shift of the shifted nodes' IMU (global model)", "",
+                  markdown_table(t)]  # fmt: skip
     png = doc.parent / "shift_study.png"
     _plot(table, sevs, methods, png)
     lines += [
         f"![accuracy against severity]({png.name})",
         "",
         f"{seeds} seed(s) per point. Runs: `{run_dir}` (one results.json each, with "
-        "`diagnostics`), MLflow experiment `shift-study`. Reproduce: "
-        "`python -m simulations.shift_study`.",
+        f"`diagnostics`), MLflow experiment `{MLFLOW_EXPERIMENT}`, whose runs the tables are "
+        f"read from (`fed-iotlm report {MLFLOW_EXPERIMENT} --study shift` prints them). "
+        "Reproduce: `python -m simulations.shift_study`.",
         "",
     ]
     atomic_write_text(doc, "\n".join(lines))
@@ -190,41 +238,6 @@ def _gap_line(table: dict, sevs: list[str]) -> str:
         f"At severity {top}, personalised adapters vs the global model on the shifted "
         f"nodes: {p:.3f} vs {f:.3f} ({100 * (p - f):+.1f} points)."
     )
-
-
-def _embedding_table(table: dict, sevs: list[str], version: str) -> list[str]:
-    """Mean linear CKA / RBF-MMD of the shifted nodes' IMU tokens against the unshifted
-    probe, initial model (before) and final global model (after); its heading names the
-    code version too, since a table's caption must (tests/test_doc_tables.py)."""
-    rows = []
-    for m in ("federated", "personal"):
-        cells = []
-        for s in sevs:
-            runs = [r for r in table[s].get(m, []) if "cka_after" in r]
-            if not runs:
-                cells.append("")
-                continue
-            cells.append(
-                f"{np.mean([r['cka_before'] for r in runs]):.2f} → "
-                f"{np.mean([r['cka_after'] for r in runs]):.2f} / "
-                f"{np.mean([r['mmd_before'] for r in runs]):.3f} → "
-                f"{np.mean([r['mmd_after'] for r in runs]):.3f}"
-            )
-        if any(cells):
-            rows.append(f"| `{m}` | " + " | ".join(cells) + " |")
-    if not rows:
-        return []
-    head = [
-        f"## Embedding shift of the shifted nodes' IMU (global model; code version `{version}`)",
-        "",
-        "Linear CKA (1 = same representation) / RBF-MMD² (0 = same distribution) of the "
-        "IMU encoder's tokens for a probe of test samples recorded as each shifted node "
-        "vs unshifted; initial model → final global model (`diagnostics` in results.json).",
-        "",
-        "| method | " + " | ".join(f"severity {s}" for s in sevs) + " |",
-        "|---|" + "---|" * len(sevs),
-    ]
-    return [*head, *rows, ""]
 
 
 def _plot(table: dict, sevs: list[str], methods: list[str], png: Path) -> None:
@@ -281,6 +294,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     table: dict = {}
+    outs: list[Path] = []
     run_dir = args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out
     severities = [float(s) for s in args.severities.split(",")]
     with study_progress(len(severities) * len(methods) * args.seeds):
@@ -295,6 +309,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
                     )
                     t0 = time.time()
                     res = run_one(out, [*METHODS[method], f"seed={seed}", *overrides])
+                    outs.append(out)
                     row = summarise(res)
                     table.setdefault(str(sev), {}).setdefault(method, []).append(row)
                     print(
@@ -305,7 +320,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
             # rewritten after each point, so an interrupted study keeps what it has
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "summary.json").write_text(json.dumps(table, indent=2))
-            write_report(table, args.doc, run_dir, args.seeds)
+            write_report(logged_runs(MLFLOW_EXPERIMENT, outs), args.doc, run_dir, args.seeds)
     print(args.doc)
 
 

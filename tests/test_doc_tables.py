@@ -200,26 +200,51 @@ def test_what_counts_as_a_code_version(caption, named):
     assert names_version(table) is named
 
 
-def test_the_shift_study_page_names_its_version_in_both_captions(tmp_path):
-    # docs/shift.md is rewritten by its study; a regenerated page must pass the rules above
-    from simulations.shift_study import write_report
+def _shift_results(shifted: float, commit: str = "abc1234") -> dict:
+    """A shift-study results.json: nodes 0-2 (the shifted ones) at ``shifted``, the others
+    at 0.95, and the IMU embedding shift of the shifted nodes."""
+    probe = {str(n): {"cka": 0.6, "mmd": 0.015} for n in (0, 1, 2)}
+    after = {str(n): {"cka": 0.8, "mmd": 0.04} for n in (0, 1, 2)}
+    return {
+        "test": {"accuracy": 0.93, "accuracy_by_node": {str(n): shifted if n < 3 else 0.95
+                                                        for n in range(8)}},
+        "code_version": {"commit": commit, "dirty": False},
+        "diagnostics": {"embedding_shift": {"before": {"imu": {"to_reference": probe}},
+                                            "after": {"imu": {"to_reference": after}}}},
+    }  # fmt: skip
 
-    run = {
-        "shifted": 0.9,
-        "others": 0.95,
-        "global_test": 0.93,
-        "code_version": {"commit": "abc1234", "dirty": False},
-        "cka_before": 0.6,
-        "cka_after": 0.8,
-        "mmd_before": 0.015,
-        "mmd_after": 0.04,
-    }
-    table = {"0.0": {"federated": [run], "personal": [run]}, "1.0": {"federated": [run]}}
+
+def test_the_shift_study_page_names_its_version_in_both_captions(tmp_path):
+    # docs/shift.md is rewritten by its study from its MLflow runs; a regenerated page must
+    # pass the rules above
+    from simulations.shift_study import METHODS, MLFLOW_EXPERIMENT, point_overrides, write_report
+    from simulations.study_runner import logged_runs
+    from tests.study_store import Store
+
+    store = Store(tmp_path)
+    outs = []
+    for severity, method, seed, shifted in [(0.0, "federated", 0, 0.9), (0.0, "federated", 1, 0.8),
+                                            (0.0, "personal", 0, 0.9), (1.0, "federated", 0, 0.5),
+                                            (1.0, "local", 0, 0.7)]:  # fmt: skip
+        overrides = ["experiment=shift_study", *METHODS[method], f"seed={seed}",
+                     *point_overrides(severity, None)]  # fmt: skip
+        outs.append(store.log(MLFLOW_EXPERIMENT, overrides, _shift_results(shifted)))
     doc = tmp_path / "shift.md"
-    write_report(table, doc, tmp_path, seeds=1)
-    found = [t for t in tables(doc.read_text(encoding="utf-8"), "shift.md") if is_results(t)]
+    write_report(logged_runs(MLFLOW_EXPERIMENT, outs, store.uri), doc, tmp_path, seeds=2)
+    text = doc.read_text(encoding="utf-8")
+    found = [t for t in tables(text, "shift.md") if is_results(t)]
     assert len(found) == 2
     assert all(names_version(t) for t in found), [t.caption for t in found]
+    accuracy, embedding = found
+    assert accuracy.body == [
+        "| 0 | federated | 2 | 0.850 ± 0.050 [0.215, 1.485] | 0.950 ± 0.000 [0.950, 0.950] "
+        "| 0.930 ± 0.000 [0.930, 0.930] |",
+        "| 0 | personal | 1 | 0.900 | 0.950 | 0.930 |",
+        "| 1 | federated | 1 | 0.500 | 0.950 | 0.930 |",
+        "| 1 | local | 1 | 0.700 | 0.950 | 0.930 |",
+    ]
+    assert [c.split(" |")[0] for c in embedding.body] == ["| 0", "| 0", "| 1"]  # no local row
+    assert "At severity 1, personalised" not in text  # no personal run at severity 1
 
 
 def _fedlora_study(version: str | None) -> dict:
