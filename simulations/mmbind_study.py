@@ -22,13 +22,14 @@ from fed_iotlm.atomic import atomic_write_text
 from fed_iotlm.protocol import first_binding_pair_accuracy
 from simulations import study_runner
 from simulations.study_progress import study_progress
-from simulations.study_report import write_report
-from simulations.study_runner import REPO, point_key
+from simulations.study_runner import REPO, logged_runs, point_key
 
 # row label -> overrides (method and fusion choice per row, stated in docs/results.md).
 # The mmbind_* rows are ablations; ssl_spine is MMBind's SSL rounds + the spine without
 # binding, the baseline that isolates what binding adds.
 EXPERIMENT = "mmbind_study"  # configs/experiment/mmbind_study.yaml (the budget study's too)
+MLFLOW_EXPERIMENT = "mmbind-study"
+SWEEPS = ("headline", "incompleteness", "labels", "shift")
 METHODS: dict[str, list[str]] = {
     "local": ["method=local"],
     "fedavg": ["method=fedavg"],
@@ -105,7 +106,7 @@ def sweep_points(name: str) -> list[tuple[str, list[str]]]:
 def run_one(out: Path, overrides: list[str]) -> dict:
     """One resumable run of the MMBind study federation (logged to ``mmbind-study``)."""
     return study_runner.run_one(
-        out, overrides, experiment=EXPERIMENT, mlflow_experiment="mmbind-study"
+        out, overrides, experiment=EXPERIMENT, mlflow_experiment=MLFLOW_EXPERIMENT
     )
 
 
@@ -132,7 +133,8 @@ def run_point(args, extra: list[str], sweep: str, label: str, overrides: list[st
             point = [*overrides, *extra]
             out = args.out / point_key(point, experiment=EXPERIMENT) / f"{method}-seed{seed}"
             t0 = time.time()
-            res = record(run_one(out, [f"seed={seed}", *METHODS[method], *point]))
+            res = {**record(run_one(out, [f"seed={seed}", *METHODS[method], *point])),
+                   "out": str(out)}  # fmt: skip
             table.setdefault(sweep, {}).setdefault(label, {}).setdefault(method, []).append(res)
             print(
                 f"{sweep} | {label} | {method} seed {seed}: test {res['accuracy']:.3f} "
@@ -146,6 +148,18 @@ def run_point(args, extra: list[str], sweep: str, label: str, overrides: list[st
             )
             if on_run is not None:
                 on_run(table)
+
+
+def write_page(table: dict, doc: Path, run_dir: Path, command: str) -> None:
+    """docs/results.md from the MLflow runs of the folders ``table``'s records name."""
+    from simulations.study_report import write_report
+
+    outs = [r.get("out") for points in table.values() for ms in points.values()
+            for rs in ms.values() for r in rs]  # fmt: skip
+    if None in outs:
+        raise ValueError("summary.json predates run folders in its records; re-run the study")
+    runs = logged_runs(MLFLOW_EXPERIMENT, [Path(o) for o in dict.fromkeys(outs)])
+    write_report(runs, list(table), doc, run_dir, command)
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
@@ -176,7 +190,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     run_dir = args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out
     if args.report_only:
         summary = json.loads((args.out / "summary.json").read_text())
-        write_report(summary["table"], args.doc, run_dir, summary["command"])
+        write_page(summary["table"], args.doc, run_dir, summary["command"])
         print(args.doc)
         return
     command = "python -m simulations.mmbind_study " + " ".join(shlex.quote(a) for a in argv)
@@ -187,7 +201,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         atomic_write_text(
             args.out / "summary.json", json.dumps({"command": command, "table": table}, indent=1)
         )
-        write_report(table, args.doc, run_dir, command)
+        write_page(table, args.doc, run_dir, command)
 
     points = sum(len(sweep_points(sweep)) for sweep in args.sweeps.split(","))
     per_point = len(methods) * args.seeds + (

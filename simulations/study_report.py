@@ -1,13 +1,23 @@
-"""docs/results.md from the MMBind study's summary: tables (mean ± std) and a plot."""
+"""docs/results.md from the MMBind study's MLflow runs: tables (mean ± std [95 % interval]
+over seeds, through :mod:`fed_iotlm.report.study_table`) and a plot.
+
+A run's row is its method (:data:`simulations.mmbind_study.METHODS`, matched on its
+params) and its column the sweep point whose overrides it was made with."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from fed_iotlm.atomic import atomic_write_text
-from simulations.study_runner import fmt_mean_ci, fmt_mean_std, one_code_version
+from fed_iotlm.protocol import first_binding_pair_accuracy
+from fed_iotlm.report.page import Table
+from fed_iotlm.report.render import markdown_table
+from fed_iotlm.report.runs import Run
+from fed_iotlm.report.study_table import Column, label_of, result, seeds_column, study_table
+from simulations.mmbind_study import FEDERATED, METHODS, MLFLOW_EXPERIMENT, SWEEPS, sweep_points
 
 SETTING = """\
 ## Setting (the default study federation)
@@ -52,113 +62,173 @@ where it was made on test (issue 11); it was not re-chosen on validation here, s
 """
 
 
-def write_report(table: dict, doc: Path, run_dir: Path, command: str = "") -> None:
-    """docs/results.md from the study's records (one per run, :func:`mmbind_study.record`):
-    one table per sweep, the headline in full (val, test with its 95 % interval, the
-    budget each run reports, first-binding pair accuracy), captioned with the one code
-    version that produced every run (refused if they differ)."""
-    every = [r for points in table.values() for ms in points.values() for rs in ms.values()
-             for r in rs]  # fmt: skip
-    version = one_code_version(every)
+def method_of(run: Run) -> str | None:
+    return label_of(run.params, METHODS)
+
+
+def point_of(run: Run, sweep: str) -> str | None:
+    """The label of the ``sweep`` point the run was made at (None: not one of them)."""
+    return label_of(run.params, dict(sweep_points(sweep)))
+
+
+def accuracy(*path: str) -> Callable[[Run], float | None]:
+    """A test figure of the run (``accuracy``, or a task's: ``by_task activity accuracy``)."""
+    return result("test", *path)
+
+
+def _budget(runs: list[Run]) -> tuple[str, str]:
+    """Steps and examples per node per round as the runs report them; a centralized
+    run reports them per round for its one model, shown as such."""
+    b = (runs[0].results or {}).get("budget") or {}
+    for steps, examples, tag in (("steps_per_node_round", "examples_per_node_round", ""),
+                                 ("steps_per_round", "examples_per_round", " (pooled)")):  # fmt: skip
+        if b.get(steps) is not None:
+            return f"{b[steps]:g}{tag}", f"{b[examples]:g}{tag}"
+    return "?", "?"
+
+
+def _pairs(task: str) -> Callable[[Run], float | None]:
+    return lambda run: first_binding_pair_accuracy(run.results or {}).get(task)
+
+
+def _order(group: tuple[str, ...]) -> int:
+    return list(METHODS).index(group[0].strip("`"))
+
+
+def headline_table(runs: list[Run]) -> Table | None:
+    """The headline in full: val, test with its interval, per task, the budget each run
+    reports, the pair accuracy at the first binding; None without headline runs."""
+    ((label, _),) = sweep_points("headline")
+
+    def row(run: Run) -> tuple[str] | None:
+        method = method_of(run)
+        return (f"`{method}`",) if method and point_of(run, "headline") == label else None
+
+    if not any(row(r) for r in runs if r.status == "FINISHED"):
+        return None
+    return study_table(
+        runs, row, ["method"],
+        [seeds_column(), Column("val", value=result("val", "accuracy")),
+         Column("test [95 % interval]", value=accuracy("accuracy")),
+         *[Column(t, value=accuracy("by_task", t, "accuracy")) for t in ("activity", "location")],
+         Column("steps / node / round", text=lambda rs: _budget(rs)[0]),
+         Column("examples / node / round", text=lambda rs: _budget(rs)[1]),
+         Column("pair acc. @1st binding (activity)", value=_pairs("activity")),
+         Column("(location)", value=_pairs("location"))],
+        caption=f"Headline: {label}. Test and val: accuracy, mean over the two tasks, all "
+        "modalities present.",
+        order=_order,
+    )  # fmt: skip
+
+
+def sweep_table(runs: list[Run], sweep: str) -> Table | None:
+    """A row per method, a column per point of ``sweep``, test accuracy; None without runs."""
+    labels = [label for label, _ in sweep_points(sweep)]
+
+    def row(run: Run) -> tuple[str] | None:
+        method = method_of(run)
+        return (f"`{method}`",) if method and point_of(run, sweep) else None
+
+    def at(label: str) -> Callable[[Run], float | None]:
+        return lambda run: accuracy("accuracy")(run) if point_of(run, sweep) == label else None
+
+    if not any(row(r) for r in runs if r.status == "FINISHED"):
+        return None
+    return study_table(
+        runs, row, ["method"], [Column(label, value=at(label)) for label in labels],
+        caption=f"Sweep: {sweep}. Test accuracy, mean over the two tasks.", order=_order,
+    )  # fmt: skip
+
+
+def tables(runs: list[Run], experiment: str = MLFLOW_EXPERIMENT,
+           sweeps: Sequence[str] = SWEEPS) -> list[Table]:  # fmt: skip
+    """The headline table and one per sweep, for the sweeps that have runs (also what
+    ``fed-iotlm report mmbind-study --study mmbind`` prints)."""
+    built = [headline_table(runs) if s == "headline" else sweep_table(runs, s) for s in sweeps]
+    return [t for t in built if t is not None]
+
+
+def write_report(
+    runs: list[Run], sweeps: Sequence[str], doc: Path, run_dir: Path, command: str = ""
+) -> None:
+    """docs/results.md from the study's runs (read back from MLflow): the headline in
+    full and one table per sweep, each captioned with the one code version of its runs
+    (refused if they differ), and the plot."""
     lines = ["# Results: MMBind across federated nodes", "", SETTING,
-             f"Every table below was produced by code version `{version}` with",
-             f"`{command}`" if command else "(command not recorded)",
-             "(seeds 0..n-1; test accuracy mean ± std over seeds [95 % interval of the mean]).",
-             ""]  # fmt: skip
-    for sweep, points in table.items():
-        if sweep == "headline":
-            lines += _headline(points)
+             f"Command: `{command}`" if command else "Command not recorded.",
+             "(seeds 0..n-1).", ""]  # fmt: skip
+    for sweep in sweeps:
+        table = headline_table(runs) if sweep == "headline" else sweep_table(runs, sweep)
+        if table is None:
             continue
-        labels = list(points)
-        methods = list(next(iter(points.values())))
-        lines += [f"## Sweep: {sweep} (code version `{version}`)", "",
-                  "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]  # fmt: skip
-        for m in methods:
-            cells = [fmt_mean_ci(_acc(points[p][m])) if points[p].get(m) else "" for p in labels]
-            lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [f"## {'Headline' if sweep == 'headline' else f'Sweep: {sweep}'}", "",
+                  markdown_table(table)]  # fmt: skip
+        if sweep == "headline":
+            lines += _verdict(runs)
     png = doc.parent / "results_mmbind.png"
-    _plot(table, png)
+    _plot(runs, [s for s in sweeps if s != "headline"] or list(sweeps), png)
     lines += [
         f"![accuracy per sweep]({png.name})",
         "",
-        f"Runs: `{run_dir}` (one results.json each) and MLflow experiment `mmbind-study`.",
+        f"Runs: `{run_dir}` (one results.json each) and MLflow experiment "
+        f"`{MLFLOW_EXPERIMENT}`, whose runs the tables are read from (`fed-iotlm report "
+        f"{MLFLOW_EXPERIMENT} --study mmbind` prints them).",
         "",
     ]
     atomic_write_text(doc, "\n".join(lines))
 
 
-def _acc(records: list[dict]) -> list[float]:
-    return [r["accuracy"] for r in records]
+def _means(runs: list[Run], sweep: str, label: str) -> dict[str, float]:
+    """Mean test accuracy per method at one point of a sweep (FINISHED runs)."""
+    found: dict[str, list[float]] = {}
+    for run in runs:
+        method, acc = method_of(run), accuracy("accuracy")(run)
+        if (
+            run.status == "FINISHED"
+            and method
+            and acc is not None
+            and point_of(run, sweep) == label
+        ):
+            found.setdefault(method, []).append(acc)
+    return {m: float(np.mean(v)) for m, v in found.items()}
 
 
-def _budget_cells(records: list[dict]) -> tuple[str, str]:
-    """Steps and examples per node per round as the runs report them; a centralized
-    run reports them per round for its one model, shown as such."""
-    b = records[0].get("budget", {})
-    if b.get("steps_per_node_round") is not None:
-        return f"{b['steps_per_node_round']:g}", f"{b['examples_per_node_round']:g}"
-    if b.get("steps_per_round") is not None:
-        return (f"{b['steps_per_round']:g} (pooled)", f"{b['examples_per_round']:g} (pooled)")
-    return "?", "?"
-
-
-def _pairs(records: list[dict], task: str) -> str:
-    vals = [r["first_binding_pair_accuracy"][task] for r in records
-            if task in r.get("first_binding_pair_accuracy", {})]  # fmt: skip
-    return fmt_mean_std(vals) if vals else ""
-
-
-def _headline(points: dict) -> list[str]:
-    ((label, point),) = points.items()
-    version = one_code_version([r for rs in point.values() for r in rs])
-    out = [f"## Headline: {label} (code version `{version}`)", "",
-           "| method | seeds | val | test [95 % interval] | activity | location "
-           "| steps / node / round | examples / node / round "
-           "| pair acc. @1st binding (activity) | (location) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for m, rs in point.items():
-        steps, examples = _budget_cells(rs)
-        act = np.mean([r["by_task"]["activity"]["accuracy"] for r in rs])
-        loc = np.mean([r["by_task"]["location"]["accuracy"] for r in rs])
-        val = [r["val"] for r in rs if r.get("val") is not None]
+def _verdict(runs: list[Run]) -> list[str]:
+    """MMBind against the best other federated row, and its gap to centralized MMBind."""
+    ((label, _),) = sweep_points("headline")
+    mean = _means(runs, "headline", label)
+    fed = {m: v for m, v in mean.items() if m in FEDERATED}
+    if "mmbind" not in mean or not fed:
+        return []
+    best = max(fed, key=fed.__getitem__)
+    out = [f"MMBind-federated {mean['mmbind']:.3f} vs the best other federated baseline "
+           f"(`{best}`) {fed[best]:.3f}: {100 * (mean['mmbind'] - fed[best]):+.1f} points "
+           "(target: +5)."]  # fmt: skip
+    if "centralized_mmbind" in mean:
+        gap = 100 * (mean["mmbind"] - mean["centralized_mmbind"])
         out.append(
-            f"| `{m}` | {len(rs)} | {fmt_mean_std(val) if val else '?'} | {fmt_mean_ci(_acc(rs))} "
-            f"| {act:.3f} | {loc:.3f} | {steps} | {examples} | {_pairs(rs, 'activity')} "
-            f"| {_pairs(rs, 'location')} |"
+            f"Gap to centralized MMBind ({mean['centralized_mmbind']:.3f}): {gap:+.1f} points "
+            "(target: within 2)."
         )
-    mean = {m: float(np.mean(_acc(rs))) for m, rs in point.items()}
-    fed = {m: v for m, v in mean.items() if m in ("fedavg", "harmony", "federated", "ssl_spine")}
-    if "mmbind" in mean and fed:
-        best = max(fed, key=fed.get)
-        out += ["", f"MMBind-federated {mean['mmbind']:.3f} vs the best other federated baseline "
-                f"(`{best}`) {fed[best]:.3f}: {100 * (mean['mmbind'] - fed[best]):+.1f} points "
-                "(target: +5)."]  # fmt: skip
-        if "centralized_mmbind" in mean:
-            gap = 100 * (mean["mmbind"] - mean["centralized_mmbind"])
-            out.append(
-                f"Gap to centralized MMBind ({mean['centralized_mmbind']:.3f}): {gap:+.1f} points "
-                "(target: within 2)."
-            )
     return [*out, ""]
 
 
-def _plot(table: dict, png: Path) -> None:
+def _plot(runs: list[Run], sweeps: list[str], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweeps = [s for s in table if len(table[s]) > 1] or list(table)
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 3.6), squeeze=False)
     for ax, sweep in zip(axes[0], sweeps, strict=True):
-        points = table[sweep]
-        labels = list(points)
-        for m in next(iter(points.values())):
-            ys = [
-                np.mean([r["accuracy"] for r in points[p].get(m, [])] or [np.nan]) for p in labels
-            ]
-            es = [np.std([r["accuracy"] for r in points[p].get(m, [])] or [np.nan]) for p in labels]
+        labels = [label for label, _ in sweep_points(sweep)]
+        for m in METHODS:
+            vals = [[accuracy("accuracy")(r) for r in runs if r.status == "FINISHED"
+                     and method_of(r) == m and point_of(r, sweep) == p] for p in labels]  # fmt: skip
+            if not any(vals):
+                continue
+            ys = [np.mean(v) if v else np.nan for v in vals]
+            es = [np.std(v) if v else np.nan for v in vals]
             ax.errorbar(range(len(labels)), ys, yerr=es, marker="o", capsize=3, label=m)
         ax.set_xticks(range(len(labels)), labels, rotation=15)
         ax.set_ylim(0, 1)

@@ -161,41 +161,56 @@ def test_the_budget_is_chosen_on_validation_only():
     assert choose_on_val(tie) == (10, 0.0)  # ties: the smaller budget
 
 
-def _record(acc: float, commit: str = "abc", pooled: bool = False) -> dict:
+def _results(acc: float, commit: str = "abc1234", pooled: bool = False) -> dict:
+    """An MMBind-study results.json: test and val, the budget, the first binding's pairs."""
     budget = (
         {"steps_per_round": 160.0, "examples_per_round": 5120.0}
         if pooled
         else {"steps_per_node_round": 20.0, "examples_per_node_round": 640.0}
     )
+    task = {"accuracy": acc}
     return {
-        "accuracy": acc,
-        "by_task": {"activity": {"accuracy": acc}, "location": {"accuracy": acc}},
-        "val": acc,
+        "test": {"accuracy": acc, "by_task": {"activity": task, "location": task}},
+        "val": {"accuracy": acc},
         "budget": budget,
         "code_version": {"commit": commit, "dirty": False},
-        "first_binding_pair_accuracy": {"activity": 0.5, "location": 0.8},
-    }
+        "binding": {"pair_accuracy_by_binding": {"5": {"activity": 0.1},
+                                                 "1": {"activity": 0.5, "location": 0.8}}},
+    }  # fmt: skip
 
 
 def test_the_headline_table_names_its_version_budget_interval_and_pair_accuracy(tmp_path):
+    from simulations.mmbind_study import METHODS, MLFLOW_EXPERIMENT, sweep_points
     from simulations.study_report import write_report
+    from simulations.study_runner import logged_runs
+    from tests.study_store import Store
 
-    point = {
-        "mmbind": [_record(0.9), _record(0.92), _record(0.94)],
-        "harmony": [_record(0.8)] * 3,
-        "centralized": [_record(0.95, pooled=True)] * 3,
-    }
+    store = Store(tmp_path)
+    (_, headline), = sweep_points("headline")  # fmt: skip
+    outs = []
+    for method, accs, pooled in [("mmbind", [0.9, 0.92, 0.94], False),
+                                 ("harmony", [0.8, 0.8, 0.8], False),
+                                 ("centralized", [0.95, 0.95, 0.95], True)]:  # fmt: skip
+        for seed, acc in enumerate(accs):
+            overrides = ["experiment=mmbind_study", *METHODS[method], f"seed={seed}", *headline]
+            outs.append(store.log(MLFLOW_EXPERIMENT, overrides, _results(acc, pooled=pooled)))
     doc = tmp_path / "results.md"
-    write_report({"headline": {"50% missing": point}}, doc, tmp_path, "python -m x")
+    runs = logged_runs(MLFLOW_EXPERIMENT, outs, store.uri)
+    write_report(runs, ["headline", "labels"], doc, tmp_path, "python -m x")
     text = doc.read_text()
-    assert "code version `abc`" in text and "`python -m x`" in text
+    assert "Code version `abc1234`: 9 runs" in text and "`python -m x`" in text
     row = next(line for line in text.splitlines() if line.startswith("| `mmbind`"))
-    assert "0.920 ± 0.016 [" in row and "| 20 | 640 |" in row and "0.500 ± 0.000" in row
+    assert "| 3 | 0.920 ± 0.016 [" in row and "| 20 | 640 |" in row and "| 0.500 ± 0.000 [" in row
     assert "160 (pooled)" in text
     assert "+12.0 points" in text  # mmbind vs the best other federated row (harmony)
-    point["harmony"] = [_record(0.8, commit="def")] * 3
-    with pytest.raises(ValueError, match="code versions"):
-        write_report({"headline": {"50% missing": point}}, doc, tmp_path, "python -m x")
+    # the labels sweep: the headline runs are its 10 % point; the other points have none
+    assert "| method | 100% labels | 30% labels | 10% labels |" in text
+    assert "| `harmony` | – | – | 0.800 ± 0.000 [0.800, 0.800] |" in text
+    outs.append(store.log(MLFLOW_EXPERIMENT, ["experiment=mmbind_study", *METHODS["harmony"],
+                                              "seed=3", *headline], _results(0.8, "def5678")))  # fmt: skip
+    runs = logged_runs(MLFLOW_EXPERIMENT, outs, store.uri)
+    with pytest.raises(ValueError, match=r"code versions \(abc1234, def5678\)"):
+        write_report(runs, ["headline"], doc, tmp_path, "python -m x")
 
 
 def test_the_budget_study_reuses_the_mmbind_studys_runs_at_the_same_point(monkeypatch, tmp_path):
