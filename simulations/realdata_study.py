@@ -40,20 +40,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
-from simulations import study_runner
-from simulations.budget_study import budget_cells
-from simulations.study_progress import study_progress
-from simulations.study_runner import (
-    fmt_mean_ci,
-    fmt_mean_std,
-    model_rule,
-    one_code_version,
-    one_model_rule,
-    point_key,
+from fed_iotlm.report.page import Table
+from fed_iotlm.report.render import markdown_table
+from fed_iotlm.report.runs import Run
+from fed_iotlm.report.study_table import (
+    Column,
+    budget_columns,
+    label_of,
+    result,
+    seeds_column,
+    study_table,
 )
+from simulations import study_runner
+from simulations.study_progress import study_progress
+from simulations.study_runner import model_rule, one_model_rule, point_key
 
 # FedMultimodal (Feng et al., KDD 2023), UCI-HAR acc+gyro, macro-F1 (%), its README
 PUBLISHED: dict[float, dict[str, float]] = {
@@ -146,52 +150,92 @@ def run_points(args: argparse.Namespace) -> list[dict]:
                         out,
                         overrides,
                         experiment=study["experiment"],
-                        mlflow_experiment=f"realdata-{args.study}",
+                        mlflow_experiment=mlflow_experiment(args.study),
+                        tracking_uri=args.tracking_uri,
                     )
                     scores = task_scores(res, study["task"], study["metrics"])
                     rows.append({"point": " ".join(point), "method": method, "seed": seed, **scores,
                                  "rounds": res["rounds"], "nodes": res["num_nodes"],
                                  "wall_s": res["wall_s"], "budget": res.get("budget", {}),
-                                 "code_version": res.get("code_version"),
+                                 "code_version": res.get("code_version"), "out": str(out),
                                  **model_rule(res)})  # fmt: skip
                     print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def table(rows: list[dict], args: argparse.Namespace) -> str:
-    """Markdown: one line per (point, method), mean ± std over seeds, published lines too."""
-    study = STUDIES[args.study]
-    metrics = study["metrics"]
-    head = ["point", "method", "seeds", f"val {metrics[0]}", *metrics, "rounds", "nodes",
-            "steps / node / round", "examples / node / round"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    keys = list(dict.fromkeys((r["point"], r["method"]) for r in rows))
-    for point, method in keys:
-        rs = [r for r in rows if r["point"] == point and r["method"] == method]
-        val = [r[f"val_{metrics[0]}"] for r in rs if f"val_{metrics[0]}" in r]
-        cells = [fmt_mean_std(val) if len(val) == len(rs) else "–"]
-        cells += [fmt_mean_ci([r[m] for r in rs]) for m in metrics]
-        lines.append(
-            f"| {point or '-'} | {method} | {len(rs)} | " + " | ".join(cells)
-            + f" | {rs[0]['rounds']} | {rs[0]['nodes']} | {budget_cells(rs[0].get('budget', {}))} |"
-        )  # fmt: skip
-    if args.study == "hapt":
-        for alpha in args.alphas:
+def mlflow_experiment(study: str) -> str:
+    """The MLflow experiment a study's runs are logged to and its table is read from."""
+    return f"realdata-{study}"
+
+
+def point_of(run: Run, study: str) -> str:
+    """A run's point as the study names it: ``partition.alpha=A`` (and its
+    ``partition.missing_rate=p`` where p > 0) for HAPT; ``-`` for ExtraSensory."""
+    if study != "hapt":
+        return "-"
+    alpha = f"partition.alpha={float(run.params.get('partition.alpha', 'nan'))}"
+    rate = float(run.params.get("partition.missing_rate", 0) or 0)
+    return f"{alpha} partition.missing_rate={rate}" if rate else alpha
+
+
+def tables(runs: list[Run], experiment: str, caption: str = "") -> list[Table]:
+    """One table of ``experiment`` (``realdata-<study>``): a row per (point, method),
+    val and test figures of the study's task over seeds, the budget, and for HAPT
+    FedMultimodal's published lines after the rows."""
+    study = experiment.removeprefix("realdata-")
+    if study not in STUDIES:
+        raise ValueError(f"{experiment!r} is not a real-data study's experiment "
+                         f"(realdata-{'|'.join(STUDIES)})")  # fmt: skip
+    task, metrics = STUDIES[study]["task"], STUDIES[study]["metrics"]
+
+    def row(run: Run) -> tuple[str, str] | None:
+        method = label_of(run.params, METHODS)
+        return None if method is None else (point_of(run, study), method)
+
+    def whole(key: str) -> Callable[[list[Run]], str]:  # rounds, nodes: one per row
+        return lambda rs: ", ".join(dict.fromkeys(str((r.results or {}).get(key, "–")) for r in rs))
+
+    if not caption:
+        rule = one_model_rule([model_rule(r.results or {}) for r in runs
+                               if r.status == "FINISHED" and row(r) is not None])  # fmt: skip
+        caption = f"Task `{task}`, {rule}; val and test figures of that task."
+    table = study_table(
+        runs, row, ["point", "method"],
+        [seeds_column(), Column(f"val {metrics[0]}", value=result("val", "by_task", task,
+                                                                  metrics[0])),
+         *[Column(m, value=result("test", "by_task", task, m)) for m in metrics],
+         Column("rounds", text=whole("rounds")), Column("nodes", text=whole("num_nodes")),
+         *budget_columns()],
+        caption=caption,
+    )  # fmt: skip
+    if study == "hapt":
+        # the rows' alphas, from their point cells ("partition.alpha=5.0 ...")
+        for alpha in dict.fromkeys(float(r[0].split()[0].split("=")[1]) for r in table.rows):
             for name, f1 in PUBLISHED.get(alpha, {}).items():
-                blank = " | ".join("–" for _ in metrics[1:])
-                lines.append(
-                    f"| partition.alpha={alpha} | FedMultimodal {name} (published) | 5 | – | "
-                    f"{f1 / 100:.4f} | {blank} | 200 | 105 | – | – |"
-                )
+                table.rows.append([f"partition.alpha={alpha}", f"FedMultimodal {name} (published)",
+                                   "5", "–", f"{f1 / 100:.4f}", *["–"] * (len(metrics) - 1),
+                                   "200", "105", "–", "–"])  # fmt: skip
+    return [table]
+
+
+def table(runs: list[Run], args: argparse.Namespace) -> str:
+    """Markdown: the study's table from its MLflow runs, captioned with the round rule,
+    the command and what ``partition.shared`` the rows carry."""
+    study = STUDIES[args.study]
+    done = [r for r in runs if r.status == "FINISHED"]
+    rows = [{"method": label_of(r.params, METHODS), "point": point_of(r, args.study),
+             **model_rule(r.results or {})} for r in done]  # fmt: skip
     command = "python -m simulations.realdata_study " + " ".join(
         getattr(args, "argv", sys.argv[1:])
     )
     caption = (
-        f"Task `{study['task']}`, {one_model_rule(rows)}; val: "
-        f"mean ± std over seeds; test: mean ± std [95 % interval of the mean]. "
-        f"Code version `{one_code_version(rows)}`; `{command}`." + shared_note(rows, args)
-    )
-    return caption + "\n\n" + "\n".join(lines) + "\n"
+        f"Task `{study['task']}`, {one_model_rule(rows)}; val and test figures of that task; "
+        f"`{command}`." + shared_note(rows, args)
+        + (" FedMultimodal's published lines: macro-F1 from its README." if args.study == "hapt"
+           else "")
+    )  # fmt: skip
+    (out,) = tables(runs, mlflow_experiment(args.study), caption)
+    return markdown_table(out)
 
 
 def shared_note(rows: list[dict], args: argparse.Namespace) -> str:
@@ -271,6 +315,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     p.add_argument("--rounds", type=int, default=None, help="override the experiment's rounds")
     p.add_argument("--doc", type=Path, default=None, help="also write the table here (Markdown)")
+    p.add_argument(
+        "--tracking-uri",
+        default=study_runner.TRACKING_URI,
+        help="MLflow store the runs log to and the table is read from (default: the checkout's "
+        "mlflow.db)",
+    )
     p.add_argument("extra", nargs="*", help="more Hydra overrides for every run")
     args = p.parse_intermixed_args(argv)
     args.argv = argv  # the command line the table's caption quotes
@@ -283,7 +333,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if problem:
         p.error(problem)
     rows = run_points(args)
-    md = table(rows, args)
+    runs = study_runner.logged_runs(
+        mlflow_experiment(args.study), [Path(r["out"]) for r in rows], args.tracking_uri
+    )
+    md = table(runs, args)
     if args.doc is not None:
         atomic_write_text(args.doc, md)
     print(md)

@@ -16,7 +16,14 @@ from fed_iotlm.protocol import first_binding_pair_accuracy
 from fed_iotlm.report.page import Table
 from fed_iotlm.report.render import markdown_table
 from fed_iotlm.report.runs import Run
-from fed_iotlm.report.study_table import Column, label_of, result, seeds_column, study_table
+from fed_iotlm.report.study_table import (
+    Column,
+    budget_columns,
+    label_of,
+    result,
+    seeds_column,
+    study_table,
+)
 from simulations.mmbind_study import FEDERATED, METHODS, MLFLOW_EXPERIMENT, SWEEPS, sweep_points
 
 SETTING = """\
@@ -76,17 +83,6 @@ def accuracy(*path: str) -> Callable[[Run], float | None]:
     return result("test", *path)
 
 
-def _budget(runs: list[Run]) -> tuple[str, str]:
-    """Steps and examples per node per round as the runs report them; a centralized
-    run reports them per round for its one model, shown as such."""
-    b = (runs[0].results or {}).get("budget") or {}
-    for steps, examples, tag in (("steps_per_node_round", "examples_per_node_round", ""),
-                                 ("steps_per_round", "examples_per_round", " (pooled)")):  # fmt: skip
-        if b.get(steps) is not None:
-            return f"{b[steps]:g}{tag}", f"{b[examples]:g}{tag}"
-    return "?", "?"
-
-
 def _pairs(task: str) -> Callable[[Run], float | None]:
     return lambda run: first_binding_pair_accuracy(run.results or {}).get(task)
 
@@ -111,8 +107,7 @@ def headline_table(runs: list[Run]) -> Table | None:
         [seeds_column(), Column("val", value=result("val", "accuracy")),
          Column("test [95 % interval]", value=accuracy("accuracy")),
          *[Column(t, value=accuracy("by_task", t, "accuracy")) for t in ("activity", "location")],
-         Column("steps / node / round", text=lambda rs: _budget(rs)[0]),
-         Column("examples / node / round", text=lambda rs: _budget(rs)[1]),
+         *budget_columns(),
          Column("pair acc. @1st binding (activity)", value=_pairs("activity")),
          Column("(location)", value=_pairs("location"))],
         caption=f"Headline: {label}. Test and val: accuracy, mean over the two tasks, all "

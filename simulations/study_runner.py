@@ -102,15 +102,23 @@ def one_model_rule(results: list[dict]) -> str:
     )
 
 
-def run_one(out: Path, overrides: list[str], *, experiment: str, mlflow_experiment: str) -> dict:
-    """results.json of ``experiment`` with ``overrides`` written to ``out`` (run if missing)."""
+def run_one(
+    out: Path,
+    overrides: list[str],
+    *,
+    experiment: str,
+    mlflow_experiment: str,
+    tracking_uri: str = TRACKING_URI,
+) -> dict:
+    """results.json of ``experiment`` with ``overrides`` written to ``out`` (run if missing),
+    its MLflow run logged to ``mlflow_experiment`` in ``tracking_uri``."""
     results = out / "results.json"
     with current() as view:
         if results.is_file():  # resumable: a finished run is not repeated
             view.end(cached=True)
             return json.loads(results.read_text())
         cmd = [sys.executable, "-m", "simulations.run", f"experiment={experiment}", *overrides,
-               f"mlflow.experiment={mlflow_experiment}", f"mlflow.tracking_uri={TRACKING_URI}",
+               f"mlflow.experiment={mlflow_experiment}", f"mlflow.tracking_uri={tracking_uri}",
                f"output_dir={out}"]  # fmt: skip
         # the child's progress (one line per round, with its ETA) streams into run.log as
         # it runs; the study follows that log and shows the latest line (study_progress)

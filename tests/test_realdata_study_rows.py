@@ -11,25 +11,38 @@ import pytest
 
 from simulations import realdata_study, study_runner
 from simulations.realdata_study import method_overrides, study_points
+from tests.study_store import Store
 
 
-def _fake_runs(monkeypatch) -> list[dict]:
-    """Replace the study runner: every "run" returns fixed figures; the calls are kept."""
+def _fake_runs(monkeypatch, tmp_path: Path) -> list[dict]:
+    """Replace the study runner: every "run" returns fixed figures and is logged, as a
+    real run is, to the MLflow store the study reads its table from (``--tracking-uri``
+    of :func:`_argv`); the calls are kept."""
     calls: list[dict] = []
+    store = Store(tmp_path / "store")
+    monkeypatch.setattr(study_runner, "TRACKING_URI", store.uri)
 
-    def run_one(out: Path, overrides: list[str], *, experiment: str, **_) -> dict:
+    def run_one(out: Path, overrides: list[str], *, experiment: str, **kw) -> dict:
         calls.append({"out": out, "overrides": overrides, "experiment": experiment})
-        task = {"f1_macro": 0.8, "accuracy": 0.85, "balanced_accuracy": 0.75}
-        return {
+        assert kw["tracking_uri"] == store.uri
+        res = _result()
+        store.log(kw["mlflow_experiment"], [f"experiment={experiment}", *overrides], res,
+                  output_dir=out)  # fmt: skip
+        return res
+
+    monkeypatch.setattr(study_runner, "run_one", run_one)
+    return calls
+
+
+def _result() -> dict:
+    task = {"f1_macro": 0.8, "accuracy": 0.85, "balanced_accuracy": 0.75}
+    return {
             "test": {"by_task": {"activity": task, "main_activity": task}},
             "val": {"by_task": {"activity": task, "main_activity": task}},
             "rounds": 10, "num_nodes": 30, "wall_s": 1.0,
             "budget": {"steps_per_node_round": 20.0, "examples_per_node_round": 640.0},
-            "code_version": {"commit": "abc", "dirty": False},
+            "code_version": {"commit": "abc1234", "dirty": False},
         }  # fmt: skip
-
-    monkeypatch.setattr(study_runner, "run_one", run_one)
-    return calls
 
 
 def _ns(**kw) -> argparse.Namespace:
@@ -64,7 +77,7 @@ def test_binding_rows_carry_the_studys_shared_modality():
 
 
 def test_the_withheld_study_runs_its_experiment_with_every_new_row(monkeypatch, tmp_path, capsys):
-    calls = _fake_runs(monkeypatch)
+    calls = _fake_runs(monkeypatch, tmp_path)
     doc = tmp_path / "es.md"
     argv = ["extrasensory_withheld", "--data", str(tmp_path), "--seeds", "0,1",
             "--methods", "federated,harmony,ssl_spine,mmbind", "--out", str(tmp_path / "runs"),
@@ -76,16 +89,17 @@ def test_the_withheld_study_runs_its_experiment_with_every_new_row(monkeypatch, 
     assert len({c["out"] for c in calls}) == 8  # every (method, seed) a folder of its own
     text = doc.read_text()
     row = next(x for x in text.splitlines() if "| mmbind |" in x)
-    assert row.startswith("| - | mmbind | 2 | 0.750 ± 0.000 |") and row.endswith("| 20 | 640 |")
+    assert row.startswith("| - | mmbind | 2 | 0.750 ± 0.000 [0.750, 0.750] |")
+    assert row.endswith("| 10 | 30 | 20 | 640 |")
     assert "The rows ssl_spine, mmbind have `partition.shared=raw_acc`" in text
-    assert "changes no node's sensors" in text and "Code version `abc`" in text
+    assert "changes no node's sensors" in text and "Code version `abc1234`: 8 runs" in text
     assert "python -m simulations.realdata_study extrasensory_withheld " in text
 
 
 def test_two_studies_with_equal_overrides_into_one_out_get_two_runs(monkeypatch, tmp_path):
     """ExtraSensory natural and withheld differ only in their experiment, not in any
     override: one ``--out`` must still hold a run of each, not one run read twice."""
-    calls = _fake_runs(monkeypatch)
+    calls = _fake_runs(monkeypatch, tmp_path)
     for study in ("extrasensory", "extrasensory_withheld"):
         realdata_study.main([study, "--data", str(tmp_path), "--seeds", "0",
                              "--methods", "federated", "--out", str(tmp_path / "runs")])  # fmt: skip
@@ -98,7 +112,7 @@ def test_two_studies_with_equal_overrides_into_one_out_get_two_runs(monkeypatch,
 
 
 def test_missing_rate_points_say_the_binding_rows_partition_differs(monkeypatch, tmp_path, capsys):
-    calls = _fake_runs(monkeypatch)
+    calls = _fake_runs(monkeypatch, tmp_path)
     argv = ["hapt", "--data", str(tmp_path), "--seeds", "0", "--alphas", "0.1",
             "--missing-rates", "0.1,0.3", "--methods", "federated,mmbind",
             "--out", str(tmp_path / "runs")]  # fmt: skip
@@ -137,7 +151,7 @@ def test_missing_rate_points_say_the_binding_rows_partition_differs(monkeypatch,
     ],
 )  # fmt: skip
 def test_bad_options_are_one_parser_error_before_any_run(argv, says, monkeypatch, tmp_path, capsys):
-    calls = _fake_runs(monkeypatch)
+    calls = _fake_runs(monkeypatch, tmp_path)
     with pytest.raises(SystemExit) as stop:
         realdata_study.main([*argv, "--data", str(tmp_path), "--out", str(tmp_path / "runs")])
     assert stop.value.code == 2 and says in capsys.readouterr().err and calls == []

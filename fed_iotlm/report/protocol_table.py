@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from fed_iotlm.protocol import first_binding_pair_accuracy
 
 from .groups import Study
 from .page import Section, Table, fmt, mean_std
 from .runs import Run
-from .study_table import code_version_of, interval
+from .study_table import budget, code_version_of, interval
 
 
 def _val(run: Run) -> float | None:
@@ -27,21 +25,6 @@ def _val(run: Run) -> float | None:
 
 def _test(run: Run) -> float | None:
     return ((run.results or {}).get("test") or {}).get("accuracy")
-
-
-def _budget(runs: list[Run]) -> tuple[str, str]:
-    """Steps and examples per node per round, mean over the group's runs; a centralized
-    run reports them per round for its one pooled model, shown as such."""
-    budgets = [(r.results or {}).get("budget") or {} for r in runs]
-    for steps_key, examples_key, tag in (
-        ("steps_per_node_round", "examples_per_node_round", ""),
-        ("steps_per_round", "examples_per_round", " (pooled)"),
-    ):
-        steps = [b[steps_key] for b in budgets if b.get(steps_key) is not None]
-        if steps:
-            examples = [b[examples_key] for b in budgets if b.get(examples_key) is not None]
-            return f"{np.mean(steps):g}{tag}", f"{np.mean(examples):g}{tag}"
-    return "–", "–"
 
 
 def _first_binding(run: Run) -> dict[str, float]:
@@ -73,7 +56,7 @@ def protocol_tables(study: Study, out: Path) -> Section | str:
             rs = [r for r in grs if r in members]
             if not rs:
                 continue
-            steps, examples = _budget(rs)
+            steps, examples = budget(rs)
             pairs = [[_first_binding(r).get(t) for r in rs] for t in tasks]
             table.rows.append(
                 [group, str(len(rs)), mean_std([_val(r) for r in rs]),

@@ -17,6 +17,8 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from fed_iotlm.protocol import version_label
 
 from .page import Table, mean_ci95, mean_std
@@ -61,6 +63,30 @@ def interval(values: Sequence[float | None]) -> str:
 def seeds_column(header: str = "seeds") -> Column:
     """How many runs (seeds) a row summarises."""
     return Column(header, text=lambda runs: str(len(runs)))
+
+
+def budget(runs: Sequence[Run]) -> tuple[str, str]:
+    """Steps and examples per node per round, mean over the runs' results.json
+    ``budget``; a centralized run reports them per round for its one pooled model, shown
+    as such; dashes when no run reports one."""
+    budgets = [(r.results or {}).get("budget") or {} for r in runs]
+    for steps_key, examples_key, tag in (
+        ("steps_per_node_round", "examples_per_node_round", ""),
+        ("steps_per_round", "examples_per_round", " (pooled)"),
+    ):
+        steps = [b[steps_key] for b in budgets if b.get(steps_key) is not None]
+        if steps:
+            examples = [b[examples_key] for b in budgets if b.get(examples_key) is not None]
+            return f"{np.mean(steps):g}{tag}", f"{np.mean(examples):g}{tag}"
+    return "–", "–"
+
+
+def budget_columns() -> list[Column]:
+    """The two budget columns every study table shows beside its figures."""
+    return [
+        Column("steps / node / round", text=lambda runs: budget(runs)[0]),
+        Column("examples / node / round", text=lambda runs: budget(runs)[1]),
+    ]
 
 
 def result(*path: str) -> Callable[[Run], float | None]:
