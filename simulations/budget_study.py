@@ -32,10 +32,24 @@ from pathlib import Path
 
 from fed_iotlm.atomic import atomic_write_text
 from fed_iotlm.config_schema import ConfigError
+from fed_iotlm.report.page import Table
+from fed_iotlm.report.params import varying_params
+from fed_iotlm.report.render import markdown_table
+from fed_iotlm.report.runs import Run
+from fed_iotlm.report.study_table import (
+    Column,
+    budget_columns,
+    label_of,
+    one_version,
+    result,
+    seeds_column,
+    study_table,
+)
 from fed_iotlm.settings import compose
+from simulations import study_runner
 from simulations.mmbind_study import EXPERIMENT, incompleteness_plan, plan_override
 from simulations.study_progress import study_progress
-from simulations.study_runner import REPO, fmt_mean_ci, one_code_version, point_key, run_one
+from simulations.study_runner import REPO, logged_runs, point_key, run_one
 
 # row label -> overrides (as in simulations/mmbind_study.py: late fusion for the methods
 # that use it there, so the centralized model gets the better head with scarce labels)
@@ -52,6 +66,7 @@ METHODS: dict[str, list[str]] = {
 }
 # keys the study's own grid options set; --grid-extra may not set them too
 GRID_KEYS = ("train.steps", "train.lr")
+MLFLOW_EXPERIMENT = "budget-study"
 DEFAULT_METHODS = ("local", "federated", "harmony", "centralized")
 
 
@@ -125,7 +140,14 @@ def lr_override(lr: float) -> list[str]:
     return [f"train.lr={lr}"] if lr else []
 
 
-def run(out: Path, method: str, steps: int, seed: int, base: list[str]) -> dict:
+def run(
+    out: Path,
+    method: str,
+    steps: int,
+    seed: int,
+    base: list[str],
+    tracking_uri: str | None = None,
+) -> dict:
     """One resumable run at a budget (logged to MLflow experiment ``budget-study``).
 
     Runs are filed as ``simulations.mmbind_study`` files them (point folder, then
@@ -136,12 +158,15 @@ def run(out: Path, method: str, steps: int, seed: int, base: list[str]) -> dict:
     point = [*base, f"train.steps={steps}"]
     overrides = [*METHODS[method], f"seed={seed}", *point]
     t0 = time.time()
+    folder = out / point_key(point, experiment=EXPERIMENT) / f"{method}-seed{seed}"
     res = run_one(
-        out / point_key(point, experiment=EXPERIMENT) / f"{method}-seed{seed}",
+        folder,
         overrides,
         experiment=EXPERIMENT,
-        mlflow_experiment="budget-study",
+        mlflow_experiment=MLFLOW_EXPERIMENT,
+        tracking_uri=tracking_uri or study_runner.TRACKING_URI,
     )
+    res = {**res, "out": str(folder)}
     print(
         f"{' '.join(base[1:])} | {method} | steps {steps} | seed {seed}: "
         f"val {res['val']['accuracy']:.3f} ({time.time() - t0:.0f}s)",
@@ -200,6 +225,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--extra", default="", help="Hydra overrides added to every run")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "budget_study")
     parser.add_argument("--doc", type=Path, default=REPO / "docs" / "budget.md")
+    parser.add_argument(
+        "--tracking-uri",
+        default=study_runner.TRACKING_URI,
+        help="MLflow store the runs log to and the page is read from (default: the "
+        "checkout's mlflow.db)",
+    )
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "-m", "simulations.budget_study", *argv])
     methods = args.methods.split(",")
@@ -214,7 +245,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         check_grid_extras(extras, methods, extra)
     except ValueError as err:
         parser.error(str(err))
-    rows: dict[str, dict[str, dict]] = {}
+    outs: list[Path] = []
     fracs = [float(f) for f in args.labels.split(",")]
     # every grid point at seed 0, then the chosen one at each seed (seed 0 read back)
     per_label = sum(len(grid_points(grid, lrs, extras.get(m, []))) + args.seeds for m in methods)
@@ -223,22 +254,19 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
             base = point(frac, extra)
             for method in methods:
                 tried = {
-                    (s, lr, more): run(args.out, method, s, 0, [*base, *lr_override(lr), *more])
+                    (s, lr, more): run(args.out, method, s, 0, [*base, *lr_override(lr), *more],
+                                       args.tracking_uri)
                     for s, lr, more in grid_points(grid, lrs, extras.get(method, []))
-                }
+                }  # fmt: skip
                 steps, lr, more = choose_on_val(tried)
                 results = [
-                    run(args.out, method, steps, seed, [*base, *lr_override(lr), *more])
+                    run(args.out, method, steps, seed, [*base, *lr_override(lr), *more],
+                        args.tracking_uri)
                     for seed in range(args.seeds)
-                ]
-                rows.setdefault(f"{frac:g}", {})[method] = {
-                    "steps": steps,
-                    "lr": lr,
-                    "extras": list(more),
-                    "runs": results,
-                    "tried": {c: r["val"]["accuracy"] for c, r in tried.items()},
-                }
-                write_doc(args.doc, rows, grid, args)
+                ]  # fmt: skip
+                outs += [Path(r["out"]) for r in [*tried.values(), *results]]
+                runs = logged_runs(MLFLOW_EXPERIMENT, outs, args.tracking_uri)
+                write_doc(args.doc, runs, grid, args)
     print(args.doc)
 
 
@@ -247,21 +275,81 @@ def grid_label(steps: int, lr: float, more: Sequence[str]) -> str:
     return " ".join([f"{steps}{'@' + str(lr) if lr else ''}", *more])
 
 
-def budget_cells(budget: dict) -> str:
-    """Steps and examples per node per round as a run reports them; the centralized
-    model reports them per round for its one pooled model (``train.steps`` x nodes)."""
-    if budget.get("steps_per_node_round") is not None:
-        return f"{budget['steps_per_node_round']:g} | {budget['examples_per_node_round']:g}"
-    if budget.get("steps_per_round") is not None:
-        return f"{budget['steps_per_round']:g} (pooled) | {budget['examples_per_round']:g} (pooled)"
-    return "? | ?"
+GridPoint = tuple[int, float, tuple[str, ...]]
 
 
-def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
-    """docs/budget.md from the finished rows (rewritten after every method), and the
-    same figures as JSON beside it (``budget.json``), the choice made on val in both."""
-    every = [r for by_method in rows.values() for m in by_method.values() for r in m["runs"]]
-    version = one_code_version(every)
+def row_of(run: Run) -> tuple[str, str] | None:
+    """A run's (label fraction, method) row, from its params."""
+    method = label_of(run.params, METHODS)
+    frac = run.params.get("partition.label_fraction")
+    return None if method is None or frac is None else (f"{float(frac):.0%}", method)
+
+
+def choices(runs: list[Run]) -> dict[tuple[str, str], dict]:
+    """Per row, every grid point's seed-0 validation accuracy and the point chosen on it
+    (:func:`choose_on_val`), from the FINISHED runs.  A run's grid point is its
+    ``train.steps``, its ``train.lr`` where the row's runs differ in it (else 0.0: the
+    config's), and every other param they differ in (``--grid-extra`` keys), in the
+    order the runs were made; test is never read."""
+    rows: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        if run.status == "FINISHED" and (row := row_of(run)) is not None:
+            rows.setdefault(row, []).append(run)
+    out = {}
+    for row, members in rows.items():
+        keys = [k for k in varying_params([r.params for r in members]) if k != "seed"]
+
+        def point(run: Run, keys: list[str] = keys) -> GridPoint:
+            lr = float(run.params["train.lr"]) if "train.lr" in keys else 0.0
+            more = tuple(f"{k}={run.params.get(k)}" for k in keys
+                         if k not in ("train.steps", "train.lr"))  # fmt: skip
+            return int(float(run.params["train.steps"])), lr, more
+
+        tried = {point(r): r.results for r in members
+                 if r.params.get("seed") == "0" and r.results}  # fmt: skip
+        if not tried:
+            continue
+        chosen = choose_on_val(tried)
+        out[row] = {"point": point, "chosen": chosen,
+                    "tried": {c: res["val"]["accuracy"] for c, res in tried.items()},
+                    "runs": [r for r in members if point(r) == chosen]}  # fmt: skip
+    return out
+
+
+def tables(runs: list[Run], experiment: str = MLFLOW_EXPERIMENT, caption: str = "") -> list[Table]:
+    """One table: a row per (label fraction, method) at the grid point chosen on
+    validation, with every grid point's seed-0 validation accuracy beside it."""
+    chosen = choices(runs)
+
+    def row(run: Run) -> tuple[str, str] | None:
+        r = row_of(run)
+        return r if r in chosen and chosen[r]["point"](run) == chosen[r]["chosen"] else None
+
+    def tried(rs: list[Run]) -> str:
+        c = chosen[row_of(rs[0])]  # type: ignore[index]
+        return ", ".join(f"{grid_label(*p)}: {v:.3f}" for p, v in c["tried"].items())
+
+    def picked(rs: list[Run]) -> str:
+        steps, lr, more = chosen[row_of(rs[0])]["chosen"]  # type: ignore[index]
+        return ", ".join([str(steps), str(lr or "config"), *more])
+
+    table = study_table(
+        runs, row, ["labels", "method"],
+        [Column("val (seed 0) per grid point", text=tried),
+         Column("steps / round, lr (chosen on val)", text=picked), seeds_column(),
+         Column("val", value=result("val", "accuracy")),
+         Column("test", value=result("test", "accuracy")), *budget_columns()],
+        caption=caption or "Val and test: accuracy, mean over both tasks, all modalities.",
+    )  # fmt: skip
+    return [table]
+
+
+def write_doc(path: Path, runs: list[Run], grid: list[int], args) -> None:
+    """docs/budget.md from the study's runs (read back from MLflow; rewritten after every
+    method), and the same figures as JSON beside it (``budget.json``), the choice made on
+    val in both."""
+    (table,) = tables(runs, caption=f"Test accuracy (mean over both tasks, all modalities "
+                      f"present) over {args.seeds} seed(s); `{args.command}`.")  # fmt: skip
     lines = [
         "# Equal budgets: federated vs centralized on the same labels",
         "",
@@ -269,48 +357,28 @@ def write_doc(path: Path, rows: dict, grid: list[int], args) -> None:
         f"node). Each method's `train.steps` chosen on validation from the grid {grid} (seed 0)",
         "(with its learning rate and its `--grid-extra` keys where given; ties: the smaller",
         "budget, the smaller learning rate, then the extra value listed first), then every seed",
-        "run at it. Test accuracy (mean over both tasks, all modalities present),",
-        f"mean ± std over {args.seeds} seed(s) [95 % interval]. Produced by code version "
-        f"`{version}`:",
-        f"`{args.command}`.",
+        "run at it.",
         "",
-        "| labels | method | val (seed 0) per grid point | steps / round, lr (chosen on val) "
-        "| val | test | steps / node / round | examples / node / round |",
-        "|---|---|---|---|---|---|---|---|",
+        markdown_table(table),
     ]
-    for frac, by_method in rows.items():
-        for method, row in by_method.items():
-            runs = row["runs"]
-            budget = runs[0].get("budget", {})
-            chosen = ", ".join([str(row["steps"]), str(row["lr"] or "config"), *row["extras"]])
-            lines.append(
-                f"| {float(frac):.0%} | {method} | "
-                + ", ".join(f"{grid_label(*c)}: {v:.3f}" for c, v in row["tried"].items())
-                + f" | {chosen} "
-                f"| {fmt_mean_ci([r['val']['accuracy'] for r in runs])} "
-                f"| {fmt_mean_ci([r['test']['accuracy'] for r in runs])} "
-                f"| {budget_cells(budget)} |"
-            )
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    compact = {
-        frac: {
-            m: {
-                "chosen_on": "val accuracy, seed 0",
-                "steps": row["steps"],
-                "lr": row["lr"],
-                "extras": row["extras"],
-                "val_by_grid_point": {
-                    ",".join([str(st), str(lr), *more]): v
-                    for (st, lr, more), v in row["tried"].items()
-                },
-                "val": [r["val"]["accuracy"] for r in row["runs"]],
-                "test": [r["test"]["accuracy"] for r in row["runs"]],
-                "budget": [r.get("budget") for r in row["runs"]],
-            }
-            for m, row in by_method.items()
-        }
-        for frac, by_method in rows.items()
-    }
+    atomic_write_text(path, "\n".join(lines))
+    compact: dict[str, dict] = {}
+    for (_, method), row in choices(runs).items():
+        steps, lr, more = row["chosen"]
+        done = row["runs"]
+        frac = f"{float(done[0].params['partition.label_fraction']):g}"  # as --labels gives it
+        compact.setdefault(frac, {})[method] = {
+            "chosen_on": "val accuracy, seed 0",
+            "steps": steps,
+            "lr": lr,
+            "extras": list(more),
+            "val_by_grid_point": {",".join([str(st), str(v), *m]): acc
+                                  for (st, v, m), acc in row["tried"].items()},
+            "val": [result("val", "accuracy")(r) for r in done],
+            "test": [result("test", "accuracy")(r) for r in done],
+            "budget": [(r.results or {}).get("budget") for r in done],
+        }  # fmt: skip
+    version = one_version([r for row in choices(runs).values() for r in row["runs"]])
     atomic_write_text(
         path.with_suffix(".json"), json.dumps({"code_version": version, **compact}, indent=1)
     )

@@ -12,17 +12,22 @@ import pytest
 
 from simulations import budget_study
 from simulations.budget_study import choose_on_val, grid_points
+from tests.study_store import Store
 
 PW = "binding.pseudo_weight"
 
 
-def _fake_runs(monkeypatch, scores: dict[str, tuple[float, float]]) -> dict[str, int]:
-    """``run_one`` that "runs" a point once (writes its results.json) and afterwards reads
-    it, as the real one does; val/test from ``scores`` by the run's pseudo-weight
-    override. Returns the count of runs actually made per folder."""
+def _fake_runs(
+    monkeypatch, scores: dict[str, tuple[float, float]], tmp_path: Path
+) -> dict[str, int]:
+    """``run_one`` that "runs" a point once (writes its results.json and logs its MLflow
+    run to the store of :func:`_argv`'s ``--tracking-uri``) and afterwards reads it, as
+    the real one does; val/test from ``scores`` by the run's pseudo-weight override.
+    Returns the count of runs actually made per folder."""
     made: dict[str, int] = {}
+    store = Store(tmp_path)
 
-    def run_one(out: Path, overrides: list[str], **_) -> dict:
+    def run_one(out: Path, overrides: list[str], **kw) -> dict:
         results = out / "results.json"
         if results.is_file():
             return json.loads(results.read_text())
@@ -35,8 +40,9 @@ def _fake_runs(monkeypatch, scores: dict[str, tuple[float, float]]) -> dict[str,
             "budget": {"steps_per_round": 160.0, "examples_per_round": 4800.0},
             "code_version": {"commit": "abc", "dirty": False},
         }
-        out.mkdir(parents=True)
-        results.write_text(json.dumps(res))
+        assert kw["tracking_uri"] == store.uri
+        store.log(kw["mlflow_experiment"], [f"experiment={kw['experiment']}", *overrides], res,
+                  output_dir=out)  # fmt: skip
         made[str(out)] = made.get(str(out), 0) + 1
         return res
 
@@ -47,12 +53,13 @@ def _fake_runs(monkeypatch, scores: dict[str, tuple[float, float]]) -> dict[str,
 def _argv(tmp_path: Path, seeds: int = 2) -> list[str]:
     return ["--labels", "0.1", "--grid", "20", "--methods", "centralized_mmbind",
             "--grid-extra", f"centralized_mmbind:{PW}=1.0,0.0", "--seeds", str(seeds),
-            "--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "budget.md")]  # fmt: skip
+            "--out", str(tmp_path / "runs"), "--doc", str(tmp_path / "budget.md"),
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
 
 
 def test_an_extra_key_is_chosen_on_validation_where_test_disagrees(monkeypatch, tmp_path):
     # seed 0 of the hand-made choice: 0.925 at 0.0 vs 0.895 at 1.0 on val; test says 1.0
-    _fake_runs(monkeypatch, {"0.0": (0.925, 0.80), "1.0": (0.895, 0.95)})
+    _fake_runs(monkeypatch, {"0.0": (0.925, 0.80), "1.0": (0.895, 0.95)}, tmp_path)
     budget_study.main(_argv(tmp_path))
     got = json.loads((tmp_path / "budget.json").read_text())["0.1"]["centralized_mmbind"]
     assert got["extras"] == [f"{PW}=0.0"] and got["steps"] == 20
@@ -85,7 +92,7 @@ def test_ties_go_to_the_smaller_budget_then_lr_then_the_extra_value_listed_first
 
 
 def test_grid_points_are_run_folders_named_by_their_overrides_and_resumed(monkeypatch, tmp_path):
-    made = _fake_runs(monkeypatch, {"0.0": (0.925, 0.80), "1.0": (0.895, 0.95)})
+    made = _fake_runs(monkeypatch, {"0.0": (0.925, 0.80), "1.0": (0.895, 0.95)}, tmp_path)
     budget_study.main(_argv(tmp_path, seeds=2))
     runs = {Path(k): json.loads((Path(k) / "results.json").read_text()) for k in made}
     # two grid points at seed 0 (one folder each), then seed 1 at the choice; the choice's

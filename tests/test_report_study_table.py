@@ -102,3 +102,25 @@ def test_a_run_is_labelled_by_the_overrides_it_was_made_with():
               "local": ["method=local"]}  # fmt: skip
     assert label_of(params, labels) == "ssl_spine"  # the most specific match
     assert label_of({"method": "fedavg"}, labels) is None
+
+
+def test_the_cli_prints_a_studys_table_from_the_store(tmp_path, capsys):
+    from fed_iotlm.cli import main
+    from simulations.shift_study import METHODS, MLFLOW_EXPERIMENT, point_overrides
+
+    store = Store(tmp_path)
+    by_node = {str(n): 0.5 if n < 3 else 0.9 for n in range(8)}
+    for seed in (0, 1):
+        overrides = ["experiment=shift_study", *METHODS["personal"], f"seed={seed}",
+                     *point_overrides(0.5, None)]  # fmt: skip
+        res = {"test": {"accuracy": 0.8, "accuracy_by_node": by_node},
+               "code_version": version("abc1234")}  # fmt: skip
+        store.log(MLFLOW_EXPERIMENT, overrides, res, status="FINISHED" if seed else "KILLED")
+    code = main(["report", MLFLOW_EXPERIMENT, "--tracking-uri", store.uri, "--study", "shift"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Code version `abc1234`: 1 runs (1 not FINISHED left out)." in out
+    assert "| severity | method | seeds | shifted nodes | other nodes |" in out
+    assert "| 0.5 | personal | 1 | 0.500 | 0.900 | 0.800 |" in out
+    assert main(["report", "nope", "--tracking-uri", store.uri, "--study", "shift"]) == 2
+    assert "no MLflow experiment named 'nope'" in capsys.readouterr().err

@@ -248,15 +248,40 @@ def test_a_failed_study_run_names_its_log_and_shows_its_end(tmp_path):
 
 
 def test_the_budget_table_names_the_command_as_it_was_given(monkeypatch, tmp_path):
-    from simulations import budget_study
+    import json
 
-    result = {"test": {"accuracy": 0.9}, "val": {"accuracy": 0.9},
-              "code_version": {"commit": "abc", "dirty": False}}  # fmt: skip
-    monkeypatch.setattr(budget_study, "run_one", lambda *a, **k: result)
+    from simulations import budget_study
+    from tests.study_store import Store
+
+    store = Store(tmp_path / "store")
+    accs = {"harmony-seed0": 0.7, "harmony-seed1": 0.9}
+
+    def fake_run_one(out, overrides, *, experiment, mlflow_experiment, tracking_uri):
+        # what a run leaves in the store, with test and val by seed; read by the page
+        acc = accs[out.name] + (0.1 if "train.steps=40" in overrides else 0.0)
+        result = {"test": {"accuracy": acc}, "val": {"accuracy": acc},
+                  "code_version": {"commit": "abc1234", "dirty": False}}  # fmt: skip
+        if not (out / "results.json").exists():  # a finished run is read, not repeated
+            store.log(mlflow_experiment, [f"experiment={experiment}", *overrides], result,
+                      output_dir=out)  # fmt: skip
+        return result
+
+    monkeypatch.setattr(budget_study, "run_one", fake_run_one)
     doc = tmp_path / "budget.md"
-    argv = ["--labels", "0.3", "--grid", "20", "--methods", "harmony", "--seeds", "2",
-            "--out", str(tmp_path / "runs"), "--doc", str(doc)]  # fmt: skip
+    argv = ["--labels", "0.3", "--grid", "20,40", "--methods", "harmony", "--seeds", "2",
+            "--out", str(tmp_path / "runs"), "--doc", str(doc),
+            "--tracking-uri", store.uri]  # fmt: skip
     budget_study.main(argv)
     text = doc.read_text()
-    assert "`python -m simulations.budget_study --labels 0.3 --grid 20 --methods harmony " in text
-    assert f"--out {tmp_path / 'runs'}" in text and "code version `abc`" in text
+    assert (
+        "`python -m simulations.budget_study --labels 0.3 --grid 20,40 --methods harmony " in text
+    )
+    assert f"--out {tmp_path / 'runs'}" in text and "Code version `abc1234`: 2 runs" in text
+    # 40 steps chosen on seed 0's val (0.8 > 0.7); its two seeds in the row, the 20-step run not
+    row = next(line for line in text.splitlines() if line.startswith("| 30% | harmony |"))
+    assert "| 20: 0.700, 40: 0.800 | 40, config | 2 | 0.900 ± 0.100 [" in row
+    saved = json.loads(doc.with_suffix(".json").read_text())
+    assert saved["code_version"] == "abc1234"
+    assert saved["30%"]["harmony"]["steps"] == 40 and saved["30%"]["harmony"][
+        "test"
+    ] == pytest.approx([0.8, 1.0])
