@@ -282,6 +282,5 @@ def test_the_budget_table_names_the_command_as_it_was_given(monkeypatch, tmp_pat
     assert "| 20: 0.700, 40: 0.800 | 40, config | 2 | 0.900 ± 0.100 [" in row
     saved = json.loads(doc.with_suffix(".json").read_text())
     assert saved["code_version"] == "abc1234"
-    assert saved["30%"]["harmony"]["steps"] == 40 and saved["30%"]["harmony"][
-        "test"
-    ] == pytest.approx([0.8, 1.0])
+    harmony = saved["0.3"]["harmony"]  # keyed by the label fraction as --labels gives it
+    assert harmony["steps"] == 40 and harmony["test"] == pytest.approx([0.8, 1.0])
