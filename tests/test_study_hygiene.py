@@ -206,6 +206,14 @@ def test_the_headline_table_names_its_version_budget_interval_and_pair_accuracy(
     # the labels sweep: the headline runs are its 10 % point; the other points have none
     assert "| method | 100% labels | 30% labels | 10% labels |" in text
     assert "| `harmony` | – | – | 0.800 ± 0.000 [0.800, 0.800] |" in text
+    # fed-iotlm report --study mmbind prints the page's rows from the experiment as a whole,
+    from fed_iotlm.commands.report import study_tables
+
+    printed = study_tables(MLFLOW_EXPERIMENT, store.uri, "mmbind")
+    on_page = [line for line in text.splitlines() if line.startswith("| `")]
+    # every sweep with runs there: also incompleteness, whose 50 % point is the headline's
+    assert len(on_page) == 6 and set(on_page) < set(printed.splitlines())
+    assert "Sweep: incompleteness." in printed
     outs.append(store.log(MLFLOW_EXPERIMENT, ["experiment=mmbind_study", *METHODS["harmony"],
                                               "seed=3", *headline], _results(0.8, "def5678")))  # fmt: skip
     runs = logged_runs(MLFLOW_EXPERIMENT, outs, store.uri)
@@ -282,5 +290,9 @@ def test_the_budget_table_names_the_command_as_it_was_given(monkeypatch, tmp_pat
     assert "| 20: 0.700, 40: 0.800 | 40, config | 2 | 0.900 ± 0.100 [" in row
     saved = json.loads(doc.with_suffix(".json").read_text())
     assert saved["code_version"] == "abc1234"
+    from fed_iotlm.commands.report import study_tables
+
+    printed = study_tables(budget_study.MLFLOW_EXPERIMENT, store.uri, "budget")
+    assert row in printed.splitlines()  # the CLI's table: the same row
     harmony = saved["0.3"]["harmony"]  # keyed by the label fraction as --labels gives it
     assert harmony["steps"] == 40 and harmony["test"] == pytest.approx([0.8, 1.0])

@@ -5,6 +5,9 @@ runs of one MLflow experiment.
 params distinguish the runs and how to name groups of them; ``sections`` turns runs into
 tables and figure specs, one builder per section; ``plots`` draws the figures with
 matplotlib; ``render`` writes the page with jinja2.  ``build`` ties them together.
+``study_table`` is the one renderer of the studies' tables (``simulations/*_study.py``
+pages and ``fed-iotlm report --study``): mean ± std [95 % interval] over seeds, one code
+version per table.
 """
 
 from __future__ import annotations
