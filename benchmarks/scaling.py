@@ -55,6 +55,7 @@ from flwr.serverapp import Grid, ServerApp
 from benchmarks.machine import emit, loadavg
 from benchmarks.round_overhead import (
     CLIENT_TIMING_KEY,
+    PER_SITE,
     RoundSample,
     backend_config,
     initial_arrays,
@@ -110,6 +111,9 @@ def compose_cfg(point: Point, samples_per_node: int, test_per_node: int) -> dict
             f"strategy.fraction_train={point.sampled / point.nodes}",
             f"strategy.min_nodes={point.sampled}",
             "mlflow.enabled=false",
+            # this ServerApp times training rounds and runs no statistics round, so each
+            # node standardises with its own statistics (the same work per node)
+            PER_SITE,
         ]
     )
 
