@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +41,18 @@ def version_label(version: dict | None) -> str:
     if version.get("package"):
         return f"{DIST}=={version['package']}"
     return "unknown"
+
+
+def one_code_version(results: Iterable[Mapping | None]) -> str:
+    """The one code version of every results.json in a table, or a ValueError naming each
+    version found: a row of old code beside one of new code would compare two programs."""
+    versions = sorted({version_label((r or {}).get("code_version")) for r in results})
+    if len(versions) != 1:
+        raise ValueError(
+            f"a table would mix results of {len(versions)} code versions ({', '.join(versions)}); "
+            "re-run the study at one version, or report one version's runs"
+        )
+    return versions[0]
 
 
 def first_binding_pair_accuracy(results: dict) -> dict[str, float]:

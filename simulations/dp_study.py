@@ -38,9 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from fed_iotlm.atomic import atomic_write_text
+from fed_iotlm.protocol import one_code_version
 from simulations import study_runner
 from simulations.study_progress import study_progress
-from simulations.study_runner import REPO, fmt_mean_ci, fmt_mean_std, one_code_version, point_key
+from simulations.study_runner import REPO, fmt_mean_ci, fmt_mean_std, point_key
 
 EXPERIMENT = "scale_1000"
 MLFLOW_EXPERIMENT = "dp-study"
@@ -218,7 +219,7 @@ def _order(setting: str, rows: list[dict]) -> tuple[int, float]:
 
 def table(rows: list[dict], caption: str) -> str:
     """Markdown: the caption, then one line per setting over its seeds.  Refuses rows of
-    more than one code version (:func:`simulations.study_runner.one_code_version`)."""
+    more than one code version (:func:`fed_iotlm.protocol.one_code_version`)."""
     version = one_code_version(rows)
     by_setting: dict[str, list[dict]] = {}
     for r in rows:

@@ -4,7 +4,7 @@ Each run is ``python -m simulations.run`` in its own process so that every feder
 gets a fresh Ray; a run whose results.json exists is not repeated, so an interrupted
 study resumes where it stopped.  The cache is keyed on the code version and the experiment
 as well as the overrides (commit, and a hash of the uncommitted diff when the tree is dirty), so rows
-computed by different code never sit side by side; :func:`one_code_version` refuses a
+computed by different code never sit side by side; :func:`fed_iotlm.protocol.one_code_version` refuses a
 table that would mix them anyway (results copied in by hand).
 """
 
@@ -59,17 +59,6 @@ def code_key() -> str:
         check=False,
     ).stdout
     return f"{version['commit']}+{hashlib.sha1(diff).hexdigest()[:12]}"
-
-
-def one_code_version(results: list[dict]) -> str:
-    """The code version every result in a table came from, or a clear refusal."""
-    versions = {version_label(r.get("code_version")) for r in results}
-    if len(versions) != 1:
-        raise ValueError(
-            f"a table would mix results of {len(versions)} code versions {sorted(versions)}; "
-            "re-run the study at one version"
-        )
-    return versions.pop()
 
 
 def model_rule(res: dict) -> dict:

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from fed_iotlm.atomic import atomic_write_text
+from fed_iotlm.protocol import one_code_version
 from simulations.study_progress import current, follow_child, study_progress
-from simulations.study_runner import REPO, fmt_mean_std, one_code_version, point_key
+from simulations.study_runner import REPO, fmt_mean_std, point_key
 
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fed_iotlm.protocol import one_code_version
 from simulations.budget_study import choose_on_val
-from simulations.study_runner import fmt_mean_ci, mean_ci95, one_code_version, point_key
+from simulations.study_runner import fmt_mean_ci, mean_ci95, point_key
 
 
 def _res(commit: str, dirty: bool = False) -> dict:

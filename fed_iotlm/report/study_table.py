@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fed_iotlm.protocol import version_label
+from fed_iotlm.protocol import one_code_version, version_label
 
 from .page import Table, mean_ci95, mean_std
 from .runs import ReportError, Run
@@ -110,14 +110,8 @@ def code_version_of(run: Run) -> str:
 
 
 def one_version(runs: Sequence[Run]) -> str:
-    """The one code version of ``runs``, or a ValueError naming every version found."""
-    versions = sorted({code_version_of(r) for r in runs})
-    if len(versions) != 1:
-        raise ValueError(
-            f"a table would mix runs of {len(versions)} code versions ({', '.join(versions)}); "
-            "re-run the study at one version, or report one version's runs"
-        )
-    return versions[0]
+    """The one code version of ``runs`` (:func:`~fed_iotlm.protocol.one_code_version`)."""
+    return one_code_version(r.results for r in runs)
 
 
 def study_table(
