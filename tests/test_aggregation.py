@@ -94,3 +94,20 @@ def test_zero_count_contributes_nothing():
 def test_bad_update_is_rejected_with_reason(arrays, match):
     with pytest.raises(UpdateMismatchError, match=match):
         aggregate_groups(CURRENT, [NodeUpdate("x", arrays, {"enc.gps": 1, "fusion": 1})])
+
+
+def test_sums_run_on_one_blas_thread_and_the_limit_is_restored():
+    # above 10 000 values OpenBLAS runs ?axpy on several threads, whose wake-ups cost
+    # far more than the sums on a busy machine: every aggregation runs single-threaded
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from fed_iotlm.federation.aggregation import single_threaded_blas
+
+    def openblas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"}
+
+    with threadpool_limits(limits=2, user_api="blas"):  # whatever the environment set
+        assert openblas_threads() == {2}
+        with single_threaded_blas():
+            assert openblas_threads() == {1}
+        assert openblas_threads() == {2}

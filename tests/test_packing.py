@@ -16,6 +16,7 @@ from fed_iotlm.federation.records import (
     node_reply,
     numpy_to_record,
     packed_record,
+    record_nbytes,
     record_to_numpy,
     to_array,
 )
@@ -82,6 +83,9 @@ def test_strategy_on_packed_replies_equals_the_per_key_mean():
             assert got[key].dtype == np.float32
         assert facts_of(metrics).holders == expected.holders
         assert metrics["accepted_updates"] == 3.0
+        # the bytes up are the replies' payload, whichever way each was decoded
+        sent = sum(record_nbytes(r.content["arrays"]) for r in replies)
+        assert facts_of(metrics).bytes_up == sent
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))
@@ -165,6 +169,8 @@ def test_to_array_writes_what_flower_writes(value):
     mine, flowers = to_array(value), Array(contiguous)
     assert mine.data == flowers.data
     assert (mine.dtype, mine.shape, mine.stype) == (flowers.dtype, flowers.shape, flowers.stype)
+    assert mine == flowers and mine.is_dirty and mine.object_id == flowers.object_id
+    np.testing.assert_array_equal(mine.numpy(), contiguous)
 
 
 def test_a_rejection_is_logged_by_the_strategy_module(caplog):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fed_iotlm.federation import streaming_mean
 from fed_iotlm.federation.aggregation import NodeUpdate
 from fed_iotlm.federation.groups import group_of
 from fed_iotlm.federation.packing import ALIGN, aligned_empty, layout_of
@@ -101,13 +100,10 @@ def _float32_bound(nodes, accepted: set[str], key: str) -> np.ndarray:
     return 4 * eps * (len(terms) + 2) * spread + 2 * eps * np.abs(CURRENT[key])
 
 
-@pytest.mark.parametrize("batch_values", [streaming_mean.BATCH_VALUES, 42000, 5000, 1])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("bound", [None, 25.0])
-def test_screened_mean_equals_the_per_key_path(monkeypatch, batch_values, bound):
-    # 1: every group summed node by node (one-row batches); 5000: groups of their own
-    # rows next to batched ones; 42000: the audio group in chunks of 2 rows per batch
-    monkeypatch.setattr(streaming_mean, "BATCH_VALUES", batch_values)
-    nodes = _updates(23, seed=batch_values)
+def test_screened_mean_equals_the_per_key_path(seed, bound):
+    nodes = _updates(23, seed=seed)
     config = CheckConfig(max_update_norm=bound)
     screened, result = screen_and_mean(
         CURRENT, layout_of(CURRENT).pack(CURRENT), _packed(nodes), config
@@ -145,18 +141,23 @@ def test_all_rejected_gives_no_mean():
     assert result is None and len(screened.rejected) == 3
 
 
-def test_batched_norms_are_check_packed_norms_to_the_bit():
-    # the batched screen takes each row's norm by a stacked matmul (BLAS sdot); a node
-    # sent through check_packed instead must get the very same value, or a node at the
-    # bound could be accepted by one path and rejected by the other
+def test_norms_are_the_update_distance_of_check_packed():
+    # the streaming screen takes one dot per run of neighbouring groups, check_packed
+    # one per group: the same ||w − c|| up to float32 rounding of the sum's order (every
+    # well-formed node of a round takes the streaming path, so verdicts within a round
+    # come from one formula)
     nodes = [(a, c) for i, (a, c) in enumerate(_updates(11, seed=7)) if i not in (4, 9)]
     packed = _packed(nodes)
     current = layout_of(CURRENT).pack(CURRENT)
     screened, _ = screen_and_mean(CURRENT, current, packed, CheckConfig())
     assert not screened.rejected
-    for upd in packed:
+    for (arrays, _), upd in zip(nodes, packed, strict=True):
         _, norm = check_packed(upd, current, CheckConfig())
-        assert screened.norms[upd.node] == norm, upd.node
+        exact = np.sqrt(
+            sum(np.sum((v.astype(np.float64) - CURRENT[k]) ** 2) for k, v in arrays.items())
+        )
+        assert screened.norms[upd.node] == pytest.approx(norm, rel=1e-6), upd.node
+        assert screened.norms[upd.node] == pytest.approx(exact, rel=1e-6), upd.node
 
 
 def test_a_node_checked_again_in_float64_is_summed_once():

@@ -9,12 +9,14 @@ O(model), not O(nodes × model).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 from scipy.linalg.blas import saxpy as _saxpy
+from threadpoolctl import ThreadpoolController
 
 from .groups import group_of
 from .packing import PackedUpdate
@@ -59,34 +61,35 @@ def aggregate_groups(
     sums: dict[str, np.ndarray] = {}
     weight: dict[str, float] = {}
     holders: dict[str, list[str]] = {}
-    for upd in updates:
-        counts = upd.counts
-        node_weight: dict[str, float] = {}  # group -> this node's count
-        for key, value in upd.arrays.items():
-            ref = current.get(key)
-            if ref is None:
-                raise UpdateMismatchError(f"node {upd.node}: unknown parameter {key!r}")
-            if value.shape != ref.shape:
-                raise UpdateMismatchError(
-                    f"node {upd.node}: {key!r} has shape {value.shape}, expected {ref.shape}"
-                )
-            g = _group(key)
-            n = node_weight.get(g)
-            if n is None:
-                n = node_weight[g] = float(counts.get(g, 0.0))
-            if n <= 0:
-                continue
-            acc = sums.get(key)
-            if acc is None:
-                sums[key] = _first_term(value, n)
-            elif acc.dtype == np.float32:
-                axpy_in_place(acc, value.reshape(-1), n)
-            else:
-                acc += value.reshape(-1) * n
-        for g, n in node_weight.items():
-            if n > 0:
-                weight[g] = weight.get(g, 0.0) + n
-                holders.setdefault(g, []).append(upd.node)
+    with single_threaded_blas():
+        for upd in updates:
+            counts = upd.counts
+            node_weight: dict[str, float] = {}  # group -> this node's count
+            for key, value in upd.arrays.items():
+                ref = current.get(key)
+                if ref is None:
+                    raise UpdateMismatchError(f"node {upd.node}: unknown parameter {key!r}")
+                if value.shape != ref.shape:
+                    raise UpdateMismatchError(
+                        f"node {upd.node}: {key!r} has shape {value.shape}, expected {ref.shape}"
+                    )
+                g = _group(key)
+                n = node_weight.get(g)
+                if n is None:
+                    n = node_weight[g] = float(counts.get(g, 0.0))
+                if n <= 0:
+                    continue
+                acc = sums.get(key)
+                if acc is None:
+                    sums[key] = _first_term(value, n)
+                elif acc.dtype == np.float32:
+                    axpy_in_place(acc, value.reshape(-1), n)
+                else:
+                    acc += value.reshape(-1) * n
+            for g, n in node_weight.items():
+                if n > 0:
+                    weight[g] = weight.get(g, 0.0) + n
+                    holders.setdefault(g, []).append(upd.node)
     state: dict[str, np.ndarray] = {}
     for key, value in current.items():
         acc = sums.get(key)
@@ -109,22 +112,23 @@ def aggregate_packed(
     weight: dict[str, float] = {}
     holders: dict[str, list[str]] = {}
     layout = None
-    for upd in updates:
-        layout = upd.layout
-        counts = upd.counts
-        for g, flat in upd.buffers.items():
-            n = float(counts.get(g, 0.0))
-            if n <= 0:
-                continue
-            acc = sums.get(g)
-            if acc is None:
-                sums[g] = _first_term(flat, n)
-            elif acc.dtype == np.float32:
-                axpy_in_place(acc, flat, n)
-            else:
-                acc += flat * n
-            weight[g] = weight.get(g, 0.0) + n
-            holders.setdefault(g, []).append(upd.node)
+    with single_threaded_blas():
+        for upd in updates:
+            layout = upd.layout
+            counts = upd.counts
+            for g, flat in upd.buffers.items():
+                n = float(counts.get(g, 0.0))
+                if n <= 0:
+                    continue
+                acc = sums.get(g)
+                if acc is None:
+                    sums[g] = _first_term(flat, n)
+                elif acc.dtype == np.float32:
+                    axpy_in_place(acc, flat, n)
+                else:
+                    acc += flat * n
+                weight[g] = weight.get(g, 0.0) + n
+                holders.setdefault(g, []).append(upd.node)
     state = dict(current)
     for g, acc in sums.items():
         group = layout.groups[g]
@@ -133,23 +137,29 @@ def aggregate_packed(
     return GroupAggregate(state, holders, weight)
 
 
-# OpenBLAS runs ?axpy on several threads above 10 000 values; on a busy machine waking
-# them cost up to 1000× the work itself (26 ms for one 20 k-value group, measured), so a
-# group's buffer is accumulated in single-threaded slices of at most this many values
-AXPY_CHUNK = 10_000
-
-
 def axpy_in_place(acc: np.ndarray, x: np.ndarray, a: float) -> None:
-    """``acc += a · x`` for flat float32 arrays, in place, in slices of ``AXPY_CHUNK``."""
-    size = x.size
-    if size <= AXPY_CHUNK:  # most groups of the default model: one call
-        if _saxpy(x, acc, a=a) is not acc:  # never: acc is float32, C-order
-            raise RuntimeError("saxpy did not accumulate in place")
-        return
-    for start in range(0, size, AXPY_CHUNK):
-        out = _saxpy(x, acc, n=min(AXPY_CHUNK, size - start), a=a, offx=start, offy=start)
-        if out is not acc:  # never: f2py hands a float32 C-order ``y`` back as itself
-            raise RuntimeError("saxpy did not accumulate in place")
+    """``acc += a · x`` for flat float32 arrays, in place (BLAS ``saxpy``); call it under
+    :func:`single_threaded_blas`."""
+    if _saxpy(x, acc, a=a) is not acc:  # never: f2py hands a float32 C-order ``y`` back
+        raise RuntimeError("saxpy did not accumulate in place")
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """OpenBLAS on one thread for the duration: it runs ``?axpy`` on several threads
+    above 10 000 values, and on a busy machine waking them cost up to 1000× the work
+    itself (26 ms for one 20 k-value group, measured); slicing every sum into 10 000
+    values, as this module did before, cost 30 % of the server's sums in calls.
+    threadpoolctl sets the limit through OpenBLAS's own API and restores it after."""
+    with _openblas().limit(limits=1):
+        yield
+
+
+@lru_cache(maxsize=1)
+def _openblas() -> ThreadpoolController:
+    # made once, after numpy's and scipy's OpenBLAS are loaded (this module imports
+    # both); only OpenBLAS: torch's own thread pools are not ours to change
+    return ThreadpoolController().select(internal_api="openblas")
 
 
 def _first_term(value: np.ndarray, n: float) -> np.ndarray:

@@ -179,6 +179,7 @@ class PackedUpdate:
     counts: Mapping[str, float]
     layout: ModelLayout
     problem: Problem | None = None
+    nbytes: int = 0  # payload bytes of the reply it was decoded from (the round's bytes up)
 
     @cached_property
     def arrays(self) -> dict[str, np.ndarray]:

@@ -78,7 +78,11 @@ def _array(dtype: str, shape: tuple[int, ...], data: bytes) -> Array:
     right types: the four attributes set as ``Array.__init__`` sets them, without its
     argument dispatch (half of its ~13 µs; 69 arrays per new global model)."""
     array = Array.__new__(Array)
-    array.dtype, array.shape, array.stype, array.data = dtype, shape, SType.NUMPY, data
+    # Array.__setattr__ marks the object dirty and drops its cached id and chunks on
+    # every set; a new Array has neither, so the fields go straight into its __dict__,
+    # dirty (flwr 1.41 keeps them there; tests/test_packing.py holds the result equal to
+    # Array(ndarray), object id included)
+    array.__dict__.update(dtype=dtype, shape=shape, stype=SType.NUMPY, data=data, _is_dirty=True)
     return array
 
 
@@ -166,27 +170,30 @@ def decode_update(
         arrays = record_views(record)
         problem = structural_problem(arrays, layout)
         buffers = {} if problem else layout.pack_groups(arrays)
-        return PackedUpdate(node, buffers, counts, layout, problem)
+        return PackedUpdate(node, buffers, counts, layout, problem, record_nbytes(record))
+    manifest = record[LAYOUT_KEY].data
     try:
-        sent = _manifest(record[LAYOUT_KEY].data)
+        sent = _manifest(manifest)
     except (PackingError, ValueError) as err:
-        return PackedUpdate(node, {}, counts, layout, Problem("unknown_key", LAYOUT_KEY, str(err)))
+        problem = Problem("unknown_key", LAYOUT_KEY, str(err))
+        return PackedUpdate(node, {}, counts, layout, problem, record_nbytes(record))
     if len(record) != len(sent.groups) + 1:
         extra = next(k for k in record if k != LAYOUT_KEY and k not in sent.groups)
         problem = Problem("unknown_key", extra, "an array the packed manifest does not name")
-        return PackedUpdate(node, {}, counts, layout, problem)
+        return PackedUpdate(node, {}, counts, layout, problem, record_nbytes(record))
     arrays = dict(record.items())  # one copy of the typed dict, then plain lookups
-    buffers = _views_as_expected(arrays, _expected_buffers(sent, layout))
-    if buffers is not None:
-        return PackedUpdate(node, buffers, counts, layout, None)
+    expected = _expected_buffers(sent, layout)
+    buffers = _views_as_expected(arrays, expected)
+    if buffers is not None:  # each buffer's length was checked: the sizes are known
+        return PackedUpdate(node, buffers, counts, layout, None, expected[1] + len(manifest))
     flats = {g: _flat_view(arrays[g]) for g in sent.groups if g in arrays}
     buffers, problem = decode_buffers(sent, flats, layout)
-    return PackedUpdate(node, buffers, counts, layout, problem)
+    return PackedUpdate(node, buffers, counts, layout, problem, record_nbytes(record))
 
 
 # per group of the usual reply: (name, the .npy header np.save writes for the server's
-# group buffer, the Array's byte length, dtype, number of values)
-_Expected = tuple[tuple[str, bytes, int, np.dtype, int], ...]
+# group buffer, the Array's byte length, dtype, number of values); and their total length
+_Expected = tuple[tuple[tuple[str, bytes, int, np.dtype, int], ...], int]
 
 
 @lru_cache(maxsize=256)
@@ -201,7 +208,7 @@ def _expected_buffers(sent: ModelLayout, server: ModelLayout) -> _Expected | Non
         dtype = server.groups[name].dtype
         header = _npy_header_bytes(dtype.str, (group.size,))
         out.append((name, header, len(header) + group.size * dtype.itemsize, dtype, group.size))
-    return tuple(out)
+    return tuple(out), sum(entry[2] for entry in out)
 
 
 def _views_as_expected(
@@ -213,7 +220,7 @@ def _views_as_expected(
     if expected is None:
         return None
     buffers = {}
-    for name, header, nbytes, dtype, count in expected:
+    for name, header, nbytes, dtype, count in expected[0]:
         arr = arrays.get(name)
         if arr is None:
             return None

@@ -95,14 +95,15 @@ class ModalityAwareFedAvg(FedAvg):
         bytes_up = 0
         for msg, metrics in zip(valid, valid_metrics, strict=True):
             record = msg.content[self.arrayrecord_key]
-            bytes_up += record_nbytes(record)
             # one flat, read-only buffer per group, no copy (nodes send packed groups)
             node = str(int(metrics.get("partition-id", msg.metadata.src_node_id)))
             counts = metrics_to_counts(metrics)
             if layout is None:
+                bytes_up += record_nbytes(record)
                 updates.append(NodeUpdate(node, record_to_numpy(record), counts))
             else:
-                updates.append(decode_update(node, record, counts, layout))
+                updates.append(update := decode_update(node, record, counts, layout))
+                bytes_up += update.nbytes
         result = None
         if self.robust.rule == "mean" and layout is not None:
             # screen each node and accumulate it at once, from the difference screening

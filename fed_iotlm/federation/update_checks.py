@@ -165,10 +165,13 @@ def check_packed(
             sq = _squared_distance(flat, ref)
         else:
             diff = scratch.get(group)
-            if diff is None or diff.dtype != np.result_type(flat, ref):
-                diff = scratch[group] = np.empty(flat.size, np.result_type(flat, ref))
+            # the usual case (one dtype throughout) without np.result_type's cost
+            if diff is None or not diff.dtype == flat.dtype == ref.dtype:
+                dtype = np.result_type(flat, ref)
+                if diff is None or diff.dtype != dtype:
+                    diff = scratch[group] = np.empty(flat.size, dtype)
             np.subtract(flat, ref, out=diff)
-            sq = float(np.dot(diff, diff))
+            sq = float(diff.dot(diff))
         if not math.isfinite(sq):  # a NaN/Inf value, or finite values too far for float32
             finite = np.isfinite(flat)
             if not finite.all():
