@@ -2,8 +2,12 @@
 ``select_round`` as the federation does (tests/test_select_round.py), so every row of a
 study table is reported under one rule.
 
-Each run is tiny; a large learning rate makes the validation macro-F1 fall after the
-first round, so that ``best_val`` must report a round before the last.
+Each run is tiny; a large learning rate makes the validation macro-F1 swing from round to
+round, so that ``best_val`` reports a round before the last.  How a tiny run swings depends
+on the CPU's float arithmetic (at lr 0.1 centralized MMBind fell after round 1 on one
+machine and stayed flat on another), so each test tries a few learning rates until one
+selects an earlier round whose figures differ from the last round's, and fails if none does:
+then nothing would be tested.
 """
 
 from __future__ import annotations
@@ -45,13 +49,29 @@ def _assert_reports_the_best_val_round(res: dict) -> int:
     return chosen
 
 
+def _earlier_round_run(quick_cfg, out: Path, *overrides: str, lrs: tuple[float, ...]) -> dict:
+    """The first run, over ``lrs``, that selects a round before the last whose test accuracy
+    differs from the last round's; every run's report is checked on the way."""
+    seen = []
+    for lr in lrs:
+        res = _run(quick_cfg, out / f"lr{lr}", *overrides, "select_round=best_val", lr=lr)
+        chosen = _assert_reports_the_best_val_round(res)
+        last = res["history"][-1]
+        seen.append((lr, chosen, [h["val_f1_macro"] for h in res["history"]]))
+        if chosen < last["round"] and res["test"]["accuracy"] != pytest.approx(
+            last["accuracy"], abs=1e-12
+        ):
+            res["out"] = str(out / f"lr{lr}")
+            return res
+    pytest.fail(f"no learning rate selected an earlier round with other figures: {seen}")
+
+
 def test_centralized_reports_its_best_validation_round(quick_cfg, tmp_path):
-    res = _run(quick_cfg, tmp_path / "c", "method=centralized", "rounds=3", "select_round=best_val")
-    chosen = _assert_reports_the_best_val_round(res)
-    assert chosen < 3, "the run must select an earlier round to test anything"
-    assert res["test"]["accuracy"] != res["history"][-1]["accuracy"]
-    meta = json.loads((tmp_path / "c" / "bundle" / "model.json").read_text())
-    assert meta["selected_round"] == chosen
+    res = _earlier_round_run(
+        quick_cfg, tmp_path, "method=centralized", "rounds=3", lrs=(0.05, 0.1, 0.3)
+    )
+    meta = json.loads((Path(res["out"]) / "bundle" / "model.json").read_text())
+    assert meta["selected_round"] == res["protocol"]["selected_round"]
 
 
 def test_centralized_under_last_is_as_before(quick_cfg, tmp_path):
@@ -64,13 +84,8 @@ def test_centralized_under_last_is_as_before(quick_cfg, tmp_path):
 
 
 def test_local_only_reports_one_best_validation_round_for_every_node(quick_cfg, tmp_path):
-    res = _run(quick_cfg, tmp_path / "l", "method=local", "rounds=2", "select_round=best_val")
-    chosen = _assert_reports_the_best_val_round(res)
-    assert chosen < 2, "the run must select an earlier round to test anything"
-    assert res["test"]["accuracy"] != pytest.approx(res["history"][-1]["accuracy"], abs=1e-12)
+    _earlier_round_run(quick_cfg, tmp_path, "method=local", "rounds=2", lrs=(0.05, 0.1, 0.3))
 
 
 def test_centralized_mmbind_reports_its_best_validation_round(quick_cfg, tmp_path):
-    res = _run(quick_cfg, tmp_path / "m", *MMBIND, "rounds=2", "select_round=best_val", lr=0.1)
-    assert _assert_reports_the_best_val_round(res) < 2, "an earlier round, or nothing is tested"
-    assert res["test"]["accuracy"] != pytest.approx(res["history"][-1]["accuracy"], abs=1e-12)
+    _earlier_round_run(quick_cfg, tmp_path, *MMBIND, "rounds=2", lrs=(0.1, 0.3, 0.2, 0.05))
