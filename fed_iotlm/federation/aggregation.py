@@ -79,13 +79,7 @@ def aggregate_groups(
                     n = node_weight[g] = float(counts.get(g, 0.0))
                 if n <= 0:
                     continue
-                acc = sums.get(key)
-                if acc is None:
-                    sums[key] = _first_term(value, n)
-                elif acc.dtype == np.float32:
-                    axpy_in_place(acc, value.reshape(-1), n)
-                else:
-                    acc += value.reshape(-1) * n
+                _add_term(sums, key, value.reshape(-1), n)
             for g, n in node_weight.items():
                 if n > 0:
                     weight[g] = weight.get(g, 0.0) + n
@@ -120,13 +114,7 @@ def aggregate_packed(
                 n = float(counts.get(g, 0.0))
                 if n <= 0:
                     continue
-                acc = sums.get(g)
-                if acc is None:
-                    sums[g] = _first_term(flat, n)
-                elif acc.dtype == np.float32:
-                    axpy_in_place(acc, flat, n)
-                else:
-                    acc += flat * n
+                _add_term(sums, g, flat, n)
                 weight[g] = weight.get(g, 0.0) + n
                 holders.setdefault(g, []).append(upd.node)
     state = dict(current)
@@ -160,6 +148,17 @@ def _openblas() -> ThreadpoolController:
     # made once, after numpy's and scipy's OpenBLAS are loaded (this module imports
     # both); only OpenBLAS: torch's own thread pools are not ours to change
     return ThreadpoolController().select(internal_api="openblas")
+
+
+def _add_term(sums: dict[str, np.ndarray], name: str, flat: np.ndarray, n: float) -> None:
+    """``sums[name] += n · flat`` (the first term starts the sum; float32 by ``saxpy``)."""
+    acc = sums.get(name)
+    if acc is None:
+        sums[name] = _first_term(flat, n)
+    elif acc.dtype == np.float32:
+        axpy_in_place(acc, flat, n)
+    else:
+        acc += flat * n
 
 
 def _first_term(value: np.ndarray, n: float) -> np.ndarray:
