@@ -9,6 +9,9 @@
   (partners down, kept in the node's state); ``train`` then adds the pseudo-pair terms.
 * DP (``dp.enabled``): ``update_clipping_mod`` clips what ``train`` sends to the
   server's clipping norm (:mod:`fed_iotlm.federation.privacy`); a no-op otherwise.
+* ``query.llm_upload`` (``llm.upload.collect``, after the last round): frozen-encoder
+  tokens and the node's labels for the central LM stage, never raw windows
+  (:mod:`.llm_upload`).
 * ``attack`` (studies only, off by default): the first partition ids poison what
   ``train`` sends (:mod:`fed_iotlm.federation.attacks`).
 
@@ -41,6 +44,7 @@ from fed_iotlm.federation.records import (
 )
 from fed_iotlm.federation.secure import SecureSettings
 from fed_iotlm.flwr_apps import FEDERATION, FEDLORA, chosen_app
+from fed_iotlm.llm.uploads import UPLOAD_QUERY
 from fed_iotlm.models.class_weights import class_weighting_mode
 from fed_iotlm.models.threads import apply_threads
 from fed_iotlm.models.training import (
@@ -62,6 +66,7 @@ from fed_iotlm.settings import from_run_config
 from .deadline import make_deadline_mod
 from .fault_marker import mark_train_start, maybe_hang
 from .identify import identify_reply
+from .llm_upload import upload_reply
 from .mmbind import (
     embed_reply,
     partner_tensors,
@@ -267,6 +272,13 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
     def bind(msg: Message, context: Context) -> Message:
         return store_partners(msg, context, _node_for(context, cfg), _settings(context, cfg))
 
+    @app.query(UPLOAD_QUERY)
+    def llm_upload(msg: Message, context: Context) -> Message:
+        settings = _settings(context, cfg)
+        apply_threads(settings)
+        node = standardized_for(msg, _node_for(context, cfg), settings)
+        return upload_reply(msg, node, settings)
+
     return app
 
 
@@ -274,7 +286,7 @@ def make_client_app(cfg: dict | None = None, mods: list | None = None) -> Client
 # app lists them all); tests/test_flwr_apps.py checks the list against both apps
 DISPATCHED = (
     "train", "train.pretrain", "train.bind", "evaluate",
-    "query.identify", "query.stats", "query.embed",
+    "query.identify", "query.stats", "query.embed", f"query.{UPLOAD_QUERY}",
 )  # fmt: skip
 
 

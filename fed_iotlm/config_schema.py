@@ -137,10 +137,17 @@ class FedAdamConfig(StrategyConfig):
 
 @dataclass
 class LlmUploadConfig:
-    """llm.data=nodes: noise, then int8 on the uploaded tokens."""
+    """llm.data=nodes: noise, then int8 on the uploaded tokens; where the uploads come
+    from (docs/llm.md, "Where the stage's data comes from")."""
 
     noise_sigma: float = 0.0
     quantize: bool = False
+    # the federation's server asks every node for its upload after the last round
+    # (query.llm_upload) and writes them to <run>/uploads
+    collect: bool = False
+    # the stage reads the uploads a federated run collected (<run>/uploads); null: the
+    # uploads are computed in-process from the federation layout (simulation)
+    dir: str | None = None
 
 
 @dataclass
@@ -694,6 +701,10 @@ def check_choices(cfg: Mapping[str, Any]) -> None:
         if value is not None and value not in allowed:
             raise ConfigError(f"config: {path}={value!r}: expected one of {', '.join(allowed)}")
 
+
+# methods whose federation runs on a Flower Grid (server/federated_run.py), nodes and all;
+# the others (local, centralized, centralized_mmbind) are in-process baselines
+GRID_METHODS = ("federated", "fedavg", "harmony", "mmbind")
 
 # keys a method decides whatever the config says: ``method=harmony`` builds a late-fusion
 # model (modality-wise FedAvg averages per-modality logits) even under model.fusion=attention.

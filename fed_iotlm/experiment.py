@@ -8,14 +8,14 @@ from fed_iotlm.binding.index import SearchConfig
 from fed_iotlm.binding.matching import MatchConfig
 from fed_iotlm.binding.ssl import SSLConfig, rotation_groups
 from fed_iotlm.binding.training import BindTrainConfig
-from fed_iotlm.config_schema import block, effective, section
+from fed_iotlm.config_schema import GRID_METHODS, block, effective, section
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.models.class_weights import class_weighting_mode
 from fed_iotlm.models.device import binding_device
 from fed_iotlm.models.multisensory import ModelSpec
 from fed_iotlm.models.training import TrainConfig
 
-METHODS = ("federated", "fedavg", "harmony", "mmbind", "local", "centralized", "centralized_mmbind")
+METHODS = (*GRID_METHODS, "local", "centralized", "centralized_mmbind")
 
 
 def check_method(cfg: dict) -> str:

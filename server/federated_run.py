@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from fed_iotlm.config_schema import block
+from fed_iotlm.config_schema import GRID_METHODS, block
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.data.reference import reference_sets
 from fed_iotlm.diagnostics import diagnostics_config, run_diagnostics
@@ -60,6 +60,7 @@ from fed_iotlm.selection import BEST_VAL, SCORE, BestRound, select_round_mode
 from fed_iotlm.tracking import RunRecorder
 
 from .engine import RoundEngine, StrategyStep
+from .llm_uploads import collect_enabled, collect_uploads
 from .mmbind import pretrain_step, rebinder, redeliver_on_resume, secure_pretrain_step
 from .node_evaluation import SERVER, evaluate_on_nodes, evaluation_mode
 from .participation import round_timeout_s
@@ -83,7 +84,7 @@ def default_out_dir(cfg: dict) -> Path:
 def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
     """Run ``cfg['rounds']`` rounds of the configured strategy; returns results.json's path."""
     method = check_method(cfg)
-    if method not in ("federated", "fedavg", "harmony", "mmbind"):
+    if method not in GRID_METHODS:
         raise ValueError(f"method={method!r} does not run on a Flower Grid")
     select = select_round_mode(cfg)  # a bad value fails before any node is contacted
     seed_everything(int(cfg["seed"]))
@@ -232,6 +233,10 @@ def run_federated(grid: Grid, cfg: dict, out_dir: Path) -> Path:
             **statistics_meta(scaler),
         },
     )
+    if collect_enabled(cfg):  # llm.upload.collect: the LM stage's tokens, over Flower
+        recorder.extra["llm_uploads"] = collect_uploads(
+            final_grid, arrays, layout.dataset.meta, layout.num_nodes, out_dir, round_timeout
+        )
     if diagnostics_config(cfg).enabled:  # domain-shift diagnostics (off by default)
         recorder.extra["diagnostics"] = run_diagnostics(
             cfg, layout, spec, before=record_to_numpy(initial), after=final, scaler=scaler

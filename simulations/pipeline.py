@@ -2,8 +2,10 @@
 
 1. the federation (``method`` of the config, default: modality-aware FedAvg over 8
    incomplete-modality nodes) under Flower's simulation engine, exporting its model bundle;
-2. the IoT-LM stage on that bundle with the offline default LM (every configured
-   conditioning tuned and evaluated by generation);
+   after its last round every node sends its frozen-encoder tokens and labels for the LM
+   stage over Flower (``llm.upload.collect``; ``<output_dir>/federation/uploads``);
+2. the IoT-LM stage on that bundle and those uploads (``llm.upload.dir``) with the offline
+   default LM (every configured conditioning tuned, chosen on validation);
 3. one question answered about a test sample, naming the sensors it used.
 
 Outputs: ``<output_dir>/federation`` and ``<output_dir>/llm`` (each with results.json);
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fed_iotlm.config_schema import GRID_METHODS
 from simulations.run import hydra_command, run_experiment
 
 
@@ -27,12 +30,19 @@ def run_pipeline(cfg: dict, out_dir: Path) -> Path:
     from fed_iotlm.tracking import console
 
     t0 = time.time()
-    run_experiment(cfg, out_dir / "federation")
+    upload = cfg["llm"]["upload"]
+    # the nodes send the stage's tokens over Flower; the in-process baselines have no
+    # nodes to ask, and the stage computes their uploads from the layout
+    collect = cfg["method"] in GRID_METHODS
+    fed_cfg = {**cfg, "llm": {**cfg["llm"], "upload": {**upload, "collect": collect}}}
+    run_experiment(fed_cfg, out_dir / "federation")
     bundle = out_dir / "federation" / "bundle"
     if not bundle.is_dir():
         raise RuntimeError(f"method={cfg['method']} exported no model bundle ({bundle})")
     t1 = time.time()
-    llm_cfg = {**cfg, "llm": {**cfg["llm"], "bundle": str(bundle)}}
+    if collect and cfg["llm"]["data"] == "nodes" and not upload.get("dir"):
+        upload = {**upload, "dir": str(out_dir / "federation" / "uploads")}
+    llm_cfg = {**cfg, "llm": {**cfg["llm"], "bundle": str(bundle), "upload": upload}}
     path = run_stage(llm_cfg, out_dir / "llm")
     t2 = time.time()
     ds = build_layout(cfg).dataset

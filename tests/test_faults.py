@@ -30,6 +30,8 @@ import time
 import pytest
 
 from clients.fault_marker import marker_path
+from fed_iotlm.llm.upload_store import load_uploads
+from fed_iotlm.llm.uploads import unpack_upload
 from tests.flower_procs import REAL_PROCESS_MARKS
 from tests.loopback_federation import LoopbackFederation, wait_for
 
@@ -61,6 +63,7 @@ def faulty_run(tmp_path_factory):
             f"strategy.round_timeout_s={ROUND_TIMEOUT_S}",
             "mlflow.enabled=false",
             f"output_dir={out_dir}",
+            "llm.upload.collect=true",  # after the faults, every site sends its LM tokens
         )
         # round KILL_ROUND is in flight on the site: crash it, then restart it
         marker = marker_path(fed.sites.markers, KILLED, KILL_ROUND)
@@ -136,3 +139,24 @@ def test_hung_clientapp_is_cut_off_and_its_site_answers_again(faulty_run):
     assert history[HANG_ROUND]["evaluated_nodes"] == 3, history[HANG_ROUND]
     assert not [j for j in res.get("rejoined", []) if j["partition"] == HUNG], res["rejoined"]
     assert sorted(res["test"]["accuracy_by_node"]) == ["0", "1", "2"], res["test"]
+
+
+def test_every_site_sends_its_lm_tokens_over_flower_after_the_faults(faulty_run):
+    """``llm.upload.collect`` over real SuperNodes reading their own data directories:
+    every site, the restarted one included, answers ``query.llm_upload`` with tokens of
+    exactly the modalities it reported, one row per sample, and no window."""
+    res = faulty_run
+    up = res["llm_uploads"]
+    assert up["partitions"] == [0, 1, 2] and up["missing_partitions"] == [], up
+    assert up["raw_samples_at_centre"] == 0
+    stored = load_uploads(up["dir"])
+    for pid, modalities in enumerate(res["plan"]):
+        assert up["nodes"][str(pid)]["modalities"] == modalities, up["nodes"]
+        for part in ("train", "test"):
+            rows = unpack_upload(stored.records[part][pid])
+            assert set(rows.tokens) == set(rows.present) == set(modalities), (pid, part)
+            n = len(rows)
+            assert n > 0 and all(len(y) == n for y in rows.labels.values()), (pid, part)
+            shapes = {tok.shape for tok in rows.tokens.values()}
+            width = int(res["config"]["model"]["dim"])
+            assert shapes == {(n, width)}, (pid, part, shapes)  # one token per sample

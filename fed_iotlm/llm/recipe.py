@@ -20,6 +20,7 @@ ever reported.  When the data layer's own validation split lands, only
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,7 +34,9 @@ from fed_iotlm.models.multisensory import MultisensoryModel
 from .features import SensorFeatures, sensor_features
 from .instructions import Example, build_instructions, load_jsonl, phrasing_of, task_examples
 from .questions import EXTRA_TYPES, check_types, type_examples
+from .upload_store import load_uploads
 from .uploads import (
+    PARTS,
     features_from_rows,
     merge_rows,
     node_uploads,
@@ -41,6 +44,8 @@ from .uploads import (
     unpack_upload,
     upload_bytes,
 )
+
+log = logging.getLogger(__name__)
 
 DATA_SOURCES = ("nodes", "central", "pooled_raw")
 DEFAULT_KINDS = ("task", "dialog")  # presence questions are answered by the prompt itself
@@ -127,30 +132,60 @@ def stage_data(cfg: dict, encoder: MultisensoryModel, scaler=None) -> StageData:
 
 
 def _from_nodes(cfg: dict, encoder: MultisensoryModel, fused: bool, scaler=None) -> StageData:
-    from fed_iotlm.data.federation import build_layout
-
+    """The rows of ``llm.data=nodes``: the uploads a federated run collected over Flower
+    (``llm.upload.dir``), else computed in-process from the federation layout."""
     up = block(cfg, "llm.upload")
-    privacy = PrivacyConfig(float(up["noise_sigma"]), bool(up["quantize"]))
-    layout = build_layout(cfg)
+    if up.get("dir"):
+        stored = load_uploads(up["dir"])
+        meta, records, partitions = stored.meta, stored.records, stored.partitions
+        m = stored.manifest
+        info = {
+            "collected": "over Flower: query.llm_upload after the federation's last round",
+            "upload_dir": str(up["dir"]),
+            # the federation's node count (federated LoRA's node sites are its nodes)
+            "nodes": int(m.get("nodes_expected", len(partitions))),
+            "nodes_uploaded": len(partitions),
+            "missing_partitions": m.get("missing_partitions", []),
+            "plan": {pid: n["modalities"] for pid, n in m.get("nodes", {}).items()},
+            "upload": {pid: {k: n[k] for k in ("noise_sigma", "quantize")}
+                       for pid, n in m.get("nodes", {}).items()},
+        }  # fmt: skip
+        if info["missing_partitions"]:
+            log.warning(
+                "llm.upload.dir: no upload from partition(s) %s; their rows are absent",
+                info["missing_partitions"],
+            )
+    else:
+        from fed_iotlm.data.federation import build_layout
+
+        privacy = PrivacyConfig(float(up["noise_sigma"]), bool(up["quantize"]))
+        layout = build_layout(cfg)
+        meta, partitions = layout.dataset.meta, list(range(layout.num_nodes))
+        records = {part: node_uploads(layout, encoder, privacy, part, scaler) for part in PARTS}
+        info = {
+            "collected": "in-process from the federation layout (simulation)",
+            "nodes": layout.num_nodes,
+            "plan": layout.plan,
+            "label_fraction": layout.label_fraction,
+            "upload": {"noise_sigma": privacy.noise_sigma, "quantize": privacy.quantize},
+        }
+    missing = [t for t in encoder.head if t not in meta.tasks]
+    if missing:
+        raise ValueError(f"llm.data=nodes: the uploads' dataset lacks the bundle's tasks {missing}")
     mods, dim = list(encoder.modality_names), int(encoder.spec.dim)
     parts = {}
-    records = {}
     owner = {}
-    for part in ("train", "test"):
-        records[part] = node_uploads(layout, encoder, privacy, part, scaler)
+    for part in PARTS:
         received = [unpack_upload(r) for r in records[part]]
         rows = merge_rows(received, mods, dim)
         parts[part] = (features_from_rows(encoder, rows, use_fused=fused), token_split(rows))
-        # merge_rows keeps the uploads' order: node n's rows follow node n-1's
-        owner[part] = np.repeat(np.arange(len(received)), [len(r) for r in received])
+        # merge_rows keeps the uploads' order (partition order): each row's node id
+        owner[part] = np.repeat(np.asarray(partitions, np.int64), [len(r) for r in received])
     info = {
         "data": "nodes",
         "note": "frozen-encoder tokens and the labels each node holds, uploaded by the nodes",
         "raw_samples_at_centre": 0,
-        "nodes": layout.num_nodes,
-        "plan": layout.plan,
-        "label_fraction": layout.label_fraction,
-        "upload": {"noise_sigma": privacy.noise_sigma, "quantize": privacy.quantize},
+        **info,
         "upload_bytes": {p: [upload_bytes(r) for r in rs] for p, rs in records.items()},
         "rows": {p: len(s) for p, (_, s) in parts.items()},
         "labelled_train_rows": int(labelled_rows(parts["train"][1]).sum()),
@@ -158,7 +193,7 @@ def _from_nodes(cfg: dict, encoder: MultisensoryModel, fused: bool, scaler=None)
     feats = _concat(parts["train"][0], parts["test"][0])
     uploads = [*records["train"], *records["test"]]
     return StageData(
-        layout.dataset.meta, feats, parts["train"][1], parts["test"][1], info, uploads,
+        meta, feats, parts["train"][1], parts["test"][1], info, uploads,
         owner["train"], owner["test"],
     )  # fmt: skip
 

@@ -6,9 +6,16 @@ standardised windows and uploads, per sample, one token per modality it holds (o
 noised, then int8: the knobs binding already has, ``fed_iotlm/binding/privacy.py``), a
 presence flag per modality and its labels (-1 where it has none, i.e. beyond its
 ``partition.label_fraction``).  The upload is a Flower ``ArrayRecord``, the form a query
-message carries; in simulation the nodes' data come from the federation layout
-(``build_layout(cfg).node_data(node)``) and the uploads are computed in-process, but the
-central stage only ever sees the records.
+message carries.  Two ways it reaches the centre, with identical records (same rows, same
+noise seeds, :func:`upload_seed`):
+
+* over Flower: with ``llm.upload.collect`` the federation's server sends a
+  ``query.llm_upload`` message with the final model to every node after the last round
+  (``clients/llm_upload.py``, ``server/llm_uploads.py``), and writes the replies to
+  ``<run>/uploads`` (:mod:`.upload_store`); the stage reads them with ``llm.upload.dir``;
+* in-process (simulation, ``llm.upload.dir`` unset): the nodes' data come from the
+  federation layout (``build_layout(cfg).node_data(node)``) and the records are computed
+  here.  Either way the central stage only ever sees the records.
 
 The centre rebuilds the fused embedding and the federated head's prediction from the
 uploaded tokens with the same bundle, so nothing else needs to travel.
@@ -46,26 +53,45 @@ class TokenRows:
         return int(next(iter(self.present.values())).shape[0])
 
 
-@torch.no_grad()
+PARTS = ("train", "test")
+UPLOAD_QUERY = "llm_upload"  # the Flower message type "query.llm_upload" carries an upload
+
+
+def upload_seed(seed: int, node: int, part: str) -> int:
+    """The noise seed of node ``node``'s upload of ``part``: one formula for the in-process
+    and the Flower path, so both give the same records."""
+    if part not in PARTS:
+        raise ValueError(f"part={part!r}: choose train or test")
+    return seed * 1000 + node + (0 if part == "train" else 500)
+
+
 def encode_split(encoder: MultisensoryModel, split: Split, batch_size: int = 512) -> TokenRows:
     """Run on a node: its frozen-encoder tokens for the modalities it holds."""
+    return encode_tensors(encoder, SplitTensors.from_split(split), batch_size)
+
+
+@torch.no_grad()
+def encode_tensors(
+    encoder: MultisensoryModel, data: SplitTensors, batch_size: int = 512
+) -> TokenRows:
+    """:func:`encode_split` on a split already held as tensors (a node's runtime)."""
     encoder.eval()
-    data = SplitTensors.from_split(split)
     mods = [m for m in encoder.modality_names if m in data.x]
     if not mods:
         raise ValueError(
             f"the model bundle encodes {encoder.modality_names}; the node holds {list(data.x)}"
         )
     chunks: dict[str, list[np.ndarray]] = {m: [] for m in mods}
-    for i in range(0, len(split), batch_size):
-        x, _, _ = data.batch(torch.arange(i, min(i + batch_size, len(split))), mods)
+    n = len(data)
+    for i in range(0, n, batch_size):
+        x, _, _ = data.batch(torch.arange(i, min(i + batch_size, n)), mods)
         for m, tok in encoder.encode(x).items():
-            chunks[m].append(tok.float().numpy())
+            chunks[m].append(tok.float().cpu().numpy())
     empty = np.zeros((0, int(encoder.spec.dim)), np.float32)  # a node without samples
     return TokenRows(
         {m: np.concatenate(v) if v else empty for m, v in chunks.items()},
-        {m: np.asarray(split.mask[m], bool) for m in mods},
-        {t: np.asarray(v, np.int64) for t, v in split.y.items()},
+        {m: data.mask[m].cpu().numpy().astype(bool) for m in mods},
+        {t: v.cpu().numpy().astype(np.int64) for t, v in data.y.items()},
     )
 
 
@@ -109,17 +135,15 @@ def node_uploads(
     layout, encoder: MultisensoryModel, privacy: PrivacyConfig, part: str, scaler=None
 ) -> list:
     """Every node's upload of its ``part`` ("train" or "test"), computed in-process from
-    the federation layout (simulation).  Node n's noise seed is ``layout.seed·1000 + n``.
+    the federation layout (simulation).  Noise seeds: :func:`upload_seed`.
     ``scaler``: the federation's pooled input statistics the bundle's encoders were
     trained with (None: each node's own training statistics)."""
-    if part not in ("train", "test"):
-        raise ValueError(f"part={part!r}: choose train or test")
+    upload_seed(layout.seed, 0, part)  # a bad part fails before any node is encoded
     out = []
     for node in range(layout.num_nodes):
         train, test = layout.node_data(node, scaler)
         rows = encode_split(encoder, train if part == "train" else test)
-        seed = layout.seed * 1000 + node + (0 if part == "train" else 500)
-        out.append(pack_upload(rows, privacy, seed))
+        out.append(pack_upload(rows, privacy, upload_seed(layout.seed, node, part)))
     return out
 
 

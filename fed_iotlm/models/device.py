@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fed_iotlm.config_schema import block
+from fed_iotlm.config_schema import GRID_METHODS, block
 from fed_iotlm.config_schema import setting as config_setting
 
 CHOICES = ("auto", "cpu", "cuda")
@@ -221,7 +221,7 @@ def check_devices(cfg: dict) -> None:
     binding_device(cfg)
     sim = block(cfg, "simulation")
     explicit = str(block(cfg, "train")["device"]).strip().lower() != "auto"
-    federated = config_setting(cfg, "method") in ("federated", "fedavg", "harmony", "mmbind")
+    federated = config_setting(cfg, "method") in GRID_METHODS
     if place.cuda and explicit and federated and not float(sim["gpus_per_node"]) > 0:
         raise DeviceError(
             "train.device=cuda: simulated nodes hold no GPU share (simulation.gpus_per_node=0); "

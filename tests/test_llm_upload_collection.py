@@ -1,0 +1,113 @@
+"""The LM stage's uploads travel over Flower (``llm.upload.collect``): after the last
+round the server asks every node for its tokens (``query.llm_upload``) under Flower's
+simulation engine, writes them to ``<run>/uploads``, and the stage reads them there
+(``llm.upload.dir``).
+
+What is held: the records the nodes sent are exactly the in-process uploads of the same
+bundle (every array, bit for bit, noise and int8 included), so the two paths cannot
+drift; they carry no raw window (the leak check of ``test_llm_uploads``); the stage's
+rows from the directory equal the in-process rows; and a damaged directory is refused
+naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fed_iotlm.binding.messages import PrivacyConfig
+from fed_iotlm.data.federation import build_layout
+from fed_iotlm.federation.bundle import bundle_standardizer, load_bundle
+from fed_iotlm.llm.recipe import stage_data
+from fed_iotlm.llm.upload_store import load_uploads
+from fed_iotlm.llm.uploads import node_uploads
+from simulations.run import run_experiment
+from tests.test_llm_uploads import _windows, probes_of, raw_leaks
+
+KNOBS = ["llm.upload.collect=true", "llm.upload.noise_sigma=0.05", "llm.upload.quantize=true"]
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    from fed_iotlm.settings import compose
+
+    tmp = tmp_path_factory.mktemp("collect")
+    cfg = compose(
+        [
+            "experiment=quick",
+            "rounds=1",
+            "data.num_train=60",  # small: the leak check compares every window with every value
+            "data.num_test=24",
+            f"output_dir={tmp}/run",
+            "mlflow.enabled=false",
+            *KNOBS,
+        ]
+    )
+    path = run_experiment(cfg, tmp / "run")
+    return cfg, tmp / "run", json.loads(path.read_text())
+
+
+@pytest.mark.integration
+def test_nodes_send_over_flower_exactly_the_in_process_uploads(collected):
+    cfg, run, res = collected
+    layout = build_layout(cfg)
+    block = res["llm_uploads"]
+    assert block["partitions"] == list(range(layout.num_nodes)) and not block["missing_partitions"]
+    assert block["raw_samples_at_centre"] == 0
+    assert {n["quantize"] for n in block["nodes"].values()} == {True}
+    assert [block["nodes"][str(n)]["modalities"] for n in range(layout.num_nodes)] == layout.plan
+    stored = load_uploads(run / "uploads")
+    assert stored.meta == layout.dataset.meta
+    encoder, meta = load_bundle(run / "bundle")
+    scaler = bundle_standardizer(meta)
+    privacy = PrivacyConfig(0.05, True)
+    for part in ("train", "test"):
+        expected = node_uploads(layout, encoder, privacy, part, scaler)
+        got = stored.records[part]
+        assert len(got) == len(expected) == layout.num_nodes
+        for n, (a, b) in enumerate(zip(got, expected, strict=True)):
+            assert set(a) == set(b), f"node {n} {part}: keys differ"
+            for key in b:
+                x, y = a[key].numpy(), b[key].numpy()
+                assert x.dtype == y.dtype and x.shape == y.shape, f"node {n} {part} {key}"
+                assert np.array_equal(x, y), f"node {n} {part} {key}: values differ"
+    # no raw window in what travelled (every form the nodes hold their windows in)
+    probes = probes_of(_windows(cfg))
+    assert raw_leaks([*stored.records["train"], *stored.records["test"]], probes) == []
+
+
+@pytest.mark.integration
+def test_the_stage_reads_the_collected_uploads(collected, tmp_path):
+    cfg, run, _ = collected
+    encoder, meta = load_bundle(run / "bundle")
+    scaler = bundle_standardizer(meta)
+    lc = {**cfg["llm"], "upload": {**cfg["llm"]["upload"], "collect": False}}
+    in_process = stage_data({**cfg, "llm": lc}, encoder, scaler)
+    lc_dir = {**lc, "upload": {**lc["upload"], "dir": str(run / "uploads")}}
+    from_dir = stage_data({**cfg, "llm": lc_dir}, encoder, scaler)
+    assert from_dir.source["collected"].startswith("over Flower")
+    assert from_dir.source["raw_samples_at_centre"] == 0
+    assert from_dir.source["nodes"] == in_process.source["nodes"]
+    for name in in_process.feats.names:
+        assert np.array_equal(
+            from_dir.feats.feats[name].numpy(), in_process.feats.feats[name].numpy()
+        )
+    for t in in_process.train.y:
+        assert np.array_equal(from_dir.train.y[t], in_process.train.y[t])
+        assert np.array_equal(from_dir.test.y[t], in_process.test.y[t])
+    assert np.array_equal(from_dir.train_nodes, in_process.train_nodes)
+    assert from_dir.source["upload_bytes"] == in_process.source["upload_bytes"]
+
+    # a damaged directory is refused, naming the file
+    import shutil
+
+    bad = tmp_path / "uploads"
+    shutil.copytree(run / "uploads", bad)
+    victim = sorted(bad.glob("node1.train.*"))[0]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match="node1.train"):
+        load_uploads(bad)
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        load_uploads(tmp_path)
