@@ -150,7 +150,8 @@ def test_every_site_sends_its_lm_tokens_over_flower_after_the_faults(faulty_run)
     assert up["partitions"] == [0, 1, 2] and up["missing_partitions"] == [], up
     assert up["raw_samples_at_centre"] == 0
     stored = load_uploads(up["dir"])
-    for pid, modalities in enumerate(res["plan"]):
+    assert sorted(res["plan"]) == ["0", "1", "2"], res["plan"]  # what the sites reported
+    for pid, modalities in ((int(k), v) for k, v in sorted(res["plan"].items())):
         assert up["nodes"][str(pid)]["modalities"] == modalities, up["nodes"]
         for part in ("train", "test"):
             rows = unpack_upload(stored.records[part][pid])

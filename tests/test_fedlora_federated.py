@@ -362,8 +362,13 @@ def test_settings_and_wire_format_reject_mistakes():
     assert len(lora_factors(model.peft)) == 6  # 3 target kinds × 2 layers
 
 
-def test_train_site_keeps_a_frozen_for_ffa_with_the_gated_adapter():
-    task = replace(TASK, conditioning="adapter", adapter_layers=1, lora_top_layers=1)
+@pytest.mark.parametrize("conditioning", ["adapter", "seed_adapter"])
+def test_train_site_keeps_a_frozen_for_ffa_with_each_adapter(conditioning):
+    """FFA-LoRA with the gated adapter and with the seed's adapter: A stays, B and the
+    conditioning's own weights (what the server averages beside LoRA) train."""
+    task = replace(
+        TASK, conditioning=conditioning, adapter_layers=1, seed_layers=1, lora_top_layers=1
+    )
     data = load_task_data(task)
     model, builder = build_model(task, data, task.lora_r)
     start = lora_factors(model.peft)
@@ -376,3 +381,5 @@ def test_train_site_keeps_a_frozen_for_ffa_with_the_gated_adapter():
     for name, f in update.factors.items():
         assert torch.equal(f.A, start[name].A) and not torch.equal(f.B, start[name].B)
     assert any(not torch.equal(v, sensor[k]) for k, v in update.sensor_state.items())
+    if conditioning == "seed_adapter":  # its per-task A = V U and the modality maps travel
+        assert {"down", "up"} <= set(sensor) and any(k.startswith("phi.") for k in sensor)

@@ -246,6 +246,10 @@ def test_router_picks_the_task_the_question_names_and_falls_back_with_a_notice(c
         assert router.route("Anything unusual here?") == 0
     assert "names none of the tasks ['activity', 'location']" in caplog.text
     assert "first task's adapter queries (activity)" in caplog.text
+    # one notice per router, however many such questions follow (each counted)
+    with caplog.at_level("WARNING", logger="fed_iotlm.llm.routing"):
+        assert [router.route(f"Which room, {i}?") for i in range(5)] == [0] * 5
+    assert caplog.text.count("names none of the tasks") == 1 and router.unrouted == 6
 
 
 def _turn_example(task, *questions) -> Example:

@@ -20,17 +20,25 @@ import pytest
 from fed_iotlm.binding.messages import PrivacyConfig
 from fed_iotlm.data.federation import build_layout
 from fed_iotlm.federation.bundle import bundle_standardizer, load_bundle
+from fed_iotlm.llm.loading import TINY_MODEL
 from fed_iotlm.llm.recipe import stage_data
 from fed_iotlm.llm.upload_store import load_uploads
 from fed_iotlm.llm.uploads import node_uploads
-from simulations.run import run_experiment
+from simulations.pipeline import run_pipeline
 from tests.test_llm_uploads import _windows, probes_of, raw_leaks
 
-KNOBS = ["llm.upload.collect=true", "llm.upload.noise_sigma=0.05", "llm.upload.quantize=true"]
+KNOBS = ["llm.upload.noise_sigma=0.05", "llm.upload.quantize=true"]
+TINY_STAGE = [
+    f"llm.model={TINY_MODEL}", "llm.steps=2", "llm.train_samples=40", "llm.eval_samples=8",
+    "llm.val_samples=8", "llm.conditioning=[prefix]", "llm.controls=[majority,head]",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def collected(tmp_path_factory):
+    """``make demo``'s pipeline (simulations/pipeline.py) on a small federation and the
+    tiny test LM: it turns collection on for the federation and points the stage at the
+    directory."""
     from fed_iotlm.settings import compose
 
     tmp = tmp_path_factory.mktemp("collect")
@@ -43,15 +51,18 @@ def collected(tmp_path_factory):
             f"output_dir={tmp}/run",
             "mlflow.enabled=false",
             *KNOBS,
+            *TINY_STAGE,
         ]
     )
-    path = run_experiment(cfg, tmp / "run")
-    return cfg, tmp / "run", json.loads(path.read_text())
+    assert cfg["llm"]["upload"]["collect"] is False  # the pipeline turns it on
+    stage = json.loads(run_pipeline(cfg, tmp / "run").read_text())
+    fed = json.loads((tmp / "run" / "federation" / "results.json").read_text())
+    return cfg, tmp / "run" / "federation", fed, stage
 
 
 @pytest.mark.integration
 def test_nodes_send_over_flower_exactly_the_in_process_uploads(collected):
-    cfg, run, res = collected
+    cfg, run, res, _ = collected
     layout = build_layout(cfg)
     block = res["llm_uploads"]
     assert block["partitions"] == list(range(layout.num_nodes)) and not block["missing_partitions"]
@@ -80,7 +91,11 @@ def test_nodes_send_over_flower_exactly_the_in_process_uploads(collected):
 
 @pytest.mark.integration
 def test_the_stage_reads_the_collected_uploads(collected, tmp_path):
-    cfg, run, _ = collected
+    cfg, run, _, stage = collected
+    # the pipeline's stage ran on the collected directory
+    assert stage["data"]["collected"].startswith("over Flower")
+    assert stage["data"]["upload_dir"] == str(run / "uploads")
+    assert stage["data"]["nodes_uploaded"] == stage["data"]["nodes"] == 3
     encoder, meta = load_bundle(run / "bundle")
     scaler = bundle_standardizer(meta)
     lc = {**cfg["llm"], "upload": {**cfg["llm"]["upload"], "collect": False}}

@@ -44,6 +44,8 @@ from .tuning import TuneSettings
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOY_CLASSES = ("calm", "busy", "idle", "away")
+# what a site can federate besides LoRA: the conditioning's own weights (sensor_state)
+FEDERATED_CONDITIONINGS = ("prefix", "adapter", "seed_adapter")
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,14 @@ class LoraTask:
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ALL_LINEAR
     lora_top_layers: int | None = None  # as llm.lora.top_layers (None: every layer)
-    conditioning: str = "prefix"  # prefix | adapter (text has no sensor state to federate)
+    # prefix | adapter | seed_adapter (text has no sensor state to federate)
+    conditioning: str = "prefix"
     tokens_per_modality: int = 2
     adapter_layers: int = 8
     queries_per_task: int = 4
+    seed_fusion: str = "add"  # seed_adapter (llm.seed_adapter): fusion, depth, rank
+    seed_layers: int = 8
+    seed_rank: int = 8
     tune: TuneSettings = field(default_factory=lambda: TuneSettings(lr=3e-3, sensor_lr=3e-3))
     max_new_tokens: int = 6
     eval_batch: int = 32
@@ -75,9 +81,10 @@ class LoraTask:
     site_split: str = AUTO
 
     def __post_init__(self) -> None:
-        if self.conditioning not in ("prefix", "adapter"):
+        if self.conditioning not in FEDERATED_CONDITIONINGS:
             raise ValueError(
-                f"federated LoRA conditioning {self.conditioning!r}: choose prefix or adapter"
+                f"federated LoRA conditioning {self.conditioning!r}: choose one of "
+                f"{', '.join(FEDERATED_CONDITIONINGS)}"
             )
         if self.data not in ("toy", "bundle"):
             raise ValueError(f"data={self.data!r}: choose toy or bundle")
@@ -99,6 +106,7 @@ class LoraTask:
         lc = cfg["llm"]
         keys = TuneSettings.__dataclass_fields__
         ad = section("llm.adapter", lc.get("adapter"))
+        sa = section("llm.seed_adapter", lc.get("seed_adapter"))
         given = {k: lc[k] for k in keys if k in lc and k not in ("seed", "gate_lr")}
         tune = TuneSettings(**given, gate_lr=float(ad["gate_lr"]))
         fed = section("llm.federated", lc.get("federated"))
@@ -114,6 +122,9 @@ class LoraTask:
             tokens_per_modality=int(lc["tokens_per_modality"]),
             adapter_layers=int(ad["layers"]),
             queries_per_task=int(ad["queries_per_task"]),
+            seed_fusion=str(sa["fusion"]),
+            seed_layers=int(sa["layers"]),
+            seed_rank=int(sa["rank"]),
             tune=tune,
             max_new_tokens=int(lc["max_new_tokens"]),
             eval_batch=int(lc["eval_batch"]),
@@ -237,6 +248,9 @@ def build_model(task: LoraTask, data: TaskData, rank: int) -> tuple[SensorLM, Se
         names=data.feats.names,
         tasks=data.tasks,
         feature_dim=data.feats.dim,
+        seed_fusion=task.seed_fusion,
+        seed_layers=task.seed_layers,
+        seed_rank=task.seed_rank,
     )
     lora = LoraSettings(
         rank, task.lora_alpha, task.lora_dropout, task.target_modules, task.lora_top_layers
