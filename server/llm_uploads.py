@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from fed_iotlm.config_schema import block
 from fed_iotlm.data.dataset import DatasetMeta
+from fed_iotlm.federation.bundle import bundle_digest
 from fed_iotlm.llm.upload_store import save_uploads
 from fed_iotlm.llm.uploads import PARTS, UPLOAD_QUERY
 
@@ -42,8 +43,10 @@ def collect_uploads(
     out_dir: Path,
     timeout: float,
 ) -> dict:
-    """Ask every node ``grid`` lists for its upload of the final model ``arrays``; write
-    the answers to ``out_dir / "uploads"``; return results.json's ``llm_uploads`` block."""
+    """Ask every node ``grid`` lists for its upload of the final model ``arrays`` (the
+    bundle already written to ``out_dir / "bundle"``); write the answers to
+    ``out_dir / "uploads"`` with the bundle's digest, so a stage run on another bundle is
+    refused; return results.json's ``llm_uploads`` block."""
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 0})}),
@@ -82,6 +85,7 @@ def collect_uploads(
         "note": "frozen-encoder tokens and labels the nodes sent over Flower (query.llm_upload)",
         "raw_samples_at_centre": 0,
         "nodes_expected": num_nodes,
+        "bundle_sha256": bundle_digest(out_dir / "bundle"),  # the encoders behind the tokens
         "missing_partitions": missing,
         "failures": failed,
         "nodes": dict(sorted(sent_by.items(), key=lambda kv: int(kv[0]))),

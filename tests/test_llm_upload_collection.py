@@ -101,6 +101,7 @@ def test_the_stage_reads_the_collected_uploads(collected, tmp_path):
     lc = {**cfg["llm"], "upload": {**cfg["llm"]["upload"], "collect": False}}
     in_process = stage_data({**cfg, "llm": lc}, encoder, scaler)
     lc_dir = {**lc, "upload": {**lc["upload"], "dir": str(run / "uploads")}}
+    lc_dir["bundle"] = str(run / "bundle")  # the run's own bundle: its digest matches
     from_dir = stage_data({**cfg, "llm": lc_dir}, encoder, scaler)
     assert from_dir.source["collected"].startswith("over Flower")
     assert from_dir.source["raw_samples_at_centre"] == 0
@@ -114,6 +115,20 @@ def test_the_stage_reads_the_collected_uploads(collected, tmp_path):
         assert np.array_equal(from_dir.test.y[t], in_process.test.y[t])
     assert np.array_equal(from_dir.train_nodes, in_process.train_nodes)
     assert from_dir.source["upload_bytes"] == in_process.source["upload_bytes"]
+
+    # tokens of one run read with another run's bundle are refused (digest of the weights)
+    from fed_iotlm.experiment import model_spec
+    from fed_iotlm.federation.bundle import save_bundle
+    from fed_iotlm.federation.records import state_to_numpy
+    from fed_iotlm.models.multisensory import MultisensoryModel
+
+    spec = model_spec(cfg)
+    save_bundle(tmp_path / "other", state_to_numpy(MultisensoryModel(spec)), spec, {})
+    with pytest.raises(ValueError, match="sha256"):
+        stage_data({**cfg, "llm": {**lc_dir, "bundle": str(tmp_path / "other")}}, encoder)
+    # the uploads are the nodes' rows: another llm.data with them set is a contradiction
+    with pytest.raises(ValueError, match="llm.upload.dir is set but llm.data=pooled_raw"):
+        stage_data({**cfg, "llm": {**lc_dir, "data": "pooled_raw"}}, encoder)
 
     # a damaged directory is refused, naming the file
     import shutil

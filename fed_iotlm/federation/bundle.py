@@ -41,6 +41,17 @@ def save_bundle(directory: Path, state: dict[str, np.ndarray], spec: ModelSpec, 
     return directory
 
 
+def bundle_digest(directory: Path) -> str:
+    """SHA-256 of the bundle's weights file: what ties data derived from a bundle (the LM
+    stage's uploaded tokens) to the exact weights that produced it."""
+    from .checkpoint import file_sha256
+
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a model bundle (missing {WEIGHTS})")
+    return file_sha256(path)
+
+
 def load_bundle(directory: Path) -> tuple[MultisensoryModel, dict]:
     """Rebuild the model from a bundle; returns the model and the bundle's meta."""
     directory = Path(directory)

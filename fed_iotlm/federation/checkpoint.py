@@ -78,7 +78,8 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot checkpoint {type(obj).__name__}")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in 1 MiB chunks (a checkpoint or a bundle's weights)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -103,7 +104,7 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
         "round": int(ckpt.round),
         "phase": ckpt.phase,
         "tensors": tensors.name,
-        "sha256": _sha256(tensors),
+        "sha256": file_sha256(tensors),
         "sections": sorted(ckpt.sections),
         # safetensors stores keys sorted; the order they had is part of the state (a
         # model's key order decides its packed layout, hence its float sums' order)
@@ -128,7 +129,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         if state.get("format") != FORMAT:
             raise CheckpointError(f"{path}: format {state.get('format')!r}, expected {FORMAT}")
         tensors = Path(directory) / state["tensors"]
-        if _sha256(tensors) != state["sha256"]:
+        if file_sha256(tensors) != state["sha256"]:
             raise CheckpointError(f"{tensors}: contents do not match {path} (sha256)")
         flat = load_file(str(tensors))
     except (OSError, KeyError, json.JSONDecodeError) as exc:

@@ -101,6 +101,11 @@ def stage_data(cfg: dict, encoder: MultisensoryModel, scaler=None) -> StageData:
     lc, seed = cfg["llm"], int(cfg["seed"])
     source = data_source(lc)
     fused = bool(lc["use_fused"])
+    if source != "nodes" and block(cfg, "llm.upload").get("dir"):
+        raise ValueError(
+            f"llm.upload.dir is set but llm.data={source}: the uploads are the nodes' rows; "
+            "use llm.data=nodes, or drop llm.upload.dir"
+        )
     if source == "nodes":
         return _from_nodes(cfg, encoder, fused, scaler)
     from fed_iotlm.data.federation import build_layout, load_experiment_dataset
@@ -137,6 +142,7 @@ def _from_nodes(cfg: dict, encoder: MultisensoryModel, fused: bool, scaler=None)
     up = block(cfg, "llm.upload")
     if up.get("dir"):
         stored = load_uploads(up["dir"])
+        check_same_bundle(stored.manifest, cfg["llm"].get("bundle"), up["dir"])
         meta, records, partitions = stored.meta, stored.records, stored.partitions
         m = stored.manifest
         info = {
@@ -196,6 +202,22 @@ def _from_nodes(cfg: dict, encoder: MultisensoryModel, fused: bool, scaler=None)
         meta, feats, parts["train"][1], parts["test"][1], info, uploads,
         owner["train"], owner["test"],
     )  # fmt: skip
+
+
+def check_same_bundle(manifest: dict, bundle: str | None, upload_dir: str) -> None:
+    """The uploaded tokens were made by the encoders of ``bundle``, or the stage refuses:
+    tokens of another run's encoders read by this bundle's fusion and heads are noise."""
+    from fed_iotlm.federation.bundle import bundle_digest
+
+    if not bundle:
+        return  # no bundle to compare (tests that pass an encoder directly)
+    made_by, have = manifest.get("bundle_sha256"), bundle_digest(Path(bundle))
+    if made_by != have:
+        raise ValueError(
+            f"llm.upload.dir={upload_dir}: its tokens were made by a bundle with weights "
+            f"sha256 {made_by}, but llm.bundle={bundle} has {have}: use the bundle of the "
+            "run that collected them (<run>/bundle beside <run>/uploads)"
+        )
 
 
 def _labels_only(split: Split) -> Split:
