@@ -376,6 +376,33 @@ def test_stage_runs_the_seed_adapter_in_phases_with_task_weights(tmp_path):
     assert (tmp_path / "run" / "checkpoint-seed_adapter" / "sensor.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoint-seed_adapter-align" / "trainer.pt").is_file()
 
+    # the probe reads the run back: per task, probes on the feature, z and each layer's U z
+    from fed_iotlm.llm.seed_probe import probe_run
+
+    probed = probe_run(tmp_path / "run")
+    assert probed["layers"] == [1] and len(probed["output_ratio"]) == 1
+    for task in ("activity", "location"):
+        got = probed[task]
+        assert set(got["probe"]) == {"fused_feature", "z", "Uz_per_layer"}
+        assert len(got["probe"]["Uz_per_layer"]) == 1 and len(got["sample_spread"]) == 1
+        assert all(0.0 <= a <= 1.0 for a in [got["probe"]["z"], *got["probe"]["Uz_per_layer"]])
+        assert got["fit_rows"] > 0 and got["test_rows"] > 0
+
+
+def test_probe_and_spread_measure_what_they_say():
+    from fed_iotlm.llm.seed_probe import linear_probe, sample_spread
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    separable = np.eye(3)[y] * 5 + rng.normal(size=(300, 3)) * 0.1
+    assert linear_probe(separable[:200], y[:200], separable[200:], y[200:]) == 1.0
+    noise = rng.normal(size=(300, 3))
+    assert linear_probe(noise[:200], y[:200], noise[200:], y[200:]) < 0.6
+    constant = torch.ones(50, 8) * 3.0
+    assert sample_spread(constant) == 0.0
+    varied = constant + torch.randn(50, 8)
+    assert 0.2 < sample_spread(varied) < 0.5  # ‖std‖ ≈ √8 against ‖mean‖ ≈ 3√8
+
 
 def test_a_phase_warms_up_for_the_single_phase_runs_share_of_its_steps():
     from fed_iotlm.llm.stage import phase_warmup
