@@ -180,6 +180,9 @@ class LlmSeedAdapterConfig:
     fusion: str = "add"  # add: sum of present modalities | concat: blocks + presence bits
     layers: int = 8  # the last N decoder layers' feed-forward outputs get A_τ(z)
     rank: int = 8  # A_τ = V U, U: rank × |z|, V: hidden × rank (zero-initialised)
+    # z minus its mean over recordings (batch in training, running in evaluation): without
+    # it A(z) is mostly one vector per task (fed_iotlm/llm/seed_adapter.py, "Centring")
+    center: bool = False
 
 
 @dataclass

@@ -410,3 +410,31 @@ def test_a_phase_warms_up_for_the_single_phase_runs_share_of_its_steps():
     assert phase_warmup(10, 80, 80) == 10 and phase_warmup(10, 2, 2) == 10  # one phase: as before
     assert [phase_warmup(10, n, 80) for n in (20, 60)] == [2, 8]
     assert phase_warmup(10, 2, 80) == 1 and phase_warmup(0, 20, 80) == 0
+
+
+def test_centring_removes_what_every_recording_shares_and_evaluates_with_the_running_mean():
+    """llm.seed_adapter.center: in training z minus the batch's mean over held rows (the
+    running mean follows), in evaluation minus the running mean; padding rows stay 0."""
+    from fed_iotlm.llm.seed_adapter import CENTER_MOMENTUM, SeedAdapter
+
+    torch.manual_seed(0)
+    names, dim = ["imu", "audio"], 6
+    plain = SeedAdapter(names, dim, hidden=8, num_tasks=1, num_layers=1, center=False)
+    centred = SeedAdapter(names, dim, hidden=8, num_tasks=1, num_layers=1, center=True)
+    centred.load_state_dict({**plain.state_dict(), "z_mean": torch.zeros(dim)})
+    feats = {m: torch.randn(5, dim) + 3.0 for m in names}  # a large shared component
+    present = torch.ones(5, 2, dtype=torch.bool)
+    present[4] = False  # a padding row: no recording
+    z = plain.fuse(feats, present)
+    zc = centred.fuse(feats, present)  # training mode
+    batch_mean = z[:4].mean(0)
+    assert torch.allclose(zc[:4], z[:4] - batch_mean, atol=1e-6)
+    assert torch.equal(zc[4], torch.zeros(dim))
+    assert torch.allclose(centred.z_mean, CENTER_MOMENTUM * batch_mean, atol=1e-6)
+    centred.eval()
+    one = centred.fuse({m: v[:1] for m, v in feats.items()}, present[:1])
+    assert torch.allclose(one, z[:1] - centred.z_mean, atol=1e-6)  # not its own mean (0)
+    # what reaches A: the samples' spread relative to the shared part grows
+    from fed_iotlm.llm.seed_probe import sample_spread
+
+    assert sample_spread(zc[:4]) > 10 * sample_spread(z[:4])

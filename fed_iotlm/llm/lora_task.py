@@ -66,6 +66,7 @@ class LoraTask:
     seed_fusion: str = "add"  # seed_adapter (llm.seed_adapter): fusion, depth, rank
     seed_layers: int = 8
     seed_rank: int = 8
+    seed_center: bool = False
     tune: TuneSettings = field(default_factory=lambda: TuneSettings(lr=3e-3, sensor_lr=3e-3))
     max_new_tokens: int = 6
     eval_batch: int = 32
@@ -125,6 +126,7 @@ class LoraTask:
             seed_fusion=str(sa["fusion"]),
             seed_layers=int(sa["layers"]),
             seed_rank=int(sa["rank"]),
+            seed_center=bool(sa["center"]),
             tune=tune,
             max_new_tokens=int(lc["max_new_tokens"]),
             eval_batch=int(lc["eval_batch"]),
@@ -251,6 +253,7 @@ def build_model(task: LoraTask, data: TaskData, rank: int) -> tuple[SensorLM, Se
         seed_fusion=task.seed_fusion,
         seed_layers=task.seed_layers,
         seed_rank=task.seed_rank,
+        seed_center=task.seed_center,
     )
     lora = LoraSettings(
         rank, task.lora_alpha, task.lora_dropout, task.target_modules, task.lora_top_layers

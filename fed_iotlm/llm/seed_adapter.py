@@ -27,6 +27,14 @@ to choose, since the text gives the formula and a few words, not the code:
   layers (the depth knob, as ``llm.adapter.layers``).
 * A question about several recordings (comparison, count) adds the recordings' A
   outputs: a set, like the gated adapter's one prompt of every recording's tokens.
+* **Centring** (``llm.seed_adapter.center``, off by default): z minus its mean over
+  recordings (the batch's in training, a running mean, momentum 0.1, in evaluation, as a
+  batch norm without scaling).  Why: the φ_m are GELUs, so z has a large component
+  common to every recording, and A(z) = V U z is then mostly one vector per task, the same
+  for every sample (``fed_iotlm/llm/seed_probe.py`` measured its spread over samples at
+  0.06–0.18 of its mean after 80 steps): a bias that learns the answer's format, not the
+  class.  Centred, only what differs between recordings reaches the LM.  The running mean
+  starts at 0 and V at 0, so the model still starts as the plain LM.
 
 The LLaMA-Adapter-style gated adapter (conditioning.py, ``adapter``) is the other reading:
 the sensors there enter attention as keys/values; here they only shift hidden states.
@@ -41,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FUSIONS = ("add", "concat")
+CENTER_MOMENTUM = 0.1  # the running mean of z (llm.seed_adapter.center), as batch norm's
 
 
 class SeedAdapter(nn.Module):
@@ -56,6 +65,7 @@ class SeedAdapter(nn.Module):
         num_layers: int,
         fusion: str = "add",
         rank: int = 8,
+        center: bool = False,
     ):
         super().__init__()
         if fusion not in FUSIONS:
@@ -75,6 +85,9 @@ class SeedAdapter(nn.Module):
             torch.randn(num_layers, num_tasks, rank, self.fused_dim) / self.fused_dim**0.5
         )
         self.up = nn.Parameter(torch.zeros(num_layers, num_tasks, hidden, rank))
+        self.center = center
+        if center:  # evaluation's mean of z over recordings (module docstring, "Centring")
+            self.register_buffer("z_mean", torch.zeros(self.fused_dim))
         self.layer_indices: list[int] = []
         self._delta: torch.Tensor | None = None  # [L, B, H] for the next passes
         self._handles: list = []
@@ -91,7 +104,20 @@ class SeedAdapter(nn.Module):
             z = phi.sum(1)
         else:
             z = torch.cat([phi.flatten(1), present.to(phi.dtype)], 1)
-        return F.rms_norm(z, (z.shape[-1],))
+        z = F.rms_norm(z, (z.shape[-1],))
+        return self._centred(z, present.bool().any(1)) if self.center else z
+
+    def _centred(self, z: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        """z minus the mean over the rows that hold a recording (``held``; padding rows
+        stay 0): the batch's in training (the running mean follows it), else the running
+        mean."""
+        if self.training and held.any():
+            mean = z[held].mean(0)
+            with torch.no_grad():
+                self.z_mean.lerp_(mean.detach().to(self.z_mean.dtype), CENTER_MOMENTUM)
+        else:
+            mean = self.z_mean.to(z.dtype)
+        return torch.where(held[:, None], z - mean, torch.zeros((), dtype=z.dtype, device=z.device))
 
     def install(self, causal_lm: nn.Module, active: Callable[[], bool] = lambda: True) -> None:
         """Hook the feed-forward block (``mlp``) of the last ``num_layers`` decoder layers.

@@ -66,8 +66,9 @@ def probe_run(run: Path) -> dict:
     layers, tasks, rank, _ = state["down"].shape
     hidden = state["up"].shape[2]
     adapter = SeedAdapter(feats.names, feats.dim, hidden, tasks, layers,
-                          report["seed_adapter"]["fusion"], rank)  # fmt: skip
+                          report["seed_adapter"]["fusion"], rank, "z_mean" in state)  # fmt: skip
     adapter.load_state_dict(state)
+    adapter.eval()  # as evaluated: a centred adapter subtracts its running mean
     with torch.no_grad():
         z = adapter.fuse(feats.feats, feats.present)
     n_train = len(data.train)

@@ -47,6 +47,7 @@ class ConditioningSettings:
     seed_fusion: str = "add"
     seed_layers: int = 8
     seed_rank: int = 8
+    seed_center: bool = False  # z minus its mean over recordings (seed_adapter.py)
 
 
 def lora_layer_count(top_layers: object, n_layers: int) -> int:
@@ -151,7 +152,7 @@ class SensorLM(nn.Module):
         elif cond.kind == "seed_adapter":
             self.seed_adapter = SeedAdapter(
                 cond.names, cond.feature_dim, hidden, len(cond.tasks), cond.seed_layers,
-                cond.seed_fusion, cond.seed_rank,
+                cond.seed_fusion, cond.seed_rank, cond.seed_center,
             )  # fmt: skip
             name = adapter_name
             self.seed_adapter.install(causal, active=lambda: self.peft.active_adapter == name)

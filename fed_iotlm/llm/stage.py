@@ -75,6 +75,7 @@ def conditioning_settings(lc: dict, kind: str, names: list[str], tasks: list[str
         seed_fusion=str(sa["fusion"]),
         seed_layers=int(sa["layers"]),
         seed_rank=int(sa["rank"]),
+        seed_center=bool(sa["center"]),
     )
 
 
@@ -292,6 +293,7 @@ def run_stage(cfg: dict, out_dir: Path, data: StageData | None = None) -> Path:
             report["seed_adapter"] = {
                 "layers": model.seed_adapter.layer_indices,
                 "fusion": model.seed_adapter.fusion,
+                "center": model.seed_adapter.center,
                 "rank": int(model.seed_adapter.up.shape[-1]),
                 # ‖V_{l,τ}‖ per layer and task: how far A moved from its zero start
                 "up_norm": model.seed_adapter.up.detach().flatten(2).norm(dim=-1).tolist(),
