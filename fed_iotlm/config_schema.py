@@ -181,8 +181,9 @@ class LlmSeedAdapterConfig:
     layers: int = 8  # the last N decoder layers' feed-forward outputs get A_τ(z)
     rank: int = 8  # A_τ = V U, U: rank × |z|, V: hidden × rank (zero-initialised)
     # z minus its mean over recordings (batch in training, running in evaluation): without
-    # it A(z) is mostly one vector per task (fed_iotlm/llm/seed_adapter.py, "Centring")
-    center: bool = False
+    # it A(z) is mostly one vector per task (fed_iotlm/llm/seed_adapter.py, "Centring");
+    # on by default, chosen on validation (docs/llm.md, "The seed's adapter at equal budget")
+    center: bool = True
 
 
 @dataclass

@@ -361,6 +361,7 @@ def test_stage_runs_the_seed_adapter_in_phases_with_task_weights(tmp_path):
     assert seed["phases"] == [{"name": "align", "steps": 1}, {"name": "instruct", "steps": 2}]
     assert names["phases"] == [{"name": "instruct", "steps": 3}]
     assert seed["seed_adapter"]["fusion"] == "concat" and seed["seed_adapter"]["layers"] == [1]
+    assert seed["seed_adapter"]["center"] is True  # the default, chosen on validation
     assert set(seed["val"]) == {"generation", "loglik"}
     assert set(llm["controls"]) == {"text_lora", "shuffled_sensors", "majority", "head"}
     rows = [h for h in doc["history"] if h["conditioning"] == "seed_adapter"]

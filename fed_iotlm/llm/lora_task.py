@@ -66,7 +66,7 @@ class LoraTask:
     seed_fusion: str = "add"  # seed_adapter (llm.seed_adapter): fusion, depth, rank
     seed_layers: int = 8
     seed_rank: int = 8
-    seed_center: bool = False
+    seed_center: bool = True  # as llm.seed_adapter.center
     tune: TuneSettings = field(default_factory=lambda: TuneSettings(lr=3e-3, sensor_lr=3e-3))
     max_new_tokens: int = 6
     eval_batch: int = 32

@@ -27,7 +27,7 @@ to choose, since the text gives the formula and a few words, not the code:
   layers (the depth knob, as ``llm.adapter.layers``).
 * A question about several recordings (comparison, count) adds the recordings' A
   outputs: a set, like the gated adapter's one prompt of every recording's tokens.
-* **Centring** (``llm.seed_adapter.center``, off by default): z minus its mean over
+* **Centring** (``llm.seed_adapter.center``, on by default; off is the literal reading): z minus its mean over
   recordings (the batch's in training, a running mean, momentum 0.1, in evaluation, as a
   batch norm without scaling).  Why: the φ_m are GELUs, so z has a large component
   common to every recording, and A(z) = V U z is then mostly one vector per task, the same
