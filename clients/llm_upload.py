@@ -15,20 +15,18 @@ from __future__ import annotations
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fed_iotlm.binding.messages import PrivacyConfig
-from fed_iotlm.config_schema import block
 from fed_iotlm.federation.records import load_into, state_to_numpy
-from fed_iotlm.llm.uploads import PARTS, encode_tensors, pack_upload, upload_seed
+from fed_iotlm.llm.uploads import (
+    PARTS,
+    encode_tensors,
+    pack_upload,
+    upload_privacy,
+    upload_seed,
+)
 from fed_iotlm.personal import without_personal
 
 from .node import NodeRuntime
 from .secure import received_state
-
-
-def upload_privacy(settings: dict) -> PrivacyConfig:
-    """The node's ``llm.upload`` knobs (Gaussian noise, then per-row int8)."""
-    up = block(settings, "llm.upload")
-    return PrivacyConfig(float(up["noise_sigma"]), bool(up["quantize"]))
 
 
 def upload_reply(msg: Message, node: NodeRuntime, settings: dict) -> Message:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_iotlm.binding.messages import PrivacyConfig
 from fed_iotlm.config_schema import block, section
 from fed_iotlm.data.dataset import DatasetMeta, Split
 from fed_iotlm.models.multisensory import MultisensoryModel
@@ -43,6 +42,7 @@ from .uploads import (
     token_split,
     unpack_upload,
     upload_bytes,
+    upload_privacy,
 )
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def _from_nodes(cfg: dict, encoder: MultisensoryModel, fused: bool, scaler=None)
     else:
         from fed_iotlm.data.federation import build_layout
 
-        privacy = PrivacyConfig(float(up["noise_sigma"]), bool(up["quantize"]))
+        privacy = upload_privacy(cfg)
         layout = build_layout(cfg)
         meta, partitions = layout.dataset.meta, list(range(layout.num_nodes))
         records = {part: node_uploads(layout, encoder, privacy, part, scaler) for part in PARTS}

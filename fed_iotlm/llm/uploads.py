@@ -57,6 +57,15 @@ PARTS = ("train", "test")
 UPLOAD_QUERY = "llm_upload"  # the Flower message type "query.llm_upload" carries an upload
 
 
+def upload_privacy(cfg: dict) -> PrivacyConfig:
+    """``llm.upload``'s knobs (Gaussian noise, then per-row int8) of a run config: the
+    node's own, when it encodes; the config's, when simulated in-process."""
+    from fed_iotlm.config_schema import block
+
+    up = block(cfg, "llm.upload")
+    return PrivacyConfig(float(up["noise_sigma"]), bool(up["quantize"]))
+
+
 def upload_seed(seed: int, node: int, part: str) -> int:
     """The noise seed of node ``node``'s upload of ``part``: one formula for the in-process
     and the Flower path, so both give the same records."""
