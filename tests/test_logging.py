@@ -23,6 +23,7 @@ PRINTS_FOR_THE_USER = {
     # the IoT-LM stage (fed_iotlm/llm) is not converted yet: its step lines and tables
     # still go through rich (issue 15, Build 5)
     "fed_iotlm/llm/stage.py": "not converted yet",
+    "fed_iotlm/llm/seed_probe.py": "the probe's JSON report, the command's whole output",
 }
 
 
