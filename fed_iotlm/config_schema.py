@@ -194,7 +194,7 @@ class LlmFewshotConfig:
 
     task: str | None = None
     # in-context examples before each question of the held-out task (0: zero-shot only);
-    # prefix conditioning only (the adapters take a sequence's recordings as one set)
+    # prefix and gated-adapter conditioning (the seed adapter and text-only: zero-shot)
     k: int = 4
     # every classification question ends "Answer with one of: a, b, c."
     options: bool = False

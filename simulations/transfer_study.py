@@ -12,8 +12,9 @@ the demo data) under four wordings of the questions, each a ``llm.fewshot`` knob
 and each tuned model answers the held-out task's validation and test questions
 (held-out templates) with no example and with k answered in-context examples, each
 with its own sensor tokens, by generation and by option log-likelihood.  Prefix
-conditioning for every variant; the gated adapter for the best one (zero-shot: it takes
-a sequence's recordings as one set, so it refuses in-context examples and says why).
+conditioning for every variant; the gated adapter for the best one, zero-shot and with the
+same in-context examples (routed per token: each example's turns see only its own
+readings).
 
 The best (variant, k, scoring) is chosen on the held-out task's *validation* questions
 (mean over the seeds run); test figures are only reported.  One ``fed-iotlm tune`` per
@@ -166,8 +167,8 @@ def markdown(rows: list[dict], chosen, task: str, version: str, baselines: dict,
     for r in rows:
         if r["refused"]:
             lines.append(
-                f"| {r['variant']} | {r['conditioning']} | {r['shots']} | refused: the adapter "
-                "takes a sequence's recordings as one set | | | | | | |"
+                f"| {r['variant']} | {r['conditioning']} | {r['shots']} | refused: "
+                "the conditioning cannot keep each example's readings with it | | | | | | |"
             )
             continue
         cells = [_cell(r[c]) for c in ("val_generation", "val_loglik", "test_generation",

@@ -285,3 +285,93 @@ def test_the_routed_tasks_queries_are_the_ones_the_adapter_uses():
         assert torch.equal(_layer_outputs(model, ask, feats)[-1], before)
         model.adapter.queries[:, 1].add_(1.0)  # location's
         assert not torch.allclose(_layer_outputs(model, ask, feats)[-1], before, atol=1e-5)
+
+
+# --- per-token routing: a dialog's turns and in-context examples -----------------------
+
+
+def _routed_model():
+    lm = load_lm(TINY_MODEL)
+    torch.manual_seed(0)
+    model = SensorLM(lm, LoraSettings(r=4, alpha=8), _cond("adapter", tasks=TASKS))
+    builder = SequenceBuilder(lm.tokenizer, NAMES, list(TASKS), 2, "adapter", classes=CLASSES)
+    g = torch.Generator().manual_seed(3)
+    feats = SensorFeatures(
+        NAMES, {m: torch.randn(3, 8, generator=g) for m in NAMES}, torch.ones(3, 2).bool(), {}
+    )
+    with torch.no_grad():
+        model.adapter.gates.fill_(1.0)
+    return model, builder, feats
+
+
+def _sample(index: int, question: str, answer: str, task: str = "location") -> Example:
+    return Example(index, ("imu",), (Turn(question, answer),), "task", task, 0, "t")
+
+
+def test_each_turn_and_each_example_is_routed_on_its_own_tokens():
+    """The tables the adapter routes by: a dialog's turns by their own questions, and
+    in-context examples as segments whose recordings are their own."""
+    _, builder, _ = _routed_model()
+    dialog = builder.encode(
+        _turn_example("activity", "What is the activity?", "What about the location?")
+    )
+    assert dialog.segmented() and dialog.task_id == 1
+    first, second = dialog.token_task.index(0), dialog.token_task.index(1)
+    assert first == 0 and set(dialog.token_task[:second]) == {0}
+    assert set(dialog.token_task[second:]) == {1} and set(dialog.token_segment) == {0}
+    shots = [
+        _sample(1, "Which location is it?", "kitchen"),
+        _sample(2, "Which location?", "office"),
+    ]
+    enc = builder.encode(_sample(0, "Which location is it?", ""), shots, prompt_only=True)
+    assert enc.samples == [1, 2, 0] and enc.sample_segment == [0, 1, 2]
+    assert sorted(set(enc.token_segment)) == [0, 1, 2] and enc.token_segment[-1] == 2
+    plain = builder.encode(_sample(0, "Which location is it?", "kitchen"))
+    assert not plain.segmented()
+    assert builder.collate([plain]).token_task is None  # the per-sequence path, unchanged
+
+
+def test_per_token_routing_with_one_task_and_segment_equals_the_per_sequence_path():
+    model, builder, feats = _routed_model()
+    batch = builder.collate([builder.encode(_sample(0, "Which location is it?", "kitchen"))])
+    plain = _layer_outputs(model, batch, feats)[-1]
+    t = batch.ids.shape[1]
+    batch.token_task = torch.full((1, t), 1)
+    batch.token_segment = torch.zeros(1, t, dtype=torch.long)
+    batch.samples, batch.sample_segment = batch.sample[:, None], torch.zeros(1, 1, dtype=torch.long)
+    routed = _layer_outputs(model, batch, feats)[-1]
+    assert torch.allclose(routed, plain, atol=1e-6)
+
+
+def test_an_in_context_example_reads_only_its_own_recording():
+    """The question's readings never reach the example's tokens and the example's reach
+    the question's only through the LM's own attention (the first version put every
+    recording of a sequence in one unordered set, so shots were refused)."""
+    model, builder, feats = _routed_model()
+    shot = _sample(1, "Which location is it?", "kitchen")
+    enc = builder.encode(_sample(0, "Which location is it?", ""), [shot], prompt_only=True)
+    batch = builder.collate([enc])
+    in_shot = torch.tensor(enc.token_segment) == 0
+    before = _layer_outputs(model, batch, feats)[-1][0]
+    moved = SensorFeatures(NAMES, {m: v.clone() for m, v in feats.feats.items()}, feats.present, {})
+    for m in NAMES:
+        moved.feats[m][0] += 1.0  # the question's recording (row 0) only
+    after = _layer_outputs(model, batch, moved)[-1][0]
+    assert torch.equal(after[in_shot], before[in_shot])
+    assert not torch.allclose(after[~in_shot], before[~in_shot], atol=1e-5)
+
+
+def test_a_dialogs_first_answer_uses_its_own_tasks_queries():
+    """Turn 1 asks the activity, turn 2 the location: location's queries reach turn 2's
+    tokens only (the sequence used to take the last question's set for every turn)."""
+    model, builder, feats = _routed_model()
+    dialog = _turn_example("activity", "What is the activity?", "What about the location?")
+    enc = builder.encode(dialog)
+    batch = builder.collate([enc])
+    first_turn = torch.tensor(enc.token_task) == 0
+    before = _layer_outputs(model, batch, feats)[-1][0]
+    with torch.no_grad():
+        model.adapter.queries[:, 1].add_(1.0)  # location's
+    after = _layer_outputs(model, batch, feats)[-1][0]
+    assert torch.equal(after[first_turn], before[first_turn])
+    assert not torch.allclose(after[~first_turn], before[~first_turn], atol=1e-5)

@@ -202,7 +202,8 @@ def held_out_run(tmp_path_factory):
         [*data_args, f"llm.bundle={tmp / 'bundle'}", f"llm.model={TINY_MODEL}",
          "llm.steps=2", "llm.batch_size=4", "llm.train_samples=16", "llm.eval_samples=8",
          "llm.val_samples=8", "llm.max_new_tokens=3", "llm.controls=[majority,head]",
-         "llm.adapter.layers=2", "mlflow.enabled=false", "llm.conditioning=[prefix,adapter]",
+         "llm.adapter.layers=2", "llm.seed_adapter.layers=2", "mlflow.enabled=false",
+         "llm.conditioning=[prefix,adapter,seed_adapter]",
          "llm.fewshot.task=location", "llm.fewshot.k=2", "llm.fewshot.options=true",
          "llm.fewshot.descriptions=true", "llm.fewshot.diversity=true"]
     )  # fmt: skip
@@ -223,11 +224,19 @@ def test_the_held_out_task_is_reported_on_val_and_test_with_and_without_shots(he
     assert fs["few_shot"] == fs["test"]["few_shot"]["generation"]["accuracy"]
 
 
-def test_the_adapter_answers_zero_shot_and_refuses_shots_naming_why(held_out_run):
-    fs = held_out_run["llm"]["conditioning"]["adapter"]["fewshot"]
-    assert fs["few_shot"] is None and fs["test"]["few_shot"] is None
-    assert "one unordered set" in fs["shots_refused"] and "prefix" in fs["shots_refused"]
-    assert set(fs["val"]["zero_shot"]) == {"generation", "loglik"}
+def test_the_adapter_answers_with_shots_and_the_seed_adapter_refuses_naming_why(held_out_run):
+    """The gated adapter routes per token, so each example keeps its own readings; the
+    seed adapter adds one output per sequence and answers zero-shot only, saying why."""
+    conds = held_out_run["llm"]["conditioning"]
+    fs = conds["adapter"]["fewshot"]
+    assert fs["shots_refused"] is None
+    for part in ("val", "test"):
+        assert set(fs[part]["few_shot"]) == {"generation", "loglik"}
+    seed = conds["seed_adapter"]["fewshot"]
+    assert seed["few_shot"] is None and seed["test"]["few_shot"] is None
+    assert "one output for the whole sequence" in seed["shots_refused"]
+    assert "prefix or adapter" in seed["shots_refused"]
+    assert set(seed["val"]["zero_shot"]) == {"generation", "loglik"}
 
 
 def test_a_held_out_task_the_data_lacks_is_refused_before_tuning() -> None:

@@ -127,25 +127,46 @@ class GatedSensorAdapter(nn.Module):
             )
 
     def set_context(
-        self, feats: dict[str, torch.Tensor], present: torch.Tensor, task_ids: torch.Tensor
+        self,
+        feats: dict[str, torch.Tensor],
+        present: torch.Tensor,
+        task_ids: torch.Tensor,
+        routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Per-sequence sensor tokens for the next forward passes.
         ``present`` [B, M] bool, or [B, S, M] for S recordings per sequence (``feats``
         rows then [B·S, D] in that order; a padded recording is all-absent);
         ``task_ids`` [B] (the routed task of each sequence).  The recordings' tokens are
         concatenated into one prompt: adapter keys carry no position, so the adapter sees
-        them as a set, enough for order-free questions (same class? how many?)."""
+        them as a set, enough for order-free questions (same class? how many?).
+
+        ``routing`` = (token task [B, T], token segment [B, T], recording segment [B, S])
+        routes per token instead (a dialog whose turns ask about different tasks, or
+        in-context examples): every task's queries are in the prompt and a token sees
+        only its own turn's task's queries and its own segment's recordings, so an
+        example's readings stay beside its own answer."""
         tokens = self.sensors(feats)  # [B·S, M, k, H]
         b = task_ids.shape[0]
         _, m, k, h = tokens.shape
         mask = present.reshape(b, -1, m)[..., None].expand(-1, -1, m, k).reshape(b, -1)
-        self._context = (tokens.reshape(b, -1, h), mask, task_ids)
+        per_token = None
+        if routing is not None:
+            token_task, token_segment, sample_segment = routing
+            key_segment = sample_segment[..., None].expand(-1, -1, m * k).reshape(b, -1)
+            per_token = (token_task, token_segment, key_segment)
+        self._context = (tokens.reshape(b, -1, h), mask, task_ids, per_token)
 
     def repeat_context(self, repeats: int) -> None:
         """Each sample's context ``repeats`` times in a row (scoring several options
         against one cached prompt)."""
         if self._context is not None:
-            self._context = tuple(v.repeat_interleave(repeats, 0) for v in self._context)
+            *plain, per_token = self._context
+            if per_token is not None:  # the options continue the last turn
+                task, segment, key_segment = per_token
+                last = (task[:, -1:], segment[:, -1:], key_segment)
+                per_token = tuple(v.repeat_interleave(repeats, 0) for v in last)
+            plain = [v.repeat_interleave(repeats, 0) for v in plain]
+            self._context = (*plain, per_token)
 
     def clear_context(self) -> None:
         self._context = None
@@ -168,12 +189,15 @@ class GatedSensorAdapter(nn.Module):
         def hook(attn, args, kwargs, output):
             if self._context is None or not self._active():  # no sensors / not our pass
                 return output
-            sensor, mask, task_ids = self._context
+            sensor, mask, task_ids, per_token = self._context
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             cos, sin = kwargs["position_embeddings"]
-            queries = self.queries[li][task_ids]  # [B, n_q, H]
+            if per_token is None:
+                queries = self.queries[li][task_ids]  # [B, n_q, H]
+                kv_mask = torch.cat([mask.new_ones(queries.shape[:2]), mask], 1)
+            else:
+                queries, kv_mask = self._per_token(li, per_token, mask, hidden.shape[1])
             prompt = torch.cat([queries.to(sensor.dtype), sensor], 1).to(hidden.dtype)
-            kv_mask = torch.cat([mask.new_ones(queries.shape[:2]), mask], 1)
             gate = torch.tanh(self.gates[li])
             extra = _gated_attention(attn, hidden, cos, sin, norm(prompt), kv_mask, gate)
             if self.training:
@@ -184,6 +208,23 @@ class GatedSensorAdapter(nn.Module):
             return (output[0] + extra, *output[1:])
 
         return hook
+
+    def _per_token(self, li: int, per_token, mask: torch.Tensor, t: int):
+        """Every task's queries [B, n_tasks·n_q, H] and the [B, T, K] mask of which
+        adapter keys each token sees: its turn's task's queries and its segment's
+        recordings.  A pass shorter than the tables (a cached continuation: generated
+        or option tokens) belongs to the last turn and takes the last column."""
+        token_task, token_segment, key_segment = per_token
+        if token_task.shape[1] != t:
+            token_task, token_segment = token_task[:, -1:], token_segment[:, -1:]
+        b = mask.shape[0]
+        n_tasks, n_q, h = self.queries.shape[1:]
+        queries = self.queries[li].reshape(1, n_tasks * n_q, h).expand(b, -1, -1)
+        slot_task = torch.arange(n_tasks, device=mask.device).repeat_interleave(n_q)
+        sees_queries = token_task[..., None] == slot_task  # [B, T, n_tasks·n_q]
+        sees_sensors = (token_segment[..., None] == key_segment[:, None, :]) & mask[:, None, :]
+        kv_mask = torch.cat([sees_queries, sees_sensors], -1)
+        return queries, kv_mask.expand(b, t, -1)
 
 
 GATE_PARAM = "adapter.gates"  # the parameter name tuning gives its own learning rate
@@ -256,7 +297,9 @@ def _gated_attention(attn, hidden, cos, sin, prompt, kv_mask, gate) -> torch.Ten
     rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, rep), repeat_kv(v, rep)
     scale = float(getattr(attn, "scaling", hd**-0.5))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_mask[:, None, None, :], scale=scale)
+    # [B, K]: every token sees the same keys; [B, T, K]: each token its own (routing)
+    visible = kv_mask[:, None, None, :] if kv_mask.dim() == 2 else kv_mask[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
     out = out * gate.to(out.dtype)[None, :, None, None]
     y = attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
     bias = getattr(getattr(attn.o_proj, "base_layer", attn.o_proj), "bias", None)

@@ -147,11 +147,19 @@ class SeedAdapter(nn.Module):
             self._handles.append(mlp.register_forward_hook(self._hook(li)))
 
     def set_context(
-        self, feats: dict[str, torch.Tensor], present: torch.Tensor, task_ids: torch.Tensor
+        self,
+        feats: dict[str, torch.Tensor],
+        present: torch.Tensor,
+        task_ids: torch.Tensor,
+        routing: tuple[torch.Tensor, ...] | None = None,
     ) -> None:
         """Each sequence's adapter outputs for the next passes.  ``present`` [B, M], or
         [B, S, M] for S recordings per sequence (``feats`` rows [B·S, D] in that order; a
-        padded recording is all-absent and adds 0); ``task_ids`` [B], the routed tasks."""
+        padded recording is all-absent and adds 0); ``task_ids`` [B], the routed tasks.
+        ``routing`` (per-token tasks, as the gated adapter takes) is not used: A(z) is one
+        output per sequence, added at every position, from the last question's task (a
+        training dialog's earlier answers too), so in-context examples stay refused."""
+        del routing
         b, m = task_ids.shape[0], len(self.names)
         z = self.fuse(feats, present.reshape(-1, m)).view(b, -1, self.fused_dim)
         down, up = self.down[:, task_ids], self.up[:, task_ids]  # [L, B, r, F], [L, B, H, r]

@@ -225,7 +225,11 @@ class SensorLM(nn.Module):
             recs = batch.recordings()
             rows, present = feats.rows(recs.clamp(min=0).reshape(-1))
             present = present.view(*recs.shape, -1) & (recs >= 0)[..., None]
-            ctx.set_context(rows, present, batch.task_id)
+            if batch.token_task is None:
+                ctx.set_context(rows, present, batch.task_id)
+            else:
+                routing = (batch.token_task, batch.token_segment, batch.sample_segment)
+                ctx.set_context(rows, present, batch.task_id, routing)
         if self.projector is not None:
             pos = batch.slot_sample >= 0
             if bool(pos.any()):

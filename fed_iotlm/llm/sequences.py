@@ -48,6 +48,16 @@ class Encoded:
     task_id: int = 0
     samples: list[int] = field(default_factory=list)  # every recording of the question
     weight: float = 1.0  # the loss weight of the example's task (llm.task_weights)
+    # per token: the task its turn's question asks about, and its segment (in-context
+    # example i, then the question itself); per recording in ``samples``: its segment
+    token_task: list[int] = field(default_factory=list)
+    token_segment: list[int] = field(default_factory=list)
+    sample_segment: list[int] = field(default_factory=list)
+
+    def segmented(self) -> bool:
+        """Does the adapter need per-token routing: turns about different tasks, or
+        in-context examples whose readings must stay with their own turns?"""
+        return len(set(self.token_task)) > 1 or len(set(self.token_segment)) > 1
 
 
 @dataclass
@@ -64,6 +74,12 @@ class Batch:
     samples: torch.Tensor | None = None
     # [B] per-example loss weight (llm.task_weights); None: unweighted mean
     weight: torch.Tensor | None = None
+    # per-token adapter routing, only where a sequence needs it (Encoded.segmented):
+    # [B, T] each token's task and segment (padding: its row's last), [B, S] each
+    # recording's segment (-1 pads); None: one task and one segment per sequence
+    token_task: torch.Tensor | None = None
+    token_segment: torch.Tensor | None = None
+    sample_segment: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
@@ -186,8 +202,14 @@ class SequenceBuilder:
             enc.slot_j += list(range(self.k))
             self._text(enc, f"</{m}>")
 
-    def _example(self, enc: Encoded, ex: Example, answer_last: bool) -> None:
+    def _example(self, enc: Encoded, ex: Example, answer_last: bool, segment: int) -> None:
+        """``ex``'s turns; every token of a turn is routed by that turn's question (its
+        answer is trained with the queries of the task it answers) and marked with the
+        example's ``segment``, whose recordings are ``ex.rows``."""
+        enc.samples += list(ex.rows)
+        enc.sample_segment += [segment] * len(ex.rows)
         for t, turn in enumerate(ex.turns):
+            start = len(enc.ids)
             self._text(enc, self.user_open)
             if t == 0:
                 self._sensor_block(enc, ex)
@@ -195,18 +217,23 @@ class SequenceBuilder:
             if answer_last or t < len(ex.turns) - 1:
                 self._text(enc, turn.answer + self.eos_text, supervised=True)
                 self._text(enc, self.turn_gap)
+            grown = len(enc.ids) - start
+            enc.token_task += [self._route(turn.question, ex.task)] * grown
+            enc.token_segment += [segment] * grown
 
     def encode(
         self, ex: Example, shots: Sequence[Example] = (), prompt_only: bool = False
     ) -> Encoded:
         """``shots`` (answered in-context examples) come first; ``prompt_only`` stops
-        where the assistant's last answer would start (generation)."""
-        enc = Encoded(sample=ex.index, task_id=self.task_id(ex), samples=list(ex.rows))
+        where the assistant's last answer would start (generation).  ``samples`` lists
+        the shots' recordings, then the question's (the adapter reads each segment's own
+        beside its own turns; prefix conditioning has them in its slots)."""
+        enc = Encoded(sample=ex.index, task_id=self.task_id(ex))
         if self.task_weights is not None:  # by the example's own task (1 for none)
             enc.weight = float(self.task_weights.get(ex.task, 1.0)) if ex.task else 1.0
-        for shot in shots:
-            self._example(enc, shot, answer_last=True)
-        self._example(enc, ex, answer_last=not prompt_only)
+        for i, shot in enumerate(shots):
+            self._example(enc, shot, answer_last=True, segment=i)
+        self._example(enc, ex, answer_last=not prompt_only, segment=len(shots))
         return enc
 
     def answer_ids(self, text: str) -> list[int]:
@@ -217,9 +244,10 @@ class SequenceBuilder:
     def task_id(self, ex: Example) -> int:
         """The adapter query set of ``ex``: the task its last question asks about
         (:mod:`fed_iotlm.llm.routing`), so a dialog's follow-up and ``ask`` reach theirs."""
-        if self.router is None:
-            return 0
-        return self.router.route(ex.turns[-1].question, default=ex.task)
+        return self._route(ex.turns[-1].question, ex.task)
+
+    def _route(self, question: str, task: str | None) -> int:
+        return 0 if self.router is None else self.router.route(question, default=task)
 
     def collate(self, encs: Sequence[Encoded], left_pad: bool = False) -> Batch:
         """Pad to the longest sequence: right for training, left for generation."""
@@ -232,12 +260,20 @@ class SequenceBuilder:
         def stack(attr: str, fill: int) -> torch.Tensor:
             return torch.tensor([pad(getattr(e, attr), fill) for e in encs], dtype=torch.long)
 
+        def own_last(attr: str) -> torch.Tensor:  # padding takes its row's last value
+            return torch.tensor([pad(v, v[-1]) for v in (getattr(e, attr) for e in encs)])
+
         attn = torch.tensor([pad([1] * len(e.ids), 0) for e in encs], dtype=torch.long)
         recs = [e.samples or [e.sample] for e in encs]
         most = max(len(r) for r in recs)
-        samples = None
-        if most > 1:  # only multi-recording batches carry the [B, S] table
+        segmented = any(e.segmented() for e in encs)
+        samples = sample_segment = None
+        if most > 1 or segmented:  # only these batches carry the [B, S] table
             samples = torch.tensor([r + [-1] * (most - len(r)) for r in recs], dtype=torch.long)
+        if segmented:
+            sample_segment = torch.tensor(
+                [e.sample_segment + [-1] * (most - len(e.sample_segment)) for e in encs]
+            )
         return Batch(
             ids=stack("ids", self.pad_id),
             attn=attn,
@@ -251,4 +287,7 @@ class SequenceBuilder:
             weight=None
             if self.task_weights is None
             else torch.tensor([e.weight for e in encs], dtype=torch.float32),
+            token_task=own_last("token_task") if segmented else None,
+            token_segment=own_last("token_segment") if segmented else None,
+            sample_segment=sample_segment,
         )

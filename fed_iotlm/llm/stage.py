@@ -441,18 +441,22 @@ def _type_table(
     return out
 
 
-# why in-context examples run with prefix tokens only (said in results.json and docs)
-SHOTS_NEED_PREFIX = (
+# the conditionings that can carry in-context examples: prefix tokens sit in each
+# example's own turn; the gated adapter routes per token, each example's turns seeing
+# only that example's readings (fed_iotlm/llm/conditioning.py)
+SHOTS_CONDITIONINGS = ("prefix", "adapter")
+# why the others answer zero-shot only (said in results.json and docs)
+SHOTS_REFUSED = (
     "in-context examples need each example's readings beside its own answer; {kind} "
-    "conditioning feeds all recordings of a sequence to the adapter as one unordered set "
-    "(adapter keys carry no position), so it cannot tell which example's readings go with "
-    "which answer: use prefix conditioning for k > 0"
+    "conditioning has none in the sequence (text-only) or adds one output for the whole "
+    "sequence (the seed adapter), so it cannot tell which example's readings go with "
+    "which answer: use prefix or adapter conditioning for k > 0"
 )
 
 
 def check_held_out(task: str | None, tasks: list[str], k: int, kinds: list[str]) -> None:
     """Refuse a held-out task the data lacks, or one that would leave nothing to tune,
-    before any tuning; say once that non-prefix conditionings answer it zero-shot only."""
+    before any tuning; say once which conditionings answer it zero-shot only."""
     if task is None:
         return
     if task not in tasks:
@@ -460,16 +464,14 @@ def check_held_out(task: str | None, tasks: list[str], k: int, kinds: list[str])
     if len(tasks) < 2:
         raise ValueError(f"llm.fewshot.task={task!r} is the only task: nothing left to tune on")
     for kind in kinds:
-        if k > 0 and kind != "prefix":
-            console.print(
-                f"  {kind}: zero-shot only on {task}; {SHOTS_NEED_PREFIX.format(kind=kind)}"
-            )
+        if k > 0 and kind not in SHOTS_CONDITIONINGS:
+            console.print(f"  {kind}: zero-shot only on {task}; {SHOTS_REFUSED.format(kind=kind)}")
 
 
 def held_out_report(model, builder, feats, data, qs, task, lc, seed, scorings, gen) -> dict:
     """The task held out from tuning (``llm.fewshot.task``), asked on its validation and
     test questions (held-out templates, worded like the training ones: ``llm.fewshot``'s
-    options/descriptions) with no example and, for prefix conditioning, with k answered
+    options/descriptions) with no example and, for prefix and adapter conditioning, with k answered
     in-context examples from the fit rows, each with its own sensor tokens; both scorings,
     the held-out task's majority class and chance beside them.  Validation figures are
     what a study may choose on; test is only reported."""
@@ -480,7 +482,7 @@ def held_out_report(model, builder, feats, data, qs, task, lc, seed, scorings, g
     phrasing = phrasing_of(fs)
     pool = task_examples(meta, data.train, task, templates="train", seed=seed,
                          indices=qs.fit_rows, phrasing=phrasing)  # fmt: skip
-    refused = SHOTS_NEED_PREFIX.format(kind=kind) if k > 0 and kind != "prefix" else None
+    refused = SHOTS_REFUSED.format(kind=kind) if k > 0 and kind not in SHOTS_CONDITIONINGS else None
     out: dict = {"task": task, "k": k, "phrasing": vars(phrasing), "shots_refused": refused}
     for part, evals in (("val", qs.val[task]), ("test", qs.test[task])):
         shots = None if k == 0 or refused else draw_shots(pool, evals, k, seed + (part == "val"))
