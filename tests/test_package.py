@@ -170,3 +170,20 @@ def test_the_wheel_ships_every_config(tmp_path):
     for path in (ROOT / "configs").rglob("*.yaml"):
         assert f"fed_iotlm/configs/{path.relative_to(ROOT / 'configs')}" in names
     assert {"fed_iotlm/settings.py", "simulations/run.py", "clients/app.py"} <= names
+
+
+def test_checkout_tracks_no_links_and_nothing_ignored():
+    """A committed link (a `.venv` pointing at a developer's venv) broke CI's `make setup`
+    in one second: the clean clone must hold only real files, none the ignore rules name."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout (an installed wheel)")
+    staged = subprocess.run(
+        ["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    links = [line.split("\t", 1)[1] for line in staged if line.startswith("120000 ")]
+    assert not links, f"symbolic links are committed: {links}"
+    ignored = subprocess.run(
+        ["git", "ls-files", "-ci", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert not ignored, f"files the .gitignore rules exclude are committed: {ignored}"
