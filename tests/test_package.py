@@ -184,6 +184,9 @@ def test_checkout_tracks_no_links_and_nothing_ignored():
     assert not links, f"symbolic links are committed: {links}"
     ignored = subprocess.run(
         ["git", "ls-files", "-ci", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert not ignored, f"files the .gitignore rules exclude are committed: {ignored}"
